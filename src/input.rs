@@ -1,0 +1,144 @@
+//! Requests from JSON lines: one object (`id`, `text`, other template fields) or one JSON
+//! string per line. Each bad line becomes an error naming the line; nothing is skipped.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::classify::Request;
+
+/// Why one input line was not a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    #[error("line {line}: not valid UTF-8 (first bad byte at offset {offset})")]
+    InvalidUtf8 { line: usize, offset: usize },
+    #[error("line {line}: not valid JSON: {reason}")]
+    Json { line: usize, reason: String },
+    #[error("line {line}: {reason}")]
+    Shape { line: usize, reason: String },
+}
+
+impl InputError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InputError::InvalidUtf8 { .. } => "invalid_utf8",
+            InputError::Json { .. } => "invalid_json",
+            InputError::Shape { .. } => "invalid_request",
+        }
+    }
+    pub fn line(&self) -> usize {
+        match self {
+            InputError::InvalidUtf8 { line, .. } | InputError::Json { line, .. } | InputError::Shape { line, .. } => {
+                *line
+            }
+        }
+    }
+}
+
+/// Largest request accepted, in bytes of JSON.
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
+
+/// Parses one line (1-based `line`). `Ok(None)` for a blank line.
+pub fn parse_line(bytes: &[u8], line: usize) -> Result<Option<Request>, InputError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| InputError::InvalidUtf8 {
+        line,
+        offset: e.valid_up_to(),
+    })?;
+    let text = text.trim_end_matches(['\r', '\n']);
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    if text.len() > MAX_LINE_BYTES {
+        return Err(InputError::Shape {
+            line,
+            reason: format!("request is {} bytes, over the limit of {MAX_LINE_BYTES}", text.len()),
+        });
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| InputError::Json {
+        line,
+        reason: e.to_string(),
+    })?;
+    request_from_json(value, &line.to_string())
+        .map(Some)
+        .map_err(|reason| InputError::Shape { line, reason })
+}
+
+/// Builds a request from a JSON value; `default_id` is used when it carries no `id`.
+pub fn request_from_json(value: Value, default_id: &str) -> Result<Request, String> {
+    let obj = match value {
+        Value::String(s) => return Ok(Request::text(default_id, s)),
+        Value::Object(o) => o,
+        other => {
+            return Err(format!(
+                "expected an object with `text` (or a JSON string), got {}",
+                kind_of(&other)
+            ))
+        }
+    };
+    let mut id = default_id.to_string();
+    let mut fields = BTreeMap::new();
+    for (k, v) in obj {
+        let s = match v {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Null => continue,
+            other => return Err(format!("field `{k}` must be a string or number, got {}", kind_of(&other))),
+        };
+        if k == "id" {
+            id = s;
+        } else {
+            fields.insert(k, s);
+        }
+    }
+    if !fields.contains_key("text") {
+        return Err("missing field `text`".into());
+    }
+    Ok(Request { id, fields })
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_strings_and_ids() {
+        let r = parse_line(r#"{"id":"a1","text":"非常高兴","district":4}"#.as_bytes(), 1).unwrap().unwrap();
+        assert_eq!(r.id, "a1");
+        assert_eq!(r.fields["text"], "非常高兴");
+        assert_eq!(r.fields["district"], "4");
+        let r = parse_line(br#""just text""#, 7).unwrap().unwrap();
+        assert_eq!((r.id.as_str(), r.fields["text"].as_str()), ("7", "just text"));
+        let r = parse_line(br#"{"id":12,"text":"x"}"#, 2).unwrap().unwrap();
+        assert_eq!(r.id, "12");
+        assert_eq!(parse_line(b"  \r\n", 3).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_lines_name_the_line_and_problem() {
+        let e = parse_line(b"{\"text\":\"caf\xff\"}", 4).unwrap_err();
+        assert_eq!(e, InputError::InvalidUtf8 { line: 4, offset: 12 });
+        assert_eq!(e.kind(), "invalid_utf8");
+        let e = parse_line(b"{\"text\": ", 5).unwrap_err();
+        assert!(matches!(e, InputError::Json { line: 5, .. }), "{e}");
+        let e = parse_line(br#"{"id":"x"}"#, 6).unwrap_err();
+        assert!(e.to_string().contains("line 6") && e.to_string().contains("`text`"), "{e}");
+        let e = parse_line(br#"{"text":["a"]}"#, 8).unwrap_err();
+        assert!(e.to_string().contains("an array"), "{e}");
+        let e = parse_line(b"[1,2]", 9).unwrap_err();
+        assert!(e.to_string().contains("expected an object"), "{e}");
+        let big = format!("{{\"text\":\"{}\"}}", "a".repeat(MAX_LINE_BYTES));
+        assert!(parse_line(big.as_bytes(), 10).unwrap_err().to_string().contains("over the limit"));
+    }
+}

@@ -1,0 +1,39 @@
+//! edgeact: an offline language-model agent for small ARM boards.
+//!
+//! It loads a GGUF model through llama.cpp under a fixed memory budget, renders prompts
+//! from task templates, and classifies text by scoring each label's tokens after the
+//! prompt (no free generation), with calibration and abstention.
+//!
+//! # Layout
+//!
+//! The data flows top to bottom:
+//!
+//! - `main.rs`: parses the CLI (clap), builds a validated config, calls [`app`], maps errors
+//!   to exit codes in one place.
+//! - [`config`]: board profiles (`board-configs/*.toml`) plus CLI overrides, validated into
+//!   [`config::EngineConfig`]; errors name the file and the key.
+//! - [`gguf`]: reads a GGUF header (metadata, tensor table) without loading weights.
+//! - [`budget`]: weights + KV cache + compute + logits, estimated before loading; refuses or
+//!   shrinks `n_ctx` with the numbers.
+//! - [`task`]: task files: instruction, query template, labels, few-shot examples,
+//!   calibration, abstention, input token budget; renders a fixed prefix and a per-request
+//!   suffix.
+//! - [`engine`]: the only module that touches llama-cpp-2: checks and loads the model,
+//!   caches task prefixes in the KV cache, scores labels (prefix reuse, label trie,
+//!   micro-batching; and a naive reference path).
+//! - [`scoring`]: pure label-scoring math: label trie, log-softmax, contextual calibration,
+//!   abstention.
+//! - [`classify`]: one task on an engine: request -> prompt tokens (truncated by policy) ->
+//!   scores -> [`classify::ClassifyResult`] with token counts, timings and provenance.
+//! - [`input`]: JSON lines into requests, each bad line an error naming the line.
+//! - [`app`]: the modes (`classify`, `plan`), from config to output.
+
+pub mod app;
+pub mod budget;
+pub mod classify;
+pub mod config;
+pub mod engine;
+pub mod gguf;
+pub mod input;
+pub mod scoring;
+pub mod task;
