@@ -437,7 +437,7 @@ impl Classifier {
                     .collect();
                 engine.score(&jobs)
             }
-            ScorePath::Naive => ok.iter().map(|p| engine.score_naive(&p.tokens, &self.trie)).collect(),
+            ScorePath::Naive => ok.iter().map(|p| engine.score_naive(&p.tokens, &self.trie, None)).collect(),
         };
         let mut scored = match scored {
             Ok(s) => s.into_iter(),
