@@ -24,7 +24,10 @@ pub enum AppError {
     #[error(transparent)]
     Setup(#[from] SetupError),
     #[error("cannot read {what}: {source}")]
-    Input { what: String, source: std::io::Error },
+    Input {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("cannot write results: {0}")]
     Output(std::io::Error),
     #[error("{failed} of {total} inputs were rejected (see their error records)")]
@@ -65,7 +68,10 @@ pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError
     let mut pending: Vec<(usize, Request)> = Vec::new();
     let batch_size = cfg.batch_size.max(1);
 
-    let flush = |pending: &mut Vec<(usize, Request)>, engine: &mut Engine, out: &mut dyn Write| -> Result<usize, AppError> {
+    let flush = |pending: &mut Vec<(usize, Request)>,
+                 engine: &mut Engine,
+                 out: &mut dyn Write|
+     -> Result<usize, AppError> {
         let reqs: Vec<Request> = pending.iter().map(|(_, r)| r.clone()).collect();
         let results = classifier.classify_many(engine, &reqs, cfg.path);
         let mut bad = 0;
@@ -83,7 +89,11 @@ pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError
         Ok(bad)
     };
 
-    let handle_line = |bytes: &[u8], line: usize, pending: &mut Vec<(usize, Request)>, out: &mut dyn Write| -> Result<usize, AppError> {
+    let handle_line = |bytes: &[u8],
+                       line: usize,
+                       pending: &mut Vec<(usize, Request)>,
+                       out: &mut dyn Write|
+     -> Result<usize, AppError> {
         match input::parse_line(bytes, line) {
             Ok(Some(req)) => {
                 pending.push((line, req));
@@ -109,10 +119,12 @@ pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError
             let (what, reader): (String, Box<dyn BufRead>) = match &cfg.inputs {
                 Inputs::File(p) => (
                     p.display().to_string(),
-                    Box::new(std::io::BufReader::new(std::fs::File::open(p).map_err(|source| AppError::Input {
-                        what: p.display().to_string(),
-                        source,
-                    })?)),
+                    Box::new(std::io::BufReader::new(std::fs::File::open(p).map_err(
+                        |source| AppError::Input {
+                            what: p.display().to_string(),
+                            source,
+                        },
+                    )?)),
                 ),
                 _ => ("standard input".into(), Box::new(std::io::stdin().lock())),
             };
@@ -123,7 +135,10 @@ pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError
                 buf.clear();
                 let n = reader
                     .read_until(b'\n', &mut buf)
-                    .map_err(|source| AppError::Input { what: what.clone(), source })?;
+                    .map_err(|source| AppError::Input {
+                        what: what.clone(),
+                        source,
+                    })?;
                 if n == 0 {
                     break;
                 }

@@ -128,7 +128,11 @@ pub struct Estimate {
 
 impl Estimate {
     pub fn total_bytes(&self) -> u64 {
-        self.weights_bytes + self.kv_bytes + self.compute_bytes + self.logits_bytes + self.overhead_bytes
+        self.weights_bytes
+            + self.kv_bytes
+            + self.compute_bytes
+            + self.logits_bytes
+            + self.overhead_bytes
     }
     pub fn total_mib(&self) -> u64 {
         self.total_bytes().div_ceil(MIB)
@@ -167,7 +171,9 @@ pub fn kv_bytes(shape: &ModelShape, n_ctx: u32, kv: KvCacheType) -> u64 {
 pub fn compute_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
     let u = plan.n_ubatch as u64;
     let ctx = padded_ctx(plan.n_ctx) as u64;
-    plan.max_logit_rows.min(plan.n_ubatch) as u64 * shape.n_vocab * 4 + u * shape.n_embd * 4 * 8 + u * ctx * 4
+    plan.max_logit_rows.min(plan.n_ubatch) as u64 * shape.n_vocab * 4
+        + u * shape.n_embd * 4 * 8
+        + u * ctx * 4
 }
 
 pub fn estimate(shape: &ModelShape, plan: &ContextPlan) -> Estimate {

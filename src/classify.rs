@@ -14,7 +14,9 @@ use crate::task::{ScoreNorm, Task, TaskError, TruncatePolicy, TRUNCATED_FIELD};
 /// Why a task could not be set up on the model.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("task `{task}`: label `{label}` cannot be tokenized apart from the query's end ({reason})")]
+    #[error(
+        "task `{task}`: label `{label}` cannot be tokenized apart from the query's end ({reason})"
+    )]
     LabelTokens {
         task: String,
         label: String,
@@ -74,7 +76,10 @@ impl Request {
     pub fn text(id: impl Into<String>, text: impl Into<String>) -> Request {
         let mut fields = BTreeMap::new();
         fields.insert(TRUNCATED_FIELD.to_string(), text.into());
-        Request { id: id.into(), fields }
+        Request {
+            id: id.into(),
+            fields,
+        }
     }
 }
 
@@ -202,12 +207,13 @@ impl Classifier {
                     task: name.clone(),
                     reason,
                 })?;
-            let (head, tail) = wrapped
-                .split_once(CHAT_SPLIT)
-                .ok_or_else(|| SetupError::ChatTemplate {
-                    task: name.clone(),
-                    reason: "the template rewrote the user message".into(),
-                })?;
+            let (head, tail) =
+                wrapped
+                    .split_once(CHAT_SPLIT)
+                    .ok_or_else(|| SetupError::ChatTemplate {
+                        task: name.clone(),
+                        reason: "the template rewrote the user message".into(),
+                    })?;
             let mut p = engine.tokenize(head, false, true);
             let bos = engine.tokenize("", true, false);
             if p.first() != bos.first() {
@@ -294,10 +300,13 @@ impl Classifier {
             task,
         };
         if c.calibrate {
-            c.prior = Some(c.measure_prior(engine).map_err(|source| SetupError::Engine {
-                task: name.clone(),
-                source,
-            })?);
+            c.prior = Some(
+                c.measure_prior(engine)
+                    .map_err(|source| SetupError::Engine {
+                        task: name.clone(),
+                        source,
+                    })?,
+            );
         }
         Ok(c)
     }
@@ -354,7 +363,11 @@ impl Classifier {
 
     /// Checks a request, applies the token budget, and returns its prompt tokens.
     pub fn prepare(&self, engine: &Engine, req: &Request) -> Result<Prepared, RecordError> {
-        let text = req.fields.get(TRUNCATED_FIELD).map(String::as_str).unwrap_or("");
+        let text = req
+            .fields
+            .get(TRUNCATED_FIELD)
+            .map(String::as_str)
+            .unwrap_or("");
         if text.trim().is_empty() {
             return Err(RecordError::EmptyText);
         }
@@ -396,7 +409,8 @@ impl Classifier {
         // Re-tokenizing cut text can merge differently; never let it overflow the context.
         let limit = self.prefix.len() + self.suffix_room;
         if tokens.len() > limit {
-            let tail = self.chat_tail.len() + engine.tokenize(&self.query_tail(), false, false).len();
+            let tail =
+                self.chat_tail.len() + engine.tokenize(&self.query_tail(), false, false).len();
             let cut = tokens.len() - limit;
             let keep_end = tokens.len() - tail;
             tokens.drain(keep_end - cut..keep_end);
@@ -411,7 +425,9 @@ impl Classifier {
     /// The query's literal text after its last placeholder (validated non-empty).
     fn query_tail(&self) -> String {
         let src = &self.task.query_src;
-        src.rfind('}').map(|i| src[i + 1..].to_string()).unwrap_or_default()
+        src.rfind('}')
+            .map(|i| src[i + 1..].to_string())
+            .unwrap_or_default()
     }
 
     /// Classifies requests, micro-batched on the fast path. Each request gets its own
@@ -423,7 +439,8 @@ impl Classifier {
         path: ScorePath,
     ) -> Vec<Result<ClassifyResult, RecordError>> {
         let started = Instant::now();
-        let prepared: Vec<Result<Prepared, RecordError>> = reqs.iter().map(|r| self.prepare(engine, r)).collect();
+        let prepared: Vec<Result<Prepared, RecordError>> =
+            reqs.iter().map(|r| self.prepare(engine, r)).collect();
         let ok: Vec<&Prepared> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
         let scored: Result<Vec<ScoreOut>, EngineError> = match path {
             ScorePath::Fast => {
@@ -437,7 +454,10 @@ impl Classifier {
                     .collect();
                 engine.score(&jobs)
             }
-            ScorePath::Naive => ok.iter().map(|p| engine.score_naive(&p.tokens, &self.trie, None)).collect(),
+            ScorePath::Naive => ok
+                .iter()
+                .map(|p| engine.score_naive(&p.tokens, &self.trie, None))
+                .collect(),
         };
         let mut scored = match scored {
             Ok(s) => s.into_iter(),
@@ -459,14 +479,20 @@ impl Classifier {
                 let p = p?;
                 // One ScoreOut per prepared request, in order.
                 let out = scored.next().ok_or_else(|| {
-                    RecordError::Engine(EngineError::Decode("scorer returned too few results".into()))
+                    RecordError::Engine(EngineError::Decode(
+                        "scorer returned too few results".into(),
+                    ))
                 })?;
                 Ok(self.finish(engine, p, out, total_ms))
             })
             .collect()
     }
 
-    pub fn classify(&self, engine: &mut Engine, req: &Request) -> Result<ClassifyResult, RecordError> {
+    pub fn classify(
+        &self,
+        engine: &mut Engine,
+        req: &Request,
+    ) -> Result<ClassifyResult, RecordError> {
         self.classify_many(engine, std::slice::from_ref(req), ScorePath::Fast)
             .pop()
             .unwrap_or(Err(RecordError::EmptyText))
@@ -490,7 +516,11 @@ impl Classifier {
             confidence: d.confidence,
             margin: d.margin,
             abstained: d.abstained,
-            scores: names.iter().zip(&probs).map(|(n, &p)| ((*n).clone(), p)).collect(),
+            scores: names
+                .iter()
+                .zip(&probs)
+                .map(|(n, &p)| ((*n).clone(), p))
+                .collect(),
             labels: names
                 .iter()
                 .zip(&probs)
@@ -510,11 +540,13 @@ impl Classifier {
             score_norm: self.task.score,
             calibration: CalibrationApplied {
                 applied: self.calibrate && self.prior.is_some(),
-                prior: self
-                    .prior
-                    .as_ref()
-                    .filter(|_| self.calibrate)
-                    .map(|pr| names.iter().map(|n| (*n).clone()).zip(pr.probs.iter().copied()).collect()),
+                prior: self.prior.as_ref().filter(|_| self.calibrate).map(|pr| {
+                    names
+                        .iter()
+                        .map(|n| (*n).clone())
+                        .zip(pr.probs.iter().copied())
+                        .collect()
+                }),
             },
             truncated: p.truncated,
             tokens: TokenCounts {

@@ -126,7 +126,11 @@ pub fn task_dirs() -> Vec<PathBuf> {
 }
 
 /// Finds a board by name or path, reads it, applies `overrides`, validates.
-pub fn load_board(name: &str, dirs: &[PathBuf], overrides: &BoardFile) -> Result<EngineConfig, ConfigError> {
+pub fn load_board(
+    name: &str,
+    dirs: &[PathBuf],
+    overrides: &BoardFile,
+) -> Result<EngineConfig, ConfigError> {
     let path = if name.contains('/') || name.ends_with(".toml") {
         PathBuf::from(name)
     } else {
@@ -166,7 +170,10 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
     };
     let threads = b.threads.unwrap_or(4);
     if !(1..=256).contains(&threads) {
-        return Err(invalid("threads", format!("{threads} is not within 1..=256")));
+        return Err(invalid(
+            "threads",
+            format!("{threads} is not within 1..=256"),
+        ));
     }
     let threads_batch = b.threads_batch.unwrap_or(threads);
     if !(1..=256).contains(&threads_batch) {
@@ -186,7 +193,10 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
     }
     let n_ctx = b.n_ctx.unwrap_or(1024);
     if !(256..=131_072).contains(&n_ctx) {
-        return Err(invalid("n_ctx", format!("{n_ctx} is not within 256..=131072")));
+        return Err(invalid(
+            "n_ctx",
+            format!("{n_ctx} is not within 256..=131072"),
+        ));
     }
     let n_batch = b.n_batch.unwrap_or(512).min(n_ctx);
     if n_batch < 32 {
@@ -262,9 +272,12 @@ mod tests {
         };
         let p = Path::new("x.toml");
         let c = validate(
-            parse_board("memory_budget_mib = 1024\nmodel_path = \"m.gguf\"\nthreads = 2", p)
-                .unwrap()
-                .overlay(&over),
+            parse_board(
+                "memory_budget_mib = 1024\nmodel_path = \"m.gguf\"\nthreads = 2",
+                p,
+            )
+            .unwrap()
+            .overlay(&over),
             p,
         )
         .unwrap();
@@ -275,28 +288,42 @@ mod tests {
     fn errors_name_file_and_key() {
         let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nthreads = 0").unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("board-configs/test.toml") && m.contains("`threads`"), "{m}");
+        assert!(
+            m.contains("board-configs/test.toml") && m.contains("`threads`"),
+            "{m}"
+        );
 
         let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nthread = 2").unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("board-configs/test.toml") && m.contains("thread"), "{m}");
+        assert!(
+            m.contains("board-configs/test.toml") && m.contains("thread"),
+            "{m}"
+        );
 
         let e = board("model_path = \"m\"").unwrap_err();
         assert!(e.to_string().contains("memory_budget_mib"), "{e}");
 
-        let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nkv_cache_type = \"q4\"").unwrap_err();
-        assert!(e.to_string().contains("kv_cache_type") || e.to_string().contains("q4"), "{e}");
+        let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nkv_cache_type = \"q4\"")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("kv_cache_type") || e.to_string().contains("q4"),
+            "{e}"
+        );
 
-        let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nmodel_sha256 = \"abc\"").unwrap_err();
+        let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nmodel_sha256 = \"abc\"")
+            .unwrap_err();
         assert!(e.to_string().contains("model_sha256"), "{e}");
 
-        let e = board("memory_budget_mib = 1024\nmodel_path = \"m\"\nn_ubatch = 4096\nn_batch = 512").unwrap_err();
+        let e =
+            board("memory_budget_mib = 1024\nmodel_path = \"m\"\nn_ubatch = 4096\nn_batch = 512")
+                .unwrap_err();
         assert!(e.to_string().contains("n_ubatch"), "{e}");
     }
 
     #[test]
     fn unknown_board_lists_where_it_looked() {
-        let e = load_board("nope", &[PathBuf::from("/tmp/none")], &BoardFile::default()).unwrap_err();
+        let e =
+            load_board("nope", &[PathBuf::from("/tmp/none")], &BoardFile::default()).unwrap_err();
         assert!(e.to_string().contains("nope") && e.to_string().contains("/tmp/none"));
     }
 
@@ -304,7 +331,7 @@ mod tests {
     fn shipped_boards_validate() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("board-configs");
         for name in ["x86-dev", "rpi4", "rpi5", "jetson-orin-nano"] {
-            let c = load_board(name, &[dir.clone()], &BoardFile::default())
+            let c = load_board(name, std::slice::from_ref(&dir), &BoardFile::default())
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(c.board, name);
         }

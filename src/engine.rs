@@ -40,16 +40,18 @@ pub enum EngineError {
     Budget { path: PathBuf, source: BudgetError },
     #[error("llama.cpp could not initialise: {0}")]
     Backend(String),
-    #[error(
-        "llama.cpp could not load {path} (RUST_LOG=llama-cpp-2=info shows its reason)"
-    )]
+    #[error("llama.cpp could not load {path} (RUST_LOG=llama-cpp-2=info shows its reason)")]
     Load { path: PathBuf },
     #[error("llama.cpp could not create a context of {n_ctx} tokens: {reason}")]
     Context { n_ctx: u32, reason: String },
     #[error("llama.cpp decode failed: {0}")]
     Decode(String),
     #[error("the KV cache cannot hold {need} more tokens ({free} free of n_ctx {n_ctx})")]
-    ContextFull { need: usize, free: usize, n_ctx: u32 },
+    ContextFull {
+        need: usize,
+        free: usize,
+        n_ctx: u32,
+    },
 }
 
 /// What was loaded, for provenance and reports.
@@ -97,7 +99,9 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {
-            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(true));
+            llama_cpp_2::send_logs_to_tracing(
+                llama_cpp_2::LogOptions::default().with_logs_enabled(true),
+            );
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
@@ -146,7 +150,10 @@ pub fn file_sha256(path: &Path) -> Result<String, GgufError> {
 
 /// Checks the file and plans memory without loading the weights: the order in which a
 /// user learns what is wrong (missing, not GGUF, wrong checksum, does not fit).
-pub fn preflight(cfg: &EngineConfig, n_prefix_slots: usize) -> Result<(String, ModelShape, Fitted), EngineError> {
+pub fn preflight(
+    cfg: &EngineConfig,
+    n_prefix_slots: usize,
+) -> Result<(String, ModelShape, Fitted), EngineError> {
     let header = gguf::read_header(&cfg.model_path)?;
     let sha = file_sha256(&cfg.model_path)?;
     if let Some(expected) = &cfg.model_sha256 {
@@ -169,11 +176,17 @@ pub fn preflight(cfg: &EngineConfig, n_prefix_slots: usize) -> Result<(String, M
         n_seq_max: n_seq_max(cfg, n_prefix_slots),
         kv_cache_type: cfg.kv_cache_type,
     };
-    let fitted = budget::fit(&shape, wanted, cfg.memory_budget_mib, cfg.allow_ctx_shrink, 256)
-        .map_err(|source| EngineError::Budget {
-            path: cfg.model_path.clone(),
-            source,
-        })?;
+    let fitted = budget::fit(
+        &shape,
+        wanted,
+        cfg.memory_budget_mib,
+        cfg.allow_ctx_shrink,
+        256,
+    )
+    .map_err(|source| EngineError::Budget {
+        path: cfg.model_path.clone(),
+        source,
+    })?;
     Ok((sha, shape, fitted))
 }
 
@@ -215,14 +228,18 @@ impl Engine {
             .with_use_mmap(cfg.use_mmap)
             .with_use_mlock(cfg.use_mlock);
         if cfg.gpu_layers > 0 && !backend.supports_gpu_offload() {
-            tracing::warn!("gpu_layers = {} but this build has no GPU backend: running on the CPU", cfg.gpu_layers);
+            tracing::warn!(
+                "gpu_layers = {} but this build has no GPU backend: running on the CPU",
+                cfg.gpu_layers
+            );
             mparams = mparams.with_n_gpu_layers(0);
         }
-        let model = LlamaModel::load_from_file(backend, &cfg.model_path, &mparams).map_err(|_| {
-            EngineError::Load {
-                path: cfg.model_path.clone(),
-            }
-        })?;
+        let model =
+            LlamaModel::load_from_file(backend, &cfg.model_path, &mparams).map_err(|_| {
+                EngineError::Load {
+                    path: cfg.model_path.clone(),
+                }
+            })?;
         // The model lives as long as the process: the inference thread owns it and the
         // context that borrows it. Leaking gives the context a 'static borrow.
         let model: &'static LlamaModel = Box::leak(Box::new(model));
@@ -323,7 +340,10 @@ impl Engine {
     /// Decodes `tokens` into prefix slot `slot` (sequence `slot`), once; later jobs copy
     /// its cells instead of decoding them again.
     pub fn set_prefix(&mut self, slot: usize, tokens: &[Token]) -> Result<(), EngineError> {
-        assert!(slot < self.n_prefix_slots, "prefix slot {slot} out of range");
+        assert!(
+            slot < self.n_prefix_slots,
+            "prefix slot {slot} out of range"
+        );
         self.clear_seq(slot);
         self.prefixes[slot].clear();
         let entries: Vec<Entry> = tokens
@@ -438,7 +458,8 @@ impl Engine {
                 });
             }
         }
-        let mut logprobs: Vec<HashMap<(Option<usize>, Token), f64>> = vec![HashMap::new(); jobs.len()];
+        let mut logprobs: Vec<HashMap<(Option<usize>, Token), f64>> =
+            vec![HashMap::new(); jobs.len()];
         let mut scoring_s = 0.0;
         let mut collect = |row: RowId, logits: &[f32], logprobs: &mut Vec<HashMap<_, f64>>| {
             let t = Instant::now();
@@ -485,7 +506,10 @@ impl Engine {
                         token: job.trie.nodes[node].token,
                         pos: (n - 1 + job.trie.nodes[node].depth) as i32,
                         seqs,
-                        row: Some(RowId { job: k, node: Some(d) }),
+                        row: Some(RowId {
+                            job: k,
+                            node: Some(d),
+                        }),
                     });
                 }
             }
@@ -503,9 +527,9 @@ impl Engine {
             .zip(&reuse)
             .zip(&logprobs)
             .map(|((job, &r), lp)| ScoreOut {
-                labels: job
-                    .trie
-                    .label_logprobs(|row, tok| lp.get(&(row, tok)).copied().unwrap_or(f64::NEG_INFINITY)),
+                labels: job.trie.label_logprobs(|row, tok| {
+                    lp.get(&(row, tok)).copied().unwrap_or(f64::NEG_INFINITY)
+                }),
                 reused_tokens: r,
                 decoded_tokens: job.tokens.len() - r + job.trie.decoded.len(),
                 decode_ms: (total_s - scoring_s) * 1e3,
@@ -537,7 +561,11 @@ impl Engine {
         for path in &trie.paths {
             let label: Vec<Token> = path.iter().map(|&i| trie.nodes[i].token).collect();
             self.clear_seq(seq);
-            let all: Vec<Token> = tokens.iter().chain(&label[..label.len() - 1]).copied().collect();
+            let all: Vec<Token> = tokens
+                .iter()
+                .chain(&label[..label.len() - 1])
+                .copied()
+                .collect();
             self.check_room(all.len())?;
             let entries: Vec<Entry> = all
                 .iter()
@@ -546,7 +574,10 @@ impl Engine {
                     token: t,
                     pos: i as i32,
                     seqs: vec![seq as i32],
-                    row: (i + 1 >= n).then_some(RowId { job: i + 1 - n, node: None }),
+                    row: (i + 1 >= n).then_some(RowId {
+                        job: i + 1 - n,
+                        node: None,
+                    }),
                 })
                 .collect();
             decoded += entries.len();
@@ -580,7 +611,11 @@ impl Engine {
 
     /// Decodes entries in batches bounded by n_batch and by the logits rows one decode
     /// may return; calls `on_row` with each requested row's logits.
-    fn run_entries(&mut self, entries: &[Entry], mut on_row: impl FnMut(RowId, &[f32])) -> Result<(), EngineError> {
+    fn run_entries(
+        &mut self,
+        entries: &[Entry],
+        mut on_row: impl FnMut(RowId, &[f32]),
+    ) -> Result<(), EngineError> {
         let mut i = 0;
         while i < entries.len() {
             self.batch.clear();

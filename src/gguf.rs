@@ -189,9 +189,10 @@ impl<R: Read + Seek> Reader<R> {
                 let elem = self.u32()?;
                 let len = self.u64()?;
                 match fixed_size(elem) {
-                    Some(size) => self.skip(len.checked_mul(size).ok_or_else(|| {
-                        ParseError::Corrupt("array length overflows".into())
-                    })?)?,
+                    Some(size) => self
+                        .skip(len.checked_mul(size).ok_or_else(|| {
+                            ParseError::Corrupt("array length overflows".into())
+                        })?)?,
                     None if elem == 8 => {
                         self.check_len(len.saturating_mul(8), "array")?;
                         for _ in 0..len {
@@ -257,7 +258,9 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>, file_size_bytes: u64) -> Result<Head
         let _name = r.string()?;
         let n_dims = r.u32()?;
         if n_dims > 8 {
-            return Err(ParseError::Corrupt(format!("tensor with {n_dims} dimensions")));
+            return Err(ParseError::Corrupt(format!(
+                "tensor with {n_dims} dimensions"
+            )));
         }
         r.skip(8 * n_dims as u64 + 4 + 8)?;
     }
@@ -267,7 +270,9 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>, file_size_bytes: u64) -> Result<Head
     };
     let data_offset_bytes = r.pos.div_ceil(alignment) * alignment;
     if data_offset_bytes > file_size_bytes {
-        return Err(ParseError::Corrupt("no tensor data after the header".into()));
+        return Err(ParseError::Corrupt(
+            "no tensor data after the header".into(),
+        ));
     }
     Ok(Header {
         version,
@@ -311,7 +316,7 @@ mod tests {
         b.extend(16u64.to_le_bytes());
         b.extend(0u32.to_le_bytes()); // f32
         b.extend(0u64.to_le_bytes());
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend([0u8; 64]);
@@ -341,16 +346,28 @@ mod tests {
     #[test]
     fn rejects_non_gguf_and_truncated_files() {
         let f = write(b"PK\x03\x04 this is a zip");
-        assert!(matches!(read_header(f.path()), Err(GgufError::NotGguf { .. })));
+        assert!(matches!(
+            read_header(f.path()),
+            Err(GgufError::NotGguf { .. })
+        ));
         let f = write(b"GG");
-        assert!(matches!(read_header(f.path()), Err(GgufError::NotGguf { .. })));
+        assert!(matches!(
+            read_header(f.path()),
+            Err(GgufError::NotGguf { .. })
+        ));
         let full = tiny_gguf();
         let f = write(&full[..60]);
-        assert!(matches!(read_header(f.path()), Err(GgufError::Corrupt { .. })));
+        assert!(matches!(
+            read_header(f.path()),
+            Err(GgufError::Corrupt { .. })
+        ));
         let mut huge = full.clone();
         huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes()); // first key's length
         let f = write(&huge);
-        assert!(matches!(read_header(f.path()), Err(GgufError::Corrupt { .. })));
+        assert!(matches!(
+            read_header(f.path()),
+            Err(GgufError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -28,9 +28,9 @@ impl InputError {
     }
     pub fn line(&self) -> usize {
         match self {
-            InputError::InvalidUtf8 { line, .. } | InputError::Json { line, .. } | InputError::Shape { line, .. } => {
-                *line
-            }
+            InputError::InvalidUtf8 { line, .. }
+            | InputError::Json { line, .. }
+            | InputError::Shape { line, .. } => *line,
         }
     }
 }
@@ -51,7 +51,10 @@ pub fn parse_line(bytes: &[u8], line: usize) -> Result<Option<Request>, InputErr
     if text.len() > MAX_LINE_BYTES {
         return Err(InputError::Shape {
             line,
-            reason: format!("request is {} bytes, over the limit of {MAX_LINE_BYTES}", text.len()),
+            reason: format!(
+                "request is {} bytes, over the limit of {MAX_LINE_BYTES}",
+                text.len()
+            ),
         });
     }
     let value: Value = serde_json::from_str(text).map_err(|e| InputError::Json {
@@ -83,7 +86,12 @@ pub fn request_from_json(value: Value, default_id: &str) -> Result<Request, Stri
             Value::Number(n) => n.to_string(),
             Value::Bool(b) => b.to_string(),
             Value::Null => continue,
-            other => return Err(format!("field `{k}` must be a string or number, got {}", kind_of(&other))),
+            other => {
+                return Err(format!(
+                    "field `{k}` must be a string or number, got {}",
+                    kind_of(&other)
+                ))
+            }
         };
         if k == "id" {
             id = s;
@@ -114,12 +122,20 @@ mod tests {
 
     #[test]
     fn objects_strings_and_ids() {
-        let r = parse_line(r#"{"id":"a1","text":"非常高兴","district":4}"#.as_bytes(), 1).unwrap().unwrap();
+        let r = parse_line(
+            r#"{"id":"a1","text":"非常高兴","district":4}"#.as_bytes(),
+            1,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.id, "a1");
         assert_eq!(r.fields["text"], "非常高兴");
         assert_eq!(r.fields["district"], "4");
         let r = parse_line(br#""just text""#, 7).unwrap().unwrap();
-        assert_eq!((r.id.as_str(), r.fields["text"].as_str()), ("7", "just text"));
+        assert_eq!(
+            (r.id.as_str(), r.fields["text"].as_str()),
+            ("7", "just text")
+        );
         let r = parse_line(br#"{"id":12,"text":"x"}"#, 2).unwrap().unwrap();
         assert_eq!(r.id, "12");
         assert_eq!(parse_line(b"  \r\n", 3).unwrap(), None);
@@ -128,17 +144,29 @@ mod tests {
     #[test]
     fn bad_lines_name_the_line_and_problem() {
         let e = parse_line(b"{\"text\":\"caf\xff\"}", 4).unwrap_err();
-        assert_eq!(e, InputError::InvalidUtf8 { line: 4, offset: 12 });
+        assert_eq!(
+            e,
+            InputError::InvalidUtf8 {
+                line: 4,
+                offset: 12
+            }
+        );
         assert_eq!(e.kind(), "invalid_utf8");
         let e = parse_line(b"{\"text\": ", 5).unwrap_err();
         assert!(matches!(e, InputError::Json { line: 5, .. }), "{e}");
         let e = parse_line(br#"{"id":"x"}"#, 6).unwrap_err();
-        assert!(e.to_string().contains("line 6") && e.to_string().contains("`text`"), "{e}");
+        assert!(
+            e.to_string().contains("line 6") && e.to_string().contains("`text`"),
+            "{e}"
+        );
         let e = parse_line(br#"{"text":["a"]}"#, 8).unwrap_err();
         assert!(e.to_string().contains("an array"), "{e}");
         let e = parse_line(b"[1,2]", 9).unwrap_err();
         assert!(e.to_string().contains("expected an object"), "{e}");
         let big = format!("{{\"text\":\"{}\"}}", "a".repeat(MAX_LINE_BYTES));
-        assert!(parse_line(big.as_bytes(), 10).unwrap_err().to_string().contains("over the limit"));
+        assert!(parse_line(big.as_bytes(), 10)
+            .unwrap_err()
+            .to_string()
+            .contains("over the limit"));
     }
 }

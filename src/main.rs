@@ -165,14 +165,17 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 (None, true) => {
                     return Err(AppError::Input {
                         what: "texts".into(),
-                        source: std::io::Error::other("give texts as arguments, --input FILE, or JSON lines on stdin"),
+                        source: std::io::Error::other(
+                            "give texts as arguments, --input FILE, or JSON lines on stdin",
+                        ),
                     })
                 }
             };
-            let abstain = (a.min_confidence.is_some() || a.min_margin.is_some()).then(|| AbstainRule {
-                min_confidence: a.min_confidence.unwrap_or(task.abstain.min_confidence),
-                min_margin: a.min_margin.unwrap_or(task.abstain.min_margin),
-            });
+            let abstain =
+                (a.min_confidence.is_some() || a.min_margin.is_some()).then(|| AbstainRule {
+                    min_confidence: a.min_confidence.unwrap_or(task.abstain.min_confidence),
+                    min_margin: a.min_margin.unwrap_or(task.abstain.min_margin),
+                });
             let cfg = ClassifyConfig {
                 engine,
                 task,
@@ -185,7 +188,11 @@ fn run(cli: Cli) -> Result<(), AppError> {
                     None
                 },
                 abstain,
-                path: if a.naive { ScorePath::Naive } else { ScorePath::Fast },
+                path: if a.naive {
+                    ScorePath::Naive
+                } else {
+                    ScorePath::Fast
+                },
                 batch_size: a.batch_size,
                 pretty: a.pretty,
             };

@@ -149,7 +149,10 @@ impl LabelTrie {
 
     /// Sums each label's token log-probabilities. `logprob(row, token)` returns the
     /// log-probability of `token` from logits row `row` (see [`LabelTrie::needed`]).
-    pub fn label_logprobs(&self, mut logprob: impl FnMut(Option<usize>, Token) -> f64) -> Vec<LabelLogprob> {
+    pub fn label_logprobs(
+        &self,
+        mut logprob: impl FnMut(Option<usize>, Token) -> f64,
+    ) -> Vec<LabelLogprob> {
         self.paths
             .iter()
             .map(|path| {
@@ -337,7 +340,9 @@ mod tests {
         // 0.7/0.8 = 0.875, 0.3/0.2 = 1.5 -> 0.368 / 0.632
         assert!((cal[1] - 1.5 / 2.375).abs() < 1e-12);
         // A prior that is uniform changes nothing.
-        let flat = Prior { probs: vec![0.5, 0.5] };
+        let flat = Prior {
+            probs: vec![0.5, 0.5],
+        };
         let same = softmax(&flat.apply(&raw));
         assert!((same[0] - 0.7).abs() < 1e-12);
     }

@@ -325,10 +325,16 @@ impl Task {
                     "name and text must not be empty".into(),
                 ));
             }
-            if raw.labels[..i].iter().any(|o| o.name == l.name || o.text == l.text) {
+            if raw.labels[..i]
+                .iter()
+                .any(|o| o.name == l.name || o.text == l.text)
+            {
                 return Err(invalid(
                     &format!("labels[{i}]"),
-                    format!("label `{}` repeats the name or text of another label", l.name),
+                    format!(
+                        "label `{}` repeats the name or text of another label",
+                        l.name
+                    ),
                 ));
             }
         }
@@ -338,7 +344,10 @@ impl Task {
                 .get("label")
                 .ok_or_else(|| invalid(&key, "has no `label`".into()))?;
             if !raw.labels.iter().any(|l| &l.name == label) {
-                return Err(invalid(&key, format!("label `{label}` is not one of the task's labels")));
+                return Err(invalid(
+                    &key,
+                    format!("label `{label}` is not one of the task's labels"),
+                ));
             }
             for f in &fields {
                 if !ex.contains_key(*f) {
@@ -465,7 +474,10 @@ examples = [{ text = "Great!", label = "positive" }, { text = "Awful.", label = 
         );
         let mut f = BTreeMap::new();
         f.insert("text".to_string(), "非常高兴 {not a field}".to_string());
-        assert_eq!(t.render_query(&f).unwrap(), "Review: 非常高兴 {not a field}\nSentiment:");
+        assert_eq!(
+            t.render_query(&f).unwrap(),
+            "Review: 非常高兴 {not a field}\nSentiment:"
+        );
         assert_eq!(t.name, "t");
         assert_eq!(t.template_sha256().len(), 16);
     }
@@ -490,9 +502,13 @@ examples = [{ text = "Great!", label = "positive" }, { text = "Awful.", label = 
 
     #[test]
     fn load_time_errors_name_the_key() {
-        let e = parse(&SENTIMENT.replace("Review: {text}", "Review: {text} {district}")).unwrap_err();
+        let e =
+            parse(&SENTIMENT.replace("Review: {text}", "Review: {text} {district}")).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("examples[0]") && msg.contains("district"), "{msg}");
+        assert!(
+            msg.contains("examples[0]") && msg.contains("district"),
+            "{msg}"
+        );
 
         let e = parse(&SENTIMENT.replace("{text}\\nSentiment:", "{txt}\\nSentiment:")).unwrap_err();
         assert!(e.to_string().contains("{text}"), "{e}");
@@ -500,7 +516,8 @@ examples = [{ text = "Great!", label = "positive" }, { text = "Awful.", label = 
         let e = parse(&SENTIMENT.replace("\\nSentiment:\"", "{text}\"")).unwrap_err();
         assert!(e.to_string().contains("must end with literal text"), "{e}");
 
-        let e = parse(&SENTIMENT.replace("label = \"negative\"", "label = \"neutral\"")).unwrap_err();
+        let e =
+            parse(&SENTIMENT.replace("label = \"negative\"", "label = \"neutral\"")).unwrap_err();
         assert!(e.to_string().contains("`neutral` is not one of"), "{e}");
 
         let e = parse(&format!("{SENTIMENT}\nthreshold = 3")).unwrap_err();

@@ -16,24 +16,69 @@ use edgeact::task::Task;
 /// engine has work sequences, so the label trie is scored in several passes.
 fn intent_task() -> Task {
     let names = [
-        "activate my card", "age limit", "apple pay or google pay", "atm support", "automatic top up",
-        "balance not updated after bank transfer", "balance not updated after cheque or cash deposit",
-        "beneficiary not allowed", "cancel transfer", "card about to expire", "card acceptance",
-        "card arrival", "card delivery estimate", "card linking", "card not working",
-        "card payment fee charged", "card payment not recognised", "card payment wrong exchange rate",
-        "card swallowed", "cash withdrawal charge", "cash withdrawal not recognised", "change pin",
-        "compromised card", "contactless not working", "country support", "declined card payment",
-        "declined cash withdrawal", "declined transfer", "direct debit payment not recognised",
-        "disposable card limits", "edit personal details", "exchange charge", "exchange rate",
-        "exchange via app", "extra charge on statement", "failed transfer", "fiat currency support",
-        "get disposable virtual card", "get physical card", "getting spare card", "getting virtual card",
-        "lost or stolen card", "lost or stolen phone", "order physical card", "passcode forgotten",
-        "pending card payment", "pending cash withdrawal", "pending top up", "pending transfer",
-        "pin blocked", "receiving money", "refund not showing up", "request refund",
+        "activate my card",
+        "age limit",
+        "apple pay or google pay",
+        "atm support",
+        "automatic top up",
+        "balance not updated after bank transfer",
+        "balance not updated after cheque or cash deposit",
+        "beneficiary not allowed",
+        "cancel transfer",
+        "card about to expire",
+        "card acceptance",
+        "card arrival",
+        "card delivery estimate",
+        "card linking",
+        "card not working",
+        "card payment fee charged",
+        "card payment not recognised",
+        "card payment wrong exchange rate",
+        "card swallowed",
+        "cash withdrawal charge",
+        "cash withdrawal not recognised",
+        "change pin",
+        "compromised card",
+        "contactless not working",
+        "country support",
+        "declined card payment",
+        "declined cash withdrawal",
+        "declined transfer",
+        "direct debit payment not recognised",
+        "disposable card limits",
+        "edit personal details",
+        "exchange charge",
+        "exchange rate",
+        "exchange via app",
+        "extra charge on statement",
+        "failed transfer",
+        "fiat currency support",
+        "get disposable virtual card",
+        "get physical card",
+        "getting spare card",
+        "getting virtual card",
+        "lost or stolen card",
+        "lost or stolen phone",
+        "order physical card",
+        "passcode forgotten",
+        "pending card payment",
+        "pending cash withdrawal",
+        "pending top up",
+        "pending transfer",
+        "pin blocked",
+        "receiving money",
+        "refund not showing up",
+        "request refund",
     ];
     let labels: Vec<String> = names
         .iter()
-        .map(|n| format!("{{ name = \"{}\", text = \" {}\" }}", n.replace(' ', "_"), n))
+        .map(|n| {
+            format!(
+                "{{ name = \"{}\", text = \" {}\" }}",
+                n.replace(' ', "_"),
+                n
+            )
+        })
         .collect();
     let src = format!(
         "instruction = \"Name the customer's banking intent.\"\nquery = \"Customer: {{text}}\\nIntent:\"\nlabels = [{}]\n\
@@ -44,7 +89,10 @@ fn intent_task() -> Task {
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// The fast path (prefix reuse + label trie + micro-batching) must agree with the naive
@@ -57,25 +105,59 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 fn fast_paths_match_naive_reference() {
     let mut engine = common::engine(3);
     let tasks = [
-        (common::task("city-event"), vec!["Huge flames in the tower block", "The river flooded the square"]),
-        (common::task("sentiment-zh"), vec!["非常高兴", "太糟糕了，再也不来了"]),
-        (intent_task(), vec!["I still have not received my card", "my card got eaten by the machine"]),
+        (
+            common::task("city-event"),
+            vec![
+                "Huge flames in the tower block",
+                "The river flooded the square",
+            ],
+        ),
+        (
+            common::task("sentiment-zh"),
+            vec!["非常高兴", "太糟糕了，再也不来了"],
+        ),
+        (
+            intent_task(),
+            vec![
+                "I still have not received my card",
+                "my card got eaten by the machine",
+            ],
+        ),
     ];
     for (slot, (task, texts)) in tasks.into_iter().enumerate() {
         let name = task.name.clone();
         let c = Classifier::new(&mut engine, task, slot, Some(false), None).unwrap();
-        let reqs: Vec<Request> = texts.iter().enumerate().map(|(i, t)| Request::text(i.to_string(), *t)).collect();
-        let prepared: Vec<_> = reqs.iter().map(|r| c.prepare(&engine, r).unwrap()).collect();
+        let reqs: Vec<Request> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Request::text(i.to_string(), *t))
+            .collect();
+        let prepared: Vec<_> = reqs
+            .iter()
+            .map(|r| c.prepare(&engine, r).unwrap())
+            .collect();
         let jobs: Vec<ScoreJob> = prepared
             .iter()
-            .map(|p| ScoreJob { prefix: Some(slot), tokens: &p.tokens, trie: c.trie() })
+            .map(|p| ScoreJob {
+                prefix: Some(slot),
+                tokens: &p.tokens,
+                trie: c.trie(),
+            })
             .collect();
         let batched = engine.score(&jobs).unwrap();
         for (p, b) in prepared.iter().zip(&batched) {
             assert_eq!(b.reused_tokens, c.prefix_len(), "{name}: prefix not reused");
-            let single = engine.score(&[ScoreJob { prefix: Some(slot), tokens: &p.tokens, trie: c.trie() }]).unwrap();
+            let single = engine
+                .score(&[ScoreJob {
+                    prefix: Some(slot),
+                    tokens: &p.tokens,
+                    trie: c.trie(),
+                }])
+                .unwrap();
             let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
-            let lp = |o: &edgeact::engine::ScoreOut| o.labels.iter().map(|l| l.total).collect::<Vec<f64>>();
+            let lp = |o: &edgeact::engine::ScoreOut| {
+                o.labels.iter().map(|l| l.total).collect::<Vec<f64>>()
+            };
             let probs = softmax(&lp(&naive));
             for (path, out) in [("micro-batched", b), ("single", &single[0])] {
                 let d_prob = max_abs_diff(&softmax(&lp(out)), &probs);
@@ -87,15 +169,29 @@ fn fast_paths_match_naive_reference() {
                     .map(|((a, b), _)| (a - b).abs())
                     .fold(0.0, f64::max);
                 eprintln!("{name} {path}: max |prob - naive| {d_prob:.4}, max |logprob - naive| (p>1%) {d_lp:.3}");
-                assert!(d_prob < 0.05, "{name} {path}: label probabilities differ from naive by {d_prob}");
-                assert!(d_lp < 0.5, "{name} {path}: label log-likelihoods differ from naive by {d_lp}");
+                assert!(
+                    d_prob < 0.05,
+                    "{name} {path}: label probabilities differ from naive by {d_prob}"
+                );
+                assert!(
+                    d_lp < 0.5,
+                    "{name} {path}: label log-likelihoods differ from naive by {d_lp}"
+                );
             }
             // The naive path decodes the prompt once per label: far more tokens.
             assert!(naive.decoded_tokens >= c.trie().paths.len() * (p.tokens.len() - 1));
-            assert!(b.decoded_tokens * 4 < naive.decoded_tokens, "{name}: {} vs {}", b.decoded_tokens, naive.decoded_tokens);
+            assert!(
+                b.decoded_tokens * 4 < naive.decoded_tokens,
+                "{name}: {} vs {}",
+                b.decoded_tokens,
+                naive.decoded_tokens
+            );
         }
         if name == "intent" {
-            assert!(c.trie().n_branches > 16, "intent labels should need several branch passes");
+            assert!(
+                c.trie().n_branches > 16,
+                "intent labels should need several branch passes"
+            );
         }
     }
 }
@@ -118,7 +214,11 @@ fn accuracy(engine: &mut Engine, c: &Classifier, data: &[(Request, String)]) -> 
     let reqs: Vec<Request> = data.iter().map(|(r, _)| r.clone()).collect();
     let mut correct = 0;
     for (chunk, gold) in reqs.chunks(8).zip(data.chunks(8)) {
-        for (res, (_, g)) in c.classify_many(engine, chunk, ScorePath::Fast).into_iter().zip(gold) {
+        for (res, (_, g)) in c
+            .classify_many(engine, chunk, ScorePath::Fast)
+            .into_iter()
+            .zip(gold)
+        {
             correct += usize::from(&res.unwrap().top_label == g);
         }
     }
@@ -137,7 +237,10 @@ fn accuracy_on_obvious_sentiment_and_calibration() {
     zero.examples.clear();
     zero.name = "sentiment-zero-shot".into();
     let mut acc = BTreeMap::new();
-    for (slot, (task, cal)) in [(&few, false), (&few, true), (&zero, false), (&zero, true)].into_iter().enumerate() {
+    for (slot, (task, cal)) in [(&few, false), (&few, true), (&zero, false), (&zero, true)]
+        .into_iter()
+        .enumerate()
+    {
         let c = Classifier::new(&mut engine, task.clone(), slot, Some(cal), None).unwrap();
         assert_eq!(c.prior().is_some(), cal);
         let a = accuracy(&mut engine, &c, &data);
@@ -148,14 +251,20 @@ fn accuracy_on_obvious_sentiment_and_calibration() {
     assert!(acc[&(4, true)] >= 0.9, "{acc:?}");
     // Zero-shot, the base model is biased towards one label; calibration must repair it.
     assert!(acc[&(0, true)] >= 0.85, "{acc:?}");
-    assert!(acc[&(0, true)] > acc[&(0, false)], "calibration did not help zero-shot: {acc:?}");
+    assert!(
+        acc[&(0, true)] > acc[&(0, false)],
+        "calibration did not help zero-shot: {acc:?}"
+    );
 }
 
 #[test]
 fn truncation_policies_and_budget() {
     let mut engine = common::engine(3);
     let long = "The service was slow. ".repeat(200);
-    for (slot, (policy, max)) in [("keep_head", 32u32), ("keep_tail", 32), ("reject", 32)].into_iter().enumerate() {
+    for (slot, (policy, max)) in [("keep_head", 32u32), ("keep_tail", 32), ("reject", 32)]
+        .into_iter()
+        .enumerate()
+    {
         let mut task = common::task("sentiment");
         task.name = format!("sentiment-{policy}");
         task.input.max_tokens = max;
@@ -175,11 +284,18 @@ fn truncation_policies_and_budget() {
                 let t = r.truncated.expect("truncation reported");
                 assert_eq!(t.kept_tokens, 32);
                 assert!(t.input_tokens > 1000);
-                assert!(r.tokens.prompt <= c.prefix_len() + 32 + 16, "prompt {} tokens", r.tokens.prompt);
+                assert!(
+                    r.tokens.prompt <= c.prefix_len() + 32 + 16,
+                    "prompt {} tokens",
+                    r.tokens.prompt
+                );
             }
         }
         // Empty text is an error, not a guess.
-        assert!(matches!(c.classify(&mut engine, &Request::text("e", "  ")), Err(RecordError::EmptyText)));
+        assert!(matches!(
+            c.classify(&mut engine, &Request::text("e", "  ")),
+            Err(RecordError::EmptyText)
+        ));
     }
 }
 
@@ -189,12 +305,22 @@ fn truncation_policies_and_budget() {
 fn budget_refuses_or_shrinks() {
     let mut cfg = common::board();
     cfg.memory_budget_mib = 200;
-    let err = Engine::load(&cfg, 1).err().expect("must refuse").to_string();
-    assert!(err.contains("needs") && err.contains("memory_budget_mib is 200"), "{err}");
+    let err = Engine::load(&cfg, 1)
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        err.contains("needs") && err.contains("memory_budget_mib is 200"),
+        "{err}"
+    );
 
     let mut cfg = common::board();
     cfg.n_ctx = 65_536;
-    let need = edgeact::engine::preflight(&common::board(), 1).unwrap().2.estimate.total_mib();
+    let need = edgeact::engine::preflight(&common::board(), 1)
+        .unwrap()
+        .2
+        .estimate
+        .total_mib();
     cfg.memory_budget_mib = need + 64;
     assert!(Engine::load(&cfg, 1).is_err());
     cfg.allow_ctx_shrink = true;

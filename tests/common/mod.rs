@@ -14,8 +14,12 @@ pub fn root() -> PathBuf {
 
 /// The x86-dev board with the model fetched by scripts/fetch-model, made absolute.
 pub fn board() -> EngineConfig {
-    let mut cfg = config::load_board("x86-dev", &[root().join("board-configs")], &BoardFile::default())
-        .expect("x86-dev board");
+    let mut cfg = config::load_board(
+        "x86-dev",
+        &[root().join("board-configs")],
+        &BoardFile::default(),
+    )
+    .expect("x86-dev board");
     cfg.model_path = root().join(&cfg.model_path);
     assert!(
         cfg.model_path.exists(),

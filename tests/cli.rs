@@ -1,0 +1,237 @@
+//! The `edgeact` binary end to end on the real model: results, and a clear error (and exit
+//! code) for each kind of bad input, with the good lines of a batch still classified.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn edgeact(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(common::bin())
+        .args(args)
+        .current_dir(common::root())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn edgeact");
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(bytes) = stdin {
+            input.write_all(bytes).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn classifies_texts_with_full_result_records() {
+    let o = edgeact(
+        &[
+            "classify",
+            "The staff were kind and the food was great",
+            "Rude staff and cold food, never again",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = lines(&o);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0]["label"], "positive");
+    assert_eq!(r[1]["label"], "negative");
+    for x in &r {
+        for key in [
+            "id",
+            "confidence",
+            "margin",
+            "scores",
+            "abstained",
+            "tokens",
+            "timings_ms",
+            "provenance",
+        ] {
+            assert!(!x[key].is_null(), "missing {key} in {x}");
+        }
+        let p = &x["provenance"];
+        assert_eq!(
+            p["model_sha256"],
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+        );
+        assert_eq!(p["board"], "x86-dev");
+        assert_eq!(p["task"], "sentiment");
+        assert_eq!(p["template_sha256"].as_str().unwrap().len(), 16);
+        let sum: f64 = x["scores"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-9);
+        assert!(x["tokens"]["reused"].as_u64().unwrap() > 0);
+    }
+    // Quiet by default: no llama.cpp loader lines on stderr.
+    assert!(stderr(&o).trim().is_empty(), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn chinese_from_stdin_and_abstention() {
+    let o = edgeact(
+        &["classify", "--task", "sentiment-zh"],
+        Some("{\"id\":\"a1\",\"text\":\"非常高兴\"}\n".as_bytes()),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = lines(&o);
+    assert_eq!(r[0]["id"], "a1");
+    assert_eq!(r[0]["label"], "positive");
+
+    // With an abstain threshold no result can meet, the label is withheld but explained.
+    let o = edgeact(
+        &["classify", "--min-confidence", "1.0", "It was fine I guess"],
+        None,
+    );
+    assert!(o.status.success());
+    let r = lines(&o);
+    assert_eq!(r[0]["abstained"], true);
+    assert!(r[0]["label"].is_null());
+    assert!(r[0]["top_label"].is_string());
+}
+
+#[test]
+fn batch_keeps_going_past_bad_lines() {
+    let mut input = Vec::new();
+    input.extend_from_slice(b"{\"id\":\"ok1\",\"text\":\"Wonderful hotel, lovely staff\"}\n");
+    input.extend_from_slice(b"{\"id\":\"bad-utf8\",\"text\":\"caf\xff\"}\n");
+    input.extend_from_slice(b"{\"id\":\"broken\", \"text\": \n");
+    input.extend_from_slice(b"{\"id\":\"empty\",\"text\":\"   \"}\n");
+    input.extend_from_slice(b"{\"id\":\"notext\"}\n");
+    input.extend_from_slice(b"{\"id\":\"ok2\",\"text\":\"Awful, it broke in a day\"}\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.jsonl");
+    std::fs::write(&path, &input).unwrap();
+    let o = edgeact(&["classify", "--input", path.to_str().unwrap()], None);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let r = lines(&o);
+    assert_eq!(r.len(), 6, "one record per input line");
+    let by_line = |n: u64| {
+        r.iter()
+            .find(|x| x["line"] == n)
+            .unwrap_or_else(|| panic!("no record for line {n}"))
+    };
+    assert_eq!(by_line(2)["error"]["kind"], "invalid_utf8");
+    assert_eq!(by_line(3)["error"]["kind"], "invalid_json");
+    assert_eq!(by_line(4)["error"]["kind"], "empty_text");
+    assert_eq!(by_line(4)["id"], "empty");
+    assert!(by_line(5)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`text`"));
+    let ok: Vec<_> = r.iter().filter(|x| x["error"].is_null()).collect();
+    assert_eq!(ok.len(), 2);
+    assert_eq!(ok[0]["id"], "ok1");
+    assert_eq!(ok[0]["label"], "positive");
+    assert_eq!(ok[1]["label"], "negative");
+    assert!(
+        stderr(&o).contains("2 of 6") || stderr(&o).contains("4 of 6"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn model_and_config_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_gguf = dir.path().join("model.gguf");
+    std::fs::write(&not_gguf, "this is not a model").unwrap();
+    let bad_board = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad_board,
+        "memory_budget_mib = 1024\nmodel_path = \"m.gguf\"\nthreads = 0\n",
+    )
+    .unwrap();
+    let cases: Vec<(Vec<String>, i32, Vec<&str>)> = vec![
+        (
+            vec!["--model".into(), "/nonexistent/m.gguf".into()],
+            3,
+            vec!["/nonexistent/m.gguf", "does not exist"],
+        ),
+        (
+            vec!["--model".into(), not_gguf.display().to_string()],
+            3,
+            vec!["is not a GGUF file"],
+        ),
+        (
+            vec!["--model-sha256".into(), "0".repeat(64)],
+            3,
+            vec!["sha256", "expected 0000"],
+        ),
+        (
+            vec!["--memory-budget-mib".into(), "100".into()],
+            3,
+            vec!["memory_budget_mib is 100", "needs"],
+        ),
+        (
+            vec!["--task".into(), "no-such-task".into()],
+            2,
+            vec!["unknown task `no-such-task`"],
+        ),
+        (
+            vec!["--board".into(), "no-such-board".into()],
+            2,
+            vec!["unknown board `no-such-board`"],
+        ),
+        (
+            vec!["--board".into(), bad_board.display().to_string()],
+            2,
+            vec!["bad.toml", "`threads`"],
+        ),
+    ];
+    for (extra, code, needles) in cases {
+        let mut args = vec!["classify".to_string()];
+        args.extend(extra.clone());
+        args.push("some text".into());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = edgeact(&argv, None);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{extra:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{extra:?}: expected one line, got: {err}"
+        );
+        for n in needles {
+            assert!(err.contains(n), "{extra:?}: `{n}` not in: {err}");
+        }
+        assert!(o.stdout.is_empty());
+    }
+}
+
+#[test]
+fn plan_prints_the_estimate_without_loading() {
+    let o = edgeact(
+        &[
+            "plan",
+            "--board",
+            "rpi4",
+            "--model",
+            "models/gemma-3-270m-q4_k_m.gguf",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["board"], "rpi4");
+    assert!(v["estimate_mib"].as_u64().unwrap() <= v["memory_budget_mib"].as_u64().unwrap());
+}
