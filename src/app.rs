@@ -198,3 +198,138 @@ pub fn plan(cfg: &EngineConfig, out: &mut dyn Write) -> Result<(), AppError> {
     });
     write_json(out, &v, true)
 }
+
+/// Settings of `edgeact bench`.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub engine: EngineConfig,
+    pub task: Task,
+    /// JSON-lines requests to classify (a `label` field, when present, is scored).
+    pub data: PathBuf,
+    pub limit: usize,
+    pub batch_size: usize,
+}
+
+/// Peak and current resident memory of this process, in MiB (Linux).
+pub fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `edgeact bench`: load time, memory against the estimate, and classifications per
+/// second on each scoring path over the same inputs, printed as a table (nothing asserted).
+pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
+    let t0 = std::time::Instant::now();
+    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = std::time::Instant::now();
+    let classifier = Classifier::new(&mut engine, cfg.task, 0, None, None)?;
+    let prefix_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let text = std::fs::read(&cfg.data).map_err(|source| AppError::Input {
+        what: cfg.data.display().to_string(),
+        source,
+    })?;
+    let mut reqs = Vec::new();
+    let mut gold = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        if let Ok(Some(r)) = input::parse_line(line, i + 1) {
+            gold.push(r.fields.get("label").cloned());
+            reqs.push(r);
+        }
+        if reqs.len() >= cfg.limit {
+            break;
+        }
+    }
+    let paths = [
+        ("naive (every label from scratch)", ScorePath::Naive, 1),
+        ("prefix reuse + label trie", ScorePath::Fast, 1),
+        ("+ micro-batching", ScorePath::Fast, cfg.batch_size.max(1)),
+    ];
+    writeln!(
+        out,
+        "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs",
+        engine.info.path.display(),
+        engine.info.board,
+        classifier.task.name,
+        classifier.task.labels.len(),
+        classifier.prefix_len(),
+        reqs.len()
+    )
+    .map_err(AppError::Output)?;
+    writeln!(
+        out,
+        "load {load_ms:.0} ms (model + context), prefix {prefix_ms:.0} ms, estimate {} MiB ({})",
+        engine.info.estimate_mib,
+        engine.info.estimate.detail()
+    )
+    .map_err(AppError::Output)?;
+    writeln!(
+        out,
+        "| path | batch | classif/s | p50 ms | p99 ms | decoded tok/request | accuracy | speed-up |\n|---|---|---|---|---|---|---|---|"
+    )
+    .map_err(AppError::Output)?;
+    let mut base_rate = None;
+    for (name, path, batch) in paths {
+        let mut lat = Vec::new();
+        let mut decoded = 0usize;
+        let mut correct = 0usize;
+        let mut labeled = 0usize;
+        let start = std::time::Instant::now();
+        for (chunk, g) in reqs.chunks(batch).zip(gold.chunks(batch)) {
+            let t = std::time::Instant::now();
+            let res = classifier.classify_many(&mut engine, chunk, path);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            for (r, g) in res.into_iter().zip(g) {
+                lat.push(ms);
+                if let Ok(r) = r {
+                    decoded += r.tokens.decoded;
+                    if let Some(g) = g {
+                        labeled += 1;
+                        correct += usize::from(&r.top_label == g);
+                    }
+                }
+            }
+        }
+        let rate = reqs.len() as f64 / start.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let base = *base_rate.get_or_insert(rate);
+        let acc = if labeled > 0 {
+            format!("{:.3}", correct as f64 / labeled as f64)
+        } else {
+            "-".into()
+        };
+        writeln!(
+            out,
+            "| {name} | {batch} | {rate:.2} | {:.1} | {:.1} | {:.1} | {acc} | {:.2}x |",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            decoded as f64 / reqs.len().max(1) as f64,
+            rate / base
+        )
+        .map_err(AppError::Output)?;
+    }
+    let (peak, now) = rss_mib();
+    writeln!(
+        out,
+        "peak RSS {peak:.0} MiB (now {now:.0} MiB) against an estimate of {} MiB",
+        engine.info.estimate_mib
+    )
+    .map_err(AppError::Output)?;
+    Ok(())
+}

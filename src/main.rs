@@ -34,6 +34,27 @@ enum Command {
     Classify(ClassifyArgs),
     /// Check the model file and print the memory estimate for a board, loading nothing.
     Plan(BoardArgs),
+    /// Measure load time, peak RSS and classifications/s of each scoring path on a
+    /// JSON-lines file (figures printed, nothing asserted).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Task to measure.
+    #[arg(long, short, default_value = "sentiment")]
+    task: String,
+    /// JSON-lines requests (a `label` field, when present, gives accuracy too).
+    #[arg(long, default_value = "tests/data/sentiment-obvious.jsonl")]
+    data: PathBuf,
+    /// At most this many requests.
+    #[arg(long, default_value_t = 40)]
+    limit: usize,
+    /// Requests per micro-batch on the batched path.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
 }
 
 #[derive(Args)]
@@ -154,6 +175,16 @@ fn run(cli: Cli) -> Result<(), AppError> {
     let mut out = stdout.lock();
     match cli.command {
         Command::Plan(b) => app::plan(&b.engine_config()?, &mut out),
+        Command::Bench(a) => app::bench(
+            app::BenchConfig {
+                engine: a.board.engine_config()?,
+                task: Task::find(&a.task, &config::task_dirs())?,
+                data: a.data,
+                limit: a.limit,
+                batch_size: a.batch_size,
+            },
+            &mut out,
+        ),
         Command::Classify(a) => {
             let engine = a.board.engine_config()?;
             let task = Task::find(&a.task, &config::task_dirs())?;
