@@ -26,6 +26,8 @@
 //! - [`classify`]: one task on an engine: request -> prompt tokens (truncated by policy) ->
 //!   scores -> [`classify::ClassifyResult`] with token counts, timings and provenance.
 //! - [`input`]: JSON lines into requests, each bad line an error naming the line.
+//! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
+//!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`), from config to output.
 
 pub mod app;
@@ -35,5 +37,6 @@ pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod input;
+pub mod metrics;
 pub mod scoring;
 pub mod task;
