@@ -30,6 +30,10 @@ pub enum AppError {
     },
     #[error("cannot write results: {0}")]
     Output(std::io::Error),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttConfigError),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
     #[error("{failed} of {total} inputs were rejected (see their error records)")]
     SomeRecordsFailed { failed: usize, total: usize },
 }

@@ -28,7 +28,11 @@
 //! - [`input`]: JSON lines into requests, each bad line an error naming the line.
 //! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
 //!   the SVG plots of `edgeact eval`.
-//! - [`app`]: the modes (`classify`, `plan`), from config to output.
+//! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
+//! - [`worker`]: the inference thread that owns the engine; a bounded queue in front of it.
+//! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
+//!   the request is acknowledged, published until PUBACK; topic layout and broker options in
+//!   [`mqtt`].
 
 pub mod app;
 pub mod budget;
@@ -38,5 +42,9 @@ pub mod engine;
 pub mod gguf;
 pub mod input;
 pub mod metrics;
+pub mod mqtt;
+pub mod outbox;
 pub mod scoring;
+pub mod serve;
 pub mod task;
+pub mod worker;

@@ -14,6 +14,7 @@ use edgeact::config::{self, BoardFile};
 use edgeact::engine::EngineError;
 use edgeact::scoring::AbstainRule;
 use edgeact::task::Task;
+use edgeact::{mqtt, outbox, serve};
 
 /// Offline language-model agent for small boards: classifies text with a local GGUF model
 /// under a memory budget, and explains every result.
@@ -34,9 +35,312 @@ enum Command {
     Classify(ClassifyArgs),
     /// Check the model file and print the memory estimate for a board, loading nothing.
     Plan(BoardArgs),
+    /// Run the daemon: requests from MQTT (or JSON lines on stdin without --broker),
+    /// results, traces, state, errors and stats published back, nothing lost.
+    Serve(Box<ServeArgs>),
     /// Measure load time, peak RSS and classifications/s of each scoring path on a
     /// JSON-lines file (figures printed, nothing asserted).
     Bench(BenchArgs),
+}
+
+/// Every `serve` setting, from the command line or from the `--config` file (same key
+/// names, snake_case); the command line wins.
+#[derive(Args, serde::Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, default)]
+struct ServeSettings {
+    /// Broker URL, mqtt://host:port or mqtts://host:port. Without it: JSON lines on stdin.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Device id (default: the host name); names the topic prefix and the client id.
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Tasks to serve (repeat the flag); default: sentiment.
+    #[arg(long = "task", short = 't')]
+    #[serde(rename = "tasks")]
+    task: Vec<String>,
+    /// Topic prefix (default edgeact/<device_id>).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Also take requests from the fleet topic through the shared subscription
+    /// $share/<group>/<fleet_prefix>/<task>/request.
+    #[arg(long)]
+    share_group: Option<String>,
+    /// Fleet-wide topic prefix for --share-group (default edgeact/fleet).
+    #[arg(long)]
+    fleet_prefix: Option<String>,
+    /// Context topic whose latest value templates can use as {context.NAME}: NAME=TOPIC (repeat).
+    #[arg(long = "context")]
+    #[serde(rename = "context_topics")]
+    context: Vec<String>,
+    /// Requests waiting for the model at most; beyond, requests get an `overloaded` error.
+    #[arg(long)]
+    queue_capacity: Option<usize>,
+    /// Requests scored together when several wait for the same task.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Folder of the durable outbox (default: $EDGEACT_STATE_DIR or ./state).
+    #[arg(long)]
+    outbox_dir: Option<PathBuf>,
+    /// When the outbox forces writes to disk: always, never, or a number of milliseconds.
+    #[arg(long)]
+    outbox_fsync: Option<String>,
+    /// Outbox cap in MiB; beyond it the oldest low-priority messages are dropped (counted).
+    #[arg(long)]
+    outbox_max_mib: Option<u64>,
+    /// Outbox cap on message age in hours.
+    #[arg(long)]
+    outbox_max_age_h: Option<u64>,
+    /// Seconds between <prefix>/stats messages.
+    #[arg(long)]
+    stats_interval_s: Option<u64>,
+    /// Publish Home Assistant device discovery (retained).
+    #[arg(long)]
+    ha_discovery: Option<bool>,
+    /// Largest request payload accepted, in bytes.
+    #[arg(long)]
+    max_request_bytes: Option<usize>,
+    /// CA certificate (PEM) for mqtts://.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mqtts:// with client authentication.
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for the client certificate.
+    #[arg(long)]
+    client_key: Option<PathBuf>,
+    /// MQTT user name.
+    #[arg(long)]
+    username: Option<String>,
+    /// MQTT password (better: the EDGEACT_MQTT_PASSWORD environment variable).
+    #[arg(long, env = "EDGEACT_MQTT_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// MQTT client id (default edgeact-<device_id>).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// MQTT keep-alive in seconds (at least 1).
+    #[arg(long)]
+    keep_alive_s: Option<u64>,
+    /// Seconds shutdown waits for PUBACKs before leaving the rest in the outbox.
+    #[arg(long)]
+    drain_timeout_s: Option<u64>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML file with any of the settings below (same names); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: ServeSettings,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+impl ServeSettings {
+    fn overlay(mut self, over: ServeSettings) -> ServeSettings {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            broker,
+            device_id,
+            prefix,
+            share_group,
+            fleet_prefix,
+            queue_capacity,
+            batch_size,
+            outbox_dir,
+            outbox_fsync,
+            outbox_max_mib,
+            outbox_max_age_h,
+            stats_interval_s,
+            ha_discovery,
+            max_request_bytes,
+            ca_file,
+            client_cert,
+            client_key,
+            username,
+            password,
+            client_id,
+            keep_alive_s,
+            drain_timeout_s
+        );
+        if !over.task.is_empty() {
+            self.task = over.task;
+        }
+        if !over.context.is_empty() {
+            self.context = over.context;
+        }
+        self
+    }
+}
+
+fn invalid(path: &std::path::Path, key: &str, reason: String) -> AppError {
+    AppError::Config(config::ConfigError::Invalid {
+        path: path.into(),
+        key: key.into(),
+        reason,
+    })
+}
+
+fn host_name() -> String {
+    let raw =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "edgeact".into());
+    let clean: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "edgeact".into()
+    } else {
+        clean
+    }
+}
+
+impl ServeArgs {
+    fn config(self) -> Result<serve::ServeConfig, AppError> {
+        let (s, src) = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| AppError::Input {
+                    what: p.display().to_string(),
+                    source,
+                })?;
+                let file: ServeSettings = toml::from_str(&text).map_err(|e| {
+                    AppError::Config(config::ConfigError::Parse {
+                        path: p.clone(),
+                        message: e.to_string().trim().replace('\n', " "),
+                    })
+                })?;
+                (file.overlay(self.settings.clone()), p.clone())
+            }
+            None => (self.settings.clone(), PathBuf::from("command line")),
+        };
+        let engine = self.board.engine_config()?;
+        let names = if s.task.is_empty() {
+            vec!["sentiment".to_string()]
+        } else {
+            s.task.clone()
+        };
+        let mut tasks = Vec::new();
+        for n in &names {
+            let t = Task::find(n, &config::task_dirs())?;
+            if tasks.iter().any(|o: &Task| o.name == t.name) {
+                return Err(invalid(
+                    &src,
+                    "task",
+                    format!("task `{}` is listed twice", t.name),
+                ));
+            }
+            tasks.push(t);
+        }
+        let device_id = s.device_id.clone().unwrap_or_else(host_name);
+        if device_id.is_empty() || device_id.contains(['/', '+', '#']) {
+            return Err(invalid(
+                &src,
+                "device_id",
+                format!("`{device_id}` must be non-empty without / + #"),
+            ));
+        }
+        let topics = mqtt::Topics {
+            prefix: s
+                .prefix
+                .clone()
+                .unwrap_or_else(|| format!("edgeact/{device_id}")),
+            fleet_prefix: s
+                .fleet_prefix
+                .clone()
+                .unwrap_or_else(|| "edgeact/fleet".into()),
+            share_group: s.share_group.clone(),
+        };
+        let mut context_topics = std::collections::BTreeMap::new();
+        for c in &s.context {
+            let (name, topic) = c
+                .split_once('=')
+                .ok_or_else(|| invalid(&src, "context", format!("`{c}` is not NAME=TOPIC")))?;
+            context_topics.insert(name.trim().to_string(), topic.trim().to_string());
+        }
+        let fsync = match s.outbox_fsync.as_deref().unwrap_or("always") {
+            "always" => outbox::FsyncPolicy::Always,
+            "never" => outbox::FsyncPolicy::Never,
+            ms => outbox::FsyncPolicy::Interval(std::time::Duration::from_millis(
+                ms.parse().map_err(|_| {
+                    invalid(
+                        &src,
+                        "outbox_fsync",
+                        format!("`{ms}` is not always, never or a number of milliseconds"),
+                    )
+                })?,
+            )),
+        };
+        let broker = match &s.broker {
+            None => None,
+            Some(url) => {
+                let (host, port, tls) = mqtt::parse_broker_url(url)?;
+                let keep_alive_s = s.keep_alive_s.unwrap_or(15);
+                if keep_alive_s < 1 {
+                    return Err(invalid(
+                        &src,
+                        "keep_alive_s",
+                        "must be at least 1 second".into(),
+                    ));
+                }
+                Some(mqtt::BrokerConfig {
+                    host,
+                    port,
+                    tls,
+                    ca_file: s.ca_file.clone(),
+                    client_cert: s.client_cert.clone(),
+                    client_key: s.client_key.clone(),
+                    username: s.username.clone(),
+                    password: s.password.clone(),
+                    client_id: s
+                        .client_id
+                        .clone()
+                        .unwrap_or_else(|| format!("edgeact-{device_id}")),
+                    keep_alive_s,
+                    max_incoming_packet_bytes: 16 * 1024 * 1024,
+                    max_outgoing_packet_bytes: 1024 * 1024,
+                })
+            }
+        };
+        let queue_capacity = s.queue_capacity.unwrap_or(64);
+        if queue_capacity == 0 {
+            return Err(invalid(&src, "queue_capacity", "must be at least 1".into()));
+        }
+        Ok(serve::ServeConfig {
+            engine,
+            tasks,
+            device_id,
+            topics,
+            broker,
+            context_topics,
+            queue_capacity,
+            batch_size: s.batch_size.unwrap_or(8).max(1),
+            outbox_dir: s.outbox_dir.clone().unwrap_or_else(|| {
+                std::env::var_os("EDGEACT_STATE_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("state"))
+            }),
+            outbox: outbox::OutboxLimits {
+                max_bytes: s.outbox_max_mib.unwrap_or(64) * 1024 * 1024,
+                max_age: std::time::Duration::from_secs(
+                    s.outbox_max_age_h.unwrap_or(24 * 7) * 3600,
+                ),
+                fsync,
+            },
+            stats_interval: std::time::Duration::from_secs(s.stats_interval_s.unwrap_or(30).max(1)),
+            ha_discovery: s.ha_discovery.unwrap_or(false),
+            max_request_bytes: s.max_request_bytes.unwrap_or(256 * 1024),
+            drain_timeout: std::time::Duration::from_secs(s.drain_timeout_s.unwrap_or(10)),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -175,6 +479,21 @@ fn run(cli: Cli) -> Result<(), AppError> {
     let mut out = stdout.lock();
     match cli.command {
         Command::Plan(b) => app::plan(&b.engine_config()?, &mut out),
+        Command::Serve(a) => {
+            let cfg = a.config()?;
+            if cfg.broker.is_none() {
+                let stdin = std::io::stdin();
+                return serve::serve_stdio(cfg, stdin.lock(), &mut out);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| AppError::Input {
+                    what: "tokio runtime".into(),
+                    source,
+                })?;
+            rt.block_on(serve::serve(cfg, shutdown_signal()))
+        }
         Command::Bench(a) => app::bench(
             app::BenchConfig {
                 engine: a.board.engine_config()?,
@@ -232,6 +551,23 @@ fn run(cli: Cli) -> Result<(), AppError> {
     }
 }
 
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
 /// Exit codes: 0 ok, 1 internal or I/O, 2 usage or configuration, 3 model (missing,
 /// checksum, not GGUF, budget, load), 4 some inputs rejected (the rest were classified).
 fn exit_code(e: &AppError) -> u8 {
@@ -240,7 +576,8 @@ fn exit_code(e: &AppError) -> u8 {
         AppError::Engine(EngineError::Decode(_)) => 1,
         AppError::Engine(_) => 3,
         AppError::SomeRecordsFailed { .. } => 4,
-        AppError::Input { .. } | AppError::Output(_) => 1,
+        AppError::Mqtt(_) => 2,
+        AppError::Input { .. } | AppError::Output(_) | AppError::Outbox(_) => 1,
     }
 }
 

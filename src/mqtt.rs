@@ -1,0 +1,339 @@
+//! MQTT names and options: the topic layout (Frigate / Home Assistant style), the broker
+//! URL and TLS settings validated into rumqttc options, and the reconnect backoff.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{LastWill, MqttOptions, QoS, Transport};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MqttConfigError {
+    #[error("broker URL `{url}`: {reason}")]
+    Url { url: String, reason: String },
+    #[error("`{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("cannot read {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// Where the broker is and how to talk to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: String,
+    pub keep_alive_s: u64,
+    /// Largest packet accepted from the broker; bigger ones break the connection, so this
+    /// sits far above the request size limit, which is enforced per message.
+    pub max_incoming_packet_bytes: usize,
+    pub max_outgoing_packet_bytes: usize,
+}
+
+/// Parses `mqtt://host:port` or `mqtts://host:port` (port defaults 1883 / 8883).
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), MqttConfigError> {
+    let err = |reason: &str| MqttConfigError::Url {
+        url: url.into(),
+        reason: reason.into(),
+    };
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(err("must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| err(&format!("port `{p}` is not a number from 1 to 65535")))?,
+        ),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(err("has no host"));
+    }
+    if port == 0 {
+        return Err(err("port 0 is not allowed"));
+    }
+    Ok((host.to_string(), port, tls))
+}
+
+impl BrokerConfig {
+    /// rumqttc options: persistent session (the broker keeps unacknowledged requests for
+    /// us across restarts), manual acks, last will `offline` on `available`.
+    pub fn options(&self, topics: &Topics) -> Result<MqttOptions, MqttConfigError> {
+        if self.keep_alive_s < 1 {
+            return Err(MqttConfigError::Invalid {
+                key: "keep_alive_s".into(),
+                reason: "must be at least 1 second".into(),
+            });
+        }
+        let mut o = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
+        o.set_keep_alive(Duration::from_secs(self.keep_alive_s));
+        o.set_clean_session(false);
+        o.set_manual_acks(true);
+        o.set_max_packet_size(
+            self.max_incoming_packet_bytes,
+            self.max_outgoing_packet_bytes,
+        );
+        o.set_request_channel_capacity(1024);
+        o.set_inflight(64);
+        o.set_last_will(LastWill::new(
+            topics.available(),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if let Some(u) = &self.username {
+            o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
+        }
+        if self.tls {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|e| MqttConfigError::File {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })
+            };
+            let ca = match &self.ca_file {
+                Some(p) => read(p)?,
+                None => {
+                    return Err(MqttConfigError::Invalid {
+                        key: "ca_file".into(),
+                        reason: "mqtts:// needs a CA certificate file (--ca-file)".into(),
+                    })
+                }
+            };
+            let client_auth = match (&self.client_cert, &self.client_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                (None, None) => None,
+                _ => {
+                    return Err(MqttConfigError::Invalid {
+                        key: "client_cert".into(),
+                        reason: "client_cert and client_key go together".into(),
+                    })
+                }
+            };
+            o.set_transport(Transport::tls(ca, client_auth, None));
+        }
+        Ok(o)
+    }
+}
+
+/// The topic layout under one prefix (default `edgeact/<device_id>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topics {
+    pub prefix: String,
+    /// Fleet-wide prefix for shared subscriptions (`$share/<group>/<fleet>/<task>/request`).
+    pub fleet_prefix: String,
+    pub share_group: Option<String>,
+}
+
+impl Topics {
+    pub fn request(&self, task: &str) -> String {
+        format!("{}/{task}/request", self.prefix)
+    }
+    /// Every task's request topic: unknown tasks get an error record, not silence.
+    pub fn request_wildcard(&self) -> String {
+        format!("{}/+/request", self.prefix)
+    }
+    pub fn shared_request(&self, task: &str) -> Option<String> {
+        self.share_group
+            .as_ref()
+            .map(|g| format!("$share/{g}/{}/{task}/request", self.fleet_prefix))
+    }
+    pub fn result(&self, task: &str) -> String {
+        format!("{}/{task}/result", self.prefix)
+    }
+    pub fn trace(&self, task: &str) -> String {
+        format!("{}/{task}/trace", self.prefix)
+    }
+    pub fn state(&self, task: &str) -> String {
+        format!("{}/{task}/state", self.prefix)
+    }
+    pub fn errors(&self) -> String {
+        format!("{}/errors", self.prefix)
+    }
+    pub fn available(&self) -> String {
+        format!("{}/available", self.prefix)
+    }
+    pub fn stats(&self) -> String {
+        format!("{}/stats", self.prefix)
+    }
+
+    /// The task named by a request topic (own prefix or fleet prefix), if it is one.
+    pub fn task_of(&self, topic: &str) -> Option<String> {
+        for p in [&self.prefix, &self.fleet_prefix] {
+            if let Some(rest) = topic
+                .strip_prefix(p.as_str())
+                .and_then(|r| r.strip_prefix('/'))
+            {
+                if let Some(task) = rest.strip_suffix("/request") {
+                    if !task.is_empty() && !task.contains('/') {
+                        return Some(task.to_string());
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Home Assistant device discovery: one sensor per task showing its latest label.
+pub fn ha_discovery(device_id: &str, topics: &Topics, tasks: &[String]) -> (String, String) {
+    let cmps: serde_json::Map<String, serde_json::Value> = tasks
+        .iter()
+        .map(|t| {
+            (
+                format!("{t}_label"),
+                serde_json::json!({
+                    "p": "sensor",
+                    "name": format!("{t} label"),
+                    "unique_id": format!("edgeact_{device_id}_{t}_label"),
+                    "state_topic": topics.state(t),
+                    "value_template": "{{ value_json.label }}",
+                    "json_attributes_topic": topics.state(t),
+                }),
+            )
+        })
+        .collect();
+    let payload = serde_json::json!({
+        "dev": {"ids": format!("edgeact_{device_id}"), "name": format!("edgeact {device_id}"), "mf": "edgeact"},
+        "o": {"name": "edgeact", "sw": env!("CARGO_PKG_VERSION")},
+        "availability_topic": topics.available(),
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "cmps": cmps,
+    });
+    (
+        format!("homeassistant/device/{device_id}/config"),
+        payload.to_string(),
+    )
+}
+
+/// Reconnect delay: exponential from 250 ms to 30 s, with ±50 % jitter so a fleet does not
+/// reconnect in lockstep after a broker restart.
+pub fn backoff(attempt: u32, jitter_seed: u64) -> Duration {
+    let base_ms = (250u64 << attempt.min(7)).min(30_000);
+    // xorshift of the seed gives a factor in [0.5, 1.5).
+    let mut x = jitter_seed | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let factor = 0.5 + (x % 1000) as f64 / 1000.0;
+    Duration::from_millis((base_ms as f64 * factor) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics() -> Topics {
+        Topics {
+            prefix: "edgeact/kiosk1".into(),
+            fleet_prefix: "edgeact/fleet".into(),
+            share_group: Some("g1".into()),
+        }
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1884"),
+            Ok(("127.0.0.1".into(), 1884, false))
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://broker.local"),
+            Ok(("broker.local".into(), 8883, true))
+        );
+        assert!(parse_broker_url("http://x")
+            .unwrap_err()
+            .to_string()
+            .contains("mqtt://"));
+        assert!(parse_broker_url("mqtt://x:99999")
+            .unwrap_err()
+            .to_string()
+            .contains("99999"));
+        assert!(parse_broker_url("mqtt://:1883").is_err());
+    }
+
+    #[test]
+    fn topic_layout_and_task_of() {
+        let t = topics();
+        assert_eq!(t.result("sentiment"), "edgeact/kiosk1/sentiment/result");
+        assert_eq!(
+            t.shared_request("sentiment").unwrap(),
+            "$share/g1/edgeact/fleet/sentiment/request"
+        );
+        assert_eq!(
+            t.task_of("edgeact/kiosk1/sentiment/request").as_deref(),
+            Some("sentiment")
+        );
+        assert_eq!(
+            t.task_of("edgeact/fleet/city-event/request").as_deref(),
+            Some("city-event")
+        );
+        assert_eq!(t.task_of("edgeact/kiosk1/a/b/request"), None);
+        assert_eq!(t.task_of("edgeact/kiosk1/sentiment/result"), None);
+        assert_eq!(t.task_of("other/sentiment/request"), None);
+    }
+
+    #[test]
+    fn keep_alive_is_validated_not_panicking() {
+        let b = BrokerConfig {
+            host: "h".into(),
+            port: 1,
+            tls: false,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            client_id: "c".into(),
+            keep_alive_s: 0,
+            max_incoming_packet_bytes: 1 << 20,
+            max_outgoing_packet_bytes: 1 << 20,
+        };
+        assert!(matches!(
+            b.options(&topics()),
+            Err(MqttConfigError::Invalid { .. })
+        ));
+        let tls = BrokerConfig {
+            tls: true,
+            keep_alive_s: 5,
+            ..b
+        };
+        assert!(tls
+            .options(&topics())
+            .unwrap_err()
+            .to_string()
+            .contains("ca_file"));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let d0 = backoff(0, 42);
+        assert!(d0 >= Duration::from_millis(125) && d0 < Duration::from_millis(375));
+        assert!(backoff(20, 7) <= Duration::from_millis(45_000));
+        assert_ne!(backoff(3, 1), backoff(3, 2));
+    }
+
+    #[test]
+    fn discovery_names_each_task() {
+        let (topic, payload) = ha_discovery("kiosk1", &topics(), &["sentiment".into()]);
+        assert_eq!(topic, "homeassistant/device/kiosk1/config");
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(v["cmps"]["sentiment_label"]["p"], "sensor");
+        assert_eq!(
+            v["cmps"]["sentiment_label"]["state_topic"],
+            "edgeact/kiosk1/sentiment/state"
+        );
+    }
+}
