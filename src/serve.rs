@@ -245,6 +245,19 @@ struct Daemon {
     context: BTreeMap<String, String>,
     draining: bool,
     subacks_pending: usize,
+    /// Requests already answered, by (packet id, payload hash), most recent last: a
+    /// redelivery (DUP) of one of them after a lost PUBACK is acknowledged, not run again.
+    answered: VecDeque<(u16, u64)>,
+}
+
+const ANSWERED_MEMORY: usize = 4096;
+
+fn payload_hash(p: &Publish) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.topic.hash(&mut h);
+    p.payload.hash(&mut h);
+    h.finish()
 }
 
 /// Runs the MQTT daemon until `shutdown` resolves, then drains and exits cleanly.
@@ -271,7 +284,9 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
             let _ = done_tx.send(d);
         },
     )?;
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // Small messages, latency matters: no Nagle delay.
+    eventloop.network_options.set_tcp_nodelay(true);
     let mut d = Daemon {
         cfg,
         client,
@@ -288,6 +303,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         context: BTreeMap::new(),
         draining: false,
         subacks_pending: 0,
+        answered: VecDeque::new(),
     };
     let mut stats_tick = tokio::time::interval(d.cfg.stats_interval);
     stats_tick.tick().await;
@@ -527,6 +543,11 @@ impl Daemon {
             // Not acknowledged: the broker keeps it for our next session.
             return;
         }
+        if p.dup && self.answered.contains(&(p.pkid, payload_hash(&p))) {
+            // Answered before a connection loss ate our PUBACK: the result is in the outbox.
+            self.ack_now(&p);
+            return;
+        }
         if p.qos != QoS::AtMostOnce {
             if let Some(&ticket) = self.incoming_pkids.get(&p.pkid) {
                 // Redelivered while we work on it: acknowledge with the newest copy.
@@ -636,6 +657,12 @@ impl Daemon {
         let publish = ticket.and_then(|t| t.publish);
         if let Some(p) = &publish {
             self.incoming_pkids.remove(&p.pkid);
+            if p.qos != QoS::AtMostOnce {
+                if self.answered.len() == ANSWERED_MEMORY {
+                    self.answered.pop_front();
+                }
+                self.answered.push_back((p.pkid, payload_hash(p)));
+            }
         }
         self.record(msgs, publish.as_ref())
     }

@@ -37,7 +37,11 @@ fn round_trip_results_state_and_availability() {
     for r in probe.on("edgeact/rt/sentiment/result") {
         let v = r.json();
         let i: usize = v["id"].as_str().unwrap()[1..].parse().unwrap();
-        let want = if i.is_multiple_of(2) { "positive" } else { "negative" };
+        let want = if i.is_multiple_of(2) {
+            "positive"
+        } else {
+            "negative"
+        };
         assert_eq!(v["label"], want, "{v}");
         assert!(!r.retain, "results are not retained");
     }
