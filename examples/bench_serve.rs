@@ -102,7 +102,7 @@ fn wait_count(seen: &Seen, n: usize, secs: u64) -> bool {
 }
 
 fn req(id: &str, i: usize) -> String {
-    serde_json::json!({"id": id, "text": format!("The service today was {} ({i})", if i % 2 == 0 { "excellent" } else { "awful" })}).to_string()
+    serde_json::json!({"id": id, "text": format!("The service today was {} ({i})", if i.is_multiple_of(2) { "excellent" } else { "awful" })}).to_string()
 }
 
 fn pct(v: &mut [f64], q: f64) -> f64 {
