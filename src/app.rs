@@ -31,6 +31,8 @@ pub enum AppError {
     #[error("cannot write results: {0}")]
     Output(std::io::Error),
     #[error(transparent)]
+    Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttConfigError),
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),

@@ -26,6 +26,8 @@
 //! - [`classify`]: one task on an engine: request -> prompt tokens (truncated by policy) ->
 //!   scores -> [`classify::ClassifyResult`] with token counts, timings and provenance.
 //! - [`input`]: JSON lines into requests, each bad line an error naming the line.
+//! - [`eval`]: `edgeact eval`: a task (or candidate templates, K-shot sets) over labeled
+//!   data into metrics.json, report.md and plots.
 //! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
 //!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
@@ -39,6 +41,7 @@ pub mod budget;
 pub mod classify;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod gguf;
 pub mod input;
 pub mod metrics;

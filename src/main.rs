@@ -38,6 +38,10 @@ enum Command {
     /// Run the daemon: requests from MQTT (or JSON lines on stdin without --broker),
     /// results, traces, state, errors and stats published back, nothing lost.
     Serve(Box<ServeArgs>),
+    /// Evaluate a task (and candidate templates) on labeled JSON lines: accuracy, macro-F1,
+    /// per-class precision/recall, confusion, calibration error, coverage, latency; writes
+    /// metrics.json, predictions.jsonl, report.md and two SVG plots.
+    Eval(EvalArgs),
     /// Measure load time, peak RSS and classifications/s of each scoring path on a
     /// JSON-lines file (figures printed, nothing asserted).
     Bench(BenchArgs),
@@ -344,6 +348,46 @@ impl ServeArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    /// Task to evaluate.
+    #[arg(long, short, default_value = "sentiment")]
+    task: String,
+    /// Labeled JSON lines: {"text", "label", "split"?} (scripts/fetch-data makes them).
+    #[arg(long)]
+    data: PathBuf,
+    /// Only examples of this split (train, dev, test).
+    #[arg(long)]
+    split: Option<String>,
+    /// At most this many examples.
+    #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+    limit: usize,
+    /// Other task files to compare on the same data (comma-separated); the best by macro-F1
+    /// gets the report.
+    #[arg(long, value_delimiter = ',')]
+    templates: Vec<String>,
+    /// Replace few-shot examples with K per label from --shots-split of the same data.
+    #[arg(long)]
+    shots: Option<usize>,
+    /// Split the few-shot examples are taken from.
+    #[arg(long, default_value = "train")]
+    shots_split: String,
+    /// Apply contextual calibration (overrides the task files).
+    #[arg(long, conflicts_with = "no_calibrate")]
+    calibrate: bool,
+    /// Do not apply contextual calibration.
+    #[arg(long)]
+    no_calibrate: bool,
+    /// Output folder (default out/eval-<task>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Requests per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Task to measure.
     #[arg(long, short, default_value = "sentiment")]
@@ -494,6 +538,34 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 })?;
             rt.block_on(serve::serve(cfg, shutdown_signal()))
         }
+        Command::Eval(a) => {
+            let mut tasks = vec![Task::find(&a.task, &config::task_dirs())?];
+            for t in &a.templates {
+                tasks.push(Task::find(t, &config::task_dirs())?);
+            }
+            let cfg = edgeact::eval::EvalConfig {
+                engine: a.board.engine_config()?,
+                out: a
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("out/eval-{}", tasks[0].name))),
+                tasks,
+                data: a.data,
+                split: a.split,
+                limit: a.limit,
+                shots: a.shots,
+                shots_split: a.shots_split,
+                calibrate: if a.calibrate {
+                    Some(true)
+                } else if a.no_calibrate {
+                    Some(false)
+                } else {
+                    None
+                },
+                batch_size: a.batch_size,
+            };
+            edgeact::eval::eval(cfg, &mut out)
+        }
         Command::Bench(a) => app::bench(
             app::BenchConfig {
                 engine: a.board.engine_config()?,
@@ -576,7 +648,7 @@ fn exit_code(e: &AppError) -> u8 {
         AppError::Engine(EngineError::Decode(_)) => 1,
         AppError::Engine(_) => 3,
         AppError::SomeRecordsFailed { .. } => 4,
-        AppError::Mqtt(_) => 2,
+        AppError::Mqtt(_) | AppError::Eval(_) => 2,
         AppError::Input { .. } | AppError::Output(_) | AppError::Outbox(_) => 1,
     }
 }

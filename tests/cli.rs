@@ -235,3 +235,66 @@ fn plan_prints_the_estimate_without_loading() {
     assert_eq!(v["board"], "rpi4");
     assert!(v["estimate_mib"].as_u64().unwrap() <= v["memory_budget_mib"].as_u64().unwrap());
 }
+
+#[test]
+fn eval_writes_metrics_consistent_with_its_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("eval");
+    let o = edgeact(
+        &[
+            "eval",
+            "--task",
+            "sentiment",
+            "--data",
+            "tests/data/sentiment-obvious.jsonl",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    let preds: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(preds.len(), 40);
+    let correct = preds.iter().filter(|p| p["gold"] == p["predicted"]).count();
+    assert!((m["accuracy"].as_f64().unwrap() - correct as f64 / 40.0).abs() < 1e-12);
+    let total: u64 = m["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|c| c.as_u64().unwrap()))
+        .sum();
+    assert_eq!(total, 40);
+    for key in ["macro_f1", "ece", "per_class", "coverage", "latency_ms"] {
+        assert!(!m[key].is_null(), "metrics.json lacks {key}");
+    }
+    for svg in ["confusion.svg", "reliability.svg"] {
+        let s = std::fs::read_to_string(out_dir.join(svg)).unwrap();
+        assert!(
+            s.contains("<svg") && s.trim_end().ends_with("</svg>"),
+            "{svg}"
+        );
+    }
+    assert!(std::fs::read_to_string(out_dir.join("report.md"))
+        .unwrap()
+        .contains("confusion.svg"));
+
+    // Labels the task does not know are listed before any work, exit 2.
+    let o = edgeact(
+        &[
+            "eval",
+            "--task",
+            "city-event",
+            "--data",
+            "tests/data/sentiment-obvious.jsonl",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("negative, positive"), "{}", stderr(&o));
+}

@@ -1,0 +1,539 @@
+//! `edgeact eval`: runs a task (or several candidate templates) over labeled JSON lines and
+//! reports accuracy, macro-F1, per-class precision/recall, the confusion matrix, calibration
+//! error, coverage when abstaining, latency and tokens/s, with two SVG plots.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::app::AppError;
+use crate::classify::{Classifier, Request, ScorePath};
+use crate::config::EngineConfig;
+use crate::engine::Engine;
+use crate::input;
+use crate::metrics::{self, Outcome};
+use crate::task::Task;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{path}: {count} examples carry labels task `{task}` does not know: {labels}")]
+    UnknownLabels {
+        path: PathBuf,
+        task: String,
+        count: usize,
+        labels: String,
+    },
+    #[error("{path}: no labeled examples{split}")]
+    Empty { path: PathBuf, split: String },
+    #[error("{path} line {line}: {reason}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("task `{task}`: --shots {shots} needs {shots} train examples of label `{label}`, the data has {found}")]
+    Shots {
+        task: String,
+        shots: usize,
+        label: String,
+        found: usize,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Plot(#[from] metrics::MetricsError),
+}
+
+/// A labeled example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub request: Request,
+    pub label: String,
+    pub split: Option<String>,
+}
+
+/// Reads `{"text", "label", "split"?, "id"?}` lines; `split` keeps only that split.
+pub fn read_labeled(
+    path: &Path,
+    split: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Example>, EvalError> {
+    let text = std::fs::read(path).map_err(|source| EvalError::Write {
+        path: path.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line_no = i + 1;
+        let mut req = match input::parse_line(line, line_no) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                return Err(EvalError::Line {
+                    path: path.into(),
+                    line: line_no,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let label = req.fields.remove("label").ok_or_else(|| EvalError::Line {
+            path: path.into(),
+            line: line_no,
+            reason: "no `label`".into(),
+        })?;
+        let ex_split = req.fields.remove("split");
+        if split.is_some_and(|s| ex_split.as_deref() != Some(s)) {
+            continue;
+        }
+        out.push(Example {
+            request: req,
+            label,
+            split: ex_split,
+        });
+        if out.len() >= limit {
+            break;
+        }
+    }
+    if out.is_empty() {
+        return Err(EvalError::Empty {
+            path: path.into(),
+            split: split
+                .map(|s| format!(" in split `{s}`"))
+                .unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// Labels in the data the task does not know, listed before any work starts.
+pub fn check_labels(task: &Task, data: &[Example], path: &Path) -> Result<(), EvalError> {
+    let unknown: BTreeMap<&str, usize> = data
+        .iter()
+        .filter(|e| task.label_index(&e.label).is_none())
+        .fold(BTreeMap::new(), |mut m, e| {
+            *m.entry(e.label.as_str()).or_default() += 1;
+            m
+        });
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(EvalError::UnknownLabels {
+        path: path.into(),
+        task: task.name.clone(),
+        count: unknown.values().sum(),
+        labels: unknown.keys().copied().collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Replaces the task's few-shot examples with `k` per label from `pool` (first ones in file
+/// order: deterministic), keeping the labels' order.
+pub fn with_shots(task: &Task, pool: &[Example], k: usize) -> Result<Task, EvalError> {
+    let mut t = task.clone();
+    t.examples.clear();
+    let fields = t
+        .query
+        .fields()
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<BTreeSet<_>>();
+    let mut per_label: Vec<Vec<&Example>> = vec![Vec::new(); t.labels.len()];
+    for e in pool {
+        if let Some(i) = t.label_index(&e.label) {
+            if per_label[i].len() < k && fields.iter().all(|f| e.request.fields.contains_key(f)) {
+                per_label[i].push(e);
+            }
+        }
+    }
+    for (i, exs) in per_label.iter().enumerate() {
+        if exs.len() < k {
+            return Err(EvalError::Shots {
+                task: t.name.clone(),
+                shots: k,
+                label: t.labels[i].name.clone(),
+                found: exs.len(),
+            });
+        }
+    }
+    // Interleave labels so no label's examples all sit next to the query.
+    for round in 0..k {
+        for (i, exs) in per_label.iter().enumerate() {
+            let e = exs[round];
+            let mut m: BTreeMap<String, String> = e.request.fields.clone();
+            m.insert("label".into(), t.labels[i].name.clone());
+            t.examples.push(m);
+        }
+    }
+    t.name = format!("{}-{k}shot", task.name);
+    Ok(t)
+}
+
+/// One candidate's run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalRun {
+    pub task: String,
+    pub template_sha256: String,
+    pub calibrated: bool,
+    pub metrics: metrics::Metrics,
+    pub latency_ms: metrics::LatencySummary,
+    pub decoded_tokens_per_s: f64,
+    pub classifications_per_s: f64,
+}
+
+/// Classifies `data` with `task` on `engine` (prefix slot `slot`), with a progress bar.
+pub fn run(
+    engine: &mut Engine,
+    task: Task,
+    slot: usize,
+    calibrate: Option<bool>,
+    data: &[Example],
+    batch_size: usize,
+    progress: bool,
+) -> Result<(EvalRun, Vec<serde_json::Value>), AppError> {
+    let classifier = Classifier::new(engine, task, slot, calibrate, None)?;
+    let labels: Vec<String> = classifier
+        .task
+        .labels
+        .iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let bar = if progress {
+        indicatif::ProgressBar::new(data.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(classifier.task.name.clone());
+    let mut outcomes = Vec::with_capacity(data.len());
+    let mut lat = Vec::with_capacity(data.len());
+    let mut decoded = 0usize;
+    let mut predictions = Vec::with_capacity(data.len());
+    let started = Instant::now();
+    for chunk in data.chunks(batch_size.max(1)) {
+        let reqs: Vec<Request> = chunk.iter().map(|e| e.request.clone()).collect();
+        let t = Instant::now();
+        let results = classifier.classify_many(engine, &reqs, ScorePath::Fast);
+        let per = t.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+        for (ex, res) in chunk.iter().zip(results) {
+            // Labels were checked up front.
+            let gold = classifier.task.label_index(&ex.label).unwrap_or(0);
+            match res {
+                Ok(r) => {
+                    let predicted = classifier.task.label_index(&r.top_label).unwrap_or(0);
+                    decoded += r.tokens.decoded;
+                    lat.push(per);
+                    predictions.push(json!({
+                        "id": r.id, "gold": ex.label, "predicted": r.top_label,
+                        "confidence": r.confidence, "abstained": r.abstained,
+                    }));
+                    outcomes.push(Outcome {
+                        gold,
+                        predicted,
+                        confidence: r.confidence,
+                        abstained: r.abstained,
+                        probs: labels
+                            .iter()
+                            .map(|l| r.scores.get(l).copied().unwrap_or(0.0))
+                            .collect(),
+                    });
+                }
+                Err(e) => {
+                    // Counted as wrong with zero confidence (an extra "#n" class in the
+                    // confusion matrix), and listed in predictions.jsonl.
+                    predictions.push(
+                        json!({"id": ex.request.id, "gold": ex.label, "error": e.to_string()}),
+                    );
+                    outcomes.push(Outcome {
+                        gold,
+                        predicted: labels.len(),
+                        confidence: 0.0,
+                        abstained: true,
+                        probs: vec![0.0; labels.len()],
+                    });
+                }
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let run = EvalRun {
+        task: classifier.task.name.clone(),
+        template_sha256: classifier.task.template_sha256(),
+        calibrated: classifier.calibrating(),
+        metrics: metrics::evaluate(&labels, &outcomes, 10),
+        latency_ms: metrics::latency_summary(&lat),
+        decoded_tokens_per_s: decoded as f64 / secs,
+        classifications_per_s: data.len() as f64 / secs,
+    };
+    Ok((run, predictions))
+}
+
+/// Settings of `edgeact eval`.
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub engine: EngineConfig,
+    /// Candidate tasks (templates) to compare; the first is the task under evaluation.
+    pub tasks: Vec<Task>,
+    pub data: PathBuf,
+    pub split: Option<String>,
+    pub limit: usize,
+    pub shots: Option<usize>,
+    /// Split the few-shot examples come from.
+    pub shots_split: String,
+    pub calibrate: Option<bool>,
+    pub out: PathBuf,
+    pub batch_size: usize,
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
+    std::fs::write(path, bytes).map_err(|source| EvalError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Runs every candidate, writes `metrics.json`, `predictions.jsonl`, `report.md` and the
+/// SVG plots of the best candidate into `out`, and prints a summary table.
+pub fn eval(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
+    let data = read_labeled(&cfg.data, cfg.split.as_deref(), cfg.limit)?;
+    let pool = match cfg.shots {
+        Some(_) => read_labeled(&cfg.data, Some(&cfg.shots_split), usize::MAX)?,
+        None => Vec::new(),
+    };
+    let mut tasks = Vec::new();
+    for t in &cfg.tasks {
+        check_labels(t, &data, &cfg.data)?;
+        tasks.push(match cfg.shots {
+            Some(k) => with_shots(t, &pool, k)?,
+            None => t.clone(),
+        });
+    }
+    std::fs::create_dir_all(&cfg.out).map_err(|source| EvalError::Write {
+        path: cfg.out.clone(),
+        source,
+    })?;
+    let mut engine = Engine::load(&cfg.engine, tasks.len())?;
+    let mut runs = Vec::new();
+    let mut best: Option<(usize, Vec<serde_json::Value>)> = None;
+    for (slot, t) in tasks.into_iter().enumerate() {
+        let (run, preds) = run(
+            &mut engine,
+            t,
+            slot,
+            cfg.calibrate,
+            &data,
+            cfg.batch_size,
+            true,
+        )?;
+        let better = best.as_ref().is_none_or(|(b, _)| {
+            run.metrics.macro_f1 > runs.get(*b).map_or(-1.0, |r: &EvalRun| r.metrics.macro_f1)
+        });
+        runs.push(run);
+        if better {
+            best = Some((runs.len() - 1, preds));
+        }
+    }
+    let Some((b, preds)) = best else {
+        return Ok(());
+    };
+    let r = &runs[b];
+    let labels: Vec<String> = r
+        .metrics
+        .per_class
+        .iter()
+        .map(|c| c.label.clone())
+        .collect();
+    let metrics_json = json!({
+        "data": cfg.data, "split": cfg.split, "n": r.metrics.n,
+        "task": r.task, "template_sha256": r.template_sha256, "calibrated": r.calibrated,
+        "model_sha256": engine.info.sha256, "board": engine.info.board,
+        "accuracy": r.metrics.accuracy, "macro_f1": r.metrics.macro_f1, "ece": r.metrics.ece,
+        "per_class": r.metrics.per_class, "confusion": r.metrics.confusion,
+        "coverage": r.metrics.coverage, "reliability": r.metrics.reliability,
+        "latency_ms": r.latency_ms, "decoded_tokens_per_s": r.decoded_tokens_per_s,
+        "classifications_per_s": r.classifications_per_s,
+        "candidates": runs.iter().map(|c| json!({
+            "task": c.task, "template_sha256": c.template_sha256, "calibrated": c.calibrated,
+            "accuracy": c.metrics.accuracy, "macro_f1": c.metrics.macro_f1, "ece": c.metrics.ece,
+        })).collect::<Vec<_>>(),
+    });
+    let dir = &cfg.out;
+    write(
+        &dir.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics_json)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let mut p = String::new();
+    for v in &preds {
+        p.push_str(&v.to_string());
+        p.push('\n');
+    }
+    write(&dir.join("predictions.jsonl"), p.as_bytes())?;
+    write(
+        &dir.join("confusion.svg"),
+        metrics::confusion_svg(&labels, &r.metrics.confusion)
+            .map_err(EvalError::from)?
+            .as_bytes(),
+    )?;
+    write(
+        &dir.join("reliability.svg"),
+        metrics::reliability_svg(&r.metrics.reliability)
+            .map_err(EvalError::from)?
+            .as_bytes(),
+    )?;
+    let mut md = format!(
+        "# edgeact eval: {}\n\nData `{}`{}, {} examples; model sha256 `{}`; board `{}`.\n\n\
+         | candidate | calibrated | accuracy | macro-F1 | ECE |\n|---|---|---|---|---|\n",
+        r.task,
+        cfg.data.display(),
+        cfg.split
+            .as_deref()
+            .map(|s| format!(" (split `{s}`)"))
+            .unwrap_or_default(),
+        r.metrics.n,
+        engine.info.sha256,
+        engine.info.board
+    );
+    for c in &runs {
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} |\n",
+            c.task, c.calibrated, c.metrics.accuracy, c.metrics.macro_f1, c.metrics.ece
+        ));
+    }
+    md.push_str(&format!(
+        "\nBest: `{}`. Latency p50 {:.1} ms, p95 {:.1} ms per classification (micro-batches of {}); {:.1} decoded tokens/s.\n\n\
+         | label | precision | recall | F1 | support |\n|---|---|---|---|---|\n",
+        r.task, r.latency_ms.p50, r.latency_ms.p95, cfg.batch_size, r.decoded_tokens_per_s
+    ));
+    for c in &r.metrics.per_class {
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {} |\n",
+            c.label, c.precision, c.recall, c.f1, c.support
+        ));
+    }
+    md.push_str("\n| abstain below confidence | coverage | accuracy |\n|---|---|---|\n");
+    for c in r.metrics.coverage.iter().step_by(2) {
+        md.push_str(&format!(
+            "| {:.2} | {:.3} | {:.3} |\n",
+            c.threshold, c.coverage, c.accuracy
+        ));
+    }
+    md.push_str(
+        "\n![confusion matrix](confusion.svg)\n\n![reliability diagram](reliability.svg)\n",
+    );
+    write(&dir.join("report.md"), md.as_bytes())?;
+
+    writeln!(out, "| candidate | calibrated | n | accuracy | macro-F1 | ECE | classif/s |\n|---|---|---|---|---|---|---|")
+        .map_err(AppError::Output)?;
+    for c in &runs {
+        writeln!(
+            out,
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            c.task,
+            c.calibrated,
+            c.metrics.n,
+            c.metrics.accuracy,
+            c.metrics.macro_f1,
+            c.metrics.ece,
+            c.classifications_per_s
+        )
+        .map_err(AppError::Output)?;
+    }
+    writeln!(out, "report: {}", dir.join("report.md").display()).map_err(AppError::Output)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Task {
+        Task::parse(
+            "instruction = \"x\"\nquery = \"Review: {text}\\nSentiment:\"\nlabels = [{ name = \"pos\", text = \" positive\" }, { name = \"neg\", text = \" negative\" }]\n",
+            Path::new("t.toml"),
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn ex(text: &str, label: &str) -> Example {
+        Example {
+            request: Request::text("1", text),
+            label: label.into(),
+            split: Some("train".into()),
+        }
+    }
+
+    #[test]
+    fn unknown_labels_are_listed_up_front() {
+        let data = vec![
+            ex("a", "pos"),
+            ex("b", "neutral"),
+            ex("c", "neutral"),
+            ex("d", "mixed"),
+        ];
+        let e = check_labels(&task(), &data, Path::new("d.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("3 examples") && e.contains("mixed, neutral"),
+            "{e}"
+        );
+        assert!(check_labels(&task(), &data[..1], Path::new("d.jsonl")).is_ok());
+    }
+
+    #[test]
+    fn shots_are_balanced_interleaved_and_deterministic() {
+        let pool = vec![
+            ex("p1", "pos"),
+            ex("p2", "pos"),
+            ex("n1", "neg"),
+            ex("p3", "pos"),
+            ex("n2", "neg"),
+        ];
+        let t = with_shots(&task(), &pool, 2).unwrap();
+        let got: Vec<(&str, &str)> = t
+            .examples
+            .iter()
+            .map(|e| (e["text"].as_str(), e["label"].as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("p1", "pos"), ("n1", "neg"), ("p2", "pos"), ("n2", "neg")]
+        );
+        let e = with_shots(&task(), &pool, 3).unwrap_err().to_string();
+        assert!(e.contains("`neg`") && e.contains("has 2"), "{e}");
+    }
+
+    #[test]
+    fn reads_splits_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\":\"a\",\"label\":\"pos\",\"split\":\"train\"}\n{\"text\":\"b\",\"label\":\"neg\",\"split\":\"test\"}\n{\"text\":\"c\",\"label\":\"neg\",\"split\":\"test\"}\n",
+        )
+        .unwrap();
+        assert_eq!(read_labeled(&p, Some("test"), 10).unwrap().len(), 2);
+        assert_eq!(read_labeled(&p, None, 2).unwrap().len(), 2);
+        assert!(matches!(
+            read_labeled(&p, Some("dev"), 10),
+            Err(EvalError::Empty { .. })
+        ));
+        std::fs::write(&p, "{\"text\":\"a\"}\n").unwrap();
+        assert!(read_labeled(&p, None, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
+    }
+}
