@@ -280,7 +280,8 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     .map_err(AppError::Output)?;
     writeln!(
         out,
-        "load {load_ms:.0} ms (model + context), prefix {prefix_ms:.0} ms, estimate {} MiB ({})",
+        "load {load_ms:.0} ms (model + context), prefix {prefix_ms:.0} ms ({:?}), estimate {} MiB ({})",
+        classifier.prefix_source,
         engine.info.estimate_mib,
         engine.info.estimate.detail()
     )

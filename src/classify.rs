@@ -172,6 +172,8 @@ pub struct ClassifyResult {
 /// A task prepared on an engine: its prefix cached in a slot, its label tokens known.
 pub struct Classifier {
     pub task: Task,
+    /// Whether the prefix was decoded, loaded from the prefix cache, or rebuilt.
+    pub prefix_source: crate::engine::PrefixSource,
     slot: usize,
     prefix: Vec<Token>,
     /// Control-token text closing a chat turn after the query (chat-template tasks only).
@@ -275,13 +277,15 @@ impl Classifier {
                 n_ctx,
             });
         }
-        engine
-            .set_prefix(slot, &prefix)
-            .map_err(|source| SetupError::Engine {
-                task: name.clone(),
-                source,
-            })?;
+        let prefix_source =
+            engine
+                .set_prefix_cached(slot, &prefix)
+                .map_err(|source| SetupError::Engine {
+                    task: name.clone(),
+                    source,
+                })?;
         let mut c = Classifier {
+            prefix_source,
             slot,
             prefix,
             chat_tail,

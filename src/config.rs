@@ -52,6 +52,8 @@ pub struct BoardFile {
     pub model_sha256: Option<String>,
     /// The cargo build profile this board wants (see the README's cross-build section).
     pub build: Option<String>,
+    /// Folder where decoded task prefixes are saved, so a restart skips them.
+    pub prefix_cache_dir: Option<PathBuf>,
 }
 
 impl BoardFile {
@@ -77,7 +79,8 @@ impl BoardFile {
             use_mlock,
             model_path,
             model_sha256,
-            build
+            build,
+            prefix_cache_dir
         );
         self
     }
@@ -101,6 +104,7 @@ pub struct EngineConfig {
     pub use_mlock: bool,
     pub model_path: PathBuf,
     pub model_sha256: Option<String>,
+    pub prefix_cache_dir: Option<PathBuf>,
 }
 
 /// Where board profiles are looked for, in order.
@@ -247,6 +251,7 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
         use_mlock: b.use_mlock.unwrap_or(false),
         model_path,
         model_sha256: b.model_sha256.map(|s| s.to_ascii_lowercase()),
+        prefix_cache_dir: b.prefix_cache_dir,
     })
 }
 

@@ -92,6 +92,18 @@ pub struct ScoreOut {
     pub batch_jobs: usize,
 }
 
+/// How a prefix got into its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefixSource {
+    /// Decoded now (no cache configured, or none saved yet).
+    Decoded,
+    /// Loaded from the prefix cache on disk.
+    Loaded,
+    /// The saved state was stale or corrupt: decoded again and saved.
+    Rebuilt,
+}
+
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 /// llama.cpp's backend, initialised once per process; its logs go to `tracing`
@@ -106,6 +118,21 @@ pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
         })
         .as_ref()
         .map_err(|e| EngineError::Backend(e.clone()))
+}
+
+/// sha256 of a file, read in full.
+fn file_sha256_uncached(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// sha256 of a file, remembered in `<file>.sha256` beside the (canonical) file and trusted
@@ -132,17 +159,7 @@ pub fn file_sha256(path: &Path) -> Result<String, GgufError> {
             }
         }
     }
-    let mut f = std::fs::File::open(&real).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let sha = hex::encode(h.finalize());
+    let sha = file_sha256_uncached(&real).map_err(io)?;
     // Best effort: a read-only model folder just means hashing again next time.
     let _ = std::fs::write(&sidecar, format!("{sha} {stamp}\n"));
     Ok(sha)
@@ -206,6 +223,8 @@ pub struct Engine {
     n_seq_max: usize,
     /// Tokens held in each prefix slot's sequence (slot i is sequence i).
     prefixes: Vec<Vec<Token>>,
+    prefix_cache_dir: Option<PathBuf>,
+    kv_cache_type: KvCacheType,
 }
 
 impl Engine {
@@ -293,6 +312,8 @@ impl Engine {
             n_prefix_slots,
             n_seq_max: n_seq_max as usize,
             prefixes: vec![Vec::new(); n_prefix_slots],
+            prefix_cache_dir: cfg.prefix_cache_dir.clone(),
+            kv_cache_type: cfg.kv_cache_type,
         })
     }
 
@@ -335,6 +356,108 @@ impl Engine {
     /// Tokens held in a prefix slot.
     pub fn prefix_tokens(&self, slot: usize) -> &[Token] {
         &self.prefixes[slot]
+    }
+
+    /// Like [`Engine::set_prefix`], but through the prefix cache on disk when the config
+    /// names one: a state saved for the same model, context settings and tokens is loaded
+    /// instead of decoded; a missing, stale or corrupt one is (re)built and saved.
+    pub fn set_prefix_cached(
+        &mut self,
+        slot: usize,
+        tokens: &[Token],
+    ) -> Result<PrefixSource, EngineError> {
+        let Some(dir) = self.prefix_cache_dir.clone() else {
+            self.set_prefix(slot, tokens)?;
+            return Ok(PrefixSource::Decoded);
+        };
+        let key = self.prefix_key(tokens);
+        let state = dir.join(format!("{key}.state"));
+        let sum = dir.join(format!("{key}.sha256"));
+        let mut rebuilt = false;
+        if state.exists() {
+            match self.load_prefix(slot, tokens, &state, &sum) {
+                Ok(()) => return Ok(PrefixSource::Loaded),
+                Err(reason) => {
+                    tracing::warn!(path = %state.display(), "prefix state rejected ({reason}); rebuilding it");
+                    let _ = std::fs::remove_file(&state);
+                    let _ = std::fs::remove_file(&sum);
+                    rebuilt = true;
+                }
+            }
+        }
+        self.set_prefix(slot, tokens)?;
+        if let Err(e) = self.save_prefix(slot, tokens, &dir, &state, &sum) {
+            tracing::warn!(path = %state.display(), "cannot save the prefix state: {e}");
+        }
+        Ok(if rebuilt {
+            PrefixSource::Rebuilt
+        } else {
+            PrefixSource::Decoded
+        })
+    }
+
+    /// Names a prefix state: model file, context settings that shape the KV cache, tokens.
+    fn prefix_key(&self, tokens: &[Token]) -> String {
+        let mut h = Sha256::new();
+        h.update(self.info.sha256.as_bytes());
+        h.update(
+            format!(
+                "|{}|{:?}|{}|",
+                self.info.n_ctx,
+                self.kv_cache_type,
+                env!("CARGO_PKG_VERSION")
+            )
+            .as_bytes(),
+        );
+        for t in tokens {
+            h.update(t.to_le_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+
+    fn load_prefix(
+        &mut self,
+        slot: usize,
+        tokens: &[Token],
+        state: &Path,
+        sum: &Path,
+    ) -> Result<(), String> {
+        let want = std::fs::read_to_string(sum).map_err(|e| format!("no checksum: {e}"))?;
+        let got = file_sha256_uncached(state).map_err(|e| e.to_string())?;
+        if want.trim() != got {
+            return Err("checksum mismatch".into());
+        }
+        self.clear_seq(slot);
+        let (loaded, _) = self
+            .ctx
+            .state_seq_load_file(state, slot as i32, tokens.len() + 1)
+            .map_err(|e| format!("llama.cpp could not load it: {e}"))?;
+        let loaded: Vec<Token> = loaded.into_iter().map(|t| t.0).collect();
+        if loaded != tokens {
+            self.clear_seq(slot);
+            return Err("its tokens differ from the prompt's".into());
+        }
+        self.prefixes[slot] = tokens.to_vec();
+        Ok(())
+    }
+
+    fn save_prefix(
+        &self,
+        slot: usize,
+        tokens: &[Token],
+        dir: &Path,
+        state: &Path,
+        sum: &Path,
+    ) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let tmp = state.with_extension("state.tmp");
+        let toks: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken(t)).collect();
+        self.ctx
+            .state_seq_save_file(&tmp, slot as i32, &toks)
+            .map_err(|e| e.to_string())?;
+        let sha = file_sha256_uncached(&tmp).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, state).map_err(|e| e.to_string())?;
+        std::fs::write(sum, format!("{sha}\n")).map_err(|e| e.to_string())
     }
 
     /// Decodes `tokens` into prefix slot `slot` (sequence `slot`), once; later jobs copy

@@ -436,6 +436,10 @@ struct BoardArgs {
     /// Layers to offload to a GPU (builds with the vulkan or cuda feature).
     #[arg(long)]
     gpu_layers: Option<u32>,
+    /// Do not load or save decoded task prefixes (default folder: the board's
+    /// prefix_cache_dir, else $EDGEACT_CACHE/prefix or ~/.cache/edgeact/prefix).
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 impl BoardArgs {
@@ -462,6 +466,16 @@ impl BoardArgs {
         let mut cfg = config::load_board(&self.board, &config::board_dirs(), &self.overrides())?;
         if self.model.is_some() && self.model_sha256.is_none() {
             cfg.model_sha256 = None;
+        }
+        if self.no_prefix_cache {
+            cfg.prefix_cache_dir = None;
+        } else if cfg.prefix_cache_dir.is_none() {
+            let cache = std::env::var_os("EDGEACT_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/edgeact"))
+                });
+            cfg.prefix_cache_dir = cache.map(|c| c.join("prefix"));
         }
         Ok(cfg)
     }

@@ -328,3 +328,44 @@ fn budget_refuses_or_shrinks() {
     assert_eq!(e.info.shrunk_from_ctx, Some(65_536));
     assert!(e.info.n_ctx < 65_536 && e.info.estimate_mib <= cfg.memory_budget_mib);
 }
+
+/// A decoded prefix is saved and loaded by the next engine (same scores); a corrupted state
+/// file is detected, rebuilt, and gives the same scores again.
+#[test]
+fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
+    use edgeact::engine::PrefixSource;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::board();
+    cfg.prefix_cache_dir = Some(dir.path().to_path_buf());
+    let req = Request::text("p", "The staff were kind and the food was great");
+    let mut scores = Vec::new();
+    for (round, want) in [
+        PrefixSource::Decoded,
+        PrefixSource::Loaded,
+        PrefixSource::Rebuilt,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if round == 2 {
+            let state = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|e| e == "state"))
+                .expect("a saved prefix state");
+            let mut bytes = std::fs::read(&state).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&state, bytes).unwrap();
+        }
+        let mut engine = Engine::load(&cfg, 1).unwrap();
+        let c =
+            Classifier::new(&mut engine, common::task("sentiment"), 0, Some(false), None).unwrap();
+        assert_eq!(c.prefix_source, want, "round {round}");
+        let r = c.classify(&mut engine, &req).unwrap();
+        assert_eq!(r.tokens.reused, c.prefix_len());
+        scores.push(r.labels["positive"].logprob_total);
+    }
+    assert!((scores[0] - scores[1]).abs() < 1e-6, "{scores:?}");
+    assert!((scores[0] - scores[2]).abs() < 1e-6, "{scores:?}");
+}
