@@ -58,7 +58,9 @@ pub struct Example {
     pub split: Option<String>,
 }
 
-/// Reads `{"text", "label", "split"?, "id"?}` lines; `split` keeps only that split.
+/// Reads `{"text", "label", "split"?, "id"?}` lines; `split` keeps only that split. Over
+/// `limit`, an evenly spaced sample is kept (files are often sorted by label, so the first
+/// lines would not be representative).
 pub fn read_labeled(
     path: &Path,
     split: Option<&str>,
@@ -96,9 +98,10 @@ pub fn read_labeled(
             label,
             split: ex_split,
         });
-        if out.len() >= limit {
-            break;
-        }
+    }
+    if out.len() > limit {
+        let n = out.len();
+        out = (0..limit).map(|i| out[i * n / limit].clone()).collect();
     }
     if out.is_empty() {
         return Err(EvalError::Empty {
@@ -525,7 +528,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_labeled(&p, Some("test"), 10).unwrap().len(), 2);
-        assert_eq!(read_labeled(&p, None, 2).unwrap().len(), 2);
+        let two = read_labeled(&p, None, 2).unwrap();
+        assert_eq!(two.len(), 2);
+        // An evenly spaced sample, not the first lines.
+        assert_eq!((two[0].label.as_str(), two[1].label.as_str()), ("pos", "neg"));
         assert!(matches!(
             read_labeled(&p, Some("dev"), 10),
             Err(EvalError::Empty { .. })
