@@ -531,7 +531,10 @@ mod tests {
         let two = read_labeled(&p, None, 2).unwrap();
         assert_eq!(two.len(), 2);
         // An evenly spaced sample, not the first lines.
-        assert_eq!((two[0].label.as_str(), two[1].label.as_str()), ("pos", "neg"));
+        assert_eq!(
+            (two[0].label.as_str(), two[1].label.as_str()),
+            ("pos", "neg")
+        );
         assert!(matches!(
             read_labeled(&p, Some("dev"), 10),
             Err(EvalError::Empty { .. })
