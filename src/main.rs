@@ -371,12 +371,8 @@ struct EvalArgs {
     /// Split the few-shot examples are taken from.
     #[arg(long, default_value = "train")]
     shots_split: String,
-    /// Apply contextual calibration (overrides the task files).
-    #[arg(long, conflicts_with = "no_calibrate")]
-    calibrate: bool,
-    /// Do not apply contextual calibration.
-    #[arg(long)]
-    no_calibrate: bool,
+    #[command(flatten)]
+    calibration: CalibrateArgs,
     /// Output folder (default out/eval-<task>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -481,6 +477,28 @@ impl BoardArgs {
     }
 }
 
+/// The calibration switch, over the task file's.
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Apply contextual calibration (overrides the task file).
+    #[arg(long, conflicts_with = "no_calibrate")]
+    calibrate: bool,
+    /// Do not apply contextual calibration (overrides the task file).
+    #[arg(long)]
+    no_calibrate: bool,
+}
+
+impl CalibrateArgs {
+    /// None: as the task file says.
+    fn choice(&self) -> Option<bool> {
+        match (self.calibrate, self.no_calibrate) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Args)]
 struct ClassifyArgs {
     /// Texts to classify; without any, reads --input or JSON lines from stdin.
@@ -491,12 +509,8 @@ struct ClassifyArgs {
     /// JSON-lines file of requests ({"id": .., "text": .., other fields}); `-` for stdin.
     #[arg(long, short)]
     input: Option<PathBuf>,
-    /// Apply contextual calibration (overrides the task file).
-    #[arg(long, conflicts_with = "no_calibrate")]
-    calibrate: bool,
-    /// Do not apply contextual calibration (overrides the task file).
-    #[arg(long)]
-    no_calibrate: bool,
+    #[command(flatten)]
+    calibration: CalibrateArgs,
     /// Abstain when the top probability is below this (overrides the task file).
     #[arg(long)]
     min_confidence: Option<f64>,
@@ -569,13 +583,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 limit: a.limit,
                 shots: a.shots,
                 shots_split: a.shots_split,
-                calibrate: if a.calibrate {
-                    Some(true)
-                } else if a.no_calibrate {
-                    Some(false)
-                } else {
-                    None
-                },
+                calibrate: a.calibration.choice(),
                 batch_size: a.batch_size,
             };
             edgeact::eval::eval(cfg, &mut out)
@@ -616,13 +624,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 engine,
                 task,
                 inputs,
-                calibrate: if a.calibrate {
-                    Some(true)
-                } else if a.no_calibrate {
-                    Some(false)
-                } else {
-                    None
-                },
+                calibrate: a.calibration.choice(),
                 abstain,
                 path: if a.naive {
                     ScorePath::Naive
