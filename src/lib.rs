@@ -28,6 +28,8 @@
 //! - [`input`]: JSON lines into requests, each bad line an error naming the line.
 //! - [`eval`]: `edgeact eval`: a task (or candidate templates, K-shot sets) over labeled
 //!   data into metrics.json, report.md and plots.
+//! - [`tune`]: `edgeact tune`: candidate templates x K-shot sets x calibration on a dev
+//!   split; the winner is written as a task file with its measured score.
 //! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
 //!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
@@ -50,4 +52,5 @@ pub mod outbox;
 pub mod scoring;
 pub mod serve;
 pub mod task;
+pub mod tune;
 pub mod worker;

@@ -42,6 +42,9 @@ enum Command {
     /// per-class precision/recall, confusion, calibration error, coverage, latency; writes
     /// metrics.json, predictions.jsonl, report.md and two SVG plots.
     Eval(EvalArgs),
+    /// Choose the template, few-shot examples and calibration on a dev split (macro-F1) and
+    /// write the winner as a task file with its measured score.
+    Tune(TuneArgs),
     /// Measure load time, peak RSS and classifications/s of each scoring path on a
     /// JSON-lines file (figures printed, nothing asserted).
     Bench(BenchArgs),
@@ -384,6 +387,36 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct TuneArgs {
+    /// Task files to start from (comma-separated names or paths).
+    #[arg(long, short, value_delimiter = ',', default_value = "sentiment")]
+    task: Vec<String>,
+    /// Labeled JSON lines with a `split` field (scripts/fetch-data makes them).
+    #[arg(long)]
+    data: PathBuf,
+    /// K-shot sets to try besides each file's own examples (0 = zero-shot), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,4,8")]
+    shots: Vec<usize>,
+    /// Split the examples come from.
+    #[arg(long, default_value = "train")]
+    train_split: String,
+    /// Split candidates are scored on.
+    #[arg(long, default_value = "dev")]
+    dev_split: String,
+    /// Dev examples at most (an evenly spaced sample).
+    #[arg(long, default_value_t = 200)]
+    limit: usize,
+    /// Where the winning task file goes (default tasks/<task>-tuned.toml).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Requests per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Task to measure.
     #[arg(long, short, default_value = "sentiment")]
@@ -587,6 +620,26 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 batch_size: a.batch_size,
             };
             edgeact::eval::eval(cfg, &mut out)
+        }
+        Command::Tune(a) => {
+            let mut templates = Vec::new();
+            for t in &a.task {
+                templates.push(Task::find(t, &config::task_dirs())?);
+            }
+            let cfg = edgeact::tune::TuneConfig {
+                engine: a.board.engine_config()?,
+                out: a.out.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!("tasks/{}-tuned.toml", templates[0].name))
+                }),
+                templates,
+                shots: a.shots,
+                data: a.data,
+                train_split: a.train_split,
+                dev_split: a.dev_split,
+                limit: a.limit,
+                batch_size: a.batch_size,
+            };
+            edgeact::tune::tune(cfg, &mut out)
         }
         Command::Bench(a) => app::bench(
             app::BenchConfig {

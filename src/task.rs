@@ -52,7 +52,7 @@ pub enum ScoreNorm {
     Mean,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawTask {
     name: Option<String>,
@@ -74,6 +74,9 @@ struct RawTask {
     abstain: AbstainRule,
     #[serde(default)]
     input: InputBudget,
+    /// What `edgeact tune` measured when it wrote this file (free-form, informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    measured: Option<toml::Table>,
 }
 
 fn default_separator() -> String {
@@ -249,6 +252,8 @@ pub struct Task {
     pub calibration: Calibration,
     pub abstain: AbstainRule,
     pub input: InputBudget,
+    /// What `edgeact tune` measured for this file, if it wrote it.
+    pub measured: Option<toml::Table>,
 }
 
 /// The field the token budget truncates.
@@ -390,6 +395,7 @@ impl Task {
             calibration: raw.calibration,
             abstain: raw.abstain,
             input: raw.input,
+            measured: raw.measured,
         })
     }
 
@@ -443,6 +449,27 @@ impl Task {
         }
         h.update([u8::from(self.use_chat_template)]);
         hex::encode(&h.finalize()[..8])
+    }
+
+    /// The task as a task file that [`Task::parse`] reads back to the same prompts.
+    pub fn to_toml(&self) -> String {
+        let raw = RawTask {
+            name: Some(self.name.clone()),
+            description: Some(self.description.clone()),
+            instruction: self.instruction.clone(),
+            query: self.query_src.clone(),
+            separator: self.separator.clone(),
+            use_chat_template: self.use_chat_template,
+            labels: self.labels.clone(),
+            examples: self.examples.clone(),
+            score: self.score,
+            calibration: self.calibration.clone(),
+            abstain: self.abstain,
+            input: self.input.clone(),
+            measured: self.measured.clone(),
+        };
+        // Plain strings, numbers, tables and arrays: serializing cannot fail.
+        toml::to_string(&raw).unwrap_or_default()
     }
 
     pub fn label_index(&self, name: &str) -> Option<usize> {
@@ -525,6 +552,20 @@ examples = [{ text = "Great!", label = "positive" }, { text = "Awful.", label = 
 
         let e = parse(&format!("{SENTIMENT}\n[abstain]\nmin_confidence = 1.5")).unwrap_err();
         assert!(e.to_string().contains("abstain.min_confidence"), "{e}");
+    }
+
+    #[test]
+    fn to_toml_reads_back_to_the_same_prompts() {
+        let mut t = parse(SENTIMENT).unwrap();
+        t.calibration.enabled = true;
+        let mut m = toml::Table::new();
+        m.insert("dev_macro_f1".into(), toml::Value::Float(0.9));
+        t.measured = Some(m);
+        let back = parse(&t.to_toml()).unwrap();
+        assert_eq!(back.render_prefix(), t.render_prefix());
+        assert_eq!(back.template_sha256(), t.template_sha256());
+        assert!(back.calibration.enabled);
+        assert_eq!(back.measured.unwrap()["dev_macro_f1"].as_float(), Some(0.9));
     }
 
     #[test]
