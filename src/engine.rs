@@ -450,7 +450,8 @@ impl Engine {
         sum: &Path,
     ) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let tmp = state.with_extension("state.tmp");
+        // Unique per process: two processes may build the same prefix at once.
+        let tmp = state.with_extension(format!("state.tmp{}", std::process::id()));
         let toks: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken(t)).collect();
         self.ctx
             .state_seq_save_file(&tmp, slot as i32, &toks)
