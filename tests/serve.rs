@@ -341,3 +341,63 @@ fn stdin_pipeline_mode_without_a_broker() {
     assert_eq!(lines[2]["error"]["kind"], "invalid_json");
     assert_eq!(lines[3]["error"]["kind"], "unknown_task");
 }
+
+#[test]
+fn context_topics_feed_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("door-event.toml");
+    std::fs::write(
+        &task,
+        r#"
+instruction = "Say whether the report needs staff at the door."
+query = "Door: {context.door}\nReport: {text}\nNeeds staff:"
+labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
+examples = [
+  { "context.door" = "open", text = "someone is stuck in the doorway", label = "yes" },
+  { "context.door" = "closed", text = "all quiet", label = "no" },
+]
+"#,
+    )
+    .unwrap();
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(broker.port, "probe-ctx", &["edgeact/ctx/#"]);
+    let _daemon = Daemon::start(
+        &broker,
+        "ctx",
+        dir.path(),
+        &[
+            "--task",
+            task.to_str().unwrap(),
+            "--context",
+            "door=site/door/state",
+        ],
+    );
+    wait_online(&probe, "edgeact/ctx");
+    // Before any context value: the template cannot be filled, and says so.
+    probe.publish(
+        "edgeact/ctx/door-event/request",
+        r#"{"id":"early","text":"a child is crying"}"#,
+    );
+    probe.wait_for(60, "an error for the missing context", |g| {
+        g.iter()
+            .any(|m| m.topic == "edgeact/ctx/errors" && m.json()["id"] == "early")
+    });
+    let err = probe.on("edgeact/ctx/errors")[0].json();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context.door"),
+        "{err}"
+    );
+    // With a context value, the same request is classified.
+    probe.publish("site/door/state", "open");
+    std::thread::sleep(Duration::from_millis(500));
+    probe.publish(
+        "edgeact/ctx/door-event/request",
+        r#"{"id":"late","text":"a child is crying"}"#,
+    );
+    probe.wait_for(60, "a result once the context is known", |_| {
+        result_ids(&probe, "edgeact/ctx/door-event/result").contains("late")
+    });
+}
