@@ -231,7 +231,8 @@ pub fn rss_mib() -> (f64, f64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+/// The value at quantile `q` of an ascending slice (rounded index); 0 when empty.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

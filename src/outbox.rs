@@ -313,6 +313,11 @@ impl Outbox {
         self.live.values()
     }
 
+    /// The message with sequence number `seq`, if it still waits for its PUBACK.
+    pub fn get(&self, seq: u64) -> Option<&Message> {
+        self.live.get(&seq)
+    }
+
     pub fn len(&self) -> usize {
         self.live.len()
     }

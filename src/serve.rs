@@ -15,7 +15,7 @@ use rumqttc::{AsyncClient, Event, Incoming, Outgoing, Publish, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::app::{rss_mib, AppError};
+use crate::app::{percentile, rss_mib, AppError};
 use crate::classify::{ClassifyResult, RecordError};
 use crate::config::EngineConfig;
 use crate::input;
@@ -187,13 +187,7 @@ impl Stats {
     fn snapshot(&mut self, queue_depth: usize, outbox: &Outbox) -> Value {
         let mut l: Vec<f64> = self.latencies_ms.iter().copied().collect();
         l.sort_by(f64::total_cmp);
-        let pct = |q: f64| {
-            if l.is_empty() {
-                0.0
-            } else {
-                l[((l.len() - 1) as f64 * q).round() as usize]
-            }
-        };
+        let pct = |q: f64| percentile(&l, q);
         let secs = self.last.0.elapsed().as_secs_f64().max(1e-3);
         let rate = (self.results - self.last.1) as f64 / secs;
         let tok_rate = (self.decoded_tokens - self.last.2) as f64 / secs;
@@ -467,7 +461,7 @@ impl Daemon {
             return;
         }
         while let Some(&seq) = self.to_send.front() {
-            let Some(m) = self.outbox.pending().find(|m| m.seq == seq).cloned() else {
+            let Some(m) = self.outbox.get(seq).cloned() else {
                 self.to_send.pop_front();
                 continue;
             };
