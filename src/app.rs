@@ -263,11 +263,27 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
             break;
         }
     }
-    let paths = [
-        ("naive (every label from scratch)", ScorePath::Naive, 1),
-        ("prefix reuse + label trie", ScorePath::Fast, 1),
-        ("+ micro-batching", ScorePath::Fast, cfg.batch_size.max(1)),
+    // Rows: (name, path, batch, pruning on). The pruned row only where it can differ.
+    let pruning = classifier.task.prune_margin_nats;
+    let multi_token = classifier.trie().decoded.len() > 0;
+    let mut paths = vec![
+        (
+            "naive (every label from scratch)",
+            ScorePath::Naive,
+            1,
+            false,
+        ),
+        ("prefix reuse + label trie", ScorePath::Fast, 1, false),
     ];
+    if pruning.is_some() && multi_token {
+        paths.push(("+ pruned label search", ScorePath::Fast, 1, true));
+    }
+    paths.push((
+        "+ micro-batching",
+        ScorePath::Fast,
+        cfg.batch_size.max(1),
+        true,
+    ));
     writeln!(
         out,
         "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs",
@@ -293,7 +309,9 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     )
     .map_err(AppError::Output)?;
     let mut base_rate = None;
-    for (name, path, batch) in paths {
+    let mut classifier = classifier;
+    for (name, path, batch, prune) in paths {
+        classifier.task.prune_margin_nats = if prune { pruning } else { None };
         let mut lat = Vec::new();
         let mut decoded = 0usize;
         let mut correct = 0usize;
@@ -332,6 +350,22 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         )
         .map_err(AppError::Output)?;
     }
+    if let Some(m) = pruning {
+        writeln!(out, "pruning margin {m} nats (task prune_margin_nats)")
+            .map_err(AppError::Output)?;
+    }
+    // Prompt processing inside edgeact, comparable with llama-bench's pp test: a fresh
+    // sequence decoded in batches of n, logits for the last token only.
+    let mut pp = Vec::new();
+    for n in [16usize, 64, 256] {
+        if n <= engine.n_batch() {
+            pp.push(format!(
+                "{:.0} tok/s at batch {n}",
+                engine.prompt_rate(512, n)?
+            ));
+        }
+    }
+    writeln!(out, "prompt processing: {}", pp.join(", ")).map_err(AppError::Output)?;
     let (peak, now) = rss_mib();
     writeln!(
         out,

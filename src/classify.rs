@@ -144,6 +144,10 @@ pub struct LabelDetail {
     pub logprob_total: f64,
     pub logprob_mean: f64,
     pub n_tokens: usize,
+    /// Left unfinished because it could not win (task `prune_margin_nats`): the log-probs
+    /// are upper bounds, so `prob` overstates it and the top label's confidence is a floor.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pruned: bool,
 }
 
 /// One classification, as printed by `classify` and published by `serve`.
@@ -325,10 +329,12 @@ impl Classifier {
             }
             // Content-free inputs are short and come from the task file: cannot fail the budget.
             let tokens = self.prompt_tokens(engine, &fields);
+            // Calibration needs every label's probability: no pruning here.
             let out = engine.score(&[ScoreJob {
                 prefix: Some(self.slot),
                 tokens: &tokens,
                 trie: &self.trie,
+                pruning: None,
             }])?;
             runs.push(softmax(&self.raw_scores(&out[0].labels)));
         }
@@ -454,6 +460,7 @@ impl Classifier {
                         prefix: Some(self.slot),
                         tokens: &p.tokens,
                         trie: &self.trie,
+                        pruning: self.task.pruning(),
                     })
                     .collect();
                 engine.score(&jobs)
@@ -537,6 +544,7 @@ impl Classifier {
                             logprob_total: l.total,
                             logprob_mean: l.mean,
                             n_tokens: l.n_tokens,
+                            pruned: l.pruned,
                         },
                     )
                 })

@@ -2,7 +2,6 @@
 //! keeps task prefixes in the KV cache, and scores label token sequences. The only module
 //! that touches llama-cpp-2; one inference thread owns an [`Engine`].
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -21,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::budget::{self, BudgetError, ContextPlan, Fitted, KvCacheType, ModelShape};
 use crate::config::EngineConfig;
 use crate::gguf::{self, GgufError};
-use crate::scoring::{logsumexp, LabelLogprob, LabelTrie, Token};
+use crate::scoring::{logsumexp, LabelLogprob, LabelSearch, LabelTrie, Pruning, Token};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -74,6 +73,8 @@ pub struct ScoreJob<'a> {
     pub prefix: Option<usize>,
     pub tokens: &'a [Token],
     pub trie: &'a LabelTrie,
+    /// Leave labels that cannot win unfinished (None: score every label fully).
+    pub pruning: Option<Pruning>,
 }
 
 /// What scoring one job measured.
@@ -582,80 +583,103 @@ impl Engine {
                 });
             }
         }
-        let mut logprobs: Vec<HashMap<(Option<usize>, Token), f64>> =
-            vec![HashMap::new(); jobs.len()];
+        let mut searches: Vec<LabelSearch> = jobs
+            .iter()
+            .map(|j| LabelSearch::new(j.trie, j.pruning))
+            .collect();
+        let mut decoded: Vec<usize> = jobs
+            .iter()
+            .zip(&reuse)
+            .map(|(j, r)| j.tokens.len() - r)
+            .collect();
         let mut scoring_s = 0.0;
-        let mut collect = |row: RowId, logits: &[f32], logprobs: &mut Vec<HashMap<_, f64>>| {
+        let mut collect = |row: RowId, logits: &[f32], searches: &mut Vec<LabelSearch>| {
             let t = Instant::now();
             let lse = logsumexp(logits);
-            for tok in jobs[row.job].trie.needed(row.node) {
-                logprobs[row.job].insert((row.node, tok), logits[tok as usize] as f64 - lse);
-            }
+            searches[row.job].record_row(row.node, |tok| logits[tok as usize] as f64 - lse);
             scoring_s += t.elapsed().as_secs_f64();
         };
-        self.run_entries(&entries, |row, logits| collect(row, logits, &mut logprobs))?;
-        // Phase B: label-trie nodes, one sequence per branch, as many branches per decode
-        // as free sequences allow. Each branch starts as a copy of its request sequence.
-        let mut branches: Vec<(usize, usize)> = Vec::new();
-        for (k, job) in jobs.iter().enumerate() {
-            if !job.trie.decoded.is_empty() {
-                branches.extend((0..job.trie.n_branches).map(|b| (k, b)));
+        self.run_entries(&entries, |row, logits| collect(row, logits, &mut searches))?;
+        // Phase B: label-trie nodes in rounds (one round unless pruning asks for more). In a
+        // round each branch (a chosen node with no chosen descendant) gets a sequence copied
+        // from its request; its path from the first label token is decoded, with logits only
+        // where a row is still needed. As many branches per decode as free sequences allow.
+        let per_pass = (self.work_seqs() - jobs.len()).max(1);
+        loop {
+            let rounds: Vec<Vec<usize>> = searches.iter().map(LabelSearch::next_round).collect();
+            if rounds.iter().all(Vec::is_empty) {
+                break;
             }
-        }
-        let per_pass = self.work_seqs() - jobs.len();
-        for pass in branches.chunks(per_pass.max(1)) {
-            let first = base + jobs.len();
-            for (i, &(k, _)) in pass.iter().enumerate() {
-                self.clear_seq(first + i);
-                self.ctx
-                    .copy_kv_cache_seq((base + k) as i32, (first + i) as i32, None, None)
-                    .map_err(|e| EngineError::Decode(e.to_string()))?;
-            }
-            let mut entries = Vec::new();
-            for (k, job) in jobs.iter().enumerate() {
-                let n = job.tokens.len();
-                for (d, &node) in job.trie.decoded.iter().enumerate() {
-                    let seqs: Vec<i32> = pass
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &(pk, b))| pk == k && job.trie.branches_of[d].contains(&b))
-                        .map(|(i, _)| (first + i) as i32)
-                        .collect();
-                    // A node shared with a branch of an earlier pass is decoded again: this
-                    // pass's sequences start from the request and need it in their cache.
-                    if seqs.is_empty() {
-                        continue;
-                    }
-                    entries.push(Entry {
-                        token: job.trie.nodes[node].token,
-                        pos: (n - 1 + job.trie.nodes[node].depth) as i32,
-                        seqs,
-                        row: Some(RowId {
-                            job: k,
-                            node: Some(d),
-                        }),
+            let mut branches: Vec<(usize, usize)> = Vec::new();
+            for (k, chosen) in rounds.iter().enumerate() {
+                let trie = jobs[k].trie;
+                for &d in chosen {
+                    let below = chosen.iter().any(|&o| {
+                        o != d && trie.is_ancestor_or_self(trie.decoded[d], trie.decoded[o])
                     });
+                    if !below {
+                        branches.push((k, trie.decoded[d]));
+                    }
                 }
             }
-            self.run_entries(&entries, |row, logits| collect(row, logits, &mut logprobs))?;
-            for i in 0..pass.len() {
-                self.clear_seq(first + i);
+            for pass in branches.chunks(per_pass) {
+                let first = base + jobs.len();
+                for (i, &(k, _)) in pass.iter().enumerate() {
+                    self.clear_seq(first + i);
+                    self.ctx
+                        .copy_kv_cache_seq((base + k) as i32, (first + i) as i32, None, None)
+                        .map_err(|e| EngineError::Decode(e.to_string()))?;
+                }
+                let mut entries = Vec::new();
+                for (k, job) in jobs.iter().enumerate() {
+                    let trie = job.trie;
+                    let n = job.tokens.len();
+                    // Breadth first keeps each sequence's positions increasing.
+                    for &node in &trie.decoded {
+                        let seqs: Vec<i32> = pass
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, &(pk, leaf))| {
+                                pk == k && trie.is_ancestor_or_self(node, leaf)
+                            })
+                            .map(|(i, _)| (first + i) as i32)
+                            .collect();
+                        if seqs.is_empty() {
+                            continue;
+                        }
+                        // Every node on a decoded path is itself a decoded node.
+                        let d = trie.decoded_index[node].unwrap_or_default();
+                        let want = rounds[k].contains(&d) && !searches[k].row_done(d);
+                        decoded[k] += 1;
+                        entries.push(Entry {
+                            token: trie.nodes[node].token,
+                            pos: (n - 1 + trie.nodes[node].depth) as i32,
+                            seqs,
+                            row: want.then_some(RowId {
+                                job: k,
+                                node: Some(d),
+                            }),
+                        });
+                    }
+                }
+                self.run_entries(&entries, |row, logits| collect(row, logits, &mut searches))?;
+                for i in 0..pass.len() {
+                    self.clear_seq(first + i);
+                }
             }
         }
         for k in 0..jobs.len() {
             self.clear_seq(base + k);
         }
         let total_s = t0.elapsed().as_secs_f64();
-        Ok(jobs
+        Ok(searches
             .iter()
             .zip(&reuse)
-            .zip(&logprobs)
-            .map(|((job, &r), lp)| ScoreOut {
-                labels: job.trie.label_logprobs(|row, tok| {
-                    lp.get(&(row, tok)).copied().unwrap_or(f64::NEG_INFINITY)
-                }),
+            .zip(&decoded)
+            .map(|((search, &r), &decoded_tokens)| ScoreOut {
+                labels: search.finish(),
                 reused_tokens: r,
-                decoded_tokens: job.tokens.len() - r + job.trie.decoded.len(),
+                decoded_tokens,
                 decode_ms: (total_s - scoring_s) * 1e3,
                 scoring_ms: scoring_s * 1e3,
                 batch_jobs: jobs.len(),
@@ -719,6 +743,7 @@ impl Engine {
                 total,
                 mean: total / label.len() as f64,
                 n_tokens: label.len(),
+                pruned: false,
             });
         }
         self.clear_seq(seq);
@@ -731,6 +756,42 @@ impl Engine {
             scoring_ms: scoring_s * 1e3,
             batch_jobs: 1,
         })
+    }
+
+    pub fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    /// Prompt-processing rate in tokens/s, measured like llama-bench's `pp` test: `n_tokens`
+    /// tokens (at most the free cells) decoded on an empty sequence in batches of `batch`,
+    /// logits for each batch's last token only.
+    pub fn prompt_rate(&mut self, n_tokens: usize, batch: usize) -> Result<f64, EngineError> {
+        let free = self.n_ctx().saturating_sub(self.used_cells());
+        let n = n_tokens.min(free);
+        let batch = batch.clamp(1, self.n_batch);
+        let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
+                    the quarterly budget and the weather turns to rain over the harbour. ";
+        let pool = self.tokenize(text, false, false);
+        if n == 0 || pool.is_empty() {
+            return Ok(0.0);
+        }
+        let seq = self.n_prefix_slots as i32;
+        let entries: Vec<Entry> = (0..n)
+            .map(|i| Entry {
+                token: pool[i % pool.len()],
+                pos: i as i32,
+                seqs: vec![seq],
+                row: ((i + 1) % batch == 0 || i + 1 == n).then_some(RowId { job: 0, node: None }),
+            })
+            .collect();
+        self.clear_seq(seq as usize);
+        let t = Instant::now();
+        for chunk in entries.chunks(batch) {
+            self.run_entries(chunk, |_, _| {})?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        self.clear_seq(seq as usize);
+        Ok(n as f64 / s)
     }
 
     /// Decodes entries in batches bounded by n_batch and by the logits rows one decode

@@ -15,11 +15,10 @@ pub struct LabelTrie {
     pub paths: Vec<Vec<usize>>,
     /// The nodes whose logits are needed, i.e. the ones to decode (breadth first).
     pub decoded: Vec<usize>,
-    /// For each decoded node, the branches (0-based) whose sequence it belongs to. A branch is
-    /// one decoded node without decoded children; each branch gets its own KV sequence so
-    /// that sibling tokens cannot attend to each other.
-    pub branches_of: Vec<Vec<usize>>,
-    /// Number of branches (at least 1: the prompt itself needs a sequence).
+    /// For each node, its index in `decoded` (None for nodes no label continues).
+    pub decoded_index: Vec<Option<usize>>,
+    /// Number of branches: decoded nodes without decoded children. Each branch gets its own
+    /// KV sequence so that sibling tokens cannot attend to each other (at least 1).
     pub n_branches: usize,
 }
 
@@ -89,30 +88,21 @@ impl LabelTrie {
             .into_iter()
             .filter(|&n| !nodes[n].children.is_empty())
             .collect();
-        // Branch leaves: decoded nodes none of whose children are decoded.
         let is_decoded = |n: usize| !nodes[n].children.is_empty();
-        let leaves: Vec<usize> = decoded
+        let n_branches = decoded
             .iter()
-            .copied()
-            .filter(|&n| !nodes[n].children.iter().any(|&c| is_decoded(c)))
-            .collect();
-        let mut branches_of = vec![Vec::new(); decoded.len()];
-        for (b, &leaf) in leaves.iter().enumerate() {
-            let mut cur = Some(leaf);
-            while let Some(n) = cur {
-                // Every ancestor of a decoded node is decoded (it has a child).
-                if let Some(k) = decoded.iter().position(|&d| d == n) {
-                    branches_of[k].push(b);
-                }
-                cur = nodes[n].parent;
-            }
+            .filter(|&&n| !nodes[n].children.iter().any(|&c| is_decoded(c)))
+            .count();
+        let mut decoded_index = vec![None; nodes.len()];
+        for (k, &n) in decoded.iter().enumerate() {
+            decoded_index[n] = Some(k);
         }
         Ok(LabelTrie {
             nodes,
             paths,
             decoded,
-            branches_of,
-            n_branches: leaves.len().max(1),
+            decoded_index,
+            n_branches: n_branches.max(1),
         })
     }
 
@@ -160,12 +150,170 @@ impl LabelTrie {
                 let mut row = None;
                 for &n in path {
                     total += logprob(row, self.nodes[n].token);
-                    row = self.decoded.iter().position(|&d| d == n);
+                    row = self.decoded_index[n];
                 }
                 LabelLogprob {
                     total,
                     mean: total / path.len() as f64,
                     n_tokens: path.len(),
+                    pruned: false,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether node `a` is `b` or one of its ancestors.
+    pub fn is_ancestor_or_self(&self, a: usize, b: usize) -> bool {
+        let mut cur = Some(b);
+        while let Some(n) = cur {
+            if n == a {
+                return true;
+            }
+            cur = self.nodes[n].parent;
+        }
+        false
+    }
+}
+
+/// When the scorer may stop extending unlikely labels (task key `prune_margin_nats`).
+///
+/// Label tokens' log-probabilities are at most 0, so a label's score can only fall as its
+/// remaining tokens are scored: the score of its known prefix bounds it from above (divided
+/// by the label's length for the per-token mean). A label whose bound is more than
+/// `margin_nats` below the best fully scored label cannot win, and is left unfinished.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pruning {
+    pub margin_nats: f64,
+    /// Scores are per-token means (`score = "mean"`), not totals.
+    pub per_token: bool,
+}
+
+/// The state of scoring one request's labels: which trie rows are known, which to decode
+/// next. Without pruning, every decoded node is asked for in one round; with pruning, rounds
+/// go deeper only under labels that can still matter. The top label is the same either way.
+#[derive(Debug, Clone)]
+pub struct LabelSearch<'a> {
+    trie: &'a LabelTrie,
+    pruning: Option<Pruning>,
+    /// Log-probability of each node's token after its parent (None: not scored yet).
+    node_lp: Vec<Option<f64>>,
+    /// Whether each decoded node's logits row has been read.
+    row_done: Vec<bool>,
+}
+
+impl<'a> LabelSearch<'a> {
+    pub fn new(trie: &'a LabelTrie, pruning: Option<Pruning>) -> Self {
+        LabelSearch {
+            trie,
+            pruning,
+            node_lp: vec![None; trie.nodes.len()],
+            row_done: vec![false; trie.decoded.len()],
+        }
+    }
+
+    /// Records one logits row: `row` as in [`LabelTrie::needed`], `logprob(token)` the
+    /// log-probability of `token` in it.
+    pub fn record_row(&mut self, row: Option<usize>, mut logprob: impl FnMut(Token) -> f64) {
+        let children: Vec<usize> = match row {
+            None => (0..self.trie.nodes.len())
+                .filter(|&n| self.trie.nodes[n].parent.is_none())
+                .collect(),
+            Some(k) => {
+                self.row_done[k] = true;
+                self.trie.nodes[self.trie.decoded[k]].children.clone()
+            }
+        };
+        for c in children {
+            self.node_lp[c] = Some(logprob(self.trie.nodes[c].token));
+        }
+    }
+
+    pub fn row_done(&self, k: usize) -> bool {
+        self.row_done[k]
+    }
+
+    /// For a label: its known prefix's summed log-probability and how many of its tokens
+    /// that covers.
+    fn known(&self, path: &[usize]) -> (f64, usize) {
+        let mut total = 0.0;
+        for (i, &n) in path.iter().enumerate() {
+            match self.node_lp[n] {
+                Some(lp) => total += lp,
+                None => return (total, i),
+            }
+        }
+        (total, path.len())
+    }
+
+    fn score(&self, total: f64, n_tokens: usize, per_token: bool) -> f64 {
+        if per_token {
+            total / n_tokens as f64
+        } else {
+            total
+        }
+    }
+
+    /// The decoded nodes (indices into `trie.decoded`) whose rows to read next, parents
+    /// before children; empty when the search is over.
+    pub fn next_round(&self) -> Vec<usize> {
+        let Some(p) = self.pruning else {
+            return (0..self.trie.decoded.len())
+                .filter(|&k| !self.row_done[k])
+                .collect();
+        };
+        let mut best_exact = f64::NEG_INFINITY;
+        let mut frontier: Vec<(usize, f64)> = Vec::new();
+        for path in &self.trie.paths {
+            let (total, known) = self.known(path);
+            if known == path.len() {
+                best_exact = best_exact.max(self.score(total, path.len(), p.per_token));
+            } else if known > 0 {
+                // The last known node continues this label, so it is a decoded node.
+                if let Some(k) = self.trie.decoded_index[path[known - 1]] {
+                    frontier.push((k, self.score(total, path.len(), p.per_token)));
+                }
+            }
+        }
+        // Best first: the most promising unfinished labels go deeper before the rest are
+        // compared with the best finished one. The search ends when every unfinished label's
+        // bound is more than the margin below the best finished score.
+        let reference = frontier.iter().map(|&(_, b)| b).fold(best_exact, f64::max);
+        let mut chosen: Vec<usize> = frontier
+            .into_iter()
+            .filter(|&(k, bound)| !self.row_done[k] && bound >= reference - p.margin_nats)
+            .map(|(k, _)| k)
+            .collect();
+        // Single-child chains below a chosen node hold no decision: take them in the same
+        // round rather than one decode per token.
+        let mut i = 0;
+        while i < chosen.len() {
+            let node = &self.trie.nodes[self.trie.decoded[chosen[i]]];
+            if let [only] = node.children[..] {
+                if let Some(k) = self.trie.decoded_index[only] {
+                    chosen.push(k);
+                }
+            }
+            i += 1;
+        }
+        chosen.sort_unstable();
+        chosen.dedup();
+        chosen
+    }
+
+    /// Each label's log-likelihood; an unfinished (pruned) label gets the upper bound of
+    /// its known prefix and `pruned: true`.
+    pub fn finish(&self) -> Vec<LabelLogprob> {
+        self.trie
+            .paths
+            .iter()
+            .map(|path| {
+                let (total, known) = self.known(path);
+                let n = path.len();
+                LabelLogprob {
+                    total,
+                    mean: total / n as f64,
+                    n_tokens: n,
+                    pruned: known < n,
                 }
             })
             .collect()
@@ -179,6 +327,9 @@ pub struct LabelLogprob {
     /// Per token: `total / n_tokens`.
     pub mean: f64,
     pub n_tokens: usize,
+    /// Not every token was scored: `total` and `mean` are upper bounds (see [`Pruning`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pruned: bool,
 }
 
 /// log(sum(exp(x))) of a logits row, computed stably.
@@ -289,8 +440,123 @@ mod tests {
         let t = LabelTrie::new(&[vec![1, 2, 9], vec![1, 3, 9], vec![4]]).unwrap();
         assert_eq!(t.decoded.len(), 3); // 1, 2, 3
         assert_eq!(t.n_branches, 2);
-        assert_eq!(t.branches_of[0], vec![0, 1]); // the shared "1" is in both branches
-        assert_eq!(t.branches_of[1].len(), 1);
+        assert_eq!(t.decoded_index[t.decoded[0]], Some(0));
+        assert!(t.is_ancestor_or_self(t.decoded[0], t.decoded[2]));
+        assert!(!t.is_ancestor_or_self(t.decoded[1], t.decoded[2]));
+    }
+
+    /// Feeds a search rows from a table of next-token log-probabilities keyed by the
+    /// prefix, like a model would, and returns how many rounds it took.
+    fn run_search(
+        t: &LabelTrie,
+        pruning: Option<Pruning>,
+        lp: impl Fn(&[Token], Token) -> f64,
+    ) -> (Vec<LabelLogprob>, usize, usize) {
+        let mut s = LabelSearch::new(t, pruning);
+        s.record_row(None, |tok| lp(&[], tok));
+        let (mut rounds, mut rows) = (0, 0);
+        loop {
+            let ks = s.next_round();
+            if ks.is_empty() {
+                break;
+            }
+            rounds += 1;
+            for k in ks {
+                // The prefix this row continues: the tokens from the root to the node.
+                let mut prefix = Vec::new();
+                let mut cur = Some(t.decoded[k]);
+                while let Some(n) = cur {
+                    prefix.insert(0, t.nodes[n].token);
+                    cur = t.nodes[n].parent;
+                }
+                s.record_row(Some(k), |tok| lp(&prefix, tok));
+                rows += 1;
+            }
+        }
+        (s.finish(), rounds, rows)
+    }
+
+    #[test]
+    fn pruned_search_keeps_the_top_label_and_bounds_the_rest() {
+        // Labels: [1 2 3] [1 2 4] [5 6 7] [5 8] [9].
+        let labels = [
+            vec![1, 2, 3],
+            vec![1, 2, 4],
+            vec![5, 6, 7],
+            vec![5, 8],
+            vec![9],
+        ];
+        let t = LabelTrie::new(&labels).unwrap();
+        // First tokens: 1 likely, 5 unlikely, 9 very unlikely; below 1 all likely.
+        let lp = |prefix: &[Token], tok: Token| -> f64 {
+            match (prefix, tok) {
+                ([], 1) => -0.1,
+                ([], 5) => -6.0,
+                ([], 9) => -9.0,
+                ([1, 2], 3) => -0.2,
+                ([1, 2], 4) => -2.0,
+                _ => -0.5,
+            }
+        };
+        let (exact, rounds_exact, rows_exact) = run_search(&t, None, lp);
+        assert_eq!(rounds_exact, 1);
+        assert_eq!(rows_exact, t.decoded.len());
+        assert!(exact.iter().all(|l| !l.pruned));
+        assert!((exact[0].total - (-0.1 - 0.5 - 0.2)).abs() < 1e-12);
+        let pruning = Pruning {
+            margin_nats: 3.0,
+            per_token: false,
+        };
+        let (pruned, rounds, rows) = run_search(&t, Some(pruning), lp);
+        // The 5-subtree (2 decoded nodes: 5 and 6) is never expanded.
+        assert_eq!(rows, t.decoded.len() - 2);
+        assert!(rounds >= 1);
+        for (e, p) in exact.iter().zip(&pruned) {
+            if p.pruned {
+                assert!(p.total >= e.total, "a pruned score is an upper bound");
+                assert!(p.total < exact[0].total - 3.0);
+            } else {
+                assert!((p.total - e.total).abs() < 1e-12);
+            }
+        }
+        assert_eq!(pruned.iter().filter(|l| l.pruned).count(), 2);
+        assert!(!pruned[4].pruned, "single-token labels are always exact");
+        // A margin wider than every gap scores everything exactly.
+        let wide = Pruning {
+            margin_nats: 100.0,
+            per_token: true,
+        };
+        let (all, _, rows) = run_search(&t, Some(wide), lp);
+        assert_eq!(rows, t.decoded.len());
+        assert!(all.iter().all(|l| !l.pruned));
+    }
+
+    #[test]
+    fn pruned_search_bound_divides_by_label_length_for_means() {
+        // One long label with a good first token, one short exact label.
+        let t = LabelTrie::new(&[vec![1, 2, 3, 4], vec![5]]).unwrap();
+        let lp = |prefix: &[Token], tok: Token| match (prefix, tok) {
+            ([], 1) => -4.0,
+            ([], 5) => -1.5,
+            _ => -0.1,
+        };
+        // Per-token bound of label 0 after its first token: -4/4 = -1.0, above -1.5: it
+        // must be expanded (its mean ends at -1.075, the top label).
+        let p = Pruning {
+            margin_nats: 0.0,
+            per_token: true,
+        };
+        let (out, _, _) = run_search(&t, Some(p), lp);
+        assert!(!out[0].pruned);
+        assert!(out[0].mean > out[1].mean);
+        // As totals, -4 is below -1.5 by more than the margin: pruned.
+        let p = Pruning {
+            margin_nats: 1.0,
+            per_token: false,
+        };
+        let (out, _, _) = run_search(&t, Some(p), lp);
+        assert!(out[0].pruned);
+        assert_eq!(out[0].total, -4.0);
     }
 
     #[test]

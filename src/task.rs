@@ -68,6 +68,10 @@ struct RawTask {
     examples: Vec<BTreeMap<String, String>>,
     #[serde(default)]
     score: ScoreNorm,
+    /// Leave labels whose score bound is this far below the best label unfinished
+    /// (multi-token label sets only; the top label is unchanged). Absent: score all fully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prune_margin_nats: Option<f64>,
     #[serde(default)]
     calibration: Calibration,
     #[serde(default)]
@@ -249,6 +253,8 @@ pub struct Task {
     pub labels: Vec<Label>,
     pub examples: Vec<BTreeMap<String, String>>,
     pub score: ScoreNorm,
+    /// See `scoring::Pruning`: None scores every label fully.
+    pub prune_margin_nats: Option<f64>,
     pub calibration: Calibration,
     pub abstain: AbstainRule,
     pub input: InputBudget,
@@ -374,6 +380,14 @@ impl Task {
                 return Err(invalid(key, format!("{v} is not within 0..=1")));
             }
         }
+        if let Some(m) = raw.prune_margin_nats {
+            if !(m.is_finite() && m >= 0.0) {
+                return Err(invalid(
+                    "prune_margin_nats",
+                    format!("{m} is not a finite number of nats >= 0"),
+                ));
+            }
+        }
         if raw.calibration.enabled && raw.calibration.content_free.is_empty() {
             return Err(invalid(
                 "calibration.content_free",
@@ -392,6 +406,7 @@ impl Task {
             labels: raw.labels,
             examples: raw.examples,
             score: raw.score,
+            prune_margin_nats: raw.prune_margin_nats,
             calibration: raw.calibration,
             abstain: raw.abstain,
             input: raw.input,
@@ -463,6 +478,7 @@ impl Task {
             labels: self.labels.clone(),
             examples: self.examples.clone(),
             score: self.score,
+            prune_margin_nats: self.prune_margin_nats,
             calibration: self.calibration.clone(),
             abstain: self.abstain,
             input: self.input.clone(),
@@ -470,6 +486,15 @@ impl Task {
         };
         // Plain strings, numbers, tables and arrays: serializing cannot fail.
         toml::to_string(&raw).unwrap_or_default()
+    }
+
+    /// The scorer's pruning rule for this task's labels.
+    pub fn pruning(&self) -> Option<crate::scoring::Pruning> {
+        self.prune_margin_nats
+            .map(|margin_nats| crate::scoring::Pruning {
+                margin_nats,
+                per_token: self.score == ScoreNorm::Mean,
+            })
     }
 
     pub fn label_index(&self, name: &str) -> Option<usize> {

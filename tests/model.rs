@@ -9,7 +9,7 @@ use std::path::Path;
 
 use edgeact::classify::{Classifier, RecordError, Request, ScorePath};
 use edgeact::engine::{Engine, ScoreJob};
-use edgeact::scoring::softmax;
+use edgeact::scoring::{softmax, Pruning};
 use edgeact::task::Task;
 
 /// A BANKING77-style task with many multi-token labels, more label branches than the
@@ -142,6 +142,7 @@ fn fast_paths_match_naive_reference() {
                 prefix: Some(slot),
                 tokens: &p.tokens,
                 trie: c.trie(),
+                pruning: None,
             })
             .collect();
         let batched = engine.score(&jobs).unwrap();
@@ -152,6 +153,7 @@ fn fast_paths_match_naive_reference() {
                     prefix: Some(slot),
                     tokens: &p.tokens,
                     trie: c.trie(),
+                    pruning: None,
                 }])
                 .unwrap();
             let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
@@ -177,6 +179,53 @@ fn fast_paths_match_naive_reference() {
                     d_lp < 0.5,
                     "{name} {path}: label log-likelihoods differ from naive by {d_lp}"
                 );
+            }
+            // Pruned search: the same top label as the naive path; finished labels agree
+            // with it, unfinished ones carry an upper bound; fewer tokens decoded.
+            let pruning = Pruning {
+                margin_nats: 3.0,
+                per_token: false,
+            };
+            let pruned = engine
+                .score(&[ScoreJob {
+                    prefix: Some(slot),
+                    tokens: &p.tokens,
+                    trie: c.trie(),
+                    pruning: Some(pruning),
+                }])
+                .unwrap()
+                .remove(0);
+            let argmax = |v: Vec<f64>| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+            assert_eq!(
+                argmax(lp(&pruned)),
+                argmax(lp(&naive)),
+                "{name}: pruning changed the top label"
+            );
+            for (l, n) in pruned.labels.iter().zip(&naive.labels) {
+                if l.pruned {
+                    assert!(
+                        l.total >= n.total - 0.5,
+                        "{name}: a bound below the label's score"
+                    );
+                } else if n.total > lp(&naive).into_iter().fold(f64::MIN, f64::max) - 3.0 {
+                    assert!(
+                        (l.total - n.total).abs() < 0.5,
+                        "{name}: {} vs {}",
+                        l.total,
+                        n.total
+                    );
+                }
+            }
+            let n_pruned = pruned.labels.iter().filter(|l| l.pruned).count();
+            eprintln!(
+                "{name} pruned: {n_pruned} of {} labels left unfinished, {} vs {} tokens decoded",
+                pruned.labels.len(),
+                pruned.decoded_tokens,
+                single[0].decoded_tokens
+            );
+            if name == "intent" {
+                assert!(n_pruned > 0, "intent: nothing pruned at a 3-nat margin");
+                assert!(pruned.decoded_tokens < single[0].decoded_tokens);
             }
             // The naive path decodes the prompt once per label: far more tokens.
             assert!(naive.decoded_tokens >= c.trie().paths.len() * (p.tokens.len() - 1));
