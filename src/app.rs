@@ -214,6 +214,8 @@ pub struct BenchConfig {
     pub data: PathBuf,
     pub limit: usize,
     pub batch_size: usize,
+    /// Requests the naive path runs on (the first ones).
+    pub naive_limit: usize,
 }
 
 /// Peak and current resident memory of this process, in MiB (Linux).
@@ -316,8 +318,12 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         let mut decoded = 0usize;
         let mut correct = 0usize;
         let mut labeled = 0usize;
+        let n = match path {
+            ScorePath::Naive => cfg.naive_limit.clamp(1, reqs.len().max(1)).min(reqs.len()),
+            ScorePath::Fast => reqs.len(),
+        };
         let start = std::time::Instant::now();
-        for (chunk, g) in reqs.chunks(batch).zip(gold.chunks(batch)) {
+        for (chunk, g) in reqs[..n].chunks(batch).zip(gold[..n].chunks(batch)) {
             let t = std::time::Instant::now();
             let res = classifier.classify_many(&mut engine, chunk, path);
             let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -332,7 +338,7 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
                 }
             }
         }
-        let rate = reqs.len() as f64 / start.elapsed().as_secs_f64();
+        let rate = n as f64 / start.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
         let base = *base_rate.get_or_insert(rate);
         let acc = if labeled > 0 {
@@ -340,12 +346,17 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         } else {
             "-".into()
         };
+        let name = if n < reqs.len() {
+            format!("{name} (first {n})")
+        } else {
+            name.to_string()
+        };
         writeln!(
             out,
             "| {name} | {batch} | {rate:.2} | {:.1} | {:.1} | {:.1} | {acc} | {:.2}x |",
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
-            decoded as f64 / reqs.len().max(1) as f64,
+            decoded as f64 / n.max(1) as f64,
             rate / base
         )
         .map_err(AppError::Output)?;

@@ -430,6 +430,10 @@ struct BenchArgs {
     /// Requests per micro-batch on the batched path.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Run the (slow) naive reference path on only the first N requests; its speed-up
+    /// column stays the baseline. Default: all of them.
+    #[arg(long)]
+    naive_limit: Option<usize>,
     #[command(flatten)]
     board: BoardArgs,
 }
@@ -648,6 +652,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 data: a.data,
                 limit: a.limit,
                 batch_size: a.batch_size,
+                naive_limit: a.naive_limit.unwrap_or(a.limit),
             },
             &mut out,
         ),
