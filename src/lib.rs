@@ -49,6 +49,7 @@ pub mod input;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
+pub mod react;
 pub mod scoring;
 pub mod serve;
 pub mod task;
