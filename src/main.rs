@@ -81,6 +81,9 @@ struct ReactArgs {
     /// Seed (overrides the task file's).
     #[arg(long)]
     seed: Option<u64>,
+    /// Wall-clock limit per question in milliseconds (overrides the task file's).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
     /// Pretty-print the trace.
     #[arg(long)]
     pretty: bool,
@@ -94,7 +97,7 @@ struct ReactEvalArgs {
     #[arg(long, short, default_value = "kiosk")]
     task: String,
     /// Scenario file (JSON lines: id, question, expect_tool, expect_passage?, expect_fact?).
-    #[arg(long, default_value = "kb/kiosk/scenarios.jsonl")]
+    #[arg(long, default_value = "kb/kiosk-scenarios.jsonl")]
     scenarios: PathBuf,
     /// At most this many scenarios (an evenly spaced sample).
     #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
@@ -114,6 +117,9 @@ struct ReactEvalArgs {
     /// Seed (overrides the task file's).
     #[arg(long)]
     seed: Option<u64>,
+    /// Wall-clock limit per question in milliseconds (overrides the task file's).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
     #[command(flatten)]
     board: BoardArgs,
 }
@@ -124,6 +130,9 @@ impl ReactArgs {
             .map_err(edgeact::react::ReactError::from)?;
         if let Some(s) = self.seed {
             spec.seed = s;
+        }
+        if let Some(t) = self.timeout_ms {
+            spec.timeout_ms = t;
         }
         Ok(edgeact::react::app::ReactConfig {
             engine: self.board.engine_config()?,
@@ -750,6 +759,9 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 .map_err(edgeact::react::ReactError::from)?;
             if let Some(s) = a.seed {
                 spec.seed = s;
+            }
+            if let Some(t) = a.timeout_ms {
+                spec.timeout_ms = t;
             }
             let cfg = edgeact::react::app::EvalConfig {
                 engine: a.board.engine_config()?,

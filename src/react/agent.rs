@@ -38,7 +38,9 @@ pub struct GenStep {
     pub generated_tokens: usize,
     pub prompt_tokens: usize,
     pub reused_tokens: usize,
+    /// Wall time in all, and the part spent decoding the new prompt tokens.
     pub ms: f64,
+    pub prefill_ms: f64,
     pub end: GenEnd,
 }
 
@@ -121,7 +123,9 @@ pub struct StepRecord {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub passage_ids: Vec<String>,
     pub tokens: StepTokens,
+    /// Generation wall time, of which `prefill_ms` decoding the new prompt tokens.
     pub gen_ms: f64,
+    pub prefill_ms: f64,
     pub tool_ms: f64,
 }
 
@@ -361,6 +365,7 @@ pub fn run(
                 generated: g.generated_tokens,
             },
             gen_ms: g.ms,
+            prefill_ms: g.prefill_ms,
             ..Default::default()
         };
         let parsed = if opts.grammar {
@@ -547,6 +552,7 @@ impl StepGenerator for EngineGenerator<'_> {
             prompt_tokens: g.prompt_tokens,
             reused_tokens: g.reused_tokens,
             ms: g.prefill_ms + g.generate_ms,
+            prefill_ms: g.prefill_ms,
             text,
         })
     }
@@ -611,6 +617,7 @@ mod tests {
                 prompt_tokens: self.count_tokens(prompt),
                 reused_tokens: 0,
                 ms: 1.0,
+                prefill_ms: 0.5,
                 end,
                 text,
             })
