@@ -846,6 +846,9 @@ pub struct GenerateRequest<'a> {
     pub seed: u64,
     /// Generation stops between tokens once this instant has passed.
     pub deadline: Option<Instant>,
+    /// A prefix slot (see [`Engine::set_prefix_cached`]) whose cells are copied into the
+    /// generation sequence when they match the prompt's beginning further than the cache.
+    pub prefix_slot: Option<usize>,
 }
 
 /// Why a generation ended.
@@ -933,8 +936,10 @@ impl Engine {
     fn grammar_allows(grammar: &mut llama_cpp_2::sampling::LlamaSampler, token: Token) -> bool {
         use llama_cpp_2::token::data::LlamaTokenData;
         use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-        let mut one =
-            LlamaTokenDataArray::new(vec![LlamaTokenData::new(LlamaToken(token), 0.0, 0.0)], false);
+        let mut one = LlamaTokenDataArray::new(
+            vec![LlamaTokenData::new(LlamaToken(token), 0.0, 0.0)],
+            false,
+        );
         grammar.apply(&mut one);
         one.data.first().is_some_and(|d| d.logit().is_finite())
     }
@@ -1059,13 +1064,31 @@ impl Engine {
             self.clear_seq(seq);
             cache.tokens.clear();
         }
-        let common = cache
+        let mut common = cache
             .tokens
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count()
             .min(prompt.len() - 1);
+        if let Some(slot) = req.prefix_slot.filter(|&s| s < self.n_prefix_slots) {
+            let from_slot = self.prefixes[slot]
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1);
+            if from_slot > common {
+                // The unified KV cache makes this copy metadata only.
+                self.clear_seq(seq);
+                cache.tokens.clear();
+                self.ctx
+                    .copy_kv_cache_seq(slot as i32, seq as i32, Some(0), Some(from_slot as u32))
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+                cache.tokens = prompt[..from_slot].to_vec();
+                common = from_slot;
+            }
+        }
         if common < cache.tokens.len() {
             let _ = self
                 .ctx

@@ -491,6 +491,8 @@ pub struct EngineGenerator<'a> {
     pub engine: &'a mut Engine,
     pub cache: GenCache,
     pub temperature: f32,
+    /// A prefix slot holding the task's decoded prefix (see [`EngineGenerator::with_prefix`]).
+    pub prefix_slot: Option<usize>,
 }
 
 impl<'a> EngineGenerator<'a> {
@@ -499,7 +501,21 @@ impl<'a> EngineGenerator<'a> {
             engine,
             cache: GenCache::default(),
             temperature,
+            prefix_slot: None,
         }
+    }
+
+    /// Puts `prefix` (the task's fixed prompt beginning) in prefix slot `slot` through the
+    /// engine's prefix cache on disk, so a cold start loads it instead of decoding it.
+    pub fn with_prefix(
+        mut self,
+        slot: usize,
+        prefix: &str,
+    ) -> Result<(Self, crate::engine::PrefixSource), EngineError> {
+        let tokens = self.engine.tokenize(prefix, true, false);
+        let source = self.engine.set_prefix_cached(slot, &tokens)?;
+        self.prefix_slot = Some(slot);
+        Ok((self, source))
     }
 }
 
@@ -523,6 +539,7 @@ impl StepGenerator for EngineGenerator<'_> {
             temperature: self.temperature,
             seed,
             deadline: Some(deadline),
+            prefix_slot: self.prefix_slot,
         };
         // Grammar mode: the last newline of the sentence ends it; free mode: the
         // baseline's stop rule.
@@ -667,8 +684,11 @@ mod tests {
             "Question: Are you open on Sunday?\nThought: search it\nAction: kb_search[sunday]\nObservation: [hours-sunday] Sunday: Open 10:00 to 16:00 on Sundays.\n"
         ), "{}", fake.prompts[1]);
         // The prefix: instruction, tools, the few-shot trajectory.
-        assert!(fake.prompts[0].starts_with("Answer the question.\n\nTools:\nkb_search[text]: search the knowledge base\n"));
-        assert!(fake.prompts[0].contains("Question: When do you open on Sunday?\nThought: I should search"));
+        assert!(fake.prompts[0].starts_with(
+            "Answer the question.\n\nTools:\nkb_search[text]: search the knowledge base\n"
+        ));
+        assert!(fake.prompts[0]
+            .contains("Question: When do you open on Sunday?\nThought: I should search"));
     }
 
     #[test]
@@ -688,11 +708,16 @@ mod tests {
     fn token_budget_stops_a_cut_step() {
         let mut s = spec();
         s.max_step_tokens = 5;
-        let mut fake = Fake::new(&["Thought: this thought is far too long for five tokens\nFinal Answer: x\n"]);
+        let mut fake = Fake::new(&[
+            "Thought: this thought is far too long for five tokens\nFinal Answer: x\n",
+        ]);
         let t = run_fake(&mut fake, &s, RunOptions::default());
         assert_eq!(t.stop_reason, StopReason::TokenBudget);
         assert!(!t.finished);
-        assert_eq!(t.unparsable_steps, 0, "a cut step is a budget stop, not a parse failure");
+        assert_eq!(
+            t.unparsable_steps, 0,
+            "a cut step is a budget stop, not a parse failure"
+        );
         // And the run's total budget.
         let mut s = spec();
         s.max_total_tokens = 6;
@@ -713,7 +738,11 @@ mod tests {
         let t = run_fake(&mut fake, &s, RunOptions::default());
         assert_eq!(t.stop_reason, StopReason::Timeout);
         assert_eq!(t.steps.len(), 1);
-        assert!(t.answer.contains("UTC"), "the clock's answer is the partial one: {}", t.answer);
+        assert!(
+            t.answer.contains("UTC"),
+            "the clock's answer is the partial one: {}",
+            t.answer
+        );
     }
 
     #[test]
@@ -727,7 +756,11 @@ mod tests {
         let t = run_fake(&mut fake, &s, RunOptions::default());
         assert_eq!(t.stop_reason, StopReason::ToolError);
         assert_eq!(t.tool_errors, 2);
-        assert!(t.steps[0].observation.as_deref().unwrap().starts_with("error: calculator:"));
+        assert!(t.steps[0]
+            .observation
+            .as_deref()
+            .unwrap()
+            .starts_with("error: calculator:"));
         assert!(fake.prompts[1].contains("Observation: error: calculator:"));
     }
 
@@ -752,7 +785,11 @@ mod tests {
         .unwrap();
         assert_eq!(t.refused_calls, 1);
         assert_eq!(tools.notifications, 0);
-        assert!(t.steps[0].tool_error.as_deref().unwrap().contains("not available"));
+        assert!(t.steps[0]
+            .tool_error
+            .as_deref()
+            .unwrap()
+            .contains("not available"));
         assert_eq!(t.stop_reason, StopReason::Final);
         // With the grammar the same text does not even parse (and the real grammar cannot
         // produce it): counted as unparsable, nothing run.

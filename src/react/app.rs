@@ -38,7 +38,11 @@ fn load_kb(spec: &ReactSpec) -> Result<Option<Arc<Kb>>, ReactError> {
     })
 }
 
-fn write_json(out: &mut dyn Write, v: &impl serde::Serialize, pretty: bool) -> Result<(), ReactError> {
+fn write_json(
+    out: &mut dyn Write,
+    v: &impl serde::Serialize,
+    pretty: bool,
+) -> Result<(), ReactError> {
     // Plain data structures: serializing cannot fail.
     let s = if pretty {
         serde_json::to_string_pretty(v).unwrap_or_default()
@@ -54,9 +58,11 @@ pub fn react(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         return Err(ReactError::Usage("give a question".into()));
     }
     let kb = load_kb(&cfg.spec)?;
-    let mut engine = Engine::load(&cfg.engine, 0)?;
+    let mut engine = Engine::load(&cfg.engine, 1)?;
     let mut tools = Toolbox::new(&cfg.spec, kb);
-    let mut gen = EngineGenerator::new(&mut engine, cfg.spec.temperature);
+    let (mut gen, source) = EngineGenerator::new(&mut engine, cfg.spec.temperature)
+        .with_prefix(0, &agent::render_prefix(&cfg.spec))?;
+    tracing::info!(?source, "task prefix ready");
     for q in &cfg.questions {
         let history = match &cfg.session {
             Some(id) => session::load(&cfg.session_dir, id)?,
@@ -102,8 +108,11 @@ pub fn qa(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
     let Some(kb) = load_kb(&cfg.spec)? else {
         return Err(ReactError::Usage("qa needs a knowledge base".into()));
     };
-    let mut engine = Engine::load(&cfg.engine, 0)?;
-    let mut gen = EngineGenerator::new(&mut engine, cfg.spec.temperature);
+    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let max_chars = cfg.spec.kb.as_ref().map_or(220, |k| k.max_passage_chars);
+    let (mut gen, source) = EngineGenerator::new(&mut engine, cfg.spec.temperature)
+        .with_prefix(0, &qa::render_prefix(&qa_spec, &kb, max_chars))?;
+    tracing::info!(?source, "qa prefix ready");
     for q in &cfg.questions {
         let r = qa::answer(&cfg.spec, &qa_spec, &kb, q, &mut gen)?;
         match &r.cited {
@@ -174,8 +183,9 @@ pub fn eval(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         writeln!(out, "retrieval hit rate@{k} (BM25 on the question): {r}").map_err(io)?;
         retrieval.insert(format!("hit_rate_at_{k}"), json!(r.value()));
     }
-    let mut engine = Engine::load(&cfg.engine, 0)?;
-    let mut gen = EngineGenerator::new(&mut engine, spec.temperature);
+    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let (mut gen, _) = EngineGenerator::new(&mut engine, spec.temperature)
+        .with_prefix(0, &agent::render_prefix(&spec))?;
     let mut modes: Vec<(&str, bool)> = vec![("react_grammar", true)];
     if cfg.baseline {
         modes.push(("react_regex", false));
@@ -266,7 +276,12 @@ pub fn eval(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         serde_json::to_string_pretty(&metrics).unwrap_or_default(),
     )
     .map_err(io)?;
-    writeln!(out, "wrote {}/metrics.json and traces.jsonl", cfg.out_dir.display()).map_err(io)?;
+    writeln!(
+        out,
+        "wrote {}/metrics.json and traces.jsonl",
+        cfg.out_dir.display()
+    )
+    .map_err(io)?;
     Ok(())
 }
 

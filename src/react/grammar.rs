@@ -116,7 +116,10 @@ mod tests {
     fn step_grammar_lists_only_allowed_tools() {
         let s = spec();
         let g = step_grammar(&s);
-        assert!(g.contains("tool-kb-search ::= \"kb_search[\" [^\\]\\n]{1,60} \"]\""), "{g}");
+        assert!(
+            g.contains("tool-kb-search ::= \"kb_search[\" [^\\]\\n]{1,60} \"]\""),
+            "{g}"
+        );
         assert!(g.contains("tool-calculator ::= \"calculator[\""), "{g}");
         assert!(g.contains("tool-clock ::= \"clock[\" \"\" \"]\""), "{g}");
         assert!(!g.contains("notify"), "{g}");

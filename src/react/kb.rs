@@ -117,11 +117,9 @@ pub fn parse_markdown(src: &str, source: &Path) -> Vec<Passage> {
                 source: source.to_path_buf(),
             });
         } else if let Some(p) = cur.as_mut() {
-            if !line.starts_with("# ") {
-                if !p.text.is_empty() || !line.trim().is_empty() {
-                    p.text.push_str(line);
-                    p.text.push('\n');
-                }
+            if !line.starts_with("# ") && (!p.text.is_empty() || !line.trim().is_empty()) {
+                p.text.push_str(line);
+                p.text.push('\n');
             }
         }
     }
@@ -183,8 +181,7 @@ impl Kb {
             .map_err(io)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "md" || e == "jsonl")
+                p.extension().is_some_and(|e| e == "md" || e == "jsonl")
                     && p.file_name().is_some_and(|n| n != "README.md")
             })
             .collect();
@@ -282,16 +279,16 @@ mod tests {
         assert_eq!(ps[0].title, "Sunday opening");
         assert_eq!(ps[0].text, "Open 10:00 to 16:00.");
         assert_eq!(ps[1].id, "public-holidays");
-        assert_eq!(
-            ps[1].one_line(),
-            "Public holidays: Closed on 25 December."
-        );
+        assert_eq!(ps[1].one_line(), "Public holidays: Closed on 25 December.");
     }
 
     #[test]
     fn jsonl_errors_name_the_line() {
-        let e = parse_jsonl("{\"id\":\"a\",\"text\":\"x\"}\nnot json\n", Path::new("f.jsonl"))
-            .unwrap_err();
+        let e = parse_jsonl(
+            "{\"id\":\"a\",\"text\":\"x\"}\nnot json\n",
+            Path::new("f.jsonl"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
         let e = parse_jsonl("{\"id\":\"\",\"text\":\"x\"}\n", Path::new("f.jsonl")).unwrap_err();
         assert!(e.to_string().contains("must not be empty"), "{e}");
@@ -302,10 +299,26 @@ mod tests {
         let kb = Kb::from_passages(
             Path::new("kb"),
             vec![
-                p("hours", "Opening hours", "We open at 9:00 and close at 18:00 on weekdays."),
-                p("returns", "Returns", "Items can be returned within 30 days with a receipt."),
-                p("card", "Lost card", "Report a lost loyalty card at the service desk."),
-                p("parking", "Parking", "The car park closes one hour after the market."),
+                p(
+                    "hours",
+                    "Opening hours",
+                    "We open at 9:00 and close at 18:00 on weekdays.",
+                ),
+                p(
+                    "returns",
+                    "Returns",
+                    "Items can be returned within 30 days with a receipt.",
+                ),
+                p(
+                    "card",
+                    "Lost card",
+                    "Report a lost loyalty card at the service desk.",
+                ),
+                p(
+                    "parking",
+                    "Parking",
+                    "The car park closes one hour after the market.",
+                ),
             ],
         )
         .unwrap();
@@ -323,11 +336,8 @@ mod tests {
 
     #[test]
     fn duplicate_ids_are_refused() {
-        let e = Kb::from_passages(
-            Path::new("kb"),
-            vec![p("a", "", "one"), p("a", "", "two")],
-        )
-        .unwrap_err();
+        let e = Kb::from_passages(Path::new("kb"), vec![p("a", "", "one"), p("a", "", "two")])
+            .unwrap_err();
         assert!(e.to_string().contains("`a` appears twice"), "{e}");
         assert!(Kb::from_passages(Path::new("kb"), vec![]).is_err());
     }

@@ -41,21 +41,19 @@ fn passages_block(kb: &Kb, ids: &[String], max_chars: usize) -> String {
     let mut out = String::from("Passages:\n");
     for id in ids {
         if let Some(p) = kb.get(id) {
-            out.push_str(&format!("[{}] {}\n", p.id, cut_chars(&p.one_line(), max_chars)));
+            out.push_str(&format!(
+                "[{}] {}\n",
+                p.id,
+                cut_chars(&p.one_line(), max_chars)
+            ));
         }
     }
     out
 }
 
-/// Instruction, examples (their passages looked up in `kb`; unknown ids are skipped), then
-/// the retrieved passages and the question, ending with `Answer:`.
-pub fn render_prompt(
-    qa: &QaSpec,
-    kb: &Kb,
-    ids: &[String],
-    question: &str,
-    max_chars: usize,
-) -> String {
+/// The fixed beginning: instruction and examples (their passages looked up in `kb`;
+/// unknown ids are skipped).
+pub fn render_prefix(qa: &QaSpec, kb: &Kb, max_chars: usize) -> String {
     let mut out = format!("{}\n\n", qa.instruction.trim_end());
     for ex in &qa.examples {
         out.push_str(&passages_block(kb, &ex.passages, max_chars));
@@ -66,6 +64,18 @@ pub fn render_prompt(
             ex.cite
         ));
     }
+    out
+}
+
+/// The prefix, then the retrieved passages and the question, ending with `Answer:`.
+pub fn render_prompt(
+    qa: &QaSpec,
+    kb: &Kb,
+    ids: &[String],
+    question: &str,
+    max_chars: usize,
+) -> String {
+    let mut out = render_prefix(qa, kb, max_chars);
     out.push_str(&passages_block(kb, ids, max_chars));
     let q: Vec<&str> = question.split_whitespace().collect();
     out.push_str(&format!("Question: {}\nAnswer:", q.join(" ")));
@@ -91,7 +101,10 @@ pub fn answer(
     let t0 = Instant::now();
     let max_chars = spec.kb.as_ref().map_or(220, |k| k.max_passage_chars);
     let hits = kb.search(question, qa.top_k);
-    let ids: Vec<String> = hits.iter().map(|h| kb.passages[h.index].id.clone()).collect();
+    let ids: Vec<String> = hits
+        .iter()
+        .map(|h| kb.passages[h.index].id.clone())
+        .collect();
     let mut res = QaResult {
         task: spec.name.clone(),
         question: question.to_string(),

@@ -149,8 +149,10 @@ pub fn score(pairs: &[(&Scenario, &Trace)]) -> LoopMetrics {
         m.tool_choice
             .add(t.first_tool() == Some(s.expect_tool.as_str()));
         if let Some(p) = &s.expect_passage {
-            m.passage_retrieved.add(t.retrieved_ids().contains(&p.as_str()));
-            m.passage_cited.add(t.finished && t.answer.contains(p.as_str()));
+            m.passage_retrieved
+                .add(t.retrieved_ids().contains(&p.as_str()));
+            m.passage_cited
+                .add(t.finished && t.answer.contains(p.as_str()));
         }
         if let Some(f) = &s.expect_fact {
             m.fact_in_answer
@@ -219,7 +221,12 @@ mod tests {
     fn metrics_count_what_matched() {
         let s1 = scenario("kb_search", Some("hours"), Some("18:00"));
         let s2 = scenario("notify", None, None);
-        let t1 = trace(Some("kb_search"), &["hours", "x"], "We close at 18:00 [hours]", StopReason::Final);
+        let t1 = trace(
+            Some("kb_search"),
+            &["hours", "x"],
+            "We close at 18:00 [hours]",
+            StopReason::Final,
+        );
         let t2 = trace(Some("kb_search"), &[], "", StopReason::MaxSteps);
         let m = score(&[(&s1, &t1), (&s2, &t2)]);
         assert_eq!((m.tool_choice.hits, m.tool_choice.n), (1, 2));
@@ -259,7 +266,11 @@ mod tests {
         .unwrap();
         let e = load(&p, Some(&kb)).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("nope"), "{e}");
-        std::fs::write(&p, "{\"id\":\"a\",\"question\":\"q\",\"expect_tool\":\"shell\"}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"id\":\"a\",\"question\":\"q\",\"expect_tool\":\"shell\"}\n",
+        )
+        .unwrap();
         assert!(load(&p, None).unwrap_err().to_string().contains("shell"));
     }
 }

@@ -317,7 +317,10 @@ impl ReactSpec {
                 return Err(invalid(&key, format!("`{}` is listed twice", t.name)));
             }
             if t.description.contains('\n') || t.description.trim().is_empty() {
-                return Err(invalid(&key, "the description is one non-empty line".into()));
+                return Err(invalid(
+                    &key,
+                    "the description is one non-empty line".into(),
+                ));
             }
             t.arg
                 .validate(t.name)
@@ -425,7 +428,10 @@ impl ReactSpec {
             }
             for (k, (text, obs)) in steps.iter().enumerate() {
                 let s = step::parse_step(text, &spec).map_err(|e| {
-                    invalid(&key, format!("step {} does not follow the grammar: {e}", k + 1))
+                    invalid(
+                        &key,
+                        format!("step {} does not follow the grammar: {e}", k + 1),
+                    )
                 })?;
                 let last = k + 1 == steps.len();
                 match (&s.action, last, obs.is_some()) {
@@ -521,16 +527,19 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (SPEC.replace("type = \"react\"", "type = \"classify\""), "`type`"),
+            (
+                SPEC.replace("type = \"react\"", "type = \"classify\""),
+                "`type`",
+            ),
             (
                 SPEC.replace("kind = \"expr\"", "kind = \"text\""),
                 "tools[1].arg",
             ),
-            (SPEC.replace("name = \"clock\"", "name = \"shell\""), "shell"),
             (
-                SPEC.replace("[kb_search]\ndir = \"kb\"", ""),
-                "`kb_search`",
+                SPEC.replace("name = \"clock\"", "name = \"shell\""),
+                "shell",
             ),
+            (SPEC.replace("[kb_search]\ndir = \"kb\"", ""), "`kb_search`"),
             (
                 SPEC.replace("Action: kb_search[sunday", "Action: notify[sunday"),
                 "examples[0].steps",
@@ -539,7 +548,10 @@ mod tests {
                 SPEC.replace("Observation: [hours-sunday] Sunday: 10:00 to 16:00.\n", ""),
                 "examples[0].steps",
             ),
-            (SPEC.replace("max_steps = 3", "max_steps = 0"), "`max_steps`"),
+            (
+                SPEC.replace("max_steps = 3", "max_steps = 0"),
+                "`max_steps`",
+            ),
             (
                 SPEC.replace("max_context_tokens = 400", "max_context_tokens = 50"),
                 "max_context_tokens",

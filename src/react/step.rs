@@ -16,7 +16,10 @@ use super::tools::ToolName;
 pub enum StepAction {
     /// Call a tool. `tool` is the name as written (the loose parser may give one that is
     /// not a tool, or not allowed: it is then refused, never run).
-    Tool { tool: String, arg: String },
+    Tool {
+        tool: String,
+        arg: String,
+    },
     Final(String),
 }
 
@@ -144,7 +147,10 @@ pub fn split_trajectory(text: &str) -> Result<Vec<(String, Option<String>)>, Str
         }
         if let Some(obs) = line.strip_prefix("Observation: ") {
             if cur.is_empty() {
-                return Err(format!("line {}: an Observation with no step before it", i + 1));
+                return Err(format!(
+                    "line {}: an Observation with no step before it",
+                    i + 1
+                ));
             }
             out.push((std::mem::take(&mut cur), Some(obs.to_string())));
         } else if line.starts_with("Thought: ") {
@@ -203,7 +209,10 @@ mod tests {
             ("I think\nFinal Answer: x\n", StepError::NoThought),
             ("Thought: x\nAnswer: y\n", StepError::NoAction),
             ("Thought: x\nFinal Answer: y", StepError::Unterminated),
-            ("Thought: \nFinal Answer: y\n", StepError::ThoughtLength { max: 160 }),
+            (
+                "Thought: \nFinal Answer: y\n",
+                StepError::ThoughtLength { max: 160 },
+            ),
             (
                 "Thought: x\nAction: shell[rm -rf /]\n",
                 StepError::UnknownTool("shell".into()),
@@ -213,7 +222,10 @@ mod tests {
                 "Thought: x\nAction: notify[{\"reason\": \"x\"}]\n",
                 StepError::UnknownTool("notify".into()),
             ),
-            ("Thought: x\nAction: kb_search hours\n", StepError::NoBrackets),
+            (
+                "Thought: x\nAction: kb_search hours\n",
+                StepError::NoBrackets,
+            ),
             (
                 "Thought: x\nAction: calculator[2 + two]\n",
                 StepError::BadArgument {

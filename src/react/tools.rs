@@ -92,7 +92,9 @@ impl ArgSchema {
             ToolName::Notify => matches!(self, ArgSchema::Json { .. }),
         };
         if !ok_for {
-            return Err(format!("this kind of argument does not fit the {tool} tool"));
+            return Err(format!(
+                "this kind of argument does not fit the {tool} tool"
+            ));
         }
         match self {
             ArgSchema::Text { max_chars } | ArgSchema::Expr { max_chars } if *max_chars == 0 => {
