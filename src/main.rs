@@ -111,6 +111,9 @@ struct ReactEvalArgs {
     /// Retrieval hit rate at these k (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     k: Vec<usize>,
+    /// Only the retrieval hit rates (BM25 on each question; no model).
+    #[arg(long)]
+    retrieval_only: bool,
     /// Output folder (default out/react-eval-<task>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -775,6 +778,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 baseline: a.baseline,
                 qa: a.qa,
                 ks: a.k,
+                retrieval_only: a.retrieval_only,
             };
             Ok(edgeact::react::app::eval(cfg, &mut out)?)
         }

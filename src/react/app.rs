@@ -138,6 +138,8 @@ pub struct EvalConfig {
     pub qa: bool,
     /// Retrieval hit rate at these k.
     pub ks: Vec<usize>,
+    /// Only the retrieval hit rates (no model is loaded).
+    pub retrieval_only: bool,
     pub out_dir: PathBuf,
 }
 
@@ -182,6 +184,9 @@ pub fn eval(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         let r = Rate { hits, n };
         writeln!(out, "retrieval hit rate@{k} (BM25 on the question): {r}").map_err(io)?;
         retrieval.insert(format!("hit_rate_at_{k}"), json!(r.value()));
+    }
+    if cfg.retrieval_only {
+        return Ok(());
     }
     let mut engine = Engine::load(&cfg.engine, 1)?;
     let (mut gen, _) = EngineGenerator::new(&mut engine, spec.temperature)

@@ -570,6 +570,137 @@ mod tests {
         assert!(ArgSchema::None.validate(ToolName::KbSearch).is_err());
     }
 
+    fn toolbox(dir: &std::path::Path, extra: &str) -> Toolbox {
+        let src = format!(
+            r#"
+type = "react"
+instruction = "x"
+max_observation_chars = 120
+tool_timeout_ms = 200
+tools = [
+  {{ name = "kb_search", description = "search", arg = {{ kind = "text", max_chars = 60 }} }},
+  {{ name = "sensor", description = "a reading", arg = {{ kind = "choice", values = ["door", "fifo", "empty"] }} }},
+  {{ name = "notify", description = "call staff", arg = {{ kind = "json", keys = ["reason"], max_value_chars = 40 }} }},
+  {{ name = "clock", description = "time" }},
+]
+[kb_search]
+dir = "kb"
+top_k = 2
+max_passage_chars = 40
+[sensor]
+dir = "sensors"
+[notify]
+sink = "notify.jsonl"
+{extra}
+"#
+        );
+        let spec = ReactSpec::parse(&src, &dir.join("t.toml"), "t").unwrap();
+        let kb = Kb::from_passages(
+            &dir.join("kb"),
+            vec![
+                crate::react::kb::Passage {
+                    id: "hours".into(),
+                    title: "Hours".into(),
+                    text: "We open at 08:00 and close at 20:00 every weekday, and the long text goes on and on.".into(),
+                    source: "h.md".into(),
+                },
+                crate::react::kb::Passage {
+                    id: "card".into(),
+                    title: "Lost card".into(),
+                    text: "Report a lost card at the desk.".into(),
+                    source: "c.md".into(),
+                },
+            ],
+        )
+        .unwrap();
+        Toolbox::new(&spec, Some(Arc::new(kb)))
+    }
+
+    #[test]
+    fn toolbox_runs_allowed_tools_within_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sensors")).unwrap();
+        std::fs::write(dir.path().join("sensors/door"), "open\n").unwrap();
+        std::fs::write(dir.path().join("sensors/empty"), "\n").unwrap();
+        let mut tb = toolbox(dir.path(), "min_interval_ms = 60000");
+        tb.clock = ClockSource::Fixed(1_795_937_400);
+
+        let out = tb.call("kb_search", "when do you close").unwrap();
+        assert_eq!(out.passage_ids, vec!["hours"]);
+        assert!(
+            out.text.starts_with("[hours] Hours: We open at 08:00"),
+            "{}",
+            out.text
+        );
+        assert!(
+            out.text.contains('…'),
+            "passages are cut to max_passage_chars: {}",
+            out.text
+        );
+
+        assert_eq!(tb.call("sensor", "door").unwrap().text, "door = open");
+        assert!(matches!(
+            tb.call("sensor", "empty"),
+            Err(ToolError::Failed { .. })
+        ));
+        assert!(matches!(
+            tb.call("sensor", "window"),
+            Err(ToolError::BadArgument { .. })
+        ));
+        assert_eq!(
+            tb.call("clock", "").unwrap().text,
+            "Sunday 2026-11-29 07:30 (UTC+00:00)"
+        );
+
+        // Not on the list (calculator), not a tool at all (shell): refused, never run.
+        assert_eq!(
+            tb.call("calculator", "1 + 1"),
+            Err(ToolError::NotAllowed("calculator".into()))
+        );
+        assert_eq!(
+            tb.call("shell", "ls"),
+            Err(ToolError::NotAllowed("shell".into()))
+        );
+        assert!(tb.allows("notify") && !tb.allows("calculator"));
+
+        // notify: written to the sink once, then rate limited.
+        assert!(tb.call("notify", r#"{"reason": "lost child"}"#).is_ok());
+        assert!(matches!(
+            tb.call("notify", r#"{"reason": "again"}"#),
+            Err(ToolError::RateLimited { .. })
+        ));
+        assert_eq!(tb.notifications, 1);
+        let sink = std::fs::read_to_string(dir.path().join("notify.jsonl")).unwrap();
+        assert_eq!(sink.lines().count(), 1);
+        assert!(sink.contains("lost child"));
+        assert!(ToolName::Notify.side_effecting() && !ToolName::KbSearch.side_effecting());
+    }
+
+    #[test]
+    fn a_tool_that_hangs_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sensors")).unwrap();
+        let fifo = dir.path().join("sensors/fifo");
+        // A FIFO with no writer: reading it blocks.
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("mkfifo unavailable: skipped");
+            return;
+        }
+        let mut tb = toolbox(dir.path(), "");
+        let t = Instant::now();
+        assert_eq!(
+            tb.call("sensor", "fifo"),
+            Err(ToolError::Timeout {
+                tool: ToolName::Sensor,
+                timeout_ms: 200
+            })
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Unblock the reader thread so it ends.
+        let _ = std::fs::write(&fifo, "1\n");
+    }
+
     #[test]
     fn cut_marks_truncation() {
         assert_eq!(cut_chars("abcdef", 4), "abc…");
