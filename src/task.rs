@@ -295,6 +295,13 @@ impl Task {
     }
 
     pub fn parse(src: &str, path: &Path, default_name: &str) -> Result<Task, TaskError> {
+        if crate::react::spec::is_react_file(src) {
+            return Err(TaskError::Invalid {
+                path: path.into(),
+                key: "type".into(),
+                reason: "a ReAct task: use `edgeact react` or `edgeact qa`".into(),
+            });
+        }
         let raw: RawTask = toml::from_str(src).map_err(|e| TaskError::Parse {
             path: path.into(),
             message: e.to_string().trim().replace('\n', " "),

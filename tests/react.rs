@@ -8,6 +8,7 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
+use edgeact::engine::Engine;
 use edgeact::react::agent::{self, EngineGenerator, RunOptions, StopReason, Trace};
 use edgeact::react::grammar::{qa_grammar, step_grammar};
 use edgeact::react::kb::Kb;
@@ -18,6 +19,14 @@ use edgeact::react::tools::{ToolName, Toolbox};
 
 fn kiosk() -> ReactSpec {
     ReactSpec::load(&common::root().join("tasks/kiosk.toml")).expect("kiosk task")
+}
+
+/// One thread for single-token decoding (two for prompts): generation stalls badly at
+/// llama.cpp's per-operation barriers when the test machine's cores are shared.
+fn engine() -> Engine {
+    let mut cfg = common::board();
+    cfg.threads = 1;
+    Engine::load(&cfg, 1).expect("engine")
 }
 
 fn kb(spec: &ReactSpec) -> Arc<Kb> {
@@ -104,10 +113,13 @@ fn check_typed(t: &Trace, spec: &ReactSpec) {
 
 #[test]
 fn grammar_guarded_runs_parse_end_typed_and_stay_on_the_allow_list() {
-    let mut engine = common::engine(0);
+    let mut engine = engine();
     let full = kiosk();
     let kb = kb(&full);
-    let mut gen = EngineGenerator::new(&mut engine, 0.0);
+    // The task prefix in prefix slot 0, as the CLI does.
+    let (mut gen, _) = EngineGenerator::new(&mut engine, 0.0)
+        .with_prefix(0, &agent::render_prefix(&full))
+        .unwrap();
 
     // A simple question, like the first few-shot example: ends with `final`.
     let mut spec = full.clone();
@@ -158,7 +170,7 @@ fn grammar_guarded_runs_parse_end_typed_and_stay_on_the_allow_list() {
 fn qa_cites_one_of_the_retrieved_passages() {
     let spec = kiosk();
     let kb = kb(&spec);
-    let mut engine = common::engine(0);
+    let mut engine = engine();
     let mut gen = EngineGenerator::new(&mut engine, 0.0);
     let qa_spec = spec.qa.clone().unwrap();
     let r = qa::answer(&spec, &qa_spec, &kb, "Can I bring my dog inside?", &mut gen).unwrap();
@@ -189,7 +201,13 @@ fn cli_usage_errors_exit_2() {
     let o = run(&["react", "--task", "no-such-task", "hi"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-task"));
-    // A classification task file is not a ReAct task.
+    // A classification task file is not a ReAct task, nor the other way round.
     let o = run(&["react", "--task", "sentiment", "hi"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let o = run(&["classify", "--task", "kiosk", "hi"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("edgeact react"),
+        "{o:?}"
+    );
 }
