@@ -36,6 +36,8 @@ pub enum AppError {
     Mqtt(#[from] crate::mqtt::MqttConfigError),
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
+    #[error(transparent)]
+    React(#[from] crate::react::ReactError),
     #[error("{failed} of {total} inputs were rejected (see their error records)")]
     SomeRecordsFailed { failed: usize, total: usize },
 }

@@ -2,7 +2,8 @@
 //!
 //! It loads a GGUF model through llama.cpp under a fixed memory budget, renders prompts
 //! from task templates, and classifies text by scoring each label's tokens after the
-//! prompt (no free generation), with calibration and abstention.
+//! prompt, with calibration and abstention; and runs grammar-guarded ReAct loops with
+//! local tools ([`react`]).
 //!
 //! # Layout
 //!
@@ -34,6 +35,11 @@
 //!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
 //! - [`worker`]: the inference thread that owns the engine; a bounded queue in front of it.
+//! - [`react`]: ReAct on the device: task files of `type = "react"`, GBNF step grammars,
+//!   the Thought / Action / Observation loop with typed stop reasons behind a generator
+//!   trait, allow-listed tools (BM25 knowledge base, calculator, clock, sensor, notify),
+//!   retrieve-then-answer `qa`, sessions, and the scenario evaluation. Generation itself is
+//!   [`engine::Engine::generate`].
 //! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
 //!   the request is acknowledged, published until PUBACK; topic layout and broker options in
 //!   [`mqtt`].
@@ -49,6 +55,7 @@ pub mod input;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
+pub mod react;
 pub mod scoring;
 pub mod serve;
 pub mod task;

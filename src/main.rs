@@ -12,6 +12,8 @@ use edgeact::budget::KvCacheType;
 use edgeact::classify::ScorePath;
 use edgeact::config::{self, BoardFile};
 use edgeact::engine::EngineError;
+use edgeact::react::spec::ReactSpec;
+use edgeact::react::ReactError;
 use edgeact::scoring::AbstainRule;
 use edgeact::task::Task;
 use edgeact::{mqtt, outbox, serve};
@@ -48,6 +50,108 @@ enum Command {
     /// Measure load time, peak RSS and classifications/s of each scoring path on a
     /// JSON-lines file (figures printed, nothing asserted).
     Bench(BenchArgs),
+    /// Answer with the ReAct loop (grammar-guarded Thought / Action / Observation steps,
+    /// allow-listed tools); prints the answer, then the trace as one JSON line.
+    React(ReactArgs),
+    /// Retrieve from the task's knowledge base, then one answer citing a retrieved passage;
+    /// prints the answer, then the result as one JSON line.
+    Qa(ReactArgs),
+    /// Run a scenario file through the ReAct loop (and the no-grammar baseline, and qa):
+    /// retrieval hit rate@k, tool choice, citations, unparsable steps, tokens and seconds.
+    ReactEval(ReactEvalArgs),
+}
+
+#[derive(Args)]
+struct ReactArgs {
+    /// Questions (each answered in turn).
+    questions: Vec<String>,
+    /// ReAct task: a name from tasks/ (or $EDGEACT_TASK_DIR, /etc/edgeact/tasks) or a path.
+    #[arg(long, short, default_value = "kiosk")]
+    task: String,
+    /// Session id: earlier turns of this session go into the prompt (within the task's
+    /// history_max_tokens) and this turn is recorded.
+    #[arg(long)]
+    session: Option<String>,
+    /// Folder of session files (default: $EDGEACT_STATE_DIR/sessions or ./state/sessions).
+    #[arg(long)]
+    session_dir: Option<PathBuf>,
+    /// Generate steps without the grammar and parse them with regexes (the baseline).
+    #[arg(long)]
+    no_grammar: bool,
+    /// Seed (overrides the task file's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Wall-clock limit per question in milliseconds (overrides the task file's).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Pretty-print the trace.
+    #[arg(long)]
+    pretty: bool,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
+struct ReactEvalArgs {
+    /// ReAct task with a knowledge base.
+    #[arg(long, short, default_value = "kiosk")]
+    task: String,
+    /// Scenario file (JSON lines: id, question, expect_tool, expect_passage?, expect_fact?).
+    #[arg(long, default_value = "kb/kiosk-scenarios.jsonl")]
+    scenarios: PathBuf,
+    /// At most this many scenarios (an evenly spaced sample).
+    #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+    limit: usize,
+    /// Also run the loop without the grammar (regex parsing, as peers do).
+    #[arg(long)]
+    baseline: bool,
+    /// Also run the qa mode (retrieve, then one cited answer).
+    #[arg(long)]
+    qa: bool,
+    /// Retrieval hit rate at these k (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    k: Vec<usize>,
+    /// Only the retrieval hit rates (BM25 on each question; no model).
+    #[arg(long)]
+    retrieval_only: bool,
+    /// Output folder (default out/react-eval-<task>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed (overrides the task file's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Wall-clock limit per question in milliseconds (overrides the task file's).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+impl ReactArgs {
+    fn config(&self) -> Result<edgeact::react::app::ReactConfig, AppError> {
+        let mut spec = ReactSpec::find(&self.task, &config::task_dirs())
+            .map_err(edgeact::react::ReactError::from)?;
+        if let Some(s) = self.seed {
+            spec.seed = s;
+        }
+        if let Some(t) = self.timeout_ms {
+            spec.timeout_ms = t;
+        }
+        Ok(edgeact::react::app::ReactConfig {
+            engine: self.board.engine_config()?,
+            spec,
+            questions: self.questions.clone(),
+            session: self.session.clone(),
+            session_dir: self.session_dir.clone().unwrap_or_else(|| {
+                std::env::var_os("EDGEACT_STATE_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("state"))
+                    .join("sessions")
+            }),
+            grammar: !self.no_grammar,
+            pretty: self.pretty,
+        })
+    }
 }
 
 /// Every `serve` setting, from the command line or from the `--config` file (same key
@@ -656,6 +760,33 @@ fn run(cli: Cli) -> Result<(), AppError> {
             },
             &mut out,
         ),
+        Command::React(a) => Ok(edgeact::react::app::react(a.config()?, &mut out)?),
+        Command::Qa(a) => Ok(edgeact::react::app::qa(a.config()?, &mut out)?),
+        Command::ReactEval(a) => {
+            let mut spec = ReactSpec::find(&a.task, &config::task_dirs())
+                .map_err(edgeact::react::ReactError::from)?;
+            if let Some(s) = a.seed {
+                spec.seed = s;
+            }
+            if let Some(t) = a.timeout_ms {
+                spec.timeout_ms = t;
+            }
+            let cfg = edgeact::react::app::EvalConfig {
+                engine: a.board.engine_config()?,
+                out_dir: a
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("out/react-eval-{}", spec.name))),
+                spec,
+                scenarios: a.scenarios,
+                limit: a.limit,
+                baseline: a.baseline,
+                qa: a.qa,
+                ks: a.k,
+                retrieval_only: a.retrieval_only,
+            };
+            Ok(edgeact::react::app::eval(cfg, &mut out)?)
+        }
         Command::Classify(a) => {
             let engine = a.board.engine_config()?;
             let task = Task::find(&a.task, &config::task_dirs())?;
@@ -722,6 +853,16 @@ fn exit_code(e: &AppError) -> u8 {
         AppError::Engine(EngineError::Decode(_)) => 1,
         AppError::Engine(_) => 3,
         AppError::SomeRecordsFailed { .. } => 4,
+        AppError::React(e) => match e {
+            ReactError::Engine(EngineError::Decode(_) | EngineError::Grammar(_)) => 1,
+            ReactError::Engine(_) => 3,
+            ReactError::Output(_) => 1,
+            ReactError::Spec(_)
+            | ReactError::Kb(_)
+            | ReactError::Session(_)
+            | ReactError::Scenario(_)
+            | ReactError::Usage(_) => 2,
+        },
         AppError::Mqtt(_) | AppError::Eval(_) => 2,
         AppError::Input { .. } | AppError::Output(_) | AppError::Outbox(_) => 1,
     }

@@ -301,6 +301,13 @@ impl Task {
     }
 
     pub fn parse(src: &str, path: &Path, default_name: &str) -> Result<Task, TaskError> {
+        if crate::react::spec::is_react_file(src) {
+            return Err(TaskError::Invalid {
+                path: path.into(),
+                key: "type".into(),
+                reason: "a ReAct task: use `edgeact react` or `edgeact qa`".into(),
+            });
+        }
         let raw: RawTask = toml::from_str(src).map_err(|e| TaskError::Parse {
             path: path.into(),
             message: e.to_string().trim().replace('\n', " "),
@@ -600,6 +607,10 @@ examples = [{ text = "Great!", label = "positive" }, { text = "Awful.", label = 
         for entry in std::fs::read_dir(&dir).unwrap() {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "toml") {
+                // ReAct task files have their own loader (crate::react::spec).
+                if crate::react::spec::is_react_file(&std::fs::read_to_string(&p).unwrap()) {
+                    continue;
+                }
                 let t = Task::load(&p).unwrap_or_else(|e| panic!("{e}"));
                 assert!(!t.render_prefix().is_empty());
                 n += 1;

@@ -1,0 +1,344 @@
+//! The local knowledge base: passages loaded from a folder of Markdown (`## Title {#id}`
+//! sections) and JSON-lines (`{"id", "title"?, "text"}`) files, ranked by BM25 (crate
+//! `bm25`, English stemming and stop words) with ties broken by load order.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bm25::{Language, SearchEngine, SearchEngineBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KbError {
+    #[error("knowledge base {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("knowledge base {path}, line {line}: {reason}")]
+    Entry {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("knowledge base {dir}: passage id `{id}` appears twice ({first} and {second})")]
+    DuplicateId {
+        dir: PathBuf,
+        id: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("knowledge base {0}: no passages (.md sections or .jsonl lines) found")]
+    Empty(PathBuf),
+}
+
+/// One retrievable passage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passage {
+    pub id: String,
+    pub title: String,
+    pub text: String,
+    pub source: PathBuf,
+}
+
+impl Passage {
+    /// Title and text on one line, as an observation shows it.
+    pub fn one_line(&self) -> String {
+        let body = self.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if self.title.is_empty() {
+            body
+        } else {
+            format!("{}: {body}", self.title)
+        }
+    }
+}
+
+/// A search hit: the passage's index in [`Kb::passages`] and its BM25 score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub index: usize,
+    pub score: f32,
+}
+
+pub struct Kb {
+    pub dir: PathBuf,
+    pub passages: Vec<Passage>,
+    engine: SearchEngine<usize>,
+}
+
+impl std::fmt::Debug for Kb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kb")
+            .field("dir", &self.dir)
+            .field("passages", &self.passages.len())
+            .finish()
+    }
+}
+
+/// A lowercase id from a heading: letters and digits, other runs become `-`.
+pub fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_alphanumeric() {
+            out.extend(c.to_lowercase());
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').to_string()
+}
+
+/// Sections of a Markdown file: each `## ` heading starts a passage that runs to the next
+/// `#`/`##` heading. `{#id}` at the end of the heading names it; otherwise the slug of the
+/// heading does.
+pub fn parse_markdown(src: &str, source: &Path) -> Vec<Passage> {
+    let mut out = Vec::new();
+    let mut cur: Option<Passage> = None;
+    for line in src.lines() {
+        let heading = line.strip_prefix("## ");
+        if heading.is_some() || line.starts_with("# ") {
+            if let Some(p) = cur.take() {
+                out.push(p);
+            }
+        }
+        if let Some(h) = heading {
+            let h = h.trim();
+            let (title, id) = match h.rfind("{#") {
+                Some(i) if h.ends_with('}') => (h[..i].trim(), h[i + 2..h.len() - 1].trim()),
+                _ => (h, ""),
+            };
+            cur = Some(Passage {
+                id: if id.is_empty() {
+                    slug(title)
+                } else {
+                    id.to_string()
+                },
+                title: title.to_string(),
+                text: String::new(),
+                source: source.to_path_buf(),
+            });
+        } else if let Some(p) = cur.as_mut() {
+            if !line.starts_with("# ") && (!p.text.is_empty() || !line.trim().is_empty()) {
+                p.text.push_str(line);
+                p.text.push('\n');
+            }
+        }
+    }
+    if let Some(p) = cur {
+        out.push(p);
+    }
+    for p in &mut out {
+        p.text = p.text.trim().to_string();
+    }
+    out.retain(|p| !p.text.is_empty());
+    out
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonEntry {
+    id: String,
+    #[serde(default)]
+    title: String,
+    text: String,
+}
+
+pub fn parse_jsonl(src: &str, source: &Path) -> Result<Vec<Passage>, KbError> {
+    let mut out = Vec::new();
+    for (i, line) in src.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e: JsonEntry = serde_json::from_str(line).map_err(|e| KbError::Entry {
+            path: source.into(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        if e.id.trim().is_empty() || e.text.trim().is_empty() {
+            return Err(KbError::Entry {
+                path: source.into(),
+                line: i + 1,
+                reason: "`id` and `text` must not be empty".into(),
+            });
+        }
+        out.push(Passage {
+            id: e.id,
+            title: e.title,
+            text: e.text,
+            source: source.into(),
+        });
+    }
+    Ok(out)
+}
+
+impl Kb {
+    /// Every `.md` and `.jsonl` file of `dir` (not recursive), in name order.
+    pub fn load(dir: &Path) -> Result<Kb, KbError> {
+        let io = |source| KbError::Io {
+            path: dir.into(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "md" || e == "jsonl")
+                    && p.file_name().is_some_and(|n| n != "README.md")
+            })
+            .collect();
+        files.sort();
+        let mut passages = Vec::new();
+        for f in &files {
+            let src = std::fs::read_to_string(f).map_err(|source| KbError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            if f.extension().is_some_and(|e| e == "md") {
+                passages.extend(parse_markdown(&src, f));
+            } else {
+                passages.extend(parse_jsonl(&src, f)?);
+            }
+        }
+        Kb::from_passages(dir, passages)
+    }
+
+    pub fn from_passages(dir: &Path, passages: Vec<Passage>) -> Result<Kb, KbError> {
+        if passages.is_empty() {
+            return Err(KbError::Empty(dir.into()));
+        }
+        let mut seen: HashMap<&str, &Path> = HashMap::new();
+        for p in &passages {
+            if let Some(first) = seen.insert(&p.id, &p.source) {
+                return Err(KbError::DuplicateId {
+                    dir: dir.into(),
+                    id: p.id.clone(),
+                    first: first.into(),
+                    second: p.source.clone(),
+                });
+            }
+        }
+        let docs: Vec<bm25::Document<usize>> = passages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| bm25::Document::new(i, format!("{} {}", p.title, p.text)))
+            .collect();
+        let engine = SearchEngineBuilder::<usize>::with_documents(Language::English, docs).build();
+        Ok(Kb {
+            dir: dir.into(),
+            passages,
+            engine,
+        })
+    }
+
+    /// The `k` best passages for `query` by BM25; passages sharing no term with the query
+    /// are not returned. Equal scores keep load order, so results are deterministic.
+    pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = self
+            .engine
+            .search(query, None)
+            .into_iter()
+            .map(|r| Hit {
+                index: r.document.id,
+                score: r.score,
+            })
+            .filter(|h| h.score > 0.0)
+            .collect();
+        hits.sort_by(|a, b| {
+            b.score
+                .partial_cmp(&a.score)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.index.cmp(&b.index))
+        });
+        hits.truncate(k);
+        hits
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Passage> {
+        self.passages.iter().find(|p| p.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(id: &str, title: &str, text: &str) -> Passage {
+        Passage {
+            id: id.into(),
+            title: title.into(),
+            text: text.into(),
+            source: "t.md".into(),
+        }
+    }
+
+    #[test]
+    fn markdown_sections_become_passages() {
+        let src = "# Hours\nintro ignored\n## Sunday opening {#hours-sunday}\nOpen 10:00 to 16:00.\n\n## Public holidays\nClosed on 25 December.\n";
+        let ps = parse_markdown(src, Path::new("hours.md"));
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps[0].id, "hours-sunday");
+        assert_eq!(ps[0].title, "Sunday opening");
+        assert_eq!(ps[0].text, "Open 10:00 to 16:00.");
+        assert_eq!(ps[1].id, "public-holidays");
+        assert_eq!(ps[1].one_line(), "Public holidays: Closed on 25 December.");
+    }
+
+    #[test]
+    fn jsonl_errors_name_the_line() {
+        let e = parse_jsonl(
+            "{\"id\":\"a\",\"text\":\"x\"}\nnot json\n",
+            Path::new("f.jsonl"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = parse_jsonl("{\"id\":\"\",\"text\":\"x\"}\n", Path::new("f.jsonl")).unwrap_err();
+        assert!(e.to_string().contains("must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn bm25_ranks_the_matching_passage_first() {
+        let kb = Kb::from_passages(
+            Path::new("kb"),
+            vec![
+                p(
+                    "hours",
+                    "Opening hours",
+                    "We open at 9:00 and close at 18:00 on weekdays.",
+                ),
+                p(
+                    "returns",
+                    "Returns",
+                    "Items can be returned within 30 days with a receipt.",
+                ),
+                p(
+                    "card",
+                    "Lost card",
+                    "Report a lost loyalty card at the service desk.",
+                ),
+                p(
+                    "parking",
+                    "Parking",
+                    "The car park closes one hour after the market.",
+                ),
+            ],
+        )
+        .unwrap();
+        let top = |q: &str| kb.passages[kb.search(q, 1)[0].index].id.clone();
+        assert_eq!(top("when do you close on weekdays"), "hours");
+        assert_eq!(top("can I return a jacket without a receipt"), "returns");
+        assert_eq!(top("I lost my card"), "card");
+        assert_eq!(top("where can I park the car"), "parking");
+        // Stemming: "returning" finds "returned".
+        assert_eq!(top("returning items"), "returns");
+        assert!(kb.search("zebra quantum", 3).is_empty());
+        let hits = kb.search("card closes hour", 3);
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let e = Kb::from_passages(Path::new("kb"), vec![p("a", "", "one"), p("a", "", "two")])
+            .unwrap_err();
+        assert!(e.to_string().contains("`a` appears twice"), "{e}");
+        assert!(Kb::from_passages(Path::new("kb"), vec![]).is_err());
+    }
+}

@@ -1,0 +1,45 @@
+//! ReAct on the device: grammar-guarded `Thought:` / `Action:` / `Observation:` loops with
+//! allow-listed tools, retrieve-then-answer QA over a local knowledge base, multi-turn
+//! sessions, and the scenario evaluation.
+//!
+//! - [`spec`]: the task file (`type = "react"`), validated.
+//! - [`grammar`]: GBNF built from the task (step grammar, QA citation grammar).
+//! - [`step`]: parsing a step (strict: the grammar's language; loose: the regex baseline).
+//! - [`agent`]: the loop (state machine, context rule, stop reasons, trace) behind a
+//!   [`agent::StepGenerator`], and the engine as one.
+//! - [`tools`]: the tools and the per-task toolbox (allow-list, limits, rate limit).
+//! - [`kb`]: the knowledge base and its BM25 index.
+//! - [`qa`]: one retrieval, one grammar-constrained answer citing a retrieved passage.
+//! - [`session`]: earlier turns of a conversation, kept on disk by session id.
+//! - [`scenario`]: the scenario file and its metrics (`edgeact react-eval`).
+//! - [`app`]: the modes, from config to output.
+
+pub mod agent;
+pub mod app;
+pub mod grammar;
+pub mod kb;
+pub mod qa;
+pub mod scenario;
+pub mod session;
+pub mod spec;
+pub mod step;
+pub mod tools;
+
+/// Errors of the ReAct modes.
+#[derive(Debug, thiserror::Error)]
+pub enum ReactError {
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Kb(#[from] kb::KbError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    #[error(transparent)]
+    Scenario(#[from] scenario::ScenarioError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write output: {0}")]
+    Output(std::io::Error),
+}
