@@ -39,12 +39,14 @@
 //!   [`mqtt`].
 
 pub mod app;
+pub mod baseline;
 pub mod budget;
 pub mod classify;
 pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod gguf;
+pub mod head;
 pub mod input;
 pub mod metrics;
 pub mod mqtt;

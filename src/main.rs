@@ -559,6 +559,10 @@ struct ClassifyArgs {
     /// Pretty-print each result.
     #[arg(long)]
     pretty: bool,
+    /// How to classify: prompt (label scores), head (the task's learned head), both
+    /// (combined). Default: the task file's `[head] method`, else prompt.
+    #[arg(long, value_parser = ["prompt", "head", "both"])]
+    method: Option<String>,
     #[command(flatten)]
     board: BoardArgs,
 }
@@ -686,6 +690,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 },
                 batch_size: a.batch_size,
                 pretty: a.pretty,
+                method: a.method.as_deref().and_then(edgeact::head::Method::parse),
             };
             app::classify(cfg, &mut out)
         }
