@@ -85,8 +85,8 @@ pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError
     let batch_size = cfg.batch_size.max(1);
 
     let mut flush = |pending: &mut Vec<(usize, Request)>,
-                 engine: &mut Engine,
-                 out: &mut dyn Write|
+                     engine: &mut Engine,
+                     out: &mut dyn Write|
      -> Result<usize, AppError> {
         let reqs: Vec<Request> = pending.iter().map(|(_, r)| r.clone()).collect();
         let results = classifier.classify_many(engine, &reqs, cfg.path);

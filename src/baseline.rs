@@ -126,7 +126,10 @@ impl TfIdfLr {
             .fit(&ds)
             .map_err(|e| BaselineError::Fit(e.to_string()))?;
         for (k, &c) in fitted.classes().iter().enumerate() {
-            model.weights.column_mut(c).assign(&fitted.params().column(k));
+            model
+                .weights
+                .column_mut(c)
+                .assign(&fitted.params().column(k));
             model.bias[c] = fitted.intercept()[k];
         }
         Ok(model)
@@ -201,7 +204,11 @@ mod tests {
         let texts: Vec<&str> = train.iter().map(|t| t.0).collect();
         let y: Vec<usize> = train.iter().map(|t| t.1).collect();
         let m = TfIdfLr::fit(&texts, &y, 3, BaselineParams::default()).unwrap();
-        assert!(m.n_features() > 20, "unigrams and bigrams: {}", m.n_features());
+        assert!(
+            m.n_features() > 20,
+            "unigrams and bigrams: {}",
+            m.n_features()
+        );
         let test = [
             ("my card got stolen", 0),
             ("the exchange rate is wrong", 1),

@@ -207,15 +207,8 @@ pub fn bench_accuracy(cfg: FiguresConfig, out: &mut dyn Write) -> Result<(), App
                         note: format!("not run: {}", failed.unwrap_or_default()),
                     },
                     Some((cal, dev_f1)) => {
-                        let (run, _) = eval::run(
-                            engine,
-                            shot,
-                            0,
-                            Some(cal),
-                            &test,
-                            cfg.batch_size,
-                            true,
-                        )?;
+                        let (run, _) =
+                            eval::run(engine, shot, 0, Some(cal), &test, cfg.batch_size, true)?;
                         Line {
                             method,
                             train,
@@ -247,12 +240,19 @@ pub fn bench_accuracy(cfg: FiguresConfig, out: &mut dyn Write) -> Result<(), App
         let mut fctx = engine
             .feature_context(cfg.features)
             .map_err(|e| head_err(e.into()))?;
-        let tok = FeatureTokenizer::new(engine, &cfg.feature, fctx.max_tokens())
-            .map_err(head_err)?;
+        let tok =
+            FeatureTokenizer::new(engine, &cfg.feature, fctx.max_tokens()).map_err(head_err)?;
         let mut store = FeatureStore::open(cfg.cache_dir.as_deref(), engine, &cfg.feature, &tok);
         let t0 = Instant::now();
         let test_states = store
-            .states(engine, &mut fctx, &cfg.feature, &ty_texts, true, "test features")
+            .states(
+                engine,
+                &mut fctx,
+                &cfg.feature,
+                &ty_texts,
+                true,
+                "test features",
+            )
             .map_err(head_err)?;
         let test_feat_s = t0.elapsed().as_secs_f64();
         let test_x: Vec<Vec<f32>> = test_states
@@ -295,7 +295,10 @@ pub fn bench_accuracy(cfg: FiguresConfig, out: &mut dyn Write) -> Result<(), App
                     &format!("train features, {k} per label"),
                 )
                 .map_err(head_err)?;
-            let x: Vec<Vec<f32>> = states.iter().map(|s| cfg.feature.pooling.apply(s)).collect();
+            let x: Vec<Vec<f32>> = states
+                .iter()
+                .map(|s| cfg.feature.pooling.apply(s))
+                .collect();
             let head = LinearHead::train(
                 &x,
                 &y,

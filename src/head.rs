@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::classify::{
-    CalibrationApplied, ClassifyResult, Classifier, LabelDetail, Provenance, RecordError,
-    Request, ScorePath, SetupError, Timings, TokenCounts, Truncation,
+    CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance, RecordError, Request,
+    ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
 use crate::engine::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
 use crate::scoring::{decide, softmax, AbstainRule, Token};
@@ -619,10 +619,10 @@ impl HeadClassifier {
         path: ScorePath,
     ) -> Vec<Result<ClassifyResult, RecordError>> {
         let started = Instant::now();
-        let mut prompt_results = match &self.prompt {
-            Some(c) => Some(c.classify_many(engine, reqs, path).into_iter()),
-            None => None,
-        };
+        let mut prompt_results = self
+            .prompt
+            .as_ref()
+            .map(|c| c.classify_many(engine, reqs, path).into_iter());
         let mut seqs = Vec::new();
         let mut cuts = Vec::new();
         let mut checked: Vec<Result<(), RecordError>> = Vec::new();
@@ -668,13 +668,18 @@ impl HeadClassifier {
                 ))));
                 continue;
             };
-            let hp = self.head.head.predict(&self.head.feature.pooling.apply(&st));
+            let hp = self
+                .head
+                .head
+                .predict(&self.head.feature.pooling.apply(&st));
             // In task label order.
             let head_probs: Vec<f64> = self.order.iter().map(|&i| hp[i]).collect();
             let res = match prompt_res {
                 None => Ok(self.result(engine, req, &head_probs, None, tokens.len(), cut)),
                 Some(Err(e)) => Err(e),
-                Some(Ok(p)) => Ok(self.result(engine, req, &head_probs, Some(p), tokens.len(), cut)),
+                Some(Ok(p)) => {
+                    Ok(self.result(engine, req, &head_probs, Some(p), tokens.len(), cut))
+                }
             };
             out.push(res.map(|mut r| {
                 r.timings_ms.prefill_ms += decode_ms;
@@ -796,7 +801,9 @@ mod tests {
     fn toy(n_per: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<usize>) {
         let mut s = seed;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) as f64 / (1u64 << 31) as f64) as f32 - 0.5
         };
         let centers = [[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]];

@@ -100,7 +100,11 @@ impl FeatureStore {
         if let Some(dir) = f.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        if let Ok(mut w) = std::fs::OpenOptions::new().create(true).append(true).open(f) {
+        if let Ok(mut w) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)
+        {
             let _ = w.write_all(records);
         }
     }

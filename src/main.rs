@@ -75,7 +75,11 @@ struct BenchAccuracyArgs {
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     head_k: Vec<usize>,
     /// Rows to run: zero-shot, tuned, head, tfidf (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "zero-shot,tuned,head,tfidf")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "zero-shot,tuned,head,tfidf"
+    )]
     rows: Vec<String>,
     /// Pooling of the head rows: last, mean or last+mean.
     #[arg(long, default_value = "last")]
@@ -788,8 +792,8 @@ fn run(cli: Cli) -> Result<(), AppError> {
                     format!("`{v}` is not one of the choices (see --help)"),
                 )
             };
-            let pooling =
-                edgeact::head::Pooling::parse(&a.pooling).ok_or_else(|| bad("pooling", &a.pooling))?;
+            let pooling = edgeact::head::Pooling::parse(&a.pooling)
+                .ok_or_else(|| bad("pooling", &a.pooling))?;
             let mut rows = Vec::new();
             for r in &a.rows {
                 rows.push(edgeact::figures::Row::parse(r.trim()).ok_or_else(|| bad("rows", r))?);

@@ -303,8 +303,8 @@ fn eval_writes_metrics_consistent_with_its_predictions() {
 fn tune_head_trains_saves_and_classifies_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     // The 40 obvious sentences with splits: 6 per label to train, the rest dev.
-    let src = std::fs::read_to_string(common::root().join("tests/data/sentiment-obvious.jsonl"))
-        .unwrap();
+    let src =
+        std::fs::read_to_string(common::root().join("tests/data/sentiment-obvious.jsonl")).unwrap();
     let mut per_label = std::collections::HashMap::new();
     let mut data = String::new();
     for l in src.lines() {
@@ -341,7 +341,10 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let report = String::from_utf8_lossy(&o.stdout);
-    assert!(report.contains("| last | 1 |") && report.contains("| mean | 1 |"), "{report}");
+    assert!(
+        report.contains("| last | 1 |") && report.contains("| mean | 1 |"),
+        "{report}"
+    );
     let head: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("s-head.head.json")).unwrap())
             .unwrap();
@@ -352,7 +355,10 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     );
     let task = std::fs::read_to_string(&task_path).unwrap();
-    assert!(task.contains("[head]") && task.contains("s-head.head.json"), "{task}");
+    assert!(
+        task.contains("[head]") && task.contains("s-head.head.json"),
+        "{task}"
+    );
 
     // The written task classifies through its head, and eval runs it.
     let o = edgeact(
@@ -370,7 +376,10 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
     assert_eq!(r.len(), 2);
     assert_eq!(r[0]["top_label"], "positive", "{}", r[0]);
     assert_eq!(r[1]["top_label"], "negative", "{}", r[1]);
-    assert_eq!(r[0]["tokens"]["reused"], 0, "the head path reads features, not labels");
+    assert_eq!(
+        r[0]["tokens"]["reused"], 0,
+        "the head path reads features, not labels"
+    );
     let out_dir = dir.path().join("eval");
     let o = edgeact(
         &[
@@ -414,5 +423,9 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
         None,
     );
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("trained on the hidden states of model 0000"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("trained on the hidden states of model 0000"),
+        "{}",
+        stderr(&o)
+    );
 }
