@@ -65,20 +65,30 @@ pub struct ClassifyConfig {
     /// Requests per micro-batch.
     pub batch_size: usize,
     pub pretty: bool,
+    /// Overrides the task file's method (`[head] method`).
+    pub method: Option<crate::head::Method>,
 }
 
 /// Loads the model, prepares the task and writes one JSON line per input to `out`.
 pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let mut engine = Engine::load(&cfg.engine, 1)?;
-    let classifier = Classifier::new(&mut engine, cfg.task, 0, cfg.calibrate, cfg.abstain)?;
+    let mut classifier = crate::head::TaskRunner::new(
+        &mut engine,
+        cfg.task,
+        0,
+        cfg.calibrate,
+        cfg.abstain,
+        cfg.method,
+        engine::FeatureParams::for_config(&cfg.engine),
+    )?;
     let mut total = 0usize;
     let mut failed = 0usize;
     let mut pending: Vec<(usize, Request)> = Vec::new();
     let batch_size = cfg.batch_size.max(1);
 
-    let flush = |pending: &mut Vec<(usize, Request)>,
-                 engine: &mut Engine,
-                 out: &mut dyn Write|
+    let mut flush = |pending: &mut Vec<(usize, Request)>,
+                     engine: &mut Engine,
+                     out: &mut dyn Write|
      -> Result<usize, AppError> {
         let reqs: Vec<Request> = pending.iter().map(|(_, r)| r.clone()).collect();
         let results = classifier.classify_many(engine, &reqs, cfg.path);

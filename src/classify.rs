@@ -37,6 +37,11 @@ pub enum SetupError {
     ChatTemplate { task: String, reason: String },
     #[error("task `{task}`: {source}")]
     Engine { task: String, source: EngineError },
+    #[error("task `{task}`: {source}")]
+    Head {
+        task: String,
+        source: crate::head::HeadError,
+    },
 }
 
 /// Why one request got an error record instead of a result.

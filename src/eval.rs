@@ -10,9 +10,10 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::app::AppError;
-use crate::classify::{Classifier, Request, ScorePath};
+use crate::classify::{Request, ScorePath};
 use crate::config::EngineConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, FeatureParams};
+use crate::head::TaskRunner;
 use crate::input;
 use crate::metrics::{self, Outcome};
 use crate::task::Task;
@@ -189,6 +190,7 @@ pub struct EvalRun {
 }
 
 /// Classifies `data` with `task` on `engine` (prefix slot `slot`), with a progress bar.
+/// A task with a `[head]` runs through it (as its file says).
 pub fn run(
     engine: &mut Engine,
     task: Task,
@@ -198,9 +200,28 @@ pub fn run(
     batch_size: usize,
     progress: bool,
 ) -> Result<(EvalRun, Vec<serde_json::Value>), AppError> {
-    let classifier = Classifier::new(engine, task, slot, calibrate, None)?;
+    let mut runner = TaskRunner::new(
+        engine,
+        task,
+        slot,
+        calibrate,
+        None,
+        None,
+        FeatureParams::default(),
+    )?;
+    run_with(engine, &mut runner, data, batch_size, progress)
+}
+
+/// [`run`] with a task prepared by the caller (say, with another method).
+pub fn run_with(
+    engine: &mut Engine,
+    classifier: &mut TaskRunner,
+    data: &[Example],
+    batch_size: usize,
+    progress: bool,
+) -> Result<(EvalRun, Vec<serde_json::Value>), AppError> {
     let labels: Vec<String> = classifier
-        .task
+        .task()
         .labels
         .iter()
         .map(|l| l.name.clone())
@@ -214,7 +235,7 @@ pub fn run(
         indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_message(classifier.task.name.clone());
+    bar.set_message(classifier.task().name.clone());
     let mut outcomes = Vec::with_capacity(data.len());
     let mut lat = Vec::with_capacity(data.len());
     let mut decoded = 0usize;
@@ -227,10 +248,10 @@ pub fn run(
         let per = t.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
         for (ex, res) in chunk.iter().zip(results) {
             // Labels were checked up front.
-            let gold = classifier.task.label_index(&ex.label).unwrap_or(0);
+            let gold = classifier.task().label_index(&ex.label).unwrap_or(0);
             match res {
                 Ok(r) => {
-                    let predicted = classifier.task.label_index(&r.top_label).unwrap_or(0);
+                    let predicted = classifier.task().label_index(&r.top_label).unwrap_or(0);
                     decoded += r.tokens.decoded;
                     lat.push(per);
                     predictions.push(json!({
@@ -269,8 +290,8 @@ pub fn run(
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let run = EvalRun {
-        task: classifier.task.name.clone(),
-        template_sha256: classifier.task.template_sha256(),
+        task: classifier.task().name.clone(),
+        template_sha256: classifier.template_sha256(),
         calibrated: classifier.calibrating(),
         metrics: metrics::evaluate(&labels, &outcomes, 10),
         latency_ms: metrics::latency_summary(&lat),

@@ -21,7 +21,8 @@
 //!   suffix.
 //! - [`engine`]: the only module that touches llama-cpp-2: checks and loads the model,
 //!   caches task prefixes in the KV cache, scores labels (prefix reuse, label trie,
-//!   micro-batching; and a naive reference path).
+//!   micro-batching; and a naive reference path); a second, embeddings context reads
+//!   hidden states for the learned head ([`engine::FeatureContext`]).
 //! - [`scoring`]: pure label-scoring math: label trie, log-softmax, contextual calibration,
 //!   abstention.
 //! - [`classify`]: one task on an engine: request -> prompt tokens (truncated by policy) ->
@@ -31,6 +32,13 @@
 //!   data into metrics.json, report.md and plots.
 //! - [`tune`]: `edgeact tune`: candidate templates x K-shot sets x calibration on a dev
 //!   split; the winner is written as a task file with its measured score.
+//! - [`head`]: the learned head on frozen features: feature prompt and pooling, standardizer,
+//!   multinomial logistic regression (linfa-logistic), the head file beside a task, and
+//!   [`head::TaskRunner`], which classifies a task by label scores, its head, or both.
+//! - [`learn`]: `edgeact tune --head`: K examples per label, features (cached on disk), every
+//!   pooling x L2 strength scored on dev, the best written as head file + task file.
+//! - [`baseline`]: TF-IDF 1-2 grams + logistic regression, the plain baseline.
+//! - [`figures`]: `edgeact bench-accuracy`: every method on one data set's test split.
 //! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
 //!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
@@ -45,13 +53,17 @@
 //!   [`mqtt`].
 
 pub mod app;
+pub mod baseline;
 pub mod budget;
 pub mod classify;
 pub mod config;
 pub mod engine;
 pub mod eval;
+pub mod figures;
 pub mod gguf;
+pub mod head;
 pub mod input;
+pub mod learn;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;

@@ -59,6 +59,10 @@ enum Command {
     /// Run a scenario file through the ReAct loop (and the no-grammar baseline, and qa):
     /// retrieval hit rate@k, tool choice, citations, unparsable steps, tokens and seconds.
     ReactEval(ReactEvalArgs),
+    /// Accuracy figures of one data set on its test split: zero-shot (with and without
+    /// calibration), the K-shot template, the learned head with K per label, and TF-IDF +
+    /// logistic regression (K per label and full train), as one Markdown table.
+    BenchAccuracy(BenchAccuracyArgs),
 }
 
 #[derive(Args)]
@@ -152,6 +156,55 @@ impl ReactArgs {
             pretty: self.pretty,
         })
     }
+}
+
+#[derive(Args)]
+struct BenchAccuracyArgs {
+    /// Task giving the template and labels (its own examples are not used).
+    #[arg(long, short)]
+    task: String,
+    /// Labeled JSON lines with train/dev/test splits (scripts/fetch-data makes them).
+    #[arg(long)]
+    data: PathBuf,
+    /// Test examples at most (an evenly spaced sample).
+    #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+    limit: usize,
+    /// Dev examples at most, for the K-shot template's calibration choice.
+    #[arg(long, default_value_t = 100)]
+    dev_limit: usize,
+    /// K per label of the template row and of the K-shot baseline.
+    #[arg(long, default_value_t = 8)]
+    shots: usize,
+    /// K per label of the head rows (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    head_k: Vec<usize>,
+    /// Rows to run: zero-shot, tuned, head, tfidf (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "zero-shot,tuned,head,tfidf"
+    )]
+    rows: Vec<String>,
+    /// Pooling of the head rows: last, mean or last+mean.
+    #[arg(long, default_value = "last")]
+    pooling: String,
+    /// L2 strength of the head rows.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Most text tokens kept in the feature prompt.
+    #[arg(long, default_value_t = 96)]
+    max_text_tokens: usize,
+    /// Tokens per feature decode.
+    #[arg(long, default_value_t = 64)]
+    feature_batch: u32,
+    /// Do not read or write the feature cache ($EDGEACT_CACHE/features).
+    #[arg(long)]
+    no_feature_cache: bool,
+    /// Requests per micro-batch of the prompt rows.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
 }
 
 /// Every `serve` setting, from the command line or from the `--config` file (same key
@@ -510,14 +563,71 @@ struct TuneArgs {
     /// Dev examples at most (an evenly spaced sample).
     #[arg(long, default_value_t = 200)]
     limit: usize,
-    /// Where the winning task file goes (default tasks/<task>-tuned.toml).
+    /// Where the winning task file goes (default tasks/<task>-tuned.toml, with --head
+    /// tasks/<task>-head.toml and the head beside it as <stem>.head.json).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Requests per micro-batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     #[command(flatten)]
+    head: HeadArgs,
+    #[command(flatten)]
     board: BoardArgs,
+}
+
+/// The learned head (`tune --head`).
+#[derive(Args)]
+struct HeadArgs {
+    /// Train a logistic-regression head on the model's hidden states instead of choosing
+    /// a template.
+    #[arg(long)]
+    head: bool,
+    /// Training examples per label (the first ones of the train split).
+    #[arg(long, default_value_t = 8)]
+    per_class: usize,
+    /// Feature prompt with one {text} (default: PromptEOL).
+    #[arg(long, default_value = edgeact::head::PROMPT_EOL)]
+    feature_prompt: String,
+    /// Poolings to try: last, mean, last+mean (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "last,mean,last+mean")]
+    pooling: Vec<String>,
+    /// L2 strengths to try (comma-separated; 1 = scikit-learn's C = 1).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,1,10")]
+    alpha: Vec<f64>,
+    /// Most text tokens kept in the feature prompt.
+    #[arg(long, default_value_t = 96)]
+    max_text_tokens: usize,
+    /// Tokens per feature decode (memory: about 2 MiB each for Gemma 3's logits).
+    #[arg(long, default_value_t = 64)]
+    feature_batch: u32,
+    /// Do not read or write the feature cache ($EDGEACT_CACHE/features).
+    #[arg(long)]
+    no_feature_cache: bool,
+}
+
+impl HeadArgs {
+    fn poolings(&self) -> Result<Vec<edgeact::head::Pooling>, AppError> {
+        self.pooling
+            .iter()
+            .map(|p| {
+                edgeact::head::Pooling::parse(p.trim()).ok_or_else(|| {
+                    invalid(
+                        std::path::Path::new("command line"),
+                        "pooling",
+                        format!("`{p}` is not last, mean or last+mean"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn features(&self, engine: &config::EngineConfig) -> edgeact::engine::FeatureParams {
+        edgeact::engine::FeatureParams {
+            n_batch_tokens: self.feature_batch,
+            ..edgeact::engine::FeatureParams::for_config(engine)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -667,6 +777,10 @@ struct ClassifyArgs {
     /// Pretty-print each result.
     #[arg(long)]
     pretty: bool,
+    /// How to classify: prompt (label scores), head (the task's learned head), both
+    /// (combined). Default: the task file's `[head] method`, else prompt.
+    #[arg(long, value_parser = ["prompt", "head", "both"])]
+    method: Option<String>,
     #[command(flatten)]
     board: BoardArgs,
 }
@@ -729,6 +843,34 @@ fn run(cli: Cli) -> Result<(), AppError> {
             };
             edgeact::eval::eval(cfg, &mut out)
         }
+        Command::Tune(a) if a.head.head => {
+            let task = Task::find(&a.task[0], &config::task_dirs())?;
+            let engine = a.board.engine_config()?;
+            let cfg = edgeact::learn::TuneHeadConfig {
+                out: a
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("tasks/{}-head.toml", task.name))),
+                task,
+                data: a.data,
+                train_split: a.train_split,
+                dev_split: a.dev_split,
+                per_class: a.head.per_class,
+                limit: a.limit,
+                prompt: a.head.feature_prompt.clone(),
+                poolings: a.head.poolings()?,
+                alphas: a.head.alpha.clone(),
+                max_text_tokens: a.head.max_text_tokens,
+                features: a.head.features(&engine),
+                cache_dir: if a.head.no_feature_cache {
+                    None
+                } else {
+                    edgeact::learn::default_cache_dir()
+                },
+                engine,
+            };
+            edgeact::learn::tune_head(cfg, &mut out)
+        }
         Command::Tune(a) => {
             let mut templates = Vec::new();
             for t in &a.task {
@@ -748,6 +890,48 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 batch_size: a.batch_size,
             };
             edgeact::tune::tune(cfg, &mut out)
+        }
+        Command::BenchAccuracy(a) => {
+            let engine = a.board.engine_config()?;
+            let bad = |key: &str, v: &str| {
+                invalid(
+                    std::path::Path::new("command line"),
+                    key,
+                    format!("`{v}` is not one of the choices (see --help)"),
+                )
+            };
+            let pooling = edgeact::head::Pooling::parse(&a.pooling)
+                .ok_or_else(|| bad("pooling", &a.pooling))?;
+            let mut rows = Vec::new();
+            for r in &a.rows {
+                rows.push(edgeact::figures::Row::parse(r.trim()).ok_or_else(|| bad("rows", r))?);
+            }
+            let cfg = edgeact::figures::FiguresConfig {
+                task: Task::find(&a.task, &config::task_dirs())?,
+                data: a.data,
+                train_split: "train".into(),
+                dev_split: "dev".into(),
+                test_split: "test".into(),
+                limit: a.limit,
+                dev_limit: a.dev_limit,
+                shots: a.shots,
+                head_k: a.head_k,
+                feature: edgeact::figures::default_feature(pooling, a.max_text_tokens),
+                alpha: a.alpha,
+                features: edgeact::engine::FeatureParams {
+                    n_batch_tokens: a.feature_batch,
+                    ..edgeact::engine::FeatureParams::for_config(&engine)
+                },
+                cache_dir: if a.no_feature_cache {
+                    None
+                } else {
+                    edgeact::learn::default_cache_dir()
+                },
+                batch_size: a.batch_size,
+                rows,
+                engine,
+            };
+            edgeact::figures::bench_accuracy(cfg, &mut out)
         }
         Command::Bench(a) => app::bench(
             app::BenchConfig {
@@ -822,6 +1006,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 },
                 batch_size: a.batch_size,
                 pretty: a.pretty,
+                method: a.method.as_deref().and_then(edgeact::head::Method::parse),
             };
             app::classify(cfg, &mut out)
         }

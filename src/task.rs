@@ -81,6 +81,25 @@ struct RawTask {
     /// What `edgeact tune` measured when it wrote this file (free-form, informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     measured: Option<toml::Table>,
+    /// A learned head on the model's hidden states (`edgeact tune --head`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    head: Option<HeadRef>,
+}
+
+/// The `[head]` table: a head file and how the task uses it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeadRef {
+    /// The head file, relative to the task file.
+    pub file: PathBuf,
+    /// `head` (the head alone), `both` (head and label scores combined) or `prompt`
+    /// (label scores only: the head is ignored).
+    #[serde(default = "default_head_method")]
+    pub method: crate::head::Method,
+}
+
+fn default_head_method() -> crate::head::Method {
+    crate::head::Method::Head
 }
 
 fn default_separator() -> String {
@@ -260,6 +279,8 @@ pub struct Task {
     pub input: InputBudget,
     /// What `edgeact tune` measured for this file, if it wrote it.
     pub measured: Option<toml::Table>,
+    /// The learned head, if the task has one.
+    pub head: Option<HeadRef>,
 }
 
 /// The field the token budget truncates.
@@ -418,6 +439,7 @@ impl Task {
             abstain: raw.abstain,
             input: raw.input,
             measured: raw.measured,
+            head: raw.head,
         })
     }
 
@@ -473,6 +495,15 @@ impl Task {
         hex::encode(&h.finalize()[..8])
     }
 
+    /// The head file's path: `[head] file` relative to the task file's folder.
+    pub fn head_path(&self) -> Option<PathBuf> {
+        let h = self.head.as_ref()?;
+        Some(match self.path.parent() {
+            Some(dir) if h.file.is_relative() => dir.join(&h.file),
+            _ => h.file.clone(),
+        })
+    }
+
     /// The task as a task file that [`Task::parse`] reads back to the same prompts.
     pub fn to_toml(&self) -> String {
         let raw = RawTask {
@@ -490,6 +521,7 @@ impl Task {
             abstain: self.abstain,
             input: self.input.clone(),
             measured: self.measured.clone(),
+            head: self.head.clone(),
         };
         // Plain strings, numbers, tables and arrays: serializing cannot fail.
         toml::to_string(&raw).unwrap_or_default()

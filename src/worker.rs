@@ -125,6 +125,16 @@ pub fn spawn(
                 let mut engine = Engine::load(&engine_cfg, tasks.len())?;
                 let mut cs = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {
+                    if t
+                        .head
+                        .as_ref()
+                        .is_some_and(|h| h.method != crate::head::Method::Prompt)
+                    {
+                        tracing::warn!(
+                            task = %t.name,
+                            "serve does not run learned heads yet: this task is classified by its label scores"
+                        );
+                    }
                     cs.push(Classifier::new(&mut engine, t, slot, None, None)?);
                 }
                 Ok((engine, cs))

@@ -298,3 +298,134 @@ fn eval_writes_metrics_consistent_with_its_predictions() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("negative, positive"), "{}", stderr(&o));
 }
+
+#[test]
+fn tune_head_trains_saves_and_classifies_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    // The 40 obvious sentences with splits: 6 per label to train, the rest dev.
+    let src =
+        std::fs::read_to_string(common::root().join("tests/data/sentiment-obvious.jsonl")).unwrap();
+    let mut per_label = std::collections::HashMap::new();
+    let mut data = String::new();
+    for l in src.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let n = per_label
+            .entry(v["label"].as_str().unwrap().to_string())
+            .or_insert(0);
+        *n += 1;
+        v["split"] = if *n <= 6 { "train" } else { "dev" }.into();
+        data.push_str(&format!("{v}\n"));
+    }
+    let data_path = dir.path().join("d.jsonl");
+    std::fs::write(&data_path, data).unwrap();
+    let task_path = dir.path().join("s-head.toml");
+    let o = edgeact(
+        &[
+            "tune",
+            "--head",
+            "--task",
+            "sentiment",
+            "--data",
+            data_path.to_str().unwrap(),
+            "--per-class",
+            "6",
+            "--pooling",
+            "last,mean",
+            "--alpha",
+            "1",
+            "--no-feature-cache",
+            "--out",
+            task_path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        report.contains("| last | 1 |") && report.contains("| mean | 1 |"),
+        "{report}"
+    );
+    let head: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("s-head.head.json")).unwrap())
+            .unwrap();
+    assert_eq!(head["labels"], serde_json::json!(["positive", "negative"]));
+    assert_eq!(head["n_embd"], 640);
+    assert_eq!(
+        head["model_sha256"],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
+    let task = std::fs::read_to_string(&task_path).unwrap();
+    assert!(
+        task.contains("[head]") && task.contains("s-head.head.json"),
+        "{task}"
+    );
+
+    // The written task classifies through its head, and eval runs it.
+    let o = edgeact(
+        &[
+            "classify",
+            "--task",
+            task_path.to_str().unwrap(),
+            "What a wonderful, friendly place, I loved it.",
+            "Terrible service, cold food, never again.",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = lines(&o);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0]["top_label"], "positive", "{}", r[0]);
+    assert_eq!(r[1]["top_label"], "negative", "{}", r[1]);
+    assert_eq!(
+        r[0]["tokens"]["reused"], 0,
+        "the head path reads features, not labels"
+    );
+    let out_dir = dir.path().join("eval");
+    let o = edgeact(
+        &[
+            "eval",
+            "--task",
+            task_path.to_str().unwrap(),
+            "--data",
+            data_path.to_str().unwrap(),
+            "--split",
+            "dev",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["n"], 28);
+    assert!(m["accuracy"].as_f64().unwrap() >= 0.75, "{}", m["accuracy"]);
+
+    // --method both combines head and label scores; a head from another model is refused.
+    let o = edgeact(
+        &[
+            "classify",
+            "--task",
+            task_path.to_str().unwrap(),
+            "--method",
+            "both",
+            "Absolutely delicious, best meal in years.",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(lines(&o)[0]["top_label"], "positive");
+    let mut h = head.clone();
+    h["model_sha256"] = "00".repeat(32).into();
+    std::fs::write(dir.path().join("s-head.head.json"), h.to_string()).unwrap();
+    let o = edgeact(
+        &["classify", "--task", task_path.to_str().unwrap(), "fine"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("trained on the hidden states of model 0000"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -418,3 +418,63 @@ fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
     assert!((scores[0] - scores[1]).abs() < 1e-6, "{scores:?}");
     assert!((scores[0] - scores[2]).abs() < 1e-6, "{scores:?}");
 }
+
+#[test]
+fn hidden_state_features_are_finite_model_wide_and_differ() {
+    use edgeact::engine::FeatureParams;
+    use edgeact::head::{extract_states, FeatureSpec, Pooling};
+    let engine = common::engine(1);
+    let n_embd = engine.n_embd();
+    assert_eq!(n_embd, 640, "Gemma 3 270M's embedding width");
+    let mut fctx = engine
+        .feature_context(FeatureParams {
+            n_batch_tokens: 64,
+            n_seq_max: 4,
+            threads: 2,
+        })
+        .unwrap();
+    let spec = FeatureSpec::prompt_eol(Pooling::Last);
+    let texts = [
+        "My card was stolen, please block it.",
+        "What is the exchange rate for dollars?",
+        "The food was cold and the waiter was rude.",
+        "My card was stolen, please block it.",
+        "I love this phone.",
+    ];
+    // Packed several to a decode (64 tokens, 4 sequences at most).
+    let batched = extract_states(&engine, &mut fctx, &spec, &texts, None).unwrap();
+    assert_eq!(batched.len(), texts.len());
+    for s in &batched {
+        assert_eq!((s.last.len(), s.mean.len()), (n_embd, n_embd));
+        assert!(s.last.iter().chain(&s.mean).all(|v| v.is_finite()));
+        assert!(s.last.iter().any(|&v| v != 0.0));
+    }
+    let dist = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let norm = dist(&batched[0].last, &vec![0.0; n_embd]);
+    for (i, j) in [(0, 1), (0, 2), (1, 2), (2, 4)] {
+        assert!(
+            dist(&batched[i].last, &batched[j].last) > 0.05 * norm,
+            "texts {i} and {j} gave (nearly) the same last-token state"
+        );
+        assert!(dist(&batched[i].mean, &batched[j].mean) > 0.0);
+    }
+    // The same text in another place of the batch gets the same features; and alone.
+    let alone = extract_states(&engine, &mut fctx, &spec, &texts[3..4], None).unwrap();
+    for other in [&batched[3], &alone[0]] {
+        assert!(
+            dist(&batched[0].last, &other.last) < 0.02 * norm,
+            "{}",
+            dist(&batched[0].last, &other.last) / norm
+        );
+        assert!(dist(&batched[0].mean, &other.mean) < 0.02 * norm);
+    }
+    // A sequence longer than one decode is refused, not cut silently.
+    let long = vec![2; fctx.max_tokens() + 1];
+    assert!(fctx.hidden_states(&[long], |_| {}).is_err());
+}
