@@ -67,7 +67,8 @@ pub struct ClassifyConfig {
 
 /// Loads the model, prepares the task and writes one JSON line per input to `out`.
 pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
-    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let ecfg = engine::config_for_tasks(&cfg.engine, [&cfg.task])?;
+    let mut engine = Engine::load(&ecfg, 1)?;
     let classifier = Classifier::new(&mut engine, cfg.task, 0, cfg.calibrate, cfg.abstain)?;
     let mut total = 0usize;
     let mut failed = 0usize;
@@ -243,7 +244,7 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// second on each scoring path over the same inputs, printed as a table (nothing asserted).
 pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let t0 = std::time::Instant::now();
-    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let mut engine = Engine::load(&engine::config_for_tasks(&cfg.engine, [&cfg.task])?, 1)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = std::time::Instant::now();
     let classifier = Classifier::new(&mut engine, cfg.task, 0, None, None)?;
