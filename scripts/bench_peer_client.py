@@ -5,12 +5,12 @@ for scripts/bench-peer: the task file's prompt rendered exactly as edgeact rende
 
 - Single-token labels (sentiment): one request per input, n_predict 1, n_probs 20, the
   labels' first tokens looked up in the top 20 (a label outside them gets -inf).
-- Multi-token labels (banking77): one request per label, the label text forced by a GBNF
-  grammar with greedy sampling; the server reports each generated token's log-probability
-  from the raw logits (post_sampling_probs off), so their sum is log p(label | prompt). The
-  generated token ids are checked against the label's tokens in context; a label that the
-  grammar spelled with other tokens is scored again token by token (mixed text + token
-  prompts, the token forced by logit_bias) and counted.
+- Multi-token labels (banking77): one request per label token, prompt = text + the label's
+  earlier token ids (llama-server takes mixed prompts), n_predict 1, the token forced with
+  logit_bias; the server reports the sampled token's log-probability from the raw logits
+  (post_sampling_probs off), so the sum over the label is log p(label | prompt). Checked:
+  forcing the label text with a GBNF grammar instead (one request per label) does not work,
+  greedy grammar sampling spells " refund" as " " + "refund", another tokenization.
 
 Stdlib only. Prints one JSON object (rates, latencies, accuracy, checks) on stdout.
 """
@@ -77,10 +77,6 @@ def pct(xs, q):
     return s[round((len(s) - 1) * q)] if s else 0.0
 
 
-def gbnf_literal(s):
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
@@ -93,7 +89,7 @@ def main():
 
     # Label tokens in context, as edgeact derives them: tokenize the end of a rendered
     # query with and without the label and take the tail.
-    probe = render(task["query"], {k: "x" for k in ["text"]})
+    probe = render(task["query"], {"text": "x"})
     probe_toks = tokenize(a.url, probe, False, False)
     label_toks = {}
     for l in task["labels"]:
@@ -115,7 +111,7 @@ def main():
     # Warm-up (not timed): the prefix into the server's cache.
     post(a.url, "/completion", dict(base, prompt=task["prefix"], n_predict=1))
 
-    lat_ms, correct, labeled, requests, prompt_n, refetched = [], 0, 0, 0, [], 0
+    lat_ms, correct, labeled, requests, prompt_n = [], 0, 0, 0, []
     started = time.perf_counter()
     for r in rows:
         prompt = task["prefix"] + render(task["query"], r)
@@ -130,33 +126,23 @@ def main():
                 scores[name] = top.get(toks[0], -math.inf)
         else:
             for name, toks in label_toks.items():
-                text = next(l["text"] for l in task["labels"] if l["name"] == name)
-                res = post(
-                    a.url,
-                    "/completion",
-                    dict(base, prompt=prompt, n_predict=len(toks), n_probs=1,
-                         grammar="root ::= " + gbnf_literal(text)),
-                )
-                requests += 1
-                prompt_n.append(res.get("timings", {}).get("prompt_n", -1))
-                got = res["completion_probabilities"]
-                if [p["id"] for p in got] == toks:
-                    lps = [p["logprob"] for p in got]
-                else:
-                    # The grammar spelled the label with other tokens: force ours one by one.
-                    refetched += 1
-                    lps = []
-                    for i, tok in enumerate(toks):
-                        res = post(
-                            a.url,
-                            "/completion",
-                            dict(base, prompt=[prompt] + toks[:i], n_predict=1, n_probs=1,
-                                 logit_bias=[[tok, 1000.0]]),
-                        )
-                        requests += 1
-                        p = res["completion_probabilities"][0]
-                        assert p["id"] == tok, (name, i)
-                        lps.append(p["logprob"])
+                # One request per label token: the prompt (text, then the label's earlier
+                # tokens as ids) and that token forced by logit_bias; the server reports its
+                # log-probability from the raw logits. The prompt cache keeps all but the
+                # newest token, so each request decodes about one token.
+                lps = []
+                for i, tok in enumerate(toks):
+                    res = post(
+                        a.url,
+                        "/completion",
+                        dict(base, prompt=[prompt] + toks[:i], n_predict=1, n_probs=1,
+                             logit_bias=[[tok, 1000.0]]),
+                    )
+                    requests += 1
+                    prompt_n.append(res.get("timings", {}).get("prompt_n", -1))
+                    p = res["completion_probabilities"][0]
+                    assert p["id"] == tok, (name, i, p)
+                    lps.append(p["logprob"])
                 total = sum(lps)
                 scores[name] = total / len(lps) if task["score"] == "mean" else total
         lat_ms.append((time.perf_counter() - t0) * 1e3)
@@ -177,7 +163,6 @@ def main():
         "prefix_tokens": len(prefix_toks),
         "prompt_tokens_evaluated_per_request_median": statistics.median(prompt_n) if prompt_n else None,
         "same_tokens_as_edgeact": f"{same_tokens}/{len(rows)}",
-        "labels_refetched_token_by_token": refetched,
     }))
 
 
