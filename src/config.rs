@@ -105,6 +105,8 @@ pub struct EngineConfig {
     pub model_path: PathBuf,
     pub model_sha256: Option<String>,
     pub prefix_cache_dir: Option<PathBuf>,
+    /// A LoRA adapter applied when the model loads (from the task file, not the board).
+    pub lora: Option<crate::task::LoraAdapter>,
 }
 
 /// Where board profiles are looked for, in order.
@@ -252,6 +254,7 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
         model_path,
         model_sha256: b.model_sha256.map(|s| s.to_ascii_lowercase()),
         prefix_cache_dir: b.prefix_cache_dir,
+        lora: None,
     })
 }
 

@@ -13,7 +13,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
@@ -21,6 +21,7 @@ use crate::budget::{self, BudgetError, ContextPlan, Fitted, KvCacheType, ModelSh
 use crate::config::EngineConfig;
 use crate::gguf::{self, GgufError};
 use crate::scoring::{logsumexp, LabelLogprob, LabelSearch, LabelTrie, Pruning, Token};
+use crate::task::{LoraAdapter, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -45,6 +46,8 @@ pub enum EngineError {
     Context { n_ctx: u32, reason: String },
     #[error("llama.cpp decode failed: {0}")]
     Decode(String),
+    #[error("LoRA adapter {path}: {reason}")]
+    Lora { path: PathBuf, reason: String },
     #[error("the KV cache cannot hold {need} more tokens ({free} free of n_ctx {n_ctx})")]
     ContextFull {
         need: usize,
@@ -228,6 +231,71 @@ pub struct Engine {
     prefixes: Vec<Vec<Token>>,
     prefix_cache_dir: Option<PathBuf>,
     kv_cache_type: KvCacheType,
+    /// The applied LoRA adapter (kept with the context that uses it) and its identity
+    /// (`sha256|scale`) for the prefix-state key.
+    lora: Option<(LlamaLoraAdapter, String)>,
+}
+
+/// The LoRA adapter one engine runs with for `tasks`: they must agree, since llama.cpp
+/// applies an adapter set to the whole context.
+pub fn lora_for_tasks<'a>(
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> Result<Option<LoraAdapter>, EngineError> {
+    let mut first: Option<&Task> = None;
+    for t in tasks {
+        let Some(f) = first else {
+            first = Some(t);
+            continue;
+        };
+        if f.lora != t.lora {
+            let path = t.lora.as_ref().or(f.lora.as_ref()).map(|l| l.path.clone());
+            return Err(EngineError::Lora {
+                path: path.unwrap_or_default(),
+                reason: format!(
+                    "tasks `{}` and `{}` name different adapters or scales; one engine runs with one",
+                    f.name, t.name
+                ),
+            });
+        }
+    }
+    Ok(first.and_then(|t| t.lora.clone()))
+}
+
+/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]).
+pub fn config_for_tasks<'a>(
+    cfg: &EngineConfig,
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> Result<EngineConfig, EngineError> {
+    let mut cfg = cfg.clone();
+    cfg.lora = lora_for_tasks(tasks)?;
+    Ok(cfg)
+}
+
+/// Loads a LoRA adapter for `model`, checking first what llama.cpp would only log.
+/// Returns the adapter and its identity (`sha256|scale`).
+fn init_lora(
+    model: &mut LlamaModel,
+    lora: &LoraAdapter,
+    architecture: &str,
+) -> Result<(LlamaLoraAdapter, String), EngineError> {
+    let err = |reason: String| EngineError::Lora {
+        path: lora.path.clone(),
+        reason,
+    };
+    let header = gguf::read_header(&lora.path)?;
+    if header.architecture() != Some(architecture) {
+        return Err(err(format!(
+            "it is for architecture {:?}, the model is {architecture:?}",
+            header.architecture().unwrap_or("(none)")
+        )));
+    }
+    let sha = file_sha256(&lora.path)?;
+    let adapter = model.lora_adapter_init(&lora.path).map_err(|e| {
+        err(format!(
+            "llama.cpp could not load it: {e} (RUST_LOG=llama-cpp-2=info shows its reason)"
+        ))
+    })?;
+    Ok((adapter, format!("{sha}|{}", lora.scale)))
 }
 
 impl Engine {
@@ -256,12 +324,17 @@ impl Engine {
             );
             mparams = mparams.with_n_gpu_layers(0);
         }
-        let model =
+        let mut model =
             LlamaModel::load_from_file(backend, &cfg.model_path, &mparams).map_err(|_| {
                 EngineError::Load {
                     path: cfg.model_path.clone(),
                 }
             })?;
+        // An adapter is loaded before any context borrows the model.
+        let mut lora = match &cfg.lora {
+            Some(l) => Some(init_lora(&mut model, l, &shape.architecture)?),
+            None => None,
+        };
         // The model lives as long as the process: the inference thread owns it and the
         // context that borrows it. Leaking gives the context a 'static borrow.
         let model: &'static LlamaModel = Box::leak(Box::new(model));
@@ -281,12 +354,19 @@ impl Engine {
             .with_swa_full(true);
         // llama.cpp keeps at least one logits row per sequence (it asserts this).
         let params = with_n_outputs_max(params, cfg.max_logit_rows.max(n_seq_max));
-        let ctx = model
+        let mut ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context {
                 n_ctx: plan.n_ctx,
                 reason: e.to_string(),
             })?;
+        if let (Some((adapter, _)), Some(l)) = (lora.as_mut(), &cfg.lora) {
+            ctx.lora_adapter_set(adapter, l.scale)
+                .map_err(|e| EngineError::Lora {
+                    path: l.path.clone(),
+                    reason: format!("llama.cpp could not apply it: {e}"),
+                })?;
+        }
         let info = ModelInfo {
             path: cfg.model_path.clone(),
             sha256,
@@ -317,6 +397,7 @@ impl Engine {
             prefixes: vec![Vec::new(); n_prefix_slots],
             prefix_cache_dir: cfg.prefix_cache_dir.clone(),
             kv_cache_type: cfg.kv_cache_type,
+            lora,
         })
     }
 
@@ -412,6 +493,10 @@ impl Engine {
             )
             .as_bytes(),
         );
+        // A prefix decoded under an adapter is another prefix (no adapter: the key is as before).
+        if let Some((_, id)) = &self.lora {
+            h.update(format!("lora|{id}|").as_bytes());
+        }
         for t in tokens {
             h.update(t.to_le_bytes());
         }

@@ -345,7 +345,10 @@ pub fn eval(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         path: cfg.out.clone(),
         source,
     })?;
-    let mut engine = Engine::load(&cfg.engine, tasks.len())?;
+    let mut engine = Engine::load(
+        &crate::engine::config_for_tasks(&cfg.engine, &tasks)?,
+        tasks.len(),
+    )?;
     let mut runs = Vec::new();
     let mut best: Option<(usize, Vec<serde_json::Value>)> = None;
     for (slot, t) in tasks.into_iter().enumerate() {

@@ -39,9 +39,23 @@ pub struct Header {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub n_tensors: u64,
+    /// The tensor table: names, shapes and types (no data).
+    pub tensors: Vec<TensorInfo>,
     /// Offset of the tensor data section.
     pub data_offset_bytes: u64,
     pub file_size_bytes: u64,
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions in GGUF order: `dims[0]` is the fastest-varying (ggml's `ne[0]`).
+    pub dims: Vec<u64>,
+    /// ggml type id (0 = F32, 1 = F16, 12 = Q4_K, ...).
+    pub ggml_type: u32,
+    /// Offset of the tensor's data from the start of the data section.
+    pub offset_bytes: u64,
 }
 
 impl Header {
@@ -254,15 +268,27 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>, file_size_bytes: u64) -> Result<Head
         metadata.insert(key, value);
     }
     r.check_len(n_tensors.saturating_mul(24), "tensor table")?;
+    let mut tensors = Vec::new();
     for _ in 0..n_tensors {
-        let _name = r.string()?;
+        let name = r.string()?;
         let n_dims = r.u32()?;
         if n_dims > 8 {
             return Err(ParseError::Corrupt(format!(
                 "tensor with {n_dims} dimensions"
             )));
         }
-        r.skip(8 * n_dims as u64 + 4 + 8)?;
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.u64()?);
+        }
+        let ggml_type = r.u32()?;
+        let offset_bytes = r.u64()?;
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset_bytes,
+        });
     }
     let alignment = match metadata.get("general.alignment") {
         Some(Value::Uint(a)) if *a > 0 => *a,
@@ -278,6 +304,7 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>, file_size_bytes: u64) -> Result<Head
         version,
         metadata,
         n_tensors,
+        tensors,
         data_offset_bytes,
         file_size_bytes,
     })
@@ -341,6 +368,15 @@ mod tests {
             Some(&Value::Array { len: 2 })
         );
         assert_eq!(h.tensor_bytes(), 64);
+        assert_eq!(
+            h.tensors,
+            vec![TensorInfo {
+                name: "w".into(),
+                dims: vec![16],
+                ggml_type: 0,
+                offset_bytes: 0
+            }]
+        );
     }
 
     #[test]

@@ -78,6 +78,9 @@ struct RawTask {
     abstain: AbstainRule,
     #[serde(default)]
     input: InputBudget,
+    /// A LoRA adapter applied to the model for this task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora: Option<LoraAdapter>,
     /// What `edgeact tune` measured when it wrote this file (free-form, informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     measured: Option<toml::Table>,
@@ -113,6 +116,67 @@ pub struct Label {
     pub name: String,
     /// Surface text appended after the query, usually with a leading space (" positive").
     pub text: String,
+}
+
+/// A LoRA adapter (GGUF, `general.type = "adapter"`) that llama.cpp applies to the model
+/// when it loads: `lora = { path = "adapters/x.gguf", scale = 1.0 }`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraAdapter {
+    /// The adapter file. Relative to the task file's folder when read; absolute once loaded.
+    pub path: PathBuf,
+    /// Multiplier on the adapter's update (llama.cpp also applies alpha / rank); 0 turns
+    /// the adapter off.
+    #[serde(default = "default_lora_scale")]
+    pub scale: f32,
+}
+
+fn default_lora_scale() -> f32 {
+    1.0
+}
+
+impl LoraAdapter {
+    /// Resolves the path against `task_dir` and checks the file is a LoRA adapter GGUF.
+    fn validated(&self, task_dir: &Path) -> Result<LoraAdapter, (&'static str, String)> {
+        if !self.scale.is_finite() {
+            return Err((
+                "lora.scale",
+                format!("{} is not a finite number", self.scale),
+            ));
+        }
+        let path = task_dir.join(&self.path);
+        if !path.is_file() {
+            return Err(("lora.path", format!("{} does not exist", path.display())));
+        }
+        let header = crate::gguf::read_header(&path).map_err(|e| ("lora.path", e.to_string()))?;
+        for (k, want) in [("general.type", "adapter"), ("adapter.type", "lora")] {
+            if header.str(k) != Some(want) {
+                return Err((
+                    "lora.path",
+                    format!(
+                        "{} is not a LoRA adapter: its `{k}` is {:?}, expected \"{want}\"",
+                        path.display(),
+                        header.str(k).unwrap_or("missing")
+                    ),
+                ));
+            }
+        }
+        let path = std::fs::canonicalize(&path)
+            .map_err(|e| ("lora.path", format!("{}: {e}", path.display())))?;
+        if path.to_str().is_none() {
+            return Err((
+                "lora.path",
+                format!(
+                    "{} is not valid UTF-8 (llama.cpp takes the path as text)",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(LoraAdapter {
+            path,
+            scale: self.scale,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -281,6 +345,8 @@ pub struct Task {
     pub measured: Option<toml::Table>,
     /// The learned head, if the task has one.
     pub head: Option<HeadRef>,
+    /// The LoRA adapter the model runs with for this task (path absolute, file checked).
+    pub lora: Option<LoraAdapter>,
 }
 
 /// The field the token budget truncates.
@@ -422,6 +488,13 @@ impl Task {
                 "calibration is enabled but no content-free inputs are given".into(),
             ));
         }
+        let lora = match &raw.lora {
+            Some(l) => Some(
+                l.validated(path.parent().unwrap_or(Path::new(".")))
+                    .map_err(|(key, reason)| invalid(key, reason))?,
+            ),
+            None => None,
+        };
         Ok(Task {
             name: raw.name.unwrap_or_else(|| default_name.to_string()),
             description: raw.description.unwrap_or_default(),
@@ -440,6 +513,7 @@ impl Task {
             input: raw.input,
             measured: raw.measured,
             head: raw.head,
+            lora,
         })
     }
 
@@ -520,10 +594,12 @@ impl Task {
             calibration: self.calibration.clone(),
             abstain: self.abstain,
             input: self.input.clone(),
+            lora: self.lora.clone(),
             measured: self.measured.clone(),
             head: self.head.clone(),
         };
-        // Plain strings, numbers, tables and arrays: serializing cannot fail.
+        // Plain strings, numbers, tables and arrays (the LoRA path was checked to be UTF-8
+        // at load): serializing cannot fail.
         toml::to_string(&raw).unwrap_or_default()
     }
 

@@ -100,7 +100,10 @@ pub fn tune(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         eval::check_labels(t, &dev, &cfg.data)?;
     }
     let cands = candidates(&cfg.templates, &cfg.shots, &pool)?;
-    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let mut engine = Engine::load(
+        &crate::engine::config_for_tasks(&cfg.engine, &cfg.templates)?,
+        1,
+    )?;
     let mut scores = Vec::with_capacity(cands.len());
     let mut runs = Vec::with_capacity(cands.len());
     writeln!(

@@ -122,6 +122,7 @@ pub fn spawn(
         .name("inference".into())
         .spawn(move || {
             let setup = || -> Result<(Engine, Vec<Classifier>), crate::app::AppError> {
+                let engine_cfg = crate::engine::config_for_tasks(&engine_cfg, &tasks)?;
                 let mut engine = Engine::load(&engine_cfg, tasks.len())?;
                 let mut cs = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {

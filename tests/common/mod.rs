@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use std::path::{Path, PathBuf};
 
 use edgeact::config::{self, BoardFile, EngineConfig};
