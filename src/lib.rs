@@ -34,6 +34,10 @@
 //!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
 //! - [`worker`]: the inference thread that owns the engine; a bounded queue in front of it.
+//! - [`monitor`]: alert rules over a stream of results (task-file `[monitor]`): sliding
+//!   windows per label and key, count / rate / share / jump against a baseline, incidents
+//!   `new` / `update` / `end` with evidence, bounded keys (LRU), state saved atomically;
+//!   [`monitor::replay`] is `edgeact monitor` (JSON lines through the rules).
 //! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
 //!   the request is acknowledged, published until PUBACK; topic layout and broker options in
 //!   [`mqtt`].
@@ -47,6 +51,7 @@ pub mod eval;
 pub mod gguf;
 pub mod input;
 pub mod metrics;
+pub mod monitor;
 pub mod mqtt;
 pub mod outbox;
 pub mod scoring;

@@ -48,6 +48,31 @@ enum Command {
     /// Measure load time, peak RSS and classifications/s of each scoring path on a
     /// JSON-lines file (figures printed, nothing asserted).
     Bench(BenchArgs),
+    /// Replay timestamped JSON lines through a task's [monitor] rules (labels from the model,
+    /// or from a field of the data with --label-field); prints incident messages
+    /// (new / update / end) as JSON lines.
+    Monitor(MonitorArgs),
+}
+
+#[derive(Args)]
+struct MonitorArgs {
+    /// Task with a [monitor] section.
+    #[arg(long, short, default_value = "city-event")]
+    task: String,
+    /// JSON lines with `text`, the event time (the section's ts_field, seconds) and key fields.
+    #[arg(long)]
+    data: PathBuf,
+    /// Take each message's label from this field instead of classifying it (no model loaded).
+    #[arg(long)]
+    label_field: Option<String>,
+    /// Load monitor state from this file first and save it at the end.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Requests per micro-batch when classifying.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
 }
 
 /// Every `serve` setting, from the command line or from the `--config` file (same key
@@ -651,6 +676,37 @@ fn run(cli: Cli) -> Result<(), AppError> {
             },
             &mut out,
         ),
+        Command::Monitor(a) => {
+            let task = Task::find(&a.task, &config::task_dirs())?;
+            let Some(monitor) =
+                edgeact::monitor::MonitorConfig::from_task(&task).map_err(monitor_config_error)?
+            else {
+                return Err(invalid(
+                    &task.path,
+                    "monitor",
+                    "the task has no [monitor] section".into(),
+                ));
+            };
+            let engine = match a.label_field {
+                Some(_) => None,
+                None => Some(a.board.engine_config()?),
+            };
+            let cfg = edgeact::monitor::replay::ReplayConfig {
+                task,
+                monitor,
+                data: a.data,
+                label_field: a.label_field,
+                engine,
+                state: a.state,
+                batch_size: a.batch_size,
+            };
+            let s = edgeact::monitor::replay::replay(cfg, &mut out)?;
+            eprintln!(
+                "edgeact monitor: {} messages ({} rejected), {} incident messages, {} incidents, {} open at the end",
+                s.messages, s.rejected, s.events, s.incidents, s.open_at_end
+            );
+            Ok(())
+        }
         Command::Classify(a) => {
             let engine = a.board.engine_config()?;
             let task = Task::find(&a.task, &config::task_dirs())?;
@@ -689,6 +745,18 @@ fn run(cli: Cli) -> Result<(), AppError> {
             };
             app::classify(cfg, &mut out)
         }
+    }
+}
+
+fn monitor_config_error(e: edgeact::monitor::MonitorError) -> AppError {
+    match e {
+        edgeact::monitor::MonitorError::Invalid { path, key, reason } => {
+            invalid(&path, &key, reason)
+        }
+        edgeact::monitor::MonitorError::Io { path, source } => AppError::Input {
+            what: path.display().to_string(),
+            source,
+        },
     }
 }
 

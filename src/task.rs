@@ -78,6 +78,12 @@ struct RawTask {
     abstain: AbstainRule,
     #[serde(default)]
     input: InputBudget,
+    /// `[monitor]`: alert rules over the stream of results (validated by `crate::monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    monitor: Option<toml::Table>,
+    /// `[rank]`: the task ranks items for a profile (validated by `crate::rank`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rank: Option<toml::Table>,
     /// What `edgeact tune` measured when it wrote this file (free-form, informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     measured: Option<toml::Table>,
@@ -258,6 +264,10 @@ pub struct Task {
     pub calibration: Calibration,
     pub abstain: AbstainRule,
     pub input: InputBudget,
+    /// The `[monitor]` section, as written (see `crate::monitor::MonitorConfig`).
+    pub monitor: Option<toml::Table>,
+    /// The `[rank]` section, as written (see `crate::rank::RankConfig`).
+    pub rank: Option<toml::Table>,
     /// What `edgeact tune` measured for this file, if it wrote it.
     pub measured: Option<toml::Table>,
 }
@@ -410,6 +420,8 @@ impl Task {
             calibration: raw.calibration,
             abstain: raw.abstain,
             input: raw.input,
+            monitor: raw.monitor,
+            rank: raw.rank,
             measured: raw.measured,
         })
     }
@@ -482,6 +494,8 @@ impl Task {
             calibration: self.calibration.clone(),
             abstain: self.abstain,
             input: self.input.clone(),
+            monitor: self.monitor.clone(),
+            rank: self.rank.clone(),
             measured: self.measured.clone(),
         };
         // Plain strings, numbers, tables and arrays: serializing cannot fail.
