@@ -38,6 +38,9 @@
 //!   windows per label and key, count / rate / share / jump against a baseline, incidents
 //!   `new` / `update` / `end` with evidence, bounded keys (LRU), state saved atomically;
 //!   [`monitor::replay`] is `edgeact monitor` (JSON lines through the rules).
+//! - [`rank`]: task-file `[rank]`: candidate items scored by P(yes) for a profile written
+//!   into the prefix (decoded once), calibrated, sorted, top-k; [`rank::eval`] is
+//!   `edgeact rank-eval` (NDCG@k against TF-IDF and random orderings).
 //! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
 //!   the request is acknowledged, published until PUBACK; topic layout and broker options in
 //!   [`mqtt`].
@@ -54,6 +57,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod mqtt;
 pub mod outbox;
+pub mod rank;
 pub mod scoring;
 pub mod serve;
 pub mod task;

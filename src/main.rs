@@ -52,6 +52,77 @@ enum Command {
     /// or from a field of the data with --label-field); prints incident messages
     /// (new / update / end) as JSON lines.
     Monitor(MonitorArgs),
+    /// Rank candidate items (JSON lines: id, title, description or text) for a profile by
+    /// the model's P(yes) with a task that has a [rank] section; prints them best first.
+    Rank(RankArgs),
+    /// Ranking quality on labelled data: NDCG@k of the model against TF-IDF and random
+    /// orderings for each family of intents (profiles from a TOML file).
+    RankEval(RankEvalArgs),
+}
+
+#[derive(Args)]
+struct RankArgs {
+    /// Task with a [rank] section.
+    #[arg(long, short, default_value = "rank-interest")]
+    task: String,
+    /// Text file with the user profile (interests, history).
+    #[arg(long)]
+    profile: PathBuf,
+    /// JSON lines of candidate items.
+    #[arg(long)]
+    items: PathBuf,
+    /// Items returned at most (overrides the task file).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Leave out items scoring below this (overrides the task file).
+    #[arg(long)]
+    min_score: Option<f64>,
+    #[command(flatten)]
+    calibration: CalibrateArgs,
+    /// Items scored together in one micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
+struct RankEvalArgs {
+    /// Task with a [rank] section.
+    #[arg(long, short, default_value = "rank-interest")]
+    task: String,
+    /// Labelled JSON lines (scripts/fetch-data: data/banking77.jsonl).
+    #[arg(long, default_value = "data/banking77.jsonl")]
+    data: PathBuf,
+    /// Families of intents with their profiles.
+    #[arg(long, default_value = "datasets/banking77-families.toml")]
+    families: PathBuf,
+    /// Split the candidates come from (TF-IDF is fitted on the others).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Relevant candidates per family.
+    #[arg(long, default_value_t = 5)]
+    relevant: usize,
+    /// Candidates per family, relevant ones included.
+    #[arg(long, default_value_t = 30)]
+    candidates: usize,
+    /// NDCG cut-off.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Random orderings averaged for the random baseline.
+    #[arg(long, default_value_t = 200)]
+    random_runs: usize,
+    #[command(flatten)]
+    calibration: CalibrateArgs,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Folder for metrics.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    board: BoardArgs,
 }
 
 #[derive(Args)]
@@ -676,6 +747,48 @@ fn run(cli: Cli) -> Result<(), AppError> {
             },
             &mut out,
         ),
+        Command::Rank(a) => {
+            let task = Task::find(&a.task, &config::task_dirs())?;
+            let rank = rank_section(&task)?;
+            let profile =
+                std::fs::read_to_string(&a.profile).map_err(|source| AppError::Input {
+                    what: a.profile.display().to_string(),
+                    source,
+                })?;
+            let cfg = edgeact::rank::RankRunConfig {
+                engine: a.board.engine_config()?,
+                task,
+                rank,
+                profile,
+                items: a.items,
+                top_k: a.top_k,
+                min_score: a.min_score,
+                calibrate: a.calibration.choice(),
+                batch_size: a.batch_size,
+            };
+            edgeact::rank::run(cfg, &mut out)
+        }
+        Command::RankEval(a) => {
+            let task = Task::find(&a.task, &config::task_dirs())?;
+            let rank = rank_section(&task)?;
+            let cfg = edgeact::rank::eval::RankEvalConfig {
+                engine: a.board.engine_config()?,
+                task,
+                rank,
+                data: a.data,
+                families: a.families,
+                split: a.split,
+                relevant: a.relevant,
+                candidates: a.candidates,
+                k: a.k,
+                seed: a.seed,
+                random_runs: a.random_runs,
+                calibrate: a.calibration.choice(),
+                batch_size: a.batch_size,
+                out: a.out,
+            };
+            edgeact::rank::eval::run(cfg, &mut out)
+        }
         Command::Monitor(a) => {
             let task = Task::find(&a.task, &config::task_dirs())?;
             let Some(monitor) =
@@ -745,6 +858,22 @@ fn run(cli: Cli) -> Result<(), AppError> {
             };
             app::classify(cfg, &mut out)
         }
+    }
+}
+
+/// The task's validated [rank] section; a task without one is a usage error.
+fn rank_section(task: &Task) -> Result<edgeact::rank::RankConfig, AppError> {
+    match edgeact::rank::RankConfig::from_task(task) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(invalid(
+            &task.path,
+            "rank",
+            "the task has no [rank] section".into(),
+        )),
+        Err(edgeact::rank::RankError::Invalid { path, key, reason }) => {
+            Err(invalid(&path, &key, reason))
+        }
+        Err(edgeact::rank::RankError::Setup(s)) => Err(AppError::Setup(s)),
     }
 }
 
