@@ -265,7 +265,7 @@ pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     }
     // Rows: (name, path, batch, pruning on). The pruned row only where it can differ.
     let pruning = classifier.task.prune_margin_nats;
-    let multi_token = classifier.trie().decoded.len() > 0;
+    let multi_token = !classifier.trie().decoded.is_empty();
     let mut paths = vec![
         (
             "naive (every label from scratch)",
