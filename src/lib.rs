@@ -48,6 +48,13 @@
 //!   trait, allow-listed tools (BM25 knowledge base, calculator, clock, sensor, notify),
 //!   retrieve-then-answer `qa`, sessions, and the scenario evaluation. Generation itself is
 //!   [`engine::Engine::generate`].
+//! - [`monitor`]: alert rules over a stream of results (task-file `[monitor]`): sliding
+//!   windows per label and key, count / rate / share / jump against a baseline, incidents
+//!   `new` / `update` / `end` with evidence, bounded keys (LRU), state saved atomically;
+//!   [`monitor::replay`] is `edgeact monitor` (JSON lines through the rules).
+//! - [`rank`]: task-file `[rank]`: candidate items scored by P(yes) for a profile written
+//!   into the prefix (decoded once), calibrated, sorted, top-k; [`rank::eval`] is
+//!   `edgeact rank-eval` (NDCG@k against TF-IDF and random orderings).
 //! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
 //!   the request is acknowledged, published until PUBACK; topic layout and broker options in
 //!   [`mqtt`].
@@ -65,8 +72,10 @@ pub mod head;
 pub mod input;
 pub mod learn;
 pub mod metrics;
+pub mod monitor;
 pub mod mqtt;
 pub mod outbox;
+pub mod rank;
 pub mod react;
 pub mod scoring;
 pub mod serve;

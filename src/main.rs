@@ -63,6 +63,16 @@ enum Command {
     /// calibration), the K-shot template, the learned head with K per label, and TF-IDF +
     /// logistic regression (K per label and full train), as one Markdown table.
     BenchAccuracy(BenchAccuracyArgs),
+    /// Replay timestamped JSON lines through a task's [monitor] rules (labels from the model,
+    /// or from a field of the data with --label-field); prints incident messages
+    /// (new / update / end) as JSON lines.
+    Monitor(MonitorArgs),
+    /// Rank candidate items (JSON lines: id, title, description or text) for a profile by
+    /// the model's P(yes) with a task that has a [rank] section; prints them best first.
+    Rank(RankArgs),
+    /// Ranking quality on labelled data: NDCG@k of the model against TF-IDF and random
+    /// orderings for each family of intents (profiles from a TOML file).
+    RankEval(RankEvalArgs),
 }
 
 #[derive(Args)]
@@ -201,6 +211,92 @@ struct BenchAccuracyArgs {
     #[arg(long)]
     no_feature_cache: bool,
     /// Requests per micro-batch of the prompt rows.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
+struct RankArgs {
+    /// Task with a [rank] section.
+    #[arg(long, short, default_value = "rank-interest")]
+    task: String,
+    /// Text file with the user profile (interests, history).
+    #[arg(long)]
+    profile: PathBuf,
+    /// JSON lines of candidate items.
+    #[arg(long)]
+    items: PathBuf,
+    /// Items returned at most (overrides the task file).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Leave out items scoring below this (overrides the task file).
+    #[arg(long)]
+    min_score: Option<f64>,
+    #[command(flatten)]
+    calibration: CalibrateArgs,
+    /// Items scored together in one micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
+struct RankEvalArgs {
+    /// Task with a [rank] section.
+    #[arg(long, short, default_value = "rank-interest")]
+    task: String,
+    /// Labelled JSON lines (scripts/fetch-data: data/banking77.jsonl).
+    #[arg(long, default_value = "data/banking77.jsonl")]
+    data: PathBuf,
+    /// Families of intents with their profiles.
+    #[arg(long, default_value = "datasets/banking77-families.toml")]
+    families: PathBuf,
+    /// Split the candidates come from (TF-IDF is fitted on the others).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Relevant candidates per family.
+    #[arg(long, default_value_t = 5)]
+    relevant: usize,
+    /// Candidates per family, relevant ones included.
+    #[arg(long, default_value_t = 30)]
+    candidates: usize,
+    /// NDCG cut-off.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Random orderings averaged for the random baseline.
+    #[arg(long, default_value_t = 200)]
+    random_runs: usize,
+    #[command(flatten)]
+    calibration: CalibrateArgs,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Folder for metrics.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    board: BoardArgs,
+}
+
+#[derive(Args)]
+struct MonitorArgs {
+    /// Task with a [monitor] section.
+    #[arg(long, short, default_value = "city-event")]
+    task: String,
+    /// JSON lines with `text`, the event time (the section's ts_field, seconds) and key fields.
+    #[arg(long)]
+    data: PathBuf,
+    /// Take each message's label from this field instead of classifying it (no model loaded).
+    #[arg(long)]
+    label_field: Option<String>,
+    /// Load monitor state from this file first and save it at the end.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Requests per micro-batch when classifying.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     #[command(flatten)]
@@ -971,6 +1067,79 @@ fn run(cli: Cli) -> Result<(), AppError> {
             };
             Ok(edgeact::react::app::eval(cfg, &mut out)?)
         }
+        Command::Rank(a) => {
+            let task = Task::find(&a.task, &config::task_dirs())?;
+            let rank = rank_section(&task)?;
+            let profile =
+                std::fs::read_to_string(&a.profile).map_err(|source| AppError::Input {
+                    what: a.profile.display().to_string(),
+                    source,
+                })?;
+            let cfg = edgeact::rank::RankRunConfig {
+                engine: a.board.engine_config()?,
+                task,
+                rank,
+                profile,
+                items: a.items,
+                top_k: a.top_k,
+                min_score: a.min_score,
+                calibrate: a.calibration.choice(),
+                batch_size: a.batch_size,
+            };
+            edgeact::rank::run(cfg, &mut out)
+        }
+        Command::RankEval(a) => {
+            let task = Task::find(&a.task, &config::task_dirs())?;
+            let rank = rank_section(&task)?;
+            let cfg = edgeact::rank::eval::RankEvalConfig {
+                engine: a.board.engine_config()?,
+                task,
+                rank,
+                data: a.data,
+                families: a.families,
+                split: a.split,
+                relevant: a.relevant,
+                candidates: a.candidates,
+                k: a.k,
+                seed: a.seed,
+                random_runs: a.random_runs,
+                calibrate: a.calibration.choice(),
+                batch_size: a.batch_size,
+                out: a.out,
+            };
+            edgeact::rank::eval::run(cfg, &mut out)
+        }
+        Command::Monitor(a) => {
+            let task = Task::find(&a.task, &config::task_dirs())?;
+            let Some(monitor) =
+                edgeact::monitor::MonitorConfig::from_task(&task).map_err(monitor_config_error)?
+            else {
+                return Err(invalid(
+                    &task.path,
+                    "monitor",
+                    "the task has no [monitor] section".into(),
+                ));
+            };
+            let engine = match a.label_field {
+                Some(_) => None,
+                None => Some(a.board.engine_config()?),
+            };
+            let cfg = edgeact::monitor::replay::ReplayConfig {
+                task,
+                monitor,
+                data: a.data,
+                label_field: a.label_field,
+                engine,
+                state: a.state,
+                batch_size: a.batch_size,
+            };
+            let s = edgeact::monitor::replay::replay(cfg, &mut out)?;
+            eprintln!(
+                "edgeact monitor: {} messages ({} rejected), {} incident messages, {} incidents, {} open at the end",
+                s.messages, s.rejected, s.events, s.incidents, s.open_at_end
+            );
+            Ok(())
+        }
         Command::Classify(a) => {
             let engine = a.board.engine_config()?;
             let task = Task::find(&a.task, &config::task_dirs())?;
@@ -1010,6 +1179,34 @@ fn run(cli: Cli) -> Result<(), AppError> {
             };
             app::classify(cfg, &mut out)
         }
+    }
+}
+
+/// The task's validated [rank] section; a task without one is a usage error.
+fn rank_section(task: &Task) -> Result<edgeact::rank::RankConfig, AppError> {
+    match edgeact::rank::RankConfig::from_task(task) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(invalid(
+            &task.path,
+            "rank",
+            "the task has no [rank] section".into(),
+        )),
+        Err(edgeact::rank::RankError::Invalid { path, key, reason }) => {
+            Err(invalid(&path, &key, reason))
+        }
+        Err(edgeact::rank::RankError::Setup(s)) => Err(AppError::Setup(s)),
+    }
+}
+
+fn monitor_config_error(e: edgeact::monitor::MonitorError) -> AppError {
+    match e {
+        edgeact::monitor::MonitorError::Invalid { path, key, reason } => {
+            invalid(&path, &key, reason)
+        }
+        edgeact::monitor::MonitorError::Io { path, source } => AppError::Input {
+            what: path.display().to_string(),
+            source,
+        },
     }
 }
 

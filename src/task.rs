@@ -81,6 +81,12 @@ struct RawTask {
     /// A LoRA adapter applied to the model for this task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lora: Option<LoraAdapter>,
+    /// `[monitor]`: alert rules over the stream of results (validated by `crate::monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    monitor: Option<toml::Table>,
+    /// `[rank]`: the task ranks items for a profile (validated by `crate::rank`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rank: Option<toml::Table>,
     /// What `edgeact tune` measured when it wrote this file (free-form, informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     measured: Option<toml::Table>,
@@ -341,6 +347,10 @@ pub struct Task {
     pub calibration: Calibration,
     pub abstain: AbstainRule,
     pub input: InputBudget,
+    /// The `[monitor]` section, as written (see `crate::monitor::MonitorConfig`).
+    pub monitor: Option<toml::Table>,
+    /// The `[rank]` section, as written (see `crate::rank::RankConfig`).
+    pub rank: Option<toml::Table>,
     /// What `edgeact tune` measured for this file, if it wrote it.
     pub measured: Option<toml::Table>,
     /// The learned head, if the task has one.
@@ -511,6 +521,8 @@ impl Task {
             calibration: raw.calibration,
             abstain: raw.abstain,
             input: raw.input,
+            monitor: raw.monitor,
+            rank: raw.rank,
             measured: raw.measured,
             head: raw.head,
             lora,
@@ -595,6 +607,8 @@ impl Task {
             abstain: self.abstain,
             input: self.input.clone(),
             lora: self.lora.clone(),
+            monitor: self.monitor.clone(),
+            rank: self.rank.clone(),
             measured: self.measured.clone(),
             head: self.head.clone(),
         };

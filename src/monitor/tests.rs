@@ -1,0 +1,401 @@
+use super::*;
+
+fn rule(name: &str, kind: ThresholdKind, threshold: f64) -> RuleConfig {
+    RuleConfig {
+        name: name.into(),
+        label: "flood".into(),
+        key: Some("district".into()),
+        window_s: 60.0,
+        window_slots: 12,
+        kind,
+        threshold,
+        min_count: 1,
+        baseline: BaselineKind::Ewma,
+        baseline_alpha: 0.2,
+        baseline_windows: 12,
+        min_baseline_windows: 3,
+        min_std: 1.0,
+        update_interval_s: 30.0,
+        quiet_s: Some(60.0),
+        cooldown_s: 0.0,
+        min_confidence: 0.0,
+        max_keys: 100,
+        max_examples: 2,
+        max_trigger_ids: 5,
+    }
+}
+
+fn cfg(rules: Vec<RuleConfig>) -> MonitorConfig {
+    MonitorConfig {
+        ts_field: "ts".into(),
+        rules,
+    }
+}
+
+fn obs(id: usize, ts_s: f64, label: &str, district: &str) -> Observation {
+    let mut fields = BTreeMap::new();
+    fields.insert("district".to_string(), district.to_string());
+    fields.insert("text".to_string(), format!("message {id} about {label}"));
+    Observation {
+        id: format!("m{id}"),
+        ts_ms: (ts_s * 1000.0) as i64,
+        label: Some(label.into()),
+        confidence: 0.5 + (id % 5) as f64 / 10.0,
+        fields,
+    }
+}
+
+/// Feeds (ts_s, label, district) triples; returns every event.
+fn feed(m: &mut Monitor, stream: &[(f64, &str, &str)], first_id: usize) -> Vec<MonitorEvent> {
+    stream
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (t, l, d))| m.observe(&obs(first_id + i, *t, l, d)))
+        .collect()
+}
+
+fn kinds(events: &[MonitorEvent]) -> Vec<EventType> {
+    events.iter().map(|e| e.kind).collect()
+}
+
+/// A burst of `n` floods in district 4 from `from_s`, one every `every_s`, and a
+/// non-flood message every 10 s in district 1 from 0 to `until_s` (time goes on).
+fn burst_stream(
+    from_s: f64,
+    n: usize,
+    every_s: f64,
+    until_s: f64,
+) -> Vec<(f64, &'static str, &'static str)> {
+    let mut s: Vec<(f64, &str, &str)> = (0..n)
+        .map(|i| (from_s + i as f64 * every_s, "flood", "4"))
+        .collect();
+    let mut t = 0.0;
+    while t <= until_s {
+        s.push((t, "storm", "1"));
+        t += 10.0;
+    }
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    s
+}
+
+#[test]
+fn one_burst_is_one_incident_with_throttled_updates_and_an_end() {
+    let mut m = Monitor::new(&cfg(vec![rule("floods", ThresholdKind::Count, 5.0)]));
+    // 40 floods 2 s apart (80 s), then only other messages for 5 minutes.
+    let events = feed(&mut m, &burst_stream(100.0, 40, 2.0, 500.0), 0);
+    let k = kinds(&events);
+    assert_eq!(
+        k.iter().filter(|&&t| t == EventType::New).count(),
+        1,
+        "{k:?}"
+    );
+    assert_eq!(
+        k.iter().filter(|&&t| t == EventType::End).count(),
+        1,
+        "{k:?}"
+    );
+    assert_eq!(k.first(), Some(&EventType::New));
+    assert_eq!(k.last(), Some(&EventType::End));
+    let id = events[0].incident_id().to_string();
+    assert!(events.iter().all(|e| e.incident_id() == id));
+    // Opens on the 5th flood: 100 + 4 * 2 s.
+    assert_eq!(events[0].after["start_ts"].as_f64(), Some(108.0));
+    assert_eq!(events[0].after["window"]["count"], 5);
+    assert_eq!(events[0].after["key"], "4");
+    assert_eq!(
+        events[0].after["trigger_ids"].as_array().map(Vec::len),
+        Some(5)
+    );
+    // Updates at most every 30 s of event time.
+    let times: Vec<f64> = events
+        .iter()
+        .map(|e| e.after["ts"].as_f64().unwrap())
+        .collect();
+    for (w, e) in times.windows(2).zip(&events[1..]) {
+        if e.kind == EventType::Update {
+            assert!(w[1] - w[0] >= 30.0, "{times:?}");
+        }
+    }
+    assert!(k.contains(&EventType::Update));
+    // Update's `before` is what was published last.
+    let upd = events
+        .iter()
+        .position(|e| e.kind == EventType::Update)
+        .unwrap();
+    assert_eq!(events[upd].before.as_ref(), Some(&events[upd - 1].after));
+    // Ends once the window (60 s) has drained below 5 and stayed so for quiet_s (60 s).
+    let end = events.last().unwrap();
+    let last_flood = 100.0 + 39.0 * 2.0;
+    let end_ts = end.after["end_ts"].as_f64().unwrap();
+    assert!(
+        end_ts >= last_flood + 60.0 && end_ts <= last_flood + 60.0 + 60.0 + 10.0,
+        "{end_ts}"
+    );
+    assert_eq!(end.after["end_reason"], "quiet");
+    assert_eq!(end.after["hits"], 40);
+    let ex = end.after["top_examples"].as_array().unwrap();
+    assert_eq!(ex.len(), 2);
+    assert!(ex[0]["confidence"].as_f64() >= ex[1]["confidence"].as_f64());
+    assert!(m.open_incidents().is_empty());
+}
+
+#[test]
+fn cooldown_keeps_a_second_burst_out_until_it_passes() {
+    let mut r = rule("floods", ThresholdKind::Count, 5.0);
+    r.cooldown_s = 600.0;
+    let mut m = Monitor::new(&cfg(vec![r.clone()]));
+    // Two bursts 300 s apart: the second falls in the cooldown.
+    let mut s = burst_stream(100.0, 10, 1.0, 1000.0);
+    s.extend((0..10).map(|i| (400.0 + i as f64, "flood", "4")));
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let k = kinds(&feed(&mut m, &s, 0));
+    assert_eq!(
+        k.iter().filter(|&&t| t == EventType::New).count(),
+        1,
+        "{k:?}"
+    );
+
+    // Without cooldown the same stream gives two incidents.
+    r.cooldown_s = 0.0;
+    let mut m = Monitor::new(&cfg(vec![r]));
+    let k = kinds(&feed(&mut m, &s, 0));
+    assert_eq!(
+        k.iter().filter(|&&t| t == EventType::New).count(),
+        2,
+        "{k:?}"
+    );
+}
+
+#[test]
+fn flat_stream_raises_nothing_and_a_jump_does() {
+    let mut r = rule("jump", ThresholdKind::Jump, 4.0);
+    r.min_count = 4;
+    let mut m = Monitor::new(&cfg(vec![r]));
+    // One flood every 20 s (3 per window) for an hour, with other messages around it.
+    let mut s: Vec<(f64, &str, &str)> = Vec::new();
+    for i in 0..180 {
+        let t = i as f64 * 20.0;
+        s.push((t, "flood", "4"));
+        s.push((t + 7.0, "storm", "4"));
+    }
+    let events = feed(&mut m, &s, 0);
+    assert!(events.is_empty(), "{events:?}");
+    // Then 20 floods in 30 s.
+    let jump: Vec<(f64, &str, &str)> = (0..20)
+        .map(|i| (3600.0 + i as f64 * 1.5, "flood", "4"))
+        .collect();
+    let events = feed(&mut m, &jump, 1000);
+    assert_eq!(kinds(&events).first(), Some(&EventType::New), "{events:?}");
+    let z = events[0].after["z"].as_f64().unwrap();
+    assert!(z >= 4.0, "{z}");
+    let mean = events[0].after["baseline"]["mean"].as_f64().unwrap();
+    assert!((2.0..=4.0).contains(&mean), "baseline mean {mean}");
+}
+
+#[test]
+fn share_and_rate_kinds() {
+    let mut share = rule("share", ThresholdKind::Share, 0.5);
+    share.min_count = 3;
+    let mut rate = rule("rate", ThresholdKind::Rate, 6.0);
+    rate.min_count = 1;
+    let mut m = Monitor::new(&cfg(vec![share, rate]));
+    // 2 floods among 10 messages: share 0.2, rate 2/min.
+    let s: Vec<(f64, &str, &str)> = (0..10)
+        .map(|i| {
+            (
+                i as f64 * 5.0,
+                if i % 5 == 0 { "flood" } else { "storm" },
+                "4",
+            )
+        })
+        .collect();
+    assert!(feed(&mut m, &s, 0).is_empty());
+    // Then 6 floods in a row: share 8/16 = 0.5 at the last, rate 8/min.
+    let s: Vec<(f64, &str, &str)> = (0..6).map(|i| (50.0 + i as f64, "flood", "4")).collect();
+    let events = feed(&mut m, &s, 100);
+    let rules: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == EventType::New)
+        .map(|e| e.rule.as_str())
+        .collect();
+    assert!(
+        rules.contains(&"share") && rules.contains(&"rate"),
+        "{rules:?}"
+    );
+    let sh = events.iter().find(|e| e.rule == "share").unwrap();
+    assert!(sh.after["window"]["share"].as_f64().unwrap() >= 0.5);
+}
+
+#[test]
+fn keys_are_bounded_and_evictions_counted() {
+    let mut r = rule("floods", ThresholdKind::Count, 3.0);
+    r.max_keys = 3;
+    let mut m = Monitor::new(&cfg(vec![r]));
+    // An incident in district "hot", then 10 other districts one message each.
+    let mut s: Vec<(f64, &str, &str)> = (0..3).map(|i| (i as f64, "flood", "hot")).collect();
+    let others: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+    for (i, d) in others.iter().enumerate() {
+        s.push((10.0 + i as f64, "storm", d.as_str()));
+    }
+    let events = feed(&mut m, &s, 0);
+    assert_eq!(m.keys("floods"), 3);
+    let c = m.counters("floods").unwrap();
+    assert_eq!(c.evictions, 8);
+    assert_eq!(c.evicted_open, 1);
+    assert_eq!(kinds(&events), vec![EventType::New, EventType::End]);
+    assert_eq!(events[1].after["end_reason"], "evicted");
+    // The least recently seen go first: the last three districts are kept.
+    let kept: Vec<&String> = m.state.rules["floods"].keys.keys().collect();
+    assert_eq!(kept, vec!["d7", "d8", "d9"]);
+}
+
+#[test]
+fn late_messages_are_counted_not_used() {
+    let mut m = Monitor::new(&cfg(vec![rule("floods", ThresholdKind::Count, 2.0)]));
+    feed(&mut m, &[(1000.0, "storm", "4")], 0);
+    // 500 s before the watermark: outside the 60 s window.
+    let events = feed(&mut m, &[(500.0, "flood", "4"), (501.0, "flood", "4")], 1);
+    assert!(events.is_empty());
+    assert_eq!(m.counters("floods").unwrap().late, 2);
+    // Out of order but inside the window: counted.
+    let events = feed(&mut m, &[(990.0, "flood", "4"), (980.0, "flood", "4")], 3);
+    assert_eq!(kinds(&events), vec![EventType::New]);
+}
+
+#[test]
+fn state_round_trips_through_a_file_and_replays_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("monitor.json");
+    let mut j = rule("jump", ThresholdKind::Jump, 3.0);
+    j.min_count = 4;
+    let c = cfg(vec![rule("floods", ThresholdKind::Count, 5.0), j]);
+    let mut s = burst_stream(1200.0, 30, 2.0, 2000.0);
+    s.extend((0..60).map(|i| (i as f64 * 20.0, "flood", "4")));
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Cut in the middle of the burst, with an incident open.
+    let cut = s.iter().position(|x| x.0 >= 1230.0).unwrap();
+    let mut a = Monitor::new(&c);
+    let first = feed(&mut a, &s[..cut], 0);
+    assert!(!a.open_incidents().is_empty(), "{first:?}");
+    a.save(&path).unwrap();
+    assert!(!path.with_extension("tmp").exists());
+    let (mut b, restored) = Monitor::restore(&c, &path).unwrap();
+    assert_eq!(
+        restored,
+        Restored::Loaded {
+            reset_rules: vec![]
+        }
+    );
+    assert_eq!(b.open_incidents(), a.open_incidents());
+    let rest_a = feed(&mut a, &s[cut..], cut);
+    let rest_b = feed(&mut b, &s[cut..], cut);
+    assert!(!rest_a.is_empty());
+    assert_eq!(
+        rest_a.iter().map(MonitorEvent::payload).collect::<Vec<_>>(),
+        rest_b.iter().map(MonitorEvent::payload).collect::<Vec<_>>()
+    );
+    // The incident open at the cut goes on: no second `new`, and it ends.
+    assert!(rest_b
+        .iter()
+        .all(|e| !(e.rule == "floods" && e.kind == EventType::New)));
+    assert!(rest_b
+        .iter()
+        .any(|e| e.rule == "floods" && e.kind == EventType::End));
+    assert_eq!(b.counters("floods"), a.counters("floods"));
+
+    // A rule whose settings changed starts over; the other keeps its state.
+    let mut changed = c.clone();
+    changed.rules[0].threshold = 6.0;
+    let (m, restored) = Monitor::restore(&changed, &path).unwrap();
+    assert_eq!(
+        restored,
+        Restored::Loaded {
+            reset_rules: vec!["floods".into()]
+        }
+    );
+    assert_eq!(m.keys("floods"), 0);
+    assert!(m.keys("jump") > 0);
+
+    // A corrupt file is reported and ignored; a missing one is a fresh start.
+    std::fs::write(&path, b"{not json").unwrap();
+    assert!(matches!(
+        Monitor::restore(&c, &path).unwrap().1,
+        Restored::Discarded(_)
+    ));
+    let (_, r) = Monitor::restore(&c, &dir.path().join("none.json")).unwrap();
+    assert_eq!(r, Restored::Fresh);
+}
+
+#[test]
+fn rules_from_a_task_file_and_errors_naming_the_key() {
+    let base = r#"
+instruction = "Name the event."
+query = "Message: {text}\nEvent:"
+labels = [{ name = "flood", text = " flood" }, { name = "fire", text = " fire" }]
+"#;
+    let parse = |extra: &str| {
+        let t = Task::parse(&format!("{base}{extra}"), Path::new("t.toml"), "t").unwrap();
+        MonitorConfig::from_task(&t)
+    };
+    assert!(parse("").unwrap().is_none());
+    let ok = parse(
+        r#"
+[monitor]
+[[monitor.rules]]
+name = "flood-jump"
+label = "flood"
+key = "district"
+window_s = 600
+kind = "jump"
+threshold = 3
+"#,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(ok.rules[0].quiet_s, None);
+    assert_eq!(ok.ts_field, "ts");
+    let r = &Monitor::new(&ok).rules[0];
+    assert_eq!(
+        (r.window_ms, r.slot_ms, r.quiet_ms),
+        (600_000, 30_000, 600_000)
+    );
+
+    let rule = |body: &str| {
+        format!(
+            "[[monitor.rules]]\nname = \"r\"\nlabel = \"flood\"\nwindow_s = 60\nkind = \"count\"\nthreshold = 3\n{body}"
+        )
+    };
+    for (body, key) in [
+        ("label2 = 1", "monitor"),
+        ("cooldown_s = -1", "monitor.rules[0].cooldown_s"),
+        ("baseline_alpha = 0", "monitor.rules[0].baseline_alpha"),
+        ("max_keys = 0", "monitor.rules[0].max_keys"),
+    ] {
+        let e = parse(&rule(body)).unwrap_err().to_string();
+        assert!(e.contains(key), "{body}: {e}");
+    }
+    let e = parse(&rule("").replace("\"flood\"", "\"storm\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("monitor.rules[0].label") && e.contains("storm"),
+        "{e}"
+    );
+    let e = parse(&rule("").replace("name = \"r\"", "name = \"a/b\""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("monitor.rules[0].name"), "{e}");
+    let e = parse(&rule("").replace(
+        "kind = \"count\"\nthreshold = 3",
+        "kind = \"share\"\nthreshold = 3",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("share"), "{e}");
+    let two = format!("{}\n{}", rule(""), rule(""));
+    let e = parse(&two).unwrap_err().to_string();
+    assert!(
+        e.contains("monitor.rules[1].name") && e.contains("twice"),
+        "{e}"
+    );
+}

@@ -1,0 +1,443 @@
+//! Ranking: a task with a `[rank]` section scores candidate items for one profile by the
+//! model's probability of the positive label (`yes`) after a yes/no prompt, calibrated
+//! with the task's content-free inputs, and returns them sorted, cut to top-k and a
+//! minimum score. The profile is written into the task's prefix, so it is decoded once
+//! and every candidate reuses it (each candidate decodes only its own suffix).
+
+pub mod eval;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::AppError;
+use crate::classify::{Classifier, RecordError, Request, ScorePath, SetupError};
+use crate::config::EngineConfig;
+use crate::engine::Engine;
+use crate::input;
+use crate::scoring::{softmax, AbstainRule};
+use crate::task::{ScoreNorm, Task};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RankError {
+    #[error("task file {path}: `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+}
+
+/// The `[rank]` section of a task file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankConfig {
+    /// The label whose probability is the item's score.
+    #[serde(default = "default_positive")]
+    pub positive_label: String,
+    /// How the profile enters the prompt, after the instruction: `{profile}` is replaced.
+    #[serde(default = "default_profile_template")]
+    pub profile_template: String,
+    /// Items returned at most (default: all).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// Items scoring below this are left out.
+    #[serde(default)]
+    pub min_score: f64,
+}
+
+fn default_positive() -> String {
+    "yes".into()
+}
+fn default_profile_template() -> String {
+    "User profile: {profile}".into()
+}
+
+impl RankConfig {
+    /// The task's `[rank]` section, validated; None when it has none.
+    pub fn from_task(task: &Task) -> Result<Option<RankConfig>, RankError> {
+        let Some(table) = &task.rank else {
+            return Ok(None);
+        };
+        let invalid = |key: &str, reason: String| RankError::Invalid {
+            path: task.path.clone(),
+            key: key.into(),
+            reason,
+        };
+        let cfg: RankConfig = table.clone().try_into().map_err(|e: toml::de::Error| {
+            invalid("rank", e.to_string().trim().replace('\n', " "))
+        })?;
+        if task.label_index(&cfg.positive_label).is_none() {
+            return Err(invalid(
+                "rank.positive_label",
+                format!("`{}` is not one of the task's labels", cfg.positive_label),
+            ));
+        }
+        if !cfg.profile_template.contains("{profile}") {
+            return Err(invalid(
+                "rank.profile_template",
+                "must contain {profile}".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&cfg.min_score) {
+            return Err(invalid(
+                "rank.min_score",
+                format!("{} is not within 0..=1", cfg.min_score),
+            ));
+        }
+        if cfg.top_k == Some(0) {
+            return Err(invalid("rank.top_k", "must be at least 1".into()));
+        }
+        Ok(Some(cfg))
+    }
+}
+
+/// A candidate item: `title` and `description` (or `text`), and any other fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub id: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Item {
+    /// The request the task's query sees: `text` is "title. description" when not given.
+    pub fn request(&self) -> Request {
+        let mut fields = self.fields.clone();
+        if !fields.contains_key("text") {
+            let get = |k: &str| self.fields.get(k).map(|s| s.trim()).unwrap_or("");
+            let (title, description) = (get("title"), get("description"));
+            let text = match (title.is_empty(), description.is_empty()) {
+                (false, false) if title.ends_with(['.', '!', '?', ':']) => {
+                    format!("{title} {description}")
+                }
+                (false, false) => format!("{title}. {description}"),
+                (false, true) => title.to_string(),
+                _ => description.to_string(),
+            };
+            fields.insert("text".into(), text);
+        }
+        Request {
+            id: self.id.clone(),
+            fields,
+        }
+    }
+}
+
+/// One ranked item.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ranked {
+    pub rank: usize,
+    pub id: String,
+    /// P(positive label), calibrated when the task calibrates.
+    pub score: f64,
+    /// P(positive label) before calibration.
+    pub score_raw: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Prompt tokens reused from the profile prefix / decoded for this item.
+    pub tokens_reused: usize,
+    pub tokens_decoded: usize,
+}
+
+/// A profile prepared on an engine: its prompt prefix decoded in a slot.
+pub struct Ranker {
+    classifier: Classifier,
+    cfg: RankConfig,
+    positive: String,
+}
+
+impl Ranker {
+    /// Decodes `task`'s prefix with `profile` in it (slot `slot`) and, when the task
+    /// calibrates, measures the content-free prior for this profile.
+    pub fn new(
+        engine: &mut Engine,
+        task: &Task,
+        cfg: &RankConfig,
+        profile: &str,
+        slot: usize,
+        calibrate: Option<bool>,
+    ) -> Result<Ranker, RankError> {
+        let mut t = task.clone();
+        let line = cfg.profile_template.replace("{profile}", profile.trim());
+        t.instruction = if t.instruction.is_empty() {
+            line
+        } else {
+            format!("{}{}{}", t.instruction, t.separator, line)
+        };
+        let classifier = Classifier::new(engine, t, slot, calibrate, Some(AbstainRule::default()))?;
+        Ok(Ranker {
+            classifier,
+            cfg: cfg.clone(),
+            positive: cfg.positive_label.clone(),
+        })
+    }
+
+    /// Tokens of the prefix (instruction, profile, examples), decoded once.
+    pub fn prefix_tokens(&self) -> usize {
+        self.classifier.prefix_len()
+    }
+
+    /// Scores every item (micro-batches of `batch_size`), in input order.
+    pub fn score(
+        &self,
+        engine: &mut Engine,
+        items: &[Item],
+        batch_size: usize,
+    ) -> Vec<Result<Ranked, RecordError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(batch_size.max(1)) {
+            let reqs: Vec<Request> = chunk.iter().map(Item::request).collect();
+            let results = self
+                .classifier
+                .classify_many(engine, &reqs, ScorePath::Fast);
+            for (item, r) in chunk.iter().zip(results) {
+                out.push(r.map(|r| {
+                    let raw: Vec<f64> = r
+                        .labels
+                        .values()
+                        .map(|l| match r.score_norm {
+                            ScoreNorm::Total => l.logprob_total,
+                            ScoreNorm::Mean => l.logprob_mean,
+                        })
+                        .collect();
+                    let raw_p = softmax(&raw);
+                    let pos_raw = r
+                        .labels
+                        .keys()
+                        .position(|k| *k == self.positive)
+                        .and_then(|i| raw_p.get(i).copied())
+                        .unwrap_or(0.0);
+                    Ranked {
+                        rank: 0,
+                        id: item.id.clone(),
+                        score: r.scores.get(&self.positive).copied().unwrap_or(0.0),
+                        score_raw: pos_raw,
+                        title: item.fields.get("title").cloned(),
+                        tokens_reused: r.tokens.reused,
+                        tokens_decoded: r.tokens.decoded,
+                    }
+                }));
+            }
+        }
+        out
+    }
+
+    /// Sorted by score (ties: input order), cut to `top_k` and `min_score` (arguments
+    /// override the task's), ranks numbered from 1.
+    pub fn rank(
+        &self,
+        mut scored: Vec<Ranked>,
+        top_k: Option<usize>,
+        min_score: Option<f64>,
+    ) -> Vec<Ranked> {
+        sort_ranked(&mut scored);
+        let min = min_score.unwrap_or(self.cfg.min_score);
+        scored.retain(|r| r.score >= min);
+        scored.truncate(top_k.or(self.cfg.top_k).unwrap_or(usize::MAX));
+        for (i, r) in scored.iter_mut().enumerate() {
+            r.rank = i + 1;
+        }
+        scored
+    }
+}
+
+/// Highest score first; a stable sort keeps input order among equal scores.
+pub fn sort_ranked(scored: &mut [Ranked]) {
+    scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+}
+
+/// Everything `edgeact rank` runs with.
+#[derive(Debug, Clone)]
+pub struct RankRunConfig {
+    pub engine: EngineConfig,
+    pub task: Task,
+    pub rank: RankConfig,
+    pub profile: String,
+    pub items: PathBuf,
+    pub top_k: Option<usize>,
+    pub min_score: Option<f64>,
+    pub calibrate: Option<bool>,
+    pub batch_size: usize,
+}
+
+/// `edgeact rank`: prints the ranked items as JSON lines, best first.
+pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
+    let reader = std::io::BufReader::new(std::fs::File::open(&cfg.items).map_err(|source| {
+        AppError::Input {
+            what: cfg.items.display().to_string(),
+            source,
+        }
+    })?);
+    let mut items = Vec::new();
+    let mut failed = 0;
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.map_err(|source| AppError::Input {
+            what: cfg.items.display().to_string(),
+            source,
+        })?;
+        match item_from_line(&line, i + 1) {
+            Ok(Some(it)) => items.push(it),
+            Ok(None) => {}
+            Err(msg) => {
+                failed += 1;
+                tracing::warn!("{}: {msg}", cfg.items.display());
+            }
+        }
+    }
+    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let ranker = Ranker::new(
+        &mut engine,
+        &cfg.task,
+        &cfg.rank,
+        &cfg.profile,
+        0,
+        cfg.calibrate,
+    )
+    .map_err(|e| match e {
+        RankError::Setup(s) => AppError::Setup(s),
+        RankError::Invalid { path, key, reason } => {
+            AppError::Config(crate::config::ConfigError::Invalid { path, key, reason })
+        }
+    })?;
+    let mut ok = Vec::new();
+    for (item, r) in items
+        .iter()
+        .zip(ranker.score(&mut engine, &items, cfg.batch_size))
+    {
+        match r {
+            Ok(r) => ok.push(r),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(id = %item.id, "{e}");
+            }
+        }
+    }
+    let total = items.len();
+    for r in ranker.rank(ok, cfg.top_k, cfg.min_score) {
+        let v = serde_json::to_string(&r).unwrap_or_default();
+        writeln!(out, "{v}").map_err(AppError::Output)?;
+    }
+    out.flush().map_err(AppError::Output)?;
+    if failed > 0 {
+        return Err(AppError::SomeRecordsFailed {
+            failed,
+            total: total + failed,
+        });
+    }
+    Ok(())
+}
+
+/// An item from one JSON line: `{"id", "title", "description"}` or `{"id", "text"}`.
+pub fn item_from_line(bytes: &[u8], line: usize) -> Result<Option<Item>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| format!("line {line}: not UTF-8"))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("line {line}: not valid JSON: {e}"))?;
+    let has_text = ["text", "title", "description"].iter().any(|k| {
+        v.get(*k)
+            .and_then(|s| s.as_str())
+            .is_some_and(|s| !s.trim().is_empty())
+    });
+    if !has_text {
+        return Err(format!(
+            "line {line}: an item needs `title`, `description` or `text`"
+        ));
+    }
+    // request_from_json wants `text`; a title/description item gets it from Item::request.
+    if v.get("text").is_none() {
+        v["text"] = serde_json::Value::String(String::new());
+    }
+    let req =
+        input::request_from_json(v, &line.to_string()).map_err(|e| format!("line {line}: {e}"))?;
+    let mut fields = req.fields;
+    if fields.get("text").is_some_and(|t| t.is_empty()) {
+        fields.remove("text");
+    }
+    Ok(Some(Item { id: req.id, fields }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+instruction = "Does the item match?"
+query = "Item: {text}\nAnswer:"
+labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
+"#;
+
+    fn parse(extra: &str) -> Result<Option<RankConfig>, RankError> {
+        let t = Task::parse(&format!("{BASE}{extra}"), Path::new("r.toml"), "r").unwrap();
+        RankConfig::from_task(&t)
+    }
+
+    #[test]
+    fn rank_section_defaults_and_errors_name_the_key() {
+        assert!(parse("").unwrap().is_none());
+        let c = parse("[rank]\ntop_k = 3\n").unwrap().unwrap();
+        assert_eq!(
+            (c.positive_label.as_str(), c.top_k, c.min_score),
+            ("yes", Some(3), 0.0)
+        );
+        for (extra, key) in [
+            (
+                "[rank]\npositive_label = \"maybe\"\n",
+                "rank.positive_label",
+            ),
+            (
+                "[rank]\nprofile_template = \"User\"\n",
+                "rank.profile_template",
+            ),
+            ("[rank]\nmin_score = 2\n", "rank.min_score"),
+            ("[rank]\ntop_k = 0\n", "rank.top_k"),
+            ("[rank]\ntopk = 3\n", "rank"),
+        ] {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn items_from_lines_get_their_text_from_title_and_description() {
+        let it = item_from_line(br#"{"id":"a","title":"Pasta","description":"Fresh."}"#, 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(it.request().fields["text"], "Pasta. Fresh.");
+        assert!(!it.fields.contains_key("text"));
+        let it = item_from_line(br#"{"text":"just text"}"#, 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (it.id.as_str(), it.request().fields["text"].as_str()),
+            ("2", "just text")
+        );
+        assert!(item_from_line(br#"{"id":"x"}"#, 3)
+            .unwrap_err()
+            .contains("line 3"));
+        assert!(item_from_line(b"  ", 4).unwrap().is_none());
+    }
+
+    #[test]
+    fn sorting_is_by_score_and_stable() {
+        let r = |id: &str, score: f64| Ranked {
+            rank: 0,
+            id: id.into(),
+            score,
+            score_raw: score,
+            title: None,
+            tokens_reused: 0,
+            tokens_decoded: 0,
+        };
+        let mut v = vec![r("a", 0.2), r("b", 0.9), r("c", 0.2), r("d", 0.5)];
+        sort_ranked(&mut v);
+        let ids: Vec<&str> = v.iter().map(|x| x.id.as_str()).collect();
+        assert_eq!(ids, vec!["b", "d", "a", "c"]);
+    }
+}
