@@ -328,6 +328,25 @@ impl Template {
     }
 }
 
+/// Where a task file named `name` is: the name itself when it is a path (contains `/` or
+/// ends in `.toml`), else `<dir>/<name>.toml` in the first of `dirs` that has it.
+pub fn find_task_file(name: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
+    if name.contains('/') || name.ends_with(".toml") {
+        return Some(PathBuf::from(name));
+    }
+    dirs.iter()
+        .map(|d| d.join(format!("{name}.toml")))
+        .find(|p| p.is_file())
+}
+
+/// The task folders searched, for "unknown task" errors.
+pub fn searched_dirs(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A loaded, validated task.
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -366,23 +385,13 @@ impl Task {
     /// Finds `name` as a path (contains `/` or ends in `.toml`) or as `<dir>/<name>.toml`
     /// in the first of `dirs` that has it.
     pub fn find(name: &str, dirs: &[PathBuf]) -> Result<Task, TaskError> {
-        if name.contains('/') || name.ends_with(".toml") {
-            return Task::load(Path::new(name));
+        match find_task_file(name, dirs) {
+            Some(p) => Task::load(&p),
+            None => Err(TaskError::Unknown {
+                name: name.into(),
+                searched: searched_dirs(dirs),
+            }),
         }
-        for d in dirs {
-            let p = d.join(format!("{name}.toml"));
-            if p.is_file() {
-                return Task::load(&p);
-            }
-        }
-        Err(TaskError::Unknown {
-            name: name.into(),
-            searched: dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
     }
 
     pub fn load(path: &Path) -> Result<Task, TaskError> {

@@ -261,23 +261,13 @@ pub struct ReactSpec {
 impl ReactSpec {
     /// Finds `name` as a path (contains `/` or ends in `.toml`) or as `<dir>/<name>.toml`.
     pub fn find(name: &str, dirs: &[PathBuf]) -> Result<ReactSpec, SpecError> {
-        if name.contains('/') || name.ends_with(".toml") {
-            return ReactSpec::load(Path::new(name));
+        match crate::task::find_task_file(name, dirs) {
+            Some(p) => ReactSpec::load(&p),
+            None => Err(SpecError::Unknown {
+                name: name.into(),
+                searched: crate::task::searched_dirs(dirs),
+            }),
         }
-        for d in dirs {
-            let p = d.join(format!("{name}.toml"));
-            if p.is_file() {
-                return ReactSpec::load(&p);
-            }
-        }
-        Err(SpecError::Unknown {
-            name: name.into(),
-            searched: dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
     }
 
     pub fn load(path: &Path) -> Result<ReactSpec, SpecError> {
