@@ -442,6 +442,11 @@ impl Engine {
         &self.prefixes[slot]
     }
 
+    /// Sets the folder of the prefix cache on disk (None: off); returns the previous one.
+    pub fn set_prefix_cache_dir(&mut self, dir: Option<PathBuf>) -> Option<PathBuf> {
+        std::mem::replace(&mut self.prefix_cache_dir, dir)
+    }
+
     /// Like [`Engine::set_prefix`], but through the prefix cache on disk when the config
     /// names one: a state saved for the same model, context settings and tokens is loaded
     /// instead of decoded; a missing, stale or corrupt one is (re)built and saved.

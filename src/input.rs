@@ -38,8 +38,9 @@ impl InputError {
 /// Largest request accepted, in bytes of JSON.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
 
-/// Parses one line (1-based `line`). `Ok(None)` for a blank line.
-pub fn parse_line(bytes: &[u8], line: usize) -> Result<Option<Request>, InputError> {
+/// Parses one line (1-based `line`) into JSON, checking its encoding and size. `Ok(None)`
+/// for a blank line.
+pub fn parse_line_value(bytes: &[u8], line: usize) -> Result<Option<Value>, InputError> {
     let text = std::str::from_utf8(bytes).map_err(|e| InputError::InvalidUtf8 {
         line,
         offset: e.valid_up_to(),
@@ -57,10 +58,19 @@ pub fn parse_line(bytes: &[u8], line: usize) -> Result<Option<Request>, InputErr
             ),
         });
     }
-    let value: Value = serde_json::from_str(text).map_err(|e| InputError::Json {
-        line,
-        reason: e.to_string(),
-    })?;
+    serde_json::from_str(text)
+        .map(Some)
+        .map_err(|e| InputError::Json {
+            line,
+            reason: e.to_string(),
+        })
+}
+
+/// Parses one line (1-based `line`) into a request. `Ok(None)` for a blank line.
+pub fn parse_line(bytes: &[u8], line: usize) -> Result<Option<Request>, InputError> {
+    let Some(value) = parse_line_value(bytes, line)? else {
+        return Ok(None);
+    };
     request_from_json(value, &line.to_string())
         .map(Some)
         .map_err(|reason| InputError::Shape { line, reason })

@@ -16,6 +16,7 @@ use edgeact::react::spec::ReactSpec;
 use edgeact::react::ReactError;
 use edgeact::scoring::AbstainRule;
 use edgeact::task::Task;
+use edgeact::worker::ServedTask;
 use edgeact::{mqtt, outbox, serve};
 
 /// Offline language-model agent for small boards: classifies text with a local GGUF model
@@ -488,15 +489,23 @@ impl ServeArgs {
         } else {
             s.task.clone()
         };
-        let mut tasks = Vec::new();
+        let mut tasks: Vec<ServedTask> = Vec::new();
+        let mut monitors = std::collections::BTreeMap::new();
         for n in &names {
-            let t = Task::find(n, &config::task_dirs())?;
-            if tasks.iter().any(|o: &Task| o.name == t.name) {
+            let t = served_task(n)?;
+            if tasks.iter().any(|o| o.name() == t.name()) {
                 return Err(invalid(
                     &src,
                     "task",
-                    format!("task `{}` is listed twice", t.name),
+                    format!("task `{}` is listed twice", t.name()),
                 ));
+            }
+            if let ServedTask::Classify(task) = &t {
+                if let Some(m) = edgeact::monitor::MonitorConfig::from_task(task)
+                    .map_err(monitor_config_error)?
+                {
+                    monitors.insert(task.name.clone(), m);
+                }
             }
             tasks.push(t);
         }
@@ -577,6 +586,7 @@ impl ServeArgs {
         Ok(serve::ServeConfig {
             engine,
             tasks,
+            monitors,
             device_id,
             topics,
             broker,
@@ -1180,6 +1190,30 @@ fn run(cli: Cli) -> Result<(), AppError> {
             app::classify(cfg, &mut out)
         }
     }
+}
+
+/// A task to serve, by name or path: a ReAct task file (`type = "react"`), a ranking task
+/// (with `[rank]`) or a classification task.
+fn served_task(name: &str) -> Result<ServedTask, AppError> {
+    let dirs = config::task_dirs();
+    let path = edgeact::task::find_task_file(name, &dirs);
+    let src = path.and_then(|p| std::fs::read_to_string(p).ok());
+    if src
+        .as_deref()
+        .is_some_and(edgeact::react::spec::is_react_file)
+    {
+        let spec = ReactSpec::find(name, &dirs).map_err(edgeact::react::ReactError::from)?;
+        return Ok(ServedTask::React(spec));
+    }
+    let task = Task::find(name, &dirs)?;
+    Ok(match edgeact::rank::RankConfig::from_task(&task) {
+        Ok(Some(r)) => ServedTask::Rank(task, r),
+        Ok(None) => ServedTask::Classify(task),
+        Err(edgeact::rank::RankError::Invalid { path, key, reason }) => {
+            return Err(invalid(&path, &key, reason))
+        }
+        Err(edgeact::rank::RankError::Setup(s)) => return Err(AppError::Setup(s)),
+    })
 }
 
 /// The task's validated [rank] section; a task without one is a usage error.

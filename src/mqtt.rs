@@ -155,6 +155,10 @@ impl Topics {
     pub fn trace(&self, task: &str) -> String {
         format!("{}/{task}/trace", self.prefix)
     }
+    /// Side effects of a ReAct task's `notify` tool.
+    pub fn notify(&self, task: &str) -> String {
+        format!("{}/{task}/notify", self.prefix)
+    }
     pub fn state(&self, task: &str) -> String {
         format!("{}/{task}/state", self.prefix)
     }

@@ -2,8 +2,13 @@
 //! them to the inference thread over a bounded queue, records every outcome in the durable
 //! outbox before acknowledging the request, and publishes from the outbox until PUBACK.
 //!
-//! One task owns the MQTT event loop, the outbox and the bookkeeping below; inference runs
-//! on its own thread, so the event loop never blocks on the model.
+//! One task owns the MQTT event loop, the outbox, the monitors and the bookkeeping below;
+//! inference runs on its own thread, so the event loop never blocks on the model.
+//!
+//! Served tasks are classifications (result, trace, retained state; with `[monitor]` rules,
+//! incidents on `<prefix>/<rule>/events`), rankings (`[rank]`; also reachable as
+//! `<prefix>/rank/request`) and ReAct loops (`type = "react"`: answer, compact trace, and
+//! `notify` side effects on `<prefix>/<task>/notify`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -16,19 +21,26 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::app::{percentile, rss_mib, AppError};
-use crate::classify::{ClassifyResult, RecordError};
+use crate::classify::ClassifyResult;
 use crate::config::EngineConfig;
 use crate::input;
+use crate::monitor::{replay, Monitor, MonitorConfig, Restored};
 use crate::mqtt::{self, BrokerConfig, Topics};
 use crate::outbox::{Outbox, OutboxLimits, Priority};
-use crate::task::Task;
-use crate::worker::{self, Done, Rejected, Work, WorkerHandle};
+use crate::rank::RankResult;
+use crate::react::request::{compact_trace, ReactResult};
+use crate::worker::{
+    self, Done, Job, JobError, Output, Rejected, ServedTask, TaskKind, Work, WorkerHandle,
+    WorkerOptions,
+};
 
 /// Everything `serve` runs with, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub engine: EngineConfig,
-    pub tasks: Vec<Task>,
+    pub tasks: Vec<ServedTask>,
+    /// Alert rules by task name (classification tasks with a `[monitor]` section).
+    pub monitors: BTreeMap<String, MonitorConfig>,
     pub device_id: String,
     pub topics: Topics,
     /// None: JSON lines on stdin, results on stdout.
@@ -100,42 +112,82 @@ pub fn trace_of(r: &ClassifyResult) -> Value {
     })
 }
 
-/// What one outcome publishes: result, trace and retained state; or an error record.
+/// What one outcome publishes under `route` (the task name the request came in on):
+/// result, trace and retained state for a classification; result and trace for a ranking;
+/// answer, trace and `notify` side effects for a ReAct run; or an error record.
 pub fn messages_for(
     topics: &Topics,
-    task: &str,
+    route: &str,
     request_id: &str,
-    outcome: &Result<ClassifyResult, RecordError>,
+    outcome: &Result<Output, JobError>,
 ) -> Vec<Msg> {
     match outcome {
-        Ok(r) => {
+        Ok(Output::Classified(r)) => {
             let result = serde_json::to_string(r).unwrap_or_default();
             let state = json!({
                 "id": r.id, "label": r.label, "top_label": r.top_label,
                 "confidence": r.confidence, "abstained": r.abstained, "ts_ms": now_ms(),
             });
             vec![
-                (topics.result(task), result, false, Priority::Normal),
+                (topics.result(route), result, false, Priority::Normal),
                 (
-                    topics.trace(task),
+                    topics.trace(route),
                     trace_of(r).to_string(),
                     false,
                     Priority::Low,
                 ),
                 (
-                    topics.state(task),
+                    topics.state(route),
                     state.to_string(),
                     true,
                     Priority::Normal,
                 ),
             ]
         }
+        Ok(Output::Ranked(r)) => vec![
+            (
+                topics.result(route),
+                serde_json::to_string(r).unwrap_or_default(),
+                false,
+                Priority::Normal,
+            ),
+            (
+                topics.trace(route),
+                rank_trace(r).to_string(),
+                false,
+                Priority::Low,
+            ),
+        ],
+        Ok(Output::Reacted(r)) => {
+            let mut msgs: Vec<Msg> = r
+                .notify
+                .iter()
+                .map(|n| {
+                    let mut n = n.clone();
+                    n["id"] = json!(r.id);
+                    (topics.notify(route), n.to_string(), false, Priority::High)
+                })
+                .collect();
+            msgs.push((
+                topics.result(route),
+                serde_json::to_string(r.as_ref() as &ReactResult).unwrap_or_default(),
+                false,
+                Priority::Normal,
+            ));
+            msgs.push((
+                topics.trace(route),
+                compact_trace(r).to_string(),
+                false,
+                Priority::Low,
+            ));
+            msgs
+        }
         Err(e) => vec![(
             topics.errors(),
             error_record(
                 Some(request_id),
-                Some(task),
-                Some(&topics.request(task)),
+                Some(route),
+                Some(&topics.request(route)),
                 e.kind(),
                 &e.to_string(),
             )
@@ -144,6 +196,27 @@ pub fn messages_for(
             Priority::High,
         )],
     }
+}
+
+/// The compact trace of a ranking: the top items' ids and scores, counts and time.
+fn rank_trace(r: &RankResult) -> Value {
+    let top: Vec<Value> = r
+        .ranked
+        .iter()
+        .take(8)
+        .map(|x| json!({"id": x.id, "score": (x.score * 1e4).round() / 1e4}))
+        .collect();
+    json!({
+        "id": r.id,
+        "task": r.task,
+        "top": top,
+        "n_items": r.n_items,
+        "n_ranked": r.ranked.len(),
+        "n_failed": r.failed.len(),
+        "prefix_tokens_decoded": r.prefix_tokens_decoded,
+        "ms": r.ms,
+        "ts_ms": now_ms(),
+    })
 }
 
 /// Rolling figures for `<prefix>/stats`.
@@ -172,9 +245,13 @@ impl Stats {
 
     fn record(&mut self, d: &Done) {
         match &d.outcome {
-            Ok(r) => {
+            Ok(o) => {
                 self.results += 1;
-                self.decoded_tokens += r.tokens.decoded as u64;
+                self.decoded_tokens += match o {
+                    Output::Classified(r) => r.tokens.decoded as u64,
+                    Output::Ranked(r) => r.ranked.iter().map(|x| x.tokens_decoded as u64).sum(),
+                    Output::Reacted(r) => r.generated_tokens as u64,
+                };
             }
             Err(_) => self.errors += 1,
         }
@@ -217,6 +294,21 @@ impl Stats {
 struct Ticket {
     /// The incoming message to acknowledge once the outcome is in the outbox.
     publish: Option<Publish>,
+    /// The task name the request came in on (its results go under it).
+    route: String,
+    /// The request's fields, kept for the task's monitor (None: the task has none).
+    fields: Option<BTreeMap<String, String>>,
+}
+
+/// A task's alert rules, their state file and whether it changed since it was saved.
+struct TaskMonitor {
+    monitor: Monitor,
+    ts_field: String,
+    path: PathBuf,
+    dirty: bool,
+    /// When the last message came, and the stream's time then: an idle stream's time moves
+    /// on with the wall clock from there, whatever epoch its event times use.
+    last_seen: Option<(Instant, i64)>,
 }
 
 struct Daemon {
@@ -242,6 +334,8 @@ struct Daemon {
     /// Requests already answered, by (packet id, payload hash), most recent last: a
     /// redelivery (DUP) of one of them after a lost PUBACK is acknowledged, not run again.
     answered: VecDeque<(u16, u64)>,
+    /// By task index.
+    monitors: HashMap<usize, TaskMonitor>,
 }
 
 const ANSWERED_MEMORY: usize = 4096;
@@ -272,12 +366,12 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let worker = worker::spawn(
         cfg.engine.clone(),
         cfg.tasks.clone(),
-        cfg.queue_capacity,
-        cfg.batch_size,
+        cfg.worker_options(),
         move |d| {
             let _ = done_tx.send(d);
         },
     )?;
+    let monitors = open_monitors(&cfg, &worker)?;
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     // Small messages, latency matters: no Nagle delay.
     eventloop.network_options.set_tcp_nodelay(true);
@@ -298,6 +392,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         draining: false,
         subacks_pending: 0,
         answered: VecDeque::new(),
+        monitors,
     };
     let mut stats_tick = tokio::time::interval(d.cfg.stats_interval);
     stats_tick.tick().await;
@@ -378,7 +473,10 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
                 poll = Box::pin(poll_owned(eventloop, next_at));
             },
             Some(done) = done_rx.recv() => d.on_done(done)?,
-            _ = stats_tick.tick() => d.publish_stats(),
+            _ = stats_tick.tick() => {
+                d.publish_stats();
+                d.tick_monitors()?;
+            },
             _ = &mut shutdown, if !d.draining => {
                 tracing::info!("shutting down: no new requests; finishing in-flight work and flushing the outbox");
                 d.draining = true;
@@ -391,7 +489,61 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     d.outbox.sync(true).map_err(AppError::Outbox)?;
     d.worker.join();
+    d.save_monitors();
     Ok(())
+}
+
+impl ServeConfig {
+    fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions {
+            queue_capacity: self.queue_capacity,
+            batch_size: self.batch_size,
+            session_dir: self.outbox_dir.join("sessions"),
+        }
+    }
+}
+
+/// Each monitored task's rules, with the window state saved before the last stop.
+fn open_monitors(
+    cfg: &ServeConfig,
+    worker: &WorkerHandle,
+) -> Result<HashMap<usize, TaskMonitor>, AppError> {
+    let mut out = HashMap::new();
+    for (name, mcfg) in &cfg.monitors {
+        let Some(i) = worker.task_index(name) else {
+            continue;
+        };
+        let path = cfg.outbox_dir.join(format!("monitor-{name}.json"));
+        let (monitor, restored) = Monitor::restore(mcfg, &path).map_err(|e| AppError::Input {
+            what: path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        match restored {
+            Restored::Fresh => {}
+            Restored::Loaded { reset_rules } => tracing::info!(
+                task = %name,
+                open_incidents = monitor.open_incidents().len(),
+                ?reset_rules,
+                "monitor state restored"
+            ),
+            Restored::Discarded(reason) => tracing::warn!(
+                task = %name,
+                path = %path.display(),
+                "monitor state discarded ({reason}); starting with empty windows"
+            ),
+        }
+        out.insert(
+            i,
+            TaskMonitor {
+                monitor,
+                ts_field: mcfg.ts_field.clone(),
+                path,
+                dirty: false,
+                last_seen: None,
+            },
+        );
+    }
+    Ok(out)
 }
 
 impl Daemon {
@@ -551,7 +703,7 @@ impl Daemon {
                 return;
             }
         }
-        let Some(task) = self.worker.task_index(&task_name) else {
+        let Some(task) = self.resolve_task(&task_name) else {
             let msg = format!(
                 "unknown task `{task_name}` (serving: {})",
                 self.worker.task_names.join(", ")
@@ -595,20 +747,31 @@ impl Daemon {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let default_id = format!("{}-{}-{ticket}", self.cfg.device_id, now_ms());
-        let mut request = match input::request_from_json(value, &default_id) {
-            Ok(r) => r,
+        let kind = self.worker.task_kinds[task];
+        let mut job = match Job::from_json(kind, value, &default_id) {
+            Ok(j) => j,
             Err(msg) => {
                 self.reject(&p, None, Some(&task_name), "invalid_request", msg);
                 return;
             }
         };
-        for (k, v) in &self.context {
-            request.fields.entry(k.clone()).or_insert_with(|| v.clone());
+        match &mut job {
+            Job::Classify(request) => {
+                for (k, v) in &self.context {
+                    request.fields.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            Job::React(r) => r.sensors = Some(worker::sensors_from_context(&self.context)),
+            Job::Rank(_) => {}
         }
-        let id = request.id.clone();
+        let fields = match &job {
+            Job::Classify(r) if self.monitors.contains_key(&task) => Some(r.fields.clone()),
+            _ => None,
+        };
+        let id = job.id().to_string();
         let work = Work {
             task,
-            request,
+            job,
             ticket,
             received: Instant::now(),
         };
@@ -617,7 +780,14 @@ impl Daemon {
                 if p.qos != QoS::AtMostOnce {
                     self.incoming_pkids.insert(p.pkid, ticket);
                 }
-                self.tickets.insert(ticket, Ticket { publish: Some(p) });
+                self.tickets.insert(
+                    ticket,
+                    Ticket {
+                        publish: Some(p),
+                        route: task_name,
+                        fields,
+                    },
+                );
             }
             Err((Rejected::Overloaded, _)) => {
                 self.stats.overloaded += 1;
@@ -635,6 +805,21 @@ impl Daemon {
         }
     }
 
+    /// The task a request topic names: a task by its name, or `rank` for the first ranking
+    /// task when no task is called that.
+    fn resolve_task(&self, name: &str) -> Option<usize> {
+        self.worker.task_index(name).or_else(|| {
+            (name == "rank")
+                .then(|| {
+                    self.worker
+                        .task_kinds
+                        .iter()
+                        .position(|k| *k == TaskKind::Rank)
+                })
+                .flatten()
+        })
+    }
+
     fn on_done(&mut self, d: Done) -> Result<(), AppError> {
         self.stats.record(&d);
         let ticket = self.tickets.remove(&d.ticket);
@@ -647,7 +832,13 @@ impl Daemon {
         if let Err(e) = &d.outcome {
             tracing::warn!(id = %d.request_id, task = %task, "{e}");
         }
-        let msgs = messages_for(&self.cfg.topics, &task, &d.request_id, &d.outcome);
+        let route = ticket.as_ref().map_or(task, |t| t.route.clone());
+        let mut msgs = messages_for(&self.cfg.topics, &route, &d.request_id, &d.outcome);
+        if let (Ok(Output::Classified(r)), Some(fields)) =
+            (&d.outcome, ticket.as_ref().and_then(|t| t.fields.as_ref()))
+        {
+            msgs.extend(self.observe(d.task, r, fields));
+        }
         let publish = ticket.and_then(|t| t.publish);
         if let Some(p) = &publish {
             self.incoming_pkids.remove(&p.pkid);
@@ -659,6 +850,78 @@ impl Daemon {
             }
         }
         self.record(msgs, publish.as_ref())
+    }
+
+    /// Feeds a classification to its task's monitor; the incident messages it caused.
+    fn observe(
+        &mut self,
+        task: usize,
+        r: &ClassifyResult,
+        fields: &BTreeMap<String, String>,
+    ) -> Vec<Msg> {
+        let Some(m) = self.monitors.get_mut(&task) else {
+            return Vec::new();
+        };
+        let ts_ms = replay::event_time_ms(fields, &m.ts_field).unwrap_or(now_ms() as i64);
+        let obs = crate::monitor::Observation {
+            id: r.id.clone(),
+            ts_ms,
+            label: r.label.clone(),
+            confidence: r.confidence,
+            fields: fields.clone(),
+        };
+        let events = m.monitor.observe(&obs);
+        m.dirty = true;
+        m.last_seen = m.monitor.watermark_ms().map(|w| (Instant::now(), w));
+        if !events.is_empty() {
+            // Incidents opened or ended: keep the windows that explain them.
+            if let Err(e) = m.monitor.save(&m.path) {
+                tracing::error!("{e}");
+            } else {
+                m.dirty = false;
+            }
+        }
+        let prefix = &self.cfg.topics.prefix;
+        events
+            .iter()
+            .map(|e| (e.topic(prefix), e.payload(), false, Priority::High))
+            .collect()
+    }
+
+    /// On the stats tick: moves idle monitors' time on (quiet incidents end) and saves
+    /// window state that changed.
+    fn tick_monitors(&mut self) -> Result<(), AppError> {
+        let prefix = self.cfg.topics.prefix.clone();
+        let mut msgs = Vec::new();
+        for m in self.monitors.values_mut() {
+            let Some((at, watermark)) = m.last_seen else {
+                continue;
+            };
+            let now = watermark + at.elapsed().as_millis() as i64;
+            let events = m.monitor.advance_to(now);
+            if !events.is_empty() {
+                m.dirty = true;
+            }
+            msgs.extend(
+                events
+                    .iter()
+                    .map(|e| (e.topic(&prefix), e.payload(), false, Priority::High)),
+            );
+        }
+        self.save_monitors();
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.record(msgs, None)
+    }
+
+    fn save_monitors(&mut self) {
+        for m in self.monitors.values_mut().filter(|m| m.dirty) {
+            match m.monitor.save(&m.path) {
+                Ok(()) => m.dirty = false,
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
     }
 
     fn publish_stats(&mut self) {
@@ -693,8 +956,7 @@ pub fn serve_stdio(
     let mut worker = worker::spawn(
         cfg.engine.clone(),
         cfg.tasks.clone(),
-        cfg.queue_capacity,
-        cfg.batch_size,
+        cfg.worker_options(),
         move |d| {
             let _ = tx.send(d);
         },
@@ -727,41 +989,13 @@ pub fn serve_stdio(
             break;
         }
         line_no += 1;
-        let parsed = input::parse_line(&buf, line_no as usize);
-        let record = match parsed {
+        let record = match input::parse_line_value(&buf, line_no as usize) {
             Ok(None) => {
                 line_no -= 1;
                 continue;
             }
             Err(e) => Some(error_record(None, None, None, e.kind(), &e.to_string())),
-            Ok(Some(mut req)) => {
-                let task_name = req
-                    .fields
-                    .remove("task")
-                    .unwrap_or_else(|| worker.task_names[0].clone());
-                match worker.task_index(&task_name) {
-                    None => Some(error_record(
-                        Some(&req.id),
-                        Some(&task_name),
-                        None,
-                        "unknown_task",
-                        &format!("unknown task `{task_name}`"),
-                    )),
-                    Some(task) => {
-                        let work = Work {
-                            task,
-                            request: req,
-                            ticket: line_no,
-                            received: Instant::now(),
-                        };
-                        worker.submit(work).map_err(|_| AppError::Input {
-                            what: "inference thread".into(),
-                            source: std::io::Error::other("stopped"),
-                        })?;
-                        None
-                    }
-                }
-            }
+            Ok(Some(value)) => stdio_submit(&worker, value, line_no)?,
         };
         pending.insert(line_no, record);
         while let Ok(d) = rx.try_recv() {
@@ -783,9 +1017,65 @@ pub fn serve_stdio(
     Ok(())
 }
 
+/// Queues one pipeline line (`task` picks the task, default the first); an error record
+/// when the line is not a request for it.
+fn stdio_submit(
+    worker: &WorkerHandle,
+    mut value: Value,
+    line_no: u64,
+) -> Result<Option<Value>, AppError> {
+    let task_name = match value.as_object_mut().and_then(|o| o.remove("task")) {
+        None => worker.task_names[0].clone(),
+        Some(Value::String(s)) => s,
+        Some(_) => {
+            return Ok(Some(error_record(
+                None,
+                None,
+                None,
+                "invalid_request",
+                &format!("line {line_no}: field `task` must be a string"),
+            )))
+        }
+    };
+    let Some(task) = worker.task_index(&task_name) else {
+        return Ok(Some(error_record(
+            value.get("id").and_then(Value::as_str),
+            Some(&task_name),
+            None,
+            "unknown_task",
+            &format!("unknown task `{task_name}`"),
+        )));
+    };
+    let job = match Job::from_json(worker.task_kinds[task], value, &line_no.to_string()) {
+        Ok(j) => j,
+        Err(reason) => {
+            return Ok(Some(error_record(
+                None,
+                Some(&task_name),
+                None,
+                "invalid_request",
+                &format!("line {line_no}: {reason}"),
+            )))
+        }
+    };
+    let work = Work {
+        task,
+        job,
+        ticket: line_no,
+        received: Instant::now(),
+    };
+    worker.submit(work).map_err(|_| AppError::Input {
+        what: "inference thread".into(),
+        source: std::io::Error::other("stopped"),
+    })?;
+    Ok(None)
+}
+
 fn done_value(worker: &WorkerHandle, d: Done) -> Value {
     match d.outcome {
-        Ok(r) => serde_json::to_value(&r).unwrap_or(Value::Null),
+        Ok(Output::Classified(r)) => serde_json::to_value(r.as_ref()).unwrap_or(Value::Null),
+        Ok(Output::Ranked(r)) => serde_json::to_value(&r).unwrap_or(Value::Null),
+        Ok(Output::Reacted(r)) => serde_json::to_value(r.as_ref()).unwrap_or(Value::Null),
         Err(e) => error_record(
             Some(&d.request_id),
             worker.task_names.get(d.task).map(String::as_str),
@@ -807,4 +1097,80 @@ async fn poll_owned(
         tracing::trace!(event = ?e, "mqtt");
     }
     (eventloop, ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::react::agent::{StepRecord, StopReason, Trace};
+
+    fn topics() -> Topics {
+        Topics {
+            prefix: "edgeact/d".into(),
+            fleet_prefix: "edgeact/fleet".into(),
+            share_group: None,
+        }
+    }
+
+    #[test]
+    fn a_react_outcome_publishes_notifications_first_then_answer_and_trace() {
+        let trace = Trace {
+            task: "kiosk".into(),
+            question: "My child is lost".into(),
+            answer: "A member of staff is on the way.".into(),
+            finished: true,
+            stop_reason: StopReason::Final,
+            seed: 42,
+            grammar: true,
+            steps: vec![
+                StepRecord {
+                    thought: Some("Staff must help.".into()),
+                    tool: Some("notify".into()),
+                    arg: Some(r#"{"reason":"lost child"}"#.into()),
+                    observation: Some("x".repeat(5000)),
+                    passage_ids: vec!["lost-child".into()],
+                    ..StepRecord::default()
+                },
+                StepRecord {
+                    final_answer: Some("A member of staff is on the way.".into()),
+                    ..StepRecord::default()
+                },
+            ],
+            generated_tokens: 40,
+            unparsable_steps: 0,
+            refused_calls: 0,
+            tool_errors: 0,
+            dropped_observations: 0,
+            history_turns: 0,
+            dropped_turns: 0,
+            total_ms: 1234.56,
+        };
+        let notify = vec![json!({"task": "kiosk", "payload": {"reason": "lost child"}})];
+        let r = ReactResult::new("k7", None, trace, notify);
+        let msgs = messages_for(&topics(), "kiosk", "k7", &Ok(Output::Reacted(Box::new(r))));
+        let names: Vec<&str> = msgs.iter().map(|m| m.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "edgeact/d/kiosk/notify",
+                "edgeact/d/kiosk/result",
+                "edgeact/d/kiosk/trace"
+            ]
+        );
+        assert_eq!(msgs[0].3, Priority::High, "side effects go first");
+        let n: Value = serde_json::from_str(&msgs[0].1).unwrap();
+        assert_eq!(
+            (n["id"].as_str(), n["payload"]["reason"].as_str()),
+            (Some("k7"), Some("lost child"))
+        );
+        let result: Value = serde_json::from_str(&msgs[1].1).unwrap();
+        assert_eq!(result["stop_reason"], "final");
+        assert_eq!(result["citations"], json!(["lost-child"]));
+        assert_eq!(result["notifications"], 1);
+        assert!(result.get("trace").is_none(), "the full trace stays local");
+        assert!(
+            msgs[2].1.len() < 2000,
+            "observations are cut in the compact trace"
+        );
+    }
 }

@@ -1,27 +1,142 @@
-//! The inference thread: owns the backend, model, context and one classifier per task;
-//! takes work from a bounded queue, micro-batches what is waiting for the same task, and
-//! hands each outcome back. Nothing else touches the model.
+//! The inference thread: owns the backend, model, context and one runner per served task
+//! (a classifier, a ranker, or a ReAct loop with its tools); takes work from a bounded
+//! queue, micro-batches classifications waiting for the same task, and hands each outcome
+//! back. Nothing else touches the model.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use serde_json::Value;
+
 use crate::classify::{Classifier, ClassifyResult, RecordError, Request, ScorePath};
 use crate::config::EngineConfig;
-use crate::engine::{Engine, ModelInfo};
+use crate::engine::{Engine, GenCache, ModelInfo};
+use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
+use crate::react::agent::{self, EngineGenerator, RunOptions, Turn};
+use crate::react::kb::Kb;
+use crate::react::request::{ReactRequest, ReactResult};
+use crate::react::session;
+use crate::react::spec::ReactSpec;
+use crate::react::tools::Toolbox;
+use crate::react::ReactError;
 use crate::task::Task;
+
+/// A task the daemon serves, loaded and validated.
+#[derive(Debug, Clone)]
+pub enum ServedTask {
+    /// Label scoring (a task file without `[rank]`).
+    Classify(Task),
+    /// Candidate items ranked for a profile (a task file with `[rank]`).
+    Rank(Task, RankConfig),
+    /// The ReAct loop (a task file with `type = "react"`).
+    React(ReactSpec),
+}
+
+/// What a served task does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    Classify,
+    Rank,
+    React,
+}
+
+impl ServedTask {
+    pub fn name(&self) -> &str {
+        match self {
+            ServedTask::Classify(t) | ServedTask::Rank(t, _) => &t.name,
+            ServedTask::React(s) => &s.name,
+        }
+    }
+
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            ServedTask::Classify(_) => TaskKind::Classify,
+            ServedTask::Rank(..) => TaskKind::Rank,
+            ServedTask::React(_) => TaskKind::React,
+        }
+    }
+}
+
+/// A request, as its task's kind reads it.
+#[derive(Debug, Clone)]
+pub enum Job {
+    Classify(Request),
+    Rank(Box<RankRequest>),
+    React(Box<ReactRequest>),
+}
+
+impl Job {
+    /// Parses a request payload for a task of `kind`; the error names what is wrong.
+    pub fn from_json(kind: TaskKind, value: Value, default_id: &str) -> Result<Job, String> {
+        match kind {
+            TaskKind::Classify => {
+                crate::input::request_from_json(value, default_id).map(Job::Classify)
+            }
+            TaskKind::Rank => {
+                crate::rank::request_from_json(value, default_id).map(|r| Job::Rank(Box::new(r)))
+            }
+            TaskKind::React => crate::react::request::request_from_json(value, default_id)
+                .map(|r| Job::React(Box::new(r))),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Job::Classify(r) => &r.id,
+            Job::Rank(r) => &r.id,
+            Job::React(r) => &r.id,
+        }
+    }
+}
 
 /// One request for the inference thread.
 #[derive(Debug)]
 pub struct Work {
     /// Index of the task in the worker's task list.
     pub task: usize,
-    pub request: Request,
+    pub job: Job,
     /// Chosen by the caller to match the outcome to its input.
     pub ticket: u64,
     pub received: Instant,
+}
+
+/// What a job produced.
+#[derive(Debug)]
+pub enum Output {
+    Classified(Box<ClassifyResult>),
+    Ranked(RankResult),
+    Reacted(Box<ReactResult>),
+}
+
+/// Why a job produced no output.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    React(#[from] ReactError),
+    #[error("task `{task}` does not take this request: {reason}")]
+    WrongKind { task: String, reason: String },
+}
+
+impl JobError {
+    /// A stable, machine-readable kind for error records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobError::Record(e) => e.kind(),
+            JobError::React(ReactError::Session(_)) => "session",
+            JobError::React(ReactError::Engine(crate::engine::EngineError::ContextFull {
+                ..
+            })) => "context_full",
+            JobError::React(_) => "engine",
+            JobError::WrongKind { .. } => "invalid_request",
+        }
+    }
 }
 
 /// What became of one [`Work`].
@@ -30,7 +145,7 @@ pub struct Done {
     pub ticket: u64,
     pub task: usize,
     pub request_id: String,
-    pub outcome: Result<ClassifyResult, RecordError>,
+    pub outcome: Result<Output, JobError>,
     /// From receipt to outcome, queueing included.
     pub latency_ms: f64,
 }
@@ -42,6 +157,7 @@ pub struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
     pub model: ModelInfo,
     pub task_names: Vec<String>,
+    pub task_kinds: Vec<TaskKind>,
 }
 
 /// Why the queue did not take a request.
@@ -82,7 +198,7 @@ impl WorkerHandle {
         })
     }
 
-    /// Requests queued or being classified.
+    /// Requests queued or being worked on.
     pub fn depth(&self) -> usize {
         self.depth.load(Ordering::SeqCst)
     }
@@ -104,53 +220,129 @@ impl WorkerHandle {
     }
 }
 
+/// How the worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub queue_capacity: usize,
+    /// Classifications scored together when several wait for the same task.
+    pub batch_size: usize,
+    /// Where ReAct sessions (earlier turns by session id) are kept.
+    pub session_dir: PathBuf,
+}
+
+/// A ranking task: the profile of the last request stays decoded in the task's slot, so
+/// the next request for the same profile decodes only its items.
+struct RankRunner {
+    task: Task,
+    cfg: RankConfig,
+    slot: usize,
+    current: Option<(String, Ranker)>,
+}
+
+/// A ReAct task: its prefix decoded in the task's slot, its tools, and the generation
+/// cache carried over between runs.
+struct ReactRunner {
+    spec: ReactSpec,
+    tools: Toolbox,
+    cache: GenCache,
+    slot: usize,
+}
+
+enum Runner {
+    Classify(Box<Classifier>),
+    Rank(Box<RankRunner>),
+    React(Box<ReactRunner>),
+}
+
+fn setup_runner(
+    engine: &mut Engine,
+    task: ServedTask,
+    slot: usize,
+) -> Result<Runner, crate::app::AppError> {
+    Ok(match task {
+        ServedTask::Classify(t) => {
+            if t.head
+                .as_ref()
+                .is_some_and(|h| h.method != crate::head::Method::Prompt)
+            {
+                tracing::warn!(
+                    task = %t.name,
+                    "serve does not run learned heads yet: this task is classified by its label scores"
+                );
+            }
+            Runner::Classify(Box::new(Classifier::new(engine, t, slot, None, None)?))
+        }
+        ServedTask::Rank(task, cfg) => Runner::Rank(Box::new(RankRunner {
+            task,
+            cfg,
+            slot,
+            current: None,
+        })),
+        ServedTask::React(spec) => {
+            let react_err = |e: ReactError| crate::app::AppError::Input {
+                what: format!("task {}", spec.path.display()),
+                source: std::io::Error::other(e.to_string()),
+            };
+            let kb = match &spec.kb {
+                Some(k) => Some(Arc::new(
+                    Kb::load(&k.dir).map_err(|e| react_err(ReactError::from(e)))?,
+                )),
+                None => None,
+            };
+            let mut tools = Toolbox::new(&spec, kb);
+            tools.collect_notifications();
+            let tokens = engine.tokenize(&agent::render_prefix(&spec), true, false);
+            let source = engine
+                .set_prefix_cached(slot, &tokens)
+                .map_err(|e| react_err(ReactError::from(e)))?;
+            tracing::info!(task = %spec.name, ?source, tokens = tokens.len(), "ReAct prefix ready");
+            Runner::React(Box::new(ReactRunner {
+                spec,
+                tools,
+                cache: GenCache::default(),
+                slot,
+            }))
+        }
+    })
+}
+
 /// Starts the inference thread: loads the model and prepares every task there, and returns
 /// once it is ready (or with the error that stopped it). Outcomes go to `on_done`.
 pub fn spawn(
     engine_cfg: EngineConfig,
-    tasks: Vec<Task>,
-    queue_capacity: usize,
-    batch_size: usize,
+    tasks: Vec<ServedTask>,
+    opts: WorkerOptions,
     on_done: impl Fn(Done) + Send + 'static,
 ) -> Result<WorkerHandle, crate::app::AppError> {
-    let (tx, rx) = sync_channel::<Work>(queue_capacity.max(1));
+    let (tx, rx) = sync_channel::<Work>(opts.queue_capacity.max(1));
     let (ready_tx, ready_rx) = sync_channel(1);
     let depth = Arc::new(AtomicUsize::new(0));
     let thread_depth = depth.clone();
-    let task_names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
+    let task_names: Vec<String> = tasks.iter().map(|t| t.name().to_string()).collect();
+    let task_kinds: Vec<TaskKind> = tasks.iter().map(ServedTask::kind).collect();
     let thread = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
-            let setup = || -> Result<(Engine, Vec<Classifier>), crate::app::AppError> {
-                let engine_cfg = crate::engine::config_for_tasks(&engine_cfg, &tasks)?;
+            let setup = || -> Result<(Engine, Vec<Runner>), crate::app::AppError> {
+                let label_tasks: Vec<&Task> = tasks
+                    .iter()
+                    .filter_map(|t| match t {
+                        ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
+                        ServedTask::React(_) => None,
+                    })
+                    .collect();
+                let engine_cfg = crate::engine::config_for_tasks(&engine_cfg, label_tasks)?;
                 let mut engine = Engine::load(&engine_cfg, tasks.len())?;
-                let mut cs = Vec::new();
+                let mut runners = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {
-                    if t
-                        .head
-                        .as_ref()
-                        .is_some_and(|h| h.method != crate::head::Method::Prompt)
-                    {
-                        tracing::warn!(
-                            task = %t.name,
-                            "serve does not run learned heads yet: this task is classified by its label scores"
-                        );
-                    }
-                    cs.push(Classifier::new(&mut engine, t, slot, None, None)?);
+                    runners.push(setup_runner(&mut engine, t, slot)?);
                 }
-                Ok((engine, cs))
+                Ok((engine, runners))
             };
             match setup() {
-                Ok((mut engine, classifiers)) => {
+                Ok((mut engine, mut runners)) => {
                     let _ = ready_tx.send(Ok(engine.info.clone()));
-                    run(
-                        &mut engine,
-                        &classifiers,
-                        rx,
-                        batch_size.max(1),
-                        &thread_depth,
-                        on_done,
-                    );
+                    run(&mut engine, &mut runners, rx, &opts, &thread_depth, on_done);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -171,17 +363,19 @@ pub fn spawn(
         thread: Some(thread),
         model,
         task_names,
+        task_kinds,
     })
 }
 
 fn run(
     engine: &mut Engine,
-    classifiers: &[Classifier],
+    runners: &mut [Runner],
     rx: Receiver<Work>,
-    batch_size: usize,
+    opts: &WorkerOptions,
     depth: &AtomicUsize,
     on_done: impl Fn(Done),
 ) {
+    let batch_size = opts.batch_size.max(1);
     let mut held: Option<Work> = None;
     loop {
         let first = match held.take() {
@@ -191,11 +385,13 @@ fn run(
                 Err(_) => return,
             },
         };
-        // Micro-batch whatever else is already waiting for the same task.
+        // Micro-batch whatever other classifications already wait for the same task.
         let mut batch = vec![first];
-        while batch.len() < batch_size {
+        while batch.len() < batch_size && matches!(batch[0].job, Job::Classify(_)) {
             match rx.try_recv() {
-                Ok(w) if w.task == batch[0].task => batch.push(w),
+                Ok(w) if w.task == batch[0].task && matches!(w.job, Job::Classify(_)) => {
+                    batch.push(w)
+                }
                 Ok(w) => {
                     held = Some(w);
                     break;
@@ -204,23 +400,168 @@ fn run(
             }
         }
         let task = batch[0].task;
-        let reqs: Vec<Request> = batch.iter().map(|w| w.request.clone()).collect();
-        let outcomes = match classifiers.get(task) {
-            Some(c) => c.classify_many(engine, &reqs, ScorePath::Fast),
-            None => reqs
-                .iter()
-                .map(|_| Err(RecordError::Field(format!("no task with index {task}"))))
-                .collect(),
-        };
+        let outcomes = run_batch(engine, runners.get_mut(task), &batch, &opts.session_dir);
         for (w, outcome) in batch.into_iter().zip(outcomes) {
             depth.fetch_sub(1, Ordering::SeqCst);
             on_done(Done {
                 ticket: w.ticket,
                 task: w.task,
-                request_id: w.request.id,
+                request_id: w.job.id().to_string(),
                 outcome,
                 latency_ms: w.received.elapsed().as_secs_f64() * 1e3,
             });
         }
     }
+}
+
+/// One outcome per work item, in order.
+fn run_batch(
+    engine: &mut Engine,
+    runner: Option<&mut Runner>,
+    batch: &[Work],
+    session_dir: &std::path::Path,
+) -> Vec<Result<Output, JobError>> {
+    let wrong = |task: String, reason: &str| {
+        batch
+            .iter()
+            .map(|_| {
+                Err(JobError::WrongKind {
+                    task: task.clone(),
+                    reason: reason.to_string(),
+                })
+            })
+            .collect()
+    };
+    match (runner, &batch[0].job) {
+        (Some(Runner::Classify(c)), Job::Classify(_)) => {
+            let reqs: Vec<Request> = batch
+                .iter()
+                .filter_map(|w| match &w.job {
+                    Job::Classify(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect();
+            c.classify_many(engine, &reqs, ScorePath::Fast)
+                .into_iter()
+                .map(|r| {
+                    r.map(|r| Output::Classified(Box::new(r)))
+                        .map_err(JobError::from)
+                })
+                .collect()
+        }
+        (Some(Runner::Rank(r)), Job::Rank(req)) => vec![rank(engine, r, req)],
+        (Some(Runner::React(r)), Job::React(req)) => vec![react(engine, r, req, session_dir)],
+        (Some(_), _) => wrong(
+            format!("#{}", batch[0].task),
+            "the request's kind does not match the task's",
+        ),
+        (None, _) => wrong(format!("#{}", batch[0].task), "no such task"),
+    }
+}
+
+fn rank(engine: &mut Engine, r: &mut RankRunner, req: &RankRequest) -> Result<Output, JobError> {
+    let t0 = Instant::now();
+    let mut prefix_tokens_decoded = 0;
+    if r.current.as_ref().map(|(p, _)| p.as_str()) != Some(req.profile.as_str()) {
+        r.current = None;
+        // A profile is one user's: its prefix is not worth a file in the prefix cache.
+        let cache = engine.set_prefix_cache_dir(None);
+        let made = Ranker::new(engine, &r.task, &r.cfg, &req.profile, r.slot, None);
+        engine.set_prefix_cache_dir(cache);
+        let ranker = made.map_err(|e| match e {
+            crate::rank::RankError::Setup(s) => {
+                JobError::Record(RecordError::Field(format!("profile: {s}")))
+            }
+            other => JobError::Record(RecordError::Field(other.to_string())),
+        })?;
+        prefix_tokens_decoded = ranker.prefix_tokens();
+        r.current = Some((req.profile.clone(), ranker));
+    }
+    let Some((_, ranker)) = &r.current else {
+        return Err(JobError::Record(RecordError::Field(
+            "the profile could not be prepared".into(),
+        )));
+    };
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (item, s) in req.items.iter().zip(ranker.score(engine, &req.items, 8)) {
+        match s {
+            Ok(s) => ok.push(s),
+            Err(e) => failed.push(FailedItem {
+                id: item.id.clone(),
+                error: e.to_string(),
+            }),
+        }
+    }
+    let ranked = ranker.rank(ok, req.top_k, req.min_score);
+    Ok(Output::Ranked(RankResult {
+        id: req.id.clone(),
+        task: r.task.name.clone(),
+        ranked,
+        n_items: req.items.len(),
+        failed,
+        prefix_tokens_decoded,
+        ms: (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+    }))
+}
+
+fn react(
+    engine: &mut Engine,
+    r: &mut ReactRunner,
+    req: &ReactRequest,
+    session_dir: &std::path::Path,
+) -> Result<Output, JobError> {
+    let history = match &req.session {
+        Some(id) => session::load(session_dir, id).map_err(ReactError::from)?,
+        None => Vec::new(),
+    };
+    match &req.sensors {
+        Some(v) => r.tools.set_sensor_values(v.clone()),
+        None => r.tools.clear_sensor_values(),
+    }
+    let mut gen = EngineGenerator {
+        engine,
+        cache: std::mem::take(&mut r.cache),
+        temperature: r.spec.temperature,
+        prefix_slot: Some(r.slot),
+    };
+    let trace = agent::run(
+        &r.spec,
+        &req.question,
+        &history,
+        &mut gen,
+        &mut r.tools,
+        RunOptions { grammar: true },
+    );
+    r.cache = std::mem::take(&mut gen.cache);
+    let trace = trace.map_err(ReactError::from)?;
+    let notify = r.tools.take_notifications();
+    if let Some(id) = &req.session {
+        session::append(
+            session_dir,
+            id,
+            Turn {
+                question: req.question.clone(),
+                answer: trace.answer.clone(),
+            },
+        )
+        .map_err(ReactError::from)?;
+    }
+    Ok(Output::Reacted(Box::new(ReactResult::new(
+        &req.id,
+        req.session.clone(),
+        trace,
+        notify,
+    ))))
+}
+
+/// The latest value of each context topic by name, from the daemon's `context.NAME` fields.
+pub fn sensors_from_context(context: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    context
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("context.")
+                .map(|n| (n.to_string(), v.clone()))
+        })
+        .collect()
 }

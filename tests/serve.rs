@@ -401,3 +401,244 @@ examples = [
         result_ids(&probe, "edgeact/ctx/door-event/result").contains("late")
     });
 }
+
+#[test]
+fn rank_requests_over_mqtt_come_back_sorted_and_reuse_the_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(broker.port, "probe-rank", &["edgeact/rk/#"]);
+    let _daemon = Daemon::start(&broker, "rk", dir.path(), &["--task", "rank-interest"]);
+    wait_online(&probe, "edgeact/rk");
+    let items = serde_json::json!([
+        {"id": "a", "title": "Exchange rates for paying abroad", "description": "What the bank charges when you pay in another currency"},
+        {"id": "b", "title": "Pruning roses", "description": "When to cut back climbing roses"},
+        {"id": "c", "title": "Card payment declined in a foreign shop", "description": "Why a card may not work abroad"},
+        {"id": "d", "title": "Weekend football drills"},
+        {"id": "e", "text": "Top up your account with a foreign currency transfer"},
+    ]);
+    let profile = "Travels abroad every month and pays by card in foreign currencies.";
+    // Through the generic `rank` topic and through the task's own topic.
+    probe.publish(
+        "edgeact/rk/rank/request",
+        serde_json::json!({"id": "q1", "profile": profile, "items": items, "top_k": 3}).to_string(),
+    );
+    probe.publish(
+        "edgeact/rk/rank-interest/request",
+        serde_json::json!({"id": "q2", "profile": profile, "items": items}).to_string(),
+    );
+    probe.publish(
+        "edgeact/rk/rank/request",
+        serde_json::json!({"id": "q3", "profile": profile}).to_string(),
+    );
+    probe.wait_for(300, "two rankings and one error", |_| {
+        result_ids(&probe, "edgeact/rk/rank/result").contains("q1")
+            && result_ids(&probe, "edgeact/rk/rank-interest/result").contains("q2")
+            && !probe.on("edgeact/rk/errors").is_empty()
+    });
+    let q1 = probe.on("edgeact/rk/rank/result")[0].json();
+    let q2 = probe.on("edgeact/rk/rank-interest/result")[0].json();
+    let ranked = |v: &serde_json::Value| v["ranked"].as_array().unwrap().clone();
+    assert_eq!(ranked(&q1).len(), 3, "top_k cuts: {q1}");
+    assert_eq!(ranked(&q2).len(), 5, "all items: {q2}");
+    assert_eq!(q2["n_items"], 5);
+    let scores: Vec<f64> = ranked(&q2)
+        .iter()
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "sorted: {scores:?}"
+    );
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+    let ranks: Vec<u64> = ranked(&q2)
+        .iter()
+        .map(|r| r["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ranks, vec![1, 2, 3, 4, 5]);
+    // The same items in the same order whichever topic asked.
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        ranked(v)
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&q1)[..], ids(&q2)[..3]);
+    // The profile was decoded for the first request only.
+    assert!(q1["prefix_tokens_decoded"].as_u64().unwrap() > 50, "{q1}");
+    assert_eq!(q2["prefix_tokens_decoded"], 0, "{q2}");
+    let err = probe.on("edgeact/rk/errors")[0].json();
+    assert_eq!(err["error"]["kind"], "invalid_request");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("items"),
+        "{err}"
+    );
+}
+
+/// The kiosk task with absolute paths, a long timeout (loaded machines) and its sensors
+/// and notifications from the daemon.
+fn kiosk_copy(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = common::root();
+    let src = std::fs::read_to_string(root.join("tasks/kiosk.toml")).unwrap();
+    let src = src
+        .replace("\"../kb/kiosk\"", &format!("{:?}", root.join("kb/kiosk")))
+        .replace(
+            "\"../examples/sensors\"",
+            &format!("{:?}", root.join("examples/sensors")),
+        )
+        .replace("timeout_ms = 60000", "timeout_ms = 600000");
+    let p = dir.join("kiosk.toml");
+    std::fs::write(&p, src).unwrap();
+    p
+}
+
+#[test]
+fn react_over_mqtt_publishes_answer_and_compact_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = kiosk_copy(dir.path());
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(broker.port, "probe-react", &["edgeact/rx/#"]);
+    let mut daemon = Daemon::start(
+        &broker,
+        "rx",
+        dir.path(),
+        &["--task", task.to_str().unwrap(), "--task", "sentiment"],
+    );
+    wait_online(&probe, "edgeact/rx");
+    probe.publish(
+        "edgeact/rx/kiosk/request",
+        r#"{"id":"k1","question":"When do you close on Saturday?","session":"s-1"}"#,
+    );
+    // A classification task served beside it is not held up for long.
+    probe.publish("edgeact/rx/sentiment/request", request(0));
+    probe.publish("edgeact/rx/kiosk/request", r#"{"id":"k2","tool":"notify"}"#);
+    probe.wait_for(600, "the answer, its trace and an error", |_| {
+        result_ids(&probe, "edgeact/rx/kiosk/result").contains("k1")
+            && !probe.on("edgeact/rx/kiosk/trace").is_empty()
+            && !probe.on("edgeact/rx/errors").is_empty()
+            && result_ids(&probe, "edgeact/rx/sentiment/result").contains("r0")
+    });
+    let r = probe.on("edgeact/rx/kiosk/result")[0].json();
+    eprintln!("{r}");
+    assert_eq!(r["stop_reason"], "final", "{r}\n{}", daemon.log());
+    assert_eq!(r["finished"], true);
+    assert!(!r["answer"].as_str().unwrap().trim().is_empty());
+    assert_eq!(r["unparsable_steps"], 0);
+    assert_eq!(r["session"], "s-1");
+    let t = probe.on("edgeact/rx/kiosk/trace")[0].json();
+    let steps = t["steps"].as_array().unwrap();
+    assert_eq!(steps.len() as u64, r["steps"].as_u64().unwrap());
+    assert!(steps.last().unwrap()["final_answer"].is_string(), "{t}");
+    assert!(steps
+        .iter()
+        .all(|s| s["tokens"]["generated"].as_u64().unwrap() > 0));
+    assert!(probe.on("edgeact/rx/kiosk/trace")[0].payload.len() < 16 * 1024);
+    let err = probe.on("edgeact/rx/errors")[0].json();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("question"),
+        "{err}"
+    );
+    // The session remembers the turn for the next request.
+    let session = dir.path().join("rx/sessions/s-1.json");
+    let turns: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&session).unwrap()).unwrap();
+    assert_eq!(turns[0]["question"], "When do you close on Saturday?");
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn monitor_rules_raise_one_incident_over_mqtt_and_keep_state_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("flood-watch.toml");
+    std::fs::write(
+        &task,
+        r#"
+instruction = "Each message reports an event in the city. Name the type of event: flood or fire."
+query = "Message: {text}\nEvent:"
+labels = [{ name = "flood", text = " flood" }, { name = "fire", text = " fire" }]
+examples = [
+  { text = "Water is knee deep on Main Street after the river overflowed", label = "flood" },
+  { text = "Smoke and flames are coming from the warehouse roof", label = "fire" },
+]
+
+[monitor]
+ts_field = "ts"
+
+[[monitor.rules]]
+name = "flood-district"
+label = "flood"
+key = "district"
+window_s = 600
+kind = "count"
+threshold = 4
+min_count = 4
+quiet_s = 600
+"#,
+    )
+    .unwrap();
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(broker.port, "probe-mon", &["edgeact/mn/#"]);
+    let args = ["--task", task.to_str().unwrap()];
+    let mut daemon = Daemon::start(&broker, "mn", dir.path(), &args);
+    wait_online(&probe, "edgeact/mn");
+    let t0 = 1_800_000_000u64;
+    let floods = [
+        "The river has flooded the streets, water is everywhere",
+        "Our basement is under water after the flood",
+        "Flood water is rising around the school",
+        "The road is flooded and cars are stuck in the water",
+        "Flooding on Main Street, the water keeps rising",
+        "The whole district is flooded after the river burst",
+    ];
+    for (i, text) in floods.iter().enumerate() {
+        let req = serde_json::json!({"id": format!("f{i}"), "text": text, "district": "4", "ts": t0 + 10 * i as u64});
+        probe.publish("edgeact/mn/flood-watch/request", req.to_string());
+    }
+    probe.wait_for(300, "six results and a new incident", |g| {
+        result_ids(&probe, "edgeact/mn/flood-watch/result").len() == 6
+            && g.iter()
+                .any(|m| m.topic == "edgeact/mn/flood-district/events")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let events = probe.on("edgeact/mn/flood-district/events");
+    let new: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| e.json())
+        .filter(|e| e["type"] == "new")
+        .collect();
+    assert_eq!(new.len(), 1, "one burst, one incident: {events:?}");
+    let inc = &new[0]["after"];
+    assert_eq!(inc["key"], "4", "{inc}");
+    assert!(inc["window"]["count"].as_u64().unwrap() >= 4, "{inc}");
+    let id = inc["id"].as_str().unwrap().to_string();
+    // The window state is on disk, and a restarted daemon carries the open incident on.
+    assert!(daemon.terminate().success());
+    let state = std::fs::read_to_string(dir.path().join("mn/monitor-flood-watch.json")).unwrap();
+    assert!(state.contains(&id), "{state}");
+    let daemon2 = Daemon::start(&broker, "mn", dir.path(), &args);
+    probe.wait_for(120, "online again", |g| {
+        g.iter()
+            .filter(|m| m.topic == "edgeact/mn/available" && m.text() == "online")
+            .count()
+            >= 2
+    });
+    let req = serde_json::json!({"id": "f9", "text": floods[0], "district": "4", "ts": t0 + 100});
+    probe.publish("edgeact/mn/flood-watch/request", req.to_string());
+    probe.wait_for(120, "the seventh result", |_| {
+        result_ids(&probe, "edgeact/mn/flood-watch/result").contains("f9")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let news = probe
+        .on("edgeact/mn/flood-district/events")
+        .iter()
+        .filter(|e| e.json()["type"] == "new")
+        .count();
+    assert_eq!(news, 1, "no second incident after the restart");
+    assert!(
+        daemon2.log().contains("monitor state restored"),
+        "{}",
+        daemon2.log()
+    );
+}

@@ -337,29 +337,135 @@ pub fn item_from_line(bytes: &[u8], line: usize) -> Result<Option<Item>, String>
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let mut v: serde_json::Value =
+    let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("line {line}: not valid JSON: {e}"))?;
+    item_from_value(v, &line.to_string())
+        .map(Some)
+        .map_err(|e| format!("line {line}: {e}"))
+}
+
+/// An item from a JSON object; `default_id` when it has no `id`.
+pub fn item_from_value(mut v: serde_json::Value, default_id: &str) -> Result<Item, String> {
     let has_text = ["text", "title", "description"].iter().any(|k| {
         v.get(*k)
             .and_then(|s| s.as_str())
             .is_some_and(|s| !s.trim().is_empty())
     });
     if !has_text {
-        return Err(format!(
-            "line {line}: an item needs `title`, `description` or `text`"
-        ));
+        return Err("an item needs `title`, `description` or `text`".into());
     }
     // request_from_json wants `text`; a title/description item gets it from Item::request.
     if v.get("text").is_none() {
         v["text"] = serde_json::Value::String(String::new());
     }
-    let req =
-        input::request_from_json(v, &line.to_string()).map_err(|e| format!("line {line}: {e}"))?;
+    let req = input::request_from_json(v, default_id)?;
     let mut fields = req.fields;
     if fields.get("text").is_some_and(|t| t.is_empty()) {
         fields.remove("text");
     }
-    Ok(Some(Item { id: req.id, fields }))
+    Ok(Item { id: req.id, fields })
+}
+
+/// One ranking request over MQTT: `{"id"?, "profile", "items": [item, ...], "top_k"?,
+/// "min_score"?}`, items as in [`item_from_value`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankRequest {
+    pub id: String,
+    pub profile: String,
+    pub items: Vec<Item>,
+    pub top_k: Option<usize>,
+    pub min_score: Option<f64>,
+}
+
+/// Most items one request may carry (each costs a decode).
+pub const MAX_ITEMS: usize = 256;
+
+/// Parses a ranking request; the error names what is wrong.
+pub fn request_from_json(v: serde_json::Value, default_id: &str) -> Result<RankRequest, String> {
+    let serde_json::Value::Object(mut o) = v else {
+        return Err("a rank request is an object with `profile` and `items`".into());
+    };
+    let id = match o.remove("id") {
+        None | Some(serde_json::Value::Null) => default_id.to_string(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(_) => return Err("field `id` must be a string or number".into()),
+    };
+    let profile = match o.remove("profile") {
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s,
+        Some(serde_json::Value::String(_)) => return Err("`profile` is empty".into()),
+        Some(_) => return Err("field `profile` must be a string".into()),
+        None => return Err("missing field `profile`".into()),
+    };
+    let items = match o.remove("items") {
+        Some(serde_json::Value::Array(a)) => a,
+        Some(_) => return Err("field `items` must be an array of items".into()),
+        None => return Err("missing field `items`".into()),
+    };
+    if items.is_empty() {
+        return Err("`items` is empty".into());
+    }
+    if items.len() > MAX_ITEMS {
+        return Err(format!(
+            "{} items, over the limit of {MAX_ITEMS} per request",
+            items.len()
+        ));
+    }
+    let items = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            item_from_value(v, &(i + 1).to_string()).map_err(|e| format!("item {}: {e}", i + 1))
+        })
+        .collect::<Result<Vec<Item>, String>>()?;
+    let top_k = match o.remove("top_k") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k >= 1 => Some(k as usize),
+            _ => return Err("`top_k` must be a whole number of at least 1".into()),
+        },
+    };
+    let min_score = match o.remove("min_score") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(s) if (0.0..=1.0).contains(&s) => Some(s),
+            _ => return Err("`min_score` must be a number within 0..=1".into()),
+        },
+    };
+    if let Some(k) = o.keys().next() {
+        return Err(format!(
+            "unknown field `{k}` (a rank request has id, profile, items, top_k, min_score)"
+        ));
+    }
+    Ok(RankRequest {
+        id,
+        profile,
+        items,
+        top_k,
+        min_score,
+    })
+}
+
+/// The answer to a [`RankRequest`]: the ranked items, and the items that could not be
+/// scored with their errors (nothing is dropped silently).
+#[derive(Debug, Clone, Serialize)]
+pub struct RankResult {
+    pub id: String,
+    pub task: String,
+    pub ranked: Vec<Ranked>,
+    pub n_items: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedItem>,
+    /// Tokens of the profile prefix, decoded once for all items (0 when reused from the
+    /// previous request with the same profile).
+    pub prefix_tokens_decoded: usize,
+    pub ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedItem {
+    pub id: String,
+    pub error: String,
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! - [`tools`]: the tools and the per-task toolbox (allow-list, limits, rate limit).
 //! - [`kb`]: the knowledge base and its BM25 index.
 //! - [`qa`]: one retrieval, one grammar-constrained answer citing a retrieved passage.
+//! - [`request`]: a request over MQTT, its result and compact trace.
 //! - [`session`]: earlier turns of a conversation, kept on disk by session id.
 //! - [`scenario`]: the scenario file and its metrics (`edgeact react-eval`).
 //! - [`app`]: the modes, from config to output.
@@ -19,6 +20,7 @@ pub mod app;
 pub mod grammar;
 pub mod kb;
 pub mod qa;
+pub mod request;
 pub mod scenario;
 pub mod session;
 pub mod spec;

@@ -3,6 +3,7 @@
 //! allow-listed tools, each under a time limit and an output size limit, with every failure
 //! returned as an error the loop turns into an observation.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -238,6 +239,12 @@ pub struct Toolbox {
     last_notify: Option<Instant>,
     /// Notifications sent (side effects done), for traces and tests.
     pub notifications: usize,
+    /// Daemon mode: the latest value of each context topic, read by `sensor` instead of
+    /// the `[sensor]` folder.
+    sensor_values: Option<BTreeMap<String, String>>,
+    /// Daemon mode: notifications are collected here for the daemon to publish (through
+    /// its outbox) instead of being written to the sink.
+    collected: Option<Vec<serde_json::Value>>,
 }
 
 impl Toolbox {
@@ -257,7 +264,33 @@ impl Toolbox {
             clock: ClockSource::System,
             last_notify: None,
             notifications: 0,
+            sensor_values: None,
+            collected: None,
         }
+    }
+
+    /// Daemon mode: `sensor[name]` reads `values` (context topics by name), not files.
+    pub fn set_sensor_values(&mut self, values: BTreeMap<String, String>) {
+        self.sensor_values = Some(values);
+    }
+
+    /// Sensors are files again (CLI mode).
+    pub fn clear_sensor_values(&mut self) {
+        self.sensor_values = None;
+    }
+
+    /// Daemon mode: notifications are kept for [`Toolbox::take_notifications`] instead of
+    /// going to the sink.
+    pub fn collect_notifications(&mut self) {
+        self.collected.get_or_insert_with(Vec::new);
+    }
+
+    /// The notifications collected since the last call (daemon mode).
+    pub fn take_notifications(&mut self) -> Vec<serde_json::Value> {
+        self.collected
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Whether the task allows `name`.
@@ -297,6 +330,18 @@ impl Toolbox {
                 self.with_timeout(tool, move || calculate(&expr).map(plain))?
             }
             ToolName::Clock => plain(self.clock_text()),
+            ToolName::Sensor if self.sensor_values.is_some() => {
+                let values = self.sensor_values.as_ref();
+                match values.and_then(|v| v.get(arg)) {
+                    Some(v) if !v.trim().is_empty() => plain(format!("{arg} = {}", v.trim())),
+                    _ => {
+                        return Err(ToolError::Failed {
+                            tool,
+                            message: format!("{arg}: no value yet"),
+                        })
+                    }
+                }
+            }
             ToolName::Sensor => {
                 let dir = self.sensor_dir.clone().ok_or_else(|| ToolError::Failed {
                     tool,
@@ -369,12 +414,21 @@ impl Toolbox {
                 tool: ToolName::Notify,
                 message: format!("not JSON: {e}"),
             })?;
-        let line = serde_json::json!({
+        let record = serde_json::json!({
             "task": self.task,
             "unix_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             "payload": payload,
-        })
-        .to_string();
+        });
+        if let Some(c) = self.collected.as_mut() {
+            c.push(record);
+            self.last_notify = Some(now);
+            self.notifications += 1;
+            return Ok(format!(
+                "notification {} sent: a member of staff has been told",
+                self.notifications
+            ));
+        }
+        let line = record.to_string();
         let failed = |e: std::io::Error| ToolError::Failed {
             tool: ToolName::Notify,
             message: format!("cannot write to {}: {e}", self.notify.sink),
@@ -614,6 +668,42 @@ sink = "notify.jsonl"
         )
         .unwrap();
         Toolbox::new(&spec, Some(Arc::new(kb)))
+    }
+
+    #[test]
+    fn daemon_mode_reads_context_sensors_and_collects_notifications() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sensors")).unwrap();
+        std::fs::write(dir.path().join("sensors/door"), "from the file\n").unwrap();
+        let mut tb = toolbox(dir.path(), "min_interval_ms = 60000");
+        let mut values = BTreeMap::new();
+        values.insert("door".to_string(), "closed".to_string());
+        tb.set_sensor_values(values);
+        assert_eq!(tb.call("sensor", "door").unwrap().text, "door = closed");
+        // A context topic with no value yet is an observation, not the file's value.
+        assert!(matches!(
+            tb.call("sensor", "fifo"),
+            Err(ToolError::Failed { .. })
+        ));
+        tb.clear_sensor_values();
+        assert_eq!(
+            tb.call("sensor", "door").unwrap().text,
+            "door = from the file"
+        );
+
+        tb.collect_notifications();
+        assert!(tb.call("notify", r#"{"reason": "lost child"}"#).is_ok());
+        // Still rate limited, and nothing written to the sink.
+        assert!(matches!(
+            tb.call("notify", r#"{"reason": "again"}"#),
+            Err(ToolError::RateLimited { .. })
+        ));
+        assert!(!dir.path().join("notify.jsonl").exists());
+        let sent = tb.take_notifications();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0]["payload"]["reason"], "lost child");
+        assert_eq!(sent[0]["task"], "t");
+        assert!(tb.take_notifications().is_empty(), "taken once");
     }
 
     #[test]
