@@ -42,7 +42,8 @@
 //! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
 //!   the SVG plots of `edgeact eval`.
 //! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
-//! - [`worker`]: the inference thread that owns the engine; a bounded queue in front of it.
+//! - [`worker`]: the inference thread that owns the engine and one runner per served task
+//!   (classifier, ranker, ReAct loop with its tools); a bounded queue in front of it.
 //! - [`react`]: ReAct on the device: task files of `type = "react"`, GBNF step grammars,
 //!   the Thought / Action / Observation loop with typed stop reasons behind a generator
 //!   trait, allow-listed tools (BM25 knowledge base, calculator, clock, sensor, notify),
@@ -56,8 +57,8 @@
 //!   into the prefix (decoded once), calibrated, sorted, top-k; [`rank::eval`] is
 //!   `edgeact rank-eval` (NDCG@k against TF-IDF and random orderings).
 //! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
-//!   the request is acknowledged, published until PUBACK; topic layout and broker options in
-//!   [`mqtt`].
+//!   the request is acknowledged, published until PUBACK; classification results feed the
+//!   task's [`monitor`]; topic layout and broker options in [`mqtt`].
 
 pub mod app;
 pub mod baseline;
