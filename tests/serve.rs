@@ -584,22 +584,23 @@ quiet_s = 600
     let mut daemon = Daemon::start(&broker, "mn", dir.path(), &args);
     wait_online(&probe, "edgeact/mn");
     let t0 = 1_800_000_000u64;
-    let floods = [
-        "The river has flooded the streets, water is everywhere",
-        "Our basement is under water after the flood",
-        "Flood water is rising around the school",
-        "The road is flooded and cars are stuck in the water",
-        "Flooding on Main Street, the water keeps rising",
-        "The whole district is flooded after the river burst",
-    ];
-    for (i, text) in floods.iter().enumerate() {
-        let req = serde_json::json!({"id": format!("f{i}"), "text": text, "district": "4", "ts": t0 + 10 * i as u64});
+    // Plain flood reports (the classifier is not what this test is about).
+    let flood = |i: usize| format!("The river has flooded the streets, water is everywhere ({i})");
+    for i in 0..6 {
+        let req = serde_json::json!({"id": format!("f{i}"), "text": flood(i), "district": "4", "ts": t0 + 10 * i as u64});
         probe.publish("edgeact/mn/flood-watch/request", req.to_string());
     }
-    probe.wait_for(300, "six results and a new incident", |g| {
+    probe.wait_for(300, "six results", |_| {
         result_ids(&probe, "edgeact/mn/flood-watch/result").len() == 6
-            && g.iter()
-                .any(|m| m.topic == "edgeact/mn/flood-district/events")
+    });
+    let labels: Vec<String> = probe
+        .on("edgeact/mn/flood-watch/result")
+        .iter()
+        .map(|r| r.json()["label"].to_string())
+        .collect();
+    probe.wait_for(30, "a new incident", |g| {
+        g.iter()
+            .any(|m| m.topic == "edgeact/mn/flood-district/events")
     });
     std::thread::sleep(Duration::from_millis(1500));
     let events = probe.on("edgeact/mn/flood-district/events");
@@ -611,7 +612,10 @@ quiet_s = 600
     assert_eq!(new.len(), 1, "one burst, one incident: {events:?}");
     let inc = &new[0]["after"];
     assert_eq!(inc["key"], "4", "{inc}");
-    assert!(inc["window"]["count"].as_u64().unwrap() >= 4, "{inc}");
+    assert!(
+        inc["window"]["count"].as_u64().unwrap() >= 4,
+        "{inc} {labels:?}"
+    );
     let id = inc["id"].as_str().unwrap().to_string();
     // The window state is on disk, and a restarted daemon carries the open incident on.
     assert!(daemon.terminate().success());
@@ -624,7 +628,7 @@ quiet_s = 600
             .count()
             >= 2
     });
-    let req = serde_json::json!({"id": "f9", "text": floods[0], "district": "4", "ts": t0 + 100});
+    let req = serde_json::json!({"id": "f9", "text": flood(9), "district": "4", "ts": t0 + 100});
     probe.publish("edgeact/mn/flood-watch/request", req.to_string());
     probe.wait_for(120, "the seventh result", |_| {
         result_ids(&probe, "edgeact/mn/flood-watch/result").contains("f9")
