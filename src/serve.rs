@@ -559,49 +559,17 @@ impl Daemon {
             self.reject(&p, None, Some(&task_name), "unknown_task", msg);
             return;
         };
-        if p.payload.len() > self.cfg.max_request_bytes {
-            let msg = format!(
-                "request is {} bytes, over the limit of {}",
-                p.payload.len(),
-                self.cfg.max_request_bytes
-            );
-            self.reject(&p, None, Some(&task_name), "too_large", msg);
-            return;
-        }
-        let text = match std::str::from_utf8(&p.payload) {
-            Ok(t) => t,
-            Err(e) => {
-                let msg = format!(
-                    "payload is not valid UTF-8 (first bad byte at offset {})",
-                    e.valid_up_to()
-                );
-                self.reject(&p, None, Some(&task_name), "invalid_utf8", msg);
-                return;
-            }
-        };
-        let value: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                self.reject(
-                    &p,
-                    None,
-                    Some(&task_name),
-                    "invalid_json",
-                    format!("payload is not valid JSON: {e}"),
-                );
-                return;
-            }
-        };
+        let default_id = format!("{}-{}-{}", self.cfg.device_id, now_ms(), self.next_ticket);
+        let mut request =
+            match input::decode_payload(&p.payload, self.cfg.max_request_bytes, &default_id) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.reject(&p, None, Some(&task_name), e.kind(), e.to_string());
+                    return;
+                }
+            };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let default_id = format!("{}-{}-{ticket}", self.cfg.device_id, now_ms());
-        let mut request = match input::request_from_json(value, &default_id) {
-            Ok(r) => r,
-            Err(msg) => {
-                self.reject(&p, None, Some(&task_name), "invalid_request", msg);
-                return;
-            }
-        };
         for (k, v) in &self.context {
             request.fields.entry(k.clone()).or_insert_with(|| v.clone());
         }
