@@ -223,7 +223,11 @@ mod tests {
         let r = decode_payload(br#"{"text":"hi","n":1.5}"#, 100, "dev-1").unwrap();
         assert_eq!((r.id.as_str(), r.fields["n"].as_str()), ("dev-1", "1.5"));
         let cases: [(&[u8], &str, &str); 5] = [
-            (b"{\"text\":\"0123456789\"}", "too_large", "over the limit of 16"),
+            (
+                b"{\"text\":\"0123456789\"}",
+                "too_large",
+                "over the limit of 16",
+            ),
             (b"\"caf\xc3\"", "invalid_utf8", "offset 4"),
             (b"{\"text\":", "invalid_json", "not valid JSON"),
             (b"[[[1]]]", "invalid_request", "an array"),

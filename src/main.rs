@@ -918,9 +918,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
     match cli.command {
         Command::Plan(b) => app::plan(&b.engine_config()?, &mut out),
         Command::OutboxStress(a) => Ok(edgeact::outbox::stress_writer(
-            &a.dir,
-            a.max_puts,
-            &mut out,
+            &a.dir, a.max_puts, &mut out,
         )?),
         Command::Serve(a) => {
             let cfg = a.config()?;

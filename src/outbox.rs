@@ -208,9 +208,12 @@ pub fn scan_log(bytes: &[u8]) -> LogScan {
                 .get(pos + HEADER..)
                 .is_some_and(|b| b.starts_with(BODY_START));
             if candidate {
-                let len =
-                    u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]])
-                        as usize;
+                let len = u32::from_le_bytes([
+                    bytes[pos],
+                    bytes[pos + 1],
+                    bytes[pos + 2],
+                    bytes[pos + 3],
+                ]) as usize;
                 budget = budget.saturating_sub(len.min(bytes.len() - pos));
                 if budget == 0 {
                     pos = bytes.len();
@@ -516,11 +519,7 @@ pub fn stress_payload(seq: u64) -> String {
 /// record is durable), then acks nine of every ten and prints `A <seq> <file_bytes>`. The
 /// first line is `O <torn_records> <live messages> <file_bytes>`. It stops at `max_puts`
 /// puts or when `out` fails.
-pub fn stress_writer(
-    dir: &Path,
-    max_puts: u64,
-    out: &mut impl Write,
-) -> Result<(), OutboxError> {
+pub fn stress_writer(dir: &Path, max_puts: u64, out: &mut impl Write) -> Result<(), OutboxError> {
     let mut ob = Outbox::open(dir, OutboxLimits::default())?;
     let opened = format!(
         "O {} {} {}\n",
@@ -755,7 +754,10 @@ mod tests {
         bad[r3.start + HEADER + 20] ^= 0x01;
         std::fs::write(dir.path().join("outbox.log"), &bad).unwrap();
         let ob = Outbox::open(dir.path(), limits).unwrap();
-        assert_eq!(ob.pending().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 4, 5]);
+        assert_eq!(
+            ob.pending().map(|m| m.seq).collect::<Vec<_>>(),
+            [1, 2, 4, 5]
+        );
         assert_eq!(ob.counters.torn_records, 1);
         drop(ob);
         let ob = Outbox::open(dir.path(), limits).unwrap();
@@ -797,7 +799,10 @@ mod tests {
         let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
         assert!(ob.is_empty());
         assert_eq!(ob.next_seq(), 3);
-        assert_eq!(ob.put_all(vec![msg("c", Priority::Normal)]).unwrap()[0].seq, 3);
+        assert_eq!(
+            ob.put_all(vec![msg("c", Priority::Normal)]).unwrap()[0].seq,
+            3
+        );
     }
 
     #[test]
@@ -833,7 +838,9 @@ mod tests {
         let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
         // Seqs 10 and 20 are not acked.
         let live: Vec<(u64, String)> = ob.pending().map(|m| (m.seq, m.payload.clone())).collect();
-        assert_eq!(live, vec![(10, stress_payload(10)), (20, stress_payload(20))]);
+        assert_eq!(
+            live,
+            vec![(10, stress_payload(10)), (20, stress_payload(20))]
+        );
     }
-
 }

@@ -68,9 +68,7 @@ fn parse_lines(out: &str) -> Vec<Line> {
             let f: Vec<&str> = l.split(' ').collect();
             let num = |i: usize| -> u64 { f[i].parse().unwrap_or_else(|_| panic!("line {l:?}")) };
             match f[0] {
-                "O" => Line::Opened {
-                    file_bytes: num(3),
-                },
+                "O" => Line::Opened { file_bytes: num(3) },
                 "P" => Line::Put {
                     seq: num(1),
                     file_bytes: num(2),
@@ -230,12 +228,18 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
             }
         } else {
             // A kill can cut a write between pages: at most the tail is torn.
-            assert!(torn <= 1, "round {round}: {torn} damaged regions after a kill");
+            assert!(
+                torn <= 1,
+                "round {round}: {torn} damaged regions after a kill"
+            );
         }
         for m in ob.pending() {
             assert_eq!(
                 (m.topic.as_str(), m.payload.as_str()),
-                (format!("stress/{}", m.seq).as_str(), stress_payload(m.seq).as_str()),
+                (
+                    format!("stress/{}", m.seq).as_str(),
+                    stress_payload(m.seq).as_str()
+                ),
                 "round {round}: seq {} read back wrong",
                 m.seq
             );

@@ -50,7 +50,10 @@ fn valid() -> &'static Valid {
             .map(|i| {
                 (
                     format!("dev/results/{i}"),
-                    format!("{{\"id\":\"r{i}\",\"label\":\"ok\",\"text\":\"{}\"}}", "é".repeat(i * 9)),
+                    format!(
+                        "{{\"id\":\"r{i}\",\"label\":\"ok\",\"text\":\"{}\"}}",
+                        "é".repeat(i * 9)
+                    ),
                     i % 2 == 0,
                     Priority::Normal,
                 )
@@ -123,7 +126,11 @@ fuzz_target!(|data: &[u8]| {
     assert!(scan.records.len() >= intact);
     assert_eq!(scan.records[..intact], v.records[..intact]);
     let good: usize = scan.records.iter().map(|r| encode_record(r).len()).sum();
-    assert_eq!(good as u64 + scan.torn_bytes, log.len() as u64, "every byte accounted for");
+    assert_eq!(
+        good as u64 + scan.torn_bytes,
+        log.len() as u64,
+        "every byte accounted for"
+    );
     assert_eq!(scan.torn_records == 0, scan.torn_bytes == 0);
     assert!(scan.torn_records <= scan.torn_bytes);
 

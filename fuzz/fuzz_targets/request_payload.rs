@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     let decoded = decode_payload(data, MAX_LINE_BYTES, "dev-1");
     if let Ok(r) = &decoded {
         assert!(r.fields.contains_key("text"), "a request without text");
-        assert!(!r.fields.contains_key("id"), "the id is not a template field");
+        assert!(
+            !r.fields.contains_key("id"),
+            "the id is not a template field"
+        );
     }
     if let Err(e) = &decoded {
         // Every refusal has a kind and a message for the error record.
