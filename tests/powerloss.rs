@@ -276,7 +276,7 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
          {cut_rounds} simulated lost tails, {torn_seen} damaged regions counted",
         started.elapsed().as_secs_f64()
     );
-    assert!(puts_seen >= 100, "the writer barely ran: {puts_seen} puts");
+    assert!(puts_seen >= 50, "the writer barely ran: {puts_seen} puts");
     assert!(
         torn_seen >= 1,
         "no simulated power loss left a torn tail to detect"
