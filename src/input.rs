@@ -1,5 +1,6 @@
 //! Requests from JSON lines: one object (`id`, `text`, other template fields) or one JSON
 //! string per line. Each bad line becomes an error naming the line; nothing is skipped.
+//! And the same from one MQTT payload ([`decode_payload`]).
 
 use std::collections::BTreeMap;
 
@@ -115,6 +116,63 @@ pub fn request_from_json(value: Value, default_id: &str) -> Result<Request, Stri
     Ok(Request { id, fields })
 }
 
+/// Why an MQTT request payload is not a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("request is {bytes} bytes, over the limit of {max_bytes}")]
+    TooLarge { bytes: usize, max_bytes: usize },
+    #[error("payload is not valid UTF-8 (first bad byte at offset {offset})")]
+    InvalidUtf8 { offset: usize },
+    #[error("payload is not valid JSON: {reason}")]
+    Json { reason: String },
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl PayloadError {
+    /// The `kind` of the error record.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PayloadError::TooLarge { .. } => "too_large",
+            PayloadError::InvalidUtf8 { .. } => "invalid_utf8",
+            PayloadError::Json { .. } => "invalid_json",
+            PayloadError::Shape(_) => "invalid_request",
+        }
+    }
+}
+
+/// Decodes one MQTT request payload (at most `max_bytes`): a JSON object or string, as in
+/// [`request_from_json`]; `default_id` is used when it carries no `id`.
+pub fn decode_payload(
+    payload: &[u8],
+    max_bytes: usize,
+    default_id: &str,
+) -> Result<Request, PayloadError> {
+    decode_payload_with(payload, max_bytes, |v| request_from_json(v, default_id))
+}
+
+/// Checks a payload's size and encoding, parses its JSON, and hands it to `parse` (which
+/// names what is wrong with its shape).
+pub fn decode_payload_with<T>(
+    payload: &[u8],
+    max_bytes: usize,
+    parse: impl FnOnce(Value) -> Result<T, String>,
+) -> Result<T, PayloadError> {
+    if payload.len() > max_bytes {
+        return Err(PayloadError::TooLarge {
+            bytes: payload.len(),
+            max_bytes,
+        });
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| PayloadError::InvalidUtf8 {
+        offset: e.valid_up_to(),
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| PayloadError::Json {
+        reason: e.to_string(),
+    })?;
+    parse(value).map_err(PayloadError::Shape)
+}
+
 fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -178,5 +236,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("over the limit"));
+    }
+
+    #[test]
+    fn payloads_decode_or_say_what_is_wrong() {
+        let r = decode_payload(br#"{"text":"hi","n":1.5}"#, 100, "dev-1").unwrap();
+        assert_eq!((r.id.as_str(), r.fields["n"].as_str()), ("dev-1", "1.5"));
+        let cases: [(&[u8], &str, &str); 5] = [
+            (
+                b"{\"text\":\"0123456789\"}",
+                "too_large",
+                "over the limit of 16",
+            ),
+            (b"\"caf\xc3\"", "invalid_utf8", "offset 4"),
+            (b"{\"text\":", "invalid_json", "not valid JSON"),
+            (b"[[[1]]]", "invalid_request", "an array"),
+            (b"{\"id\":\"x\"}", "invalid_request", "missing field `text`"),
+        ];
+        for (payload, kind, says) in cases {
+            let e = decode_payload(payload, 16, "d").unwrap_err();
+            assert_eq!(e.kind(), kind, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 }

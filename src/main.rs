@@ -74,6 +74,21 @@ enum Command {
     /// Ranking quality on labelled data: NDCG@k of the model against TF-IDF and random
     /// orderings for each family of intents (profiles from a TOML file).
     RankEval(RankEvalArgs),
+    /// Power-loss test helper (hidden): puts messages into the outbox in --dir as fast as
+    /// fsync allows and prints `P <seq> <file_bytes>` once each put is durable (see
+    /// `edgeact::outbox::stress_writer`); tests/powerloss.rs kills it with SIGKILL.
+    #[command(hide = true)]
+    OutboxStress(OutboxStressArgs),
+}
+
+#[derive(Args)]
+struct OutboxStressArgs {
+    /// The outbox folder.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Stop after this many puts.
+    #[arg(long, default_value_t = u64::MAX)]
+    max_puts: u64,
 }
 
 #[derive(Args)]
@@ -912,6 +927,9 @@ fn run(cli: Cli) -> Result<(), AppError> {
     let mut out = stdout.lock();
     match cli.command {
         Command::Plan(b) => app::plan(&b.engine_config()?, &mut out),
+        Command::OutboxStress(a) => Ok(edgeact::outbox::stress_writer(
+            &a.dir, a.max_puts, &mut out,
+        )?),
         Command::Serve(a) => {
             let cfg = a.config()?;
             if cfg.broker.is_none() {

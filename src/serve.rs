@@ -711,50 +711,20 @@ impl Daemon {
             self.reject(&p, None, Some(&task_name), "unknown_task", msg);
             return;
         };
-        if p.payload.len() > self.cfg.max_request_bytes {
-            let msg = format!(
-                "request is {} bytes, over the limit of {}",
-                p.payload.len(),
-                self.cfg.max_request_bytes
-            );
-            self.reject(&p, None, Some(&task_name), "too_large", msg);
-            return;
-        }
-        let text = match std::str::from_utf8(&p.payload) {
-            Ok(t) => t,
+        let default_id = format!("{}-{}-{}", self.cfg.device_id, now_ms(), self.next_ticket);
+        let kind = self.worker.task_kinds[task];
+        let decoded = input::decode_payload_with(&p.payload, self.cfg.max_request_bytes, |v| {
+            Job::from_json(kind, v, &default_id)
+        });
+        let mut job = match decoded {
+            Ok(j) => j,
             Err(e) => {
-                let msg = format!(
-                    "payload is not valid UTF-8 (first bad byte at offset {})",
-                    e.valid_up_to()
-                );
-                self.reject(&p, None, Some(&task_name), "invalid_utf8", msg);
-                return;
-            }
-        };
-        let value: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                self.reject(
-                    &p,
-                    None,
-                    Some(&task_name),
-                    "invalid_json",
-                    format!("payload is not valid JSON: {e}"),
-                );
+                self.reject(&p, None, Some(&task_name), e.kind(), e.to_string());
                 return;
             }
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let default_id = format!("{}-{}-{ticket}", self.cfg.device_id, now_ms());
-        let kind = self.worker.task_kinds[task];
-        let mut job = match Job::from_json(kind, value, &default_id) {
-            Ok(j) => j,
-            Err(msg) => {
-                self.reject(&p, None, Some(&task_name), "invalid_request", msg);
-                return;
-            }
-        };
         match &mut job {
             Job::Classify(request) => {
                 for (k, v) in &self.context {

@@ -39,7 +39,7 @@ fn arg_rule(schema: &ArgSchema) -> String {
         } => {
             let alts: Vec<String> = keys.iter().map(|k| lit(&format!("{k}\": \""))).collect();
             let pair = format!(
-                "\"\\\"\" ( {} ) [^\"\\\\\\]\\n]{{0,{max_value_chars}}} \"\\\"\"",
+                "\"\\\"\" ( {} ) [^\"\\\\\\]\\x00-\\x1f]{{0,{max_value_chars}}} \"\\\"\"",
                 alts.join(" | ")
             );
             format!(
@@ -140,7 +140,7 @@ mod tests {
         });
         assert_eq!(
             r,
-            "\"{\" \"\\\"\" ( \"reason\\\": \\\"\" | \"contact\\\": \\\"\" ) [^\"\\\\\\]\\n]{0,40} \"\\\"\" ( \", \" \"\\\"\" ( \"reason\\\": \\\"\" | \"contact\\\": \\\"\" ) [^\"\\\\\\]\\n]{0,40} \"\\\"\" ){0,1} \"}\""
+            "\"{\" \"\\\"\" ( \"reason\\\": \\\"\" | \"contact\\\": \\\"\" ) [^\"\\\\\\]\\x00-\\x1f]{0,40} \"\\\"\" ( \", \" \"\\\"\" ( \"reason\\\": \\\"\" | \"contact\\\": \\\"\" ) [^\"\\\\\\]\\x00-\\x1f]{0,40} \"\\\"\" ){0,1} \"}\""
         );
         let r = arg_rule(&ArgSchema::Choice {
             values: vec!["door".into(), "temperature".into()],

@@ -155,7 +155,7 @@ impl ArgSchema {
 }
 
 /// The grammar's JSON: `{"k": "v", "k2": "v2"}`, keys from the list, values without `"`,
-/// `\`, `]` or newlines.
+/// `\`, `]` or control characters (newlines included).
 fn json_arg_ok(arg: &str, keys: &[String], max_value_chars: usize) -> bool {
     let Some(inner) = arg.strip_prefix('{').and_then(|a| a.strip_suffix('}')) else {
         return false;
@@ -184,7 +184,12 @@ fn json_arg_ok(arg: &str, keys: &[String], max_value_chars: usize) -> bool {
             return false;
         };
         let value = &r[..end];
-        if value.chars().count() > max_value_chars || value.contains(['\\', ']', '\n']) {
+        // JSON forbids raw control characters in a string: the notify tool could not read
+        // the argument (the grammar excludes them too).
+        if value.chars().count() > max_value_chars
+            || value.contains(['\\', ']'])
+            || value.chars().any(|c| c < ' ')
+        {
             return false;
         }
         rest = &r[end + 1..];
@@ -618,6 +623,15 @@ mod tests {
         assert!(!json.accepts(r#"{"reason": "much too long a value"}"#));
         assert!(!json.accepts(r#"{"reason": "x",}"#));
         assert!(!json.accepts("{}"));
+        // A control character (a tab from the model) is not JSON: refused like the grammar
+        // refuses it, and everything accepted parses as a JSON object (found while writing
+        // the react_step fuzz target's invariant).
+        assert!(!json.accepts("{\"reason\": \"a\tb\"}"));
+        assert!(!json.accepts("{\"reason\": \"\u{0}\"}"));
+        for ok in [r#"{"reason": "café ☕ 5€"}"#, r#"{"reason": ""}"#] {
+            assert!(json.accepts(ok), "{ok}");
+            assert!(serde_json::from_str::<serde_json::Value>(ok).is_ok_and(|v| v.is_object()));
+        }
         assert!(ArgSchema::None.accepts(""));
         assert!(!ArgSchema::None.accepts("x"));
         assert!(ArgSchema::None.validate(ToolName::Clock).is_ok());
