@@ -253,7 +253,7 @@ pub fn luhn_ok(ds: &[u32]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The longest prefix of a candidate, ending at a digit, with 13 to 19 digits that passes
