@@ -72,10 +72,16 @@ fn serves_over_tls_with_credentials_and_the_acl_holds() {
         "probe-kiosk1",
         &["edgeact/other/#", "edgeact/kiosk1/acl-check"],
     );
-    dev.publish("edgeact/kiosk1/acl-check", "ready");
-    dev.wait_for(30, "the device user's own topic", |g| {
-        g.iter().any(|m| m.text() == "ready")
-    });
+    // Its subscriptions go out on ConnAck: publish until the own-topic one is in place.
+    let t0 = std::time::Instant::now();
+    while !dev.got.lock().unwrap().iter().any(|m| m.text() == "ready") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the device user never got its own topic"
+        );
+        dev.publish("edgeact/kiosk1/acl-check", "ready");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     admin.publish("edgeact/other/secret", "not for kiosk1");
     dev.publish("edgeact/other/sentiment/request", r#"{"text":"forged"}"#);
     // Same client, in order: once these arrive, the ones before them would have too.
