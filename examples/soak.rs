@@ -4,7 +4,7 @@
 //! far RSS moved after warm-up.
 //!
 //! scripts/soak [N] [EVERY]   (builds, then runs this with nice)
-//! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT]
+//! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT] [serve flags...]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -104,6 +104,8 @@ fn main() {
         .arg("--outbox-dir")
         .arg(dir.join("outbox"))
         .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
+        // Anything after N EVERY IN_FLIGHT goes to `edgeact serve` (e.g. --threads 1).
+        .args(std::env::args().skip(4))
         .env("RUST_LOG", "edgeact=warn")
         .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
         .spawn()
@@ -174,17 +176,17 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let texts: Vec<String> = std::fs::read_to_string(root.join("examples/reviews.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["text"].as_str().map(String::from))
-        .collect();
-    let texts = if texts.is_empty() {
-        vec!["The service was fine".to_string()]
-    } else {
-        texts
-    };
+    // Short texts (about 12 tokens), varied from request to request.
+    let adjectives = [
+        "excellent",
+        "awful",
+        "friendly",
+        "rude",
+        "spotless",
+        "dirty",
+        "quick",
+        "slow",
+    ];
     let (rss0, _) = rss_mib(pid);
     println!(
         "soak: {n} requests, at most {in_flight} in flight, daemon pid {pid}, RSS {rss0:.1} MiB after load"
@@ -204,9 +206,11 @@ fn main() {
             (g.results.len() + g.errors.len(), g.errors.len())
         };
         while sent < n && sent < done + in_flight {
-            // Vary the text (and so the token count) from request to request.
-            let t = &texts[sent % texts.len()];
-            let text = format!("{t} (visit {sent}{})", " again".repeat(sent % 7));
+            let adj = adjectives[sent % adjectives.len()];
+            let text = format!(
+                "Visit {sent}: the staff were {adj}{}",
+                " today".repeat(sent % 3)
+            );
             let body = serde_json::json!({"id": format!("s{sent}"), "text": text}).to_string();
             client
                 .publish(
