@@ -300,6 +300,17 @@ fn parse<R: Read + Seek>(r: &mut Reader<R>, file_size_bytes: u64) -> Result<Head
             "no tensor data after the header".into(),
         ));
     }
+    // A download cut short can keep a whole header: a tensor starting past the end says so.
+    if let Some(t) = tensors
+        .iter()
+        .find(|t| data_offset_bytes.saturating_add(t.offset_bytes) > file_size_bytes)
+    {
+        return Err(ParseError::Corrupt(format!(
+            "tensor `{}` starts at byte {}, past the end of the file ({file_size_bytes} bytes): the file was cut short",
+            t.name,
+            data_offset_bytes.saturating_add(t.offset_bytes)
+        )));
+    }
     Ok(Header {
         version,
         metadata,

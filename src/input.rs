@@ -1,6 +1,8 @@
 //! Requests from JSON lines: one object (`id`, `text`, other template fields) or one JSON
 //! string per line. Each bad line becomes an error naming the line; nothing is skipped.
 //! And the same from one MQTT payload ([`decode_payload`]).
+//! Control characters other than tab and line ends are removed from every field: they carry
+//! no meaning for the model and can garble logs and terminals.
 
 use std::collections::BTreeMap;
 
@@ -80,7 +82,7 @@ pub fn parse_line(bytes: &[u8], line: usize) -> Result<Option<Request>, InputErr
 /// Builds a request from a JSON value; `default_id` is used when it carries no `id`.
 pub fn request_from_json(value: Value, default_id: &str) -> Result<Request, String> {
     let obj = match value {
-        Value::String(s) => return Ok(Request::text(default_id, s)),
+        Value::String(s) => return Ok(Request::text(default_id, strip_controls(s))),
         Value::Object(o) => o,
         other => {
             return Err(format!(
@@ -104,6 +106,7 @@ pub fn request_from_json(value: Value, default_id: &str) -> Result<Request, Stri
                 ))
             }
         };
+        let s = strip_controls(s);
         if k == "id" {
             id = s;
         } else {
@@ -173,6 +176,17 @@ pub fn decode_payload_with<T>(
     parse(value).map_err(PayloadError::Shape)
 }
 
+/// `s` without control characters (C0, DEL, C1) other than tab, line feed and carriage
+/// return. A text of nothing else becomes empty, and gets the `empty_text` error.
+pub fn strip_controls(s: String) -> String {
+    let bad = |c: char| c.is_control() && !matches!(c, '\t' | '\n' | '\r');
+    if s.chars().any(bad) {
+        s.chars().filter(|&c| !bad(c)).collect()
+    } else {
+        s
+    }
+}
+
 fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -207,6 +221,21 @@ mod tests {
         let r = parse_line(br#"{"id":12,"text":"x"}"#, 2).unwrap().unwrap();
         assert_eq!(r.id, "12");
         assert_eq!(parse_line(b"  \r\n", 3).unwrap(), None);
+    }
+
+    #[test]
+    fn control_characters_are_removed() {
+        let r = parse_line(
+            br#"{"id":"c\u0000","text":"\u0000great\u0007 food\u001b[31m\ttoday\u0085"}"#,
+            1,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.id, "c");
+        assert_eq!(r.fields["text"], "great food[31m\ttoday");
+        let r = parse_line(br#""\u0001\u0002""#, 2).unwrap().unwrap();
+        assert_eq!(r.fields["text"], "");
+        assert_eq!(strip_controls("line\r\nnext".into()), "line\r\nnext");
     }
 
     #[test]

@@ -56,6 +56,8 @@
 //! - [`rank`]: task-file `[rank]`: candidate items scored by P(yes) for a profile written
 //!   into the prefix (decoded once), calibrated, sorted, top-k; [`rank::eval`] is
 //!   `edgeact rank-eval` (NDCG@k against TF-IDF and random orderings).
+//! - [`redact`]: personal data (e-mail, phone, card numbers, configured patterns) masked in
+//!   traces, error records and logs before they leave the device; request ids kept.
 //! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
 //!   the request is acknowledged, published until PUBACK; classification results feed the
 //!   task's [`monitor`]; topic layout and broker options in [`mqtt`].
@@ -78,6 +80,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod rank;
 pub mod react;
+pub mod redact;
 pub mod scoring;
 pub mod serve;
 pub mod task;

@@ -387,9 +387,10 @@ struct ServeSettings {
     /// MQTT user name.
     #[arg(long)]
     username: Option<String>,
-    /// MQTT password (better: the EDGEACT_MQTT_PASSWORD environment variable).
-    #[arg(long, env = "EDGEACT_MQTT_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
+    /// File whose first line is the MQTT password (never give a password on the command
+    /// line); without it, the EDGEACT_MQTT_PASSWORD environment variable is used if set.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
     /// MQTT client id (default edgeact-<device_id>).
     #[arg(long)]
     client_id: Option<String>,
@@ -399,6 +400,15 @@ struct ServeSettings {
     /// Seconds shutdown waits for PUBACKs before leaving the rest in the outbox.
     #[arg(long)]
     drain_timeout_s: Option<u64>,
+    /// Personal data redacted from traces, error records and logs before they leave the
+    /// device: email, phone, card (Luhn-checked), comma-separated; `none` for nothing.
+    /// Default: all three.
+    #[arg(long, value_delimiter = ',')]
+    redact: Vec<String>,
+    /// Extra regex whose matches are redacted too (repeat the flag).
+    #[arg(long = "redact-pattern")]
+    #[serde(rename = "redact_patterns")]
+    redact_pattern: Vec<String>,
 }
 
 #[derive(Args)]
@@ -436,7 +446,7 @@ impl ServeSettings {
             client_cert,
             client_key,
             username,
-            password,
+            password_file,
             client_id,
             keep_alive_s,
             drain_timeout_s
@@ -446,6 +456,12 @@ impl ServeSettings {
         }
         if !over.context.is_empty() {
             self.context = over.context;
+        }
+        if !over.redact.is_empty() {
+            self.redact = over.redact;
+        }
+        if !over.redact_pattern.is_empty() {
+            self.redact_pattern = over.redact_pattern;
         }
         self
     }
@@ -575,6 +591,13 @@ impl ServeArgs {
                         "must be at least 1 second".into(),
                     ));
                 }
+                let password = match &s.password_file {
+                    Some(p) => Some(mqtt::read_password_file(p)?),
+                    None => std::env::var("EDGEACT_MQTT_PASSWORD")
+                        .ok()
+                        .filter(|p| !p.is_empty())
+                        .map(mqtt::Secret),
+                };
                 Some(mqtt::BrokerConfig {
                     host,
                     port,
@@ -583,7 +606,7 @@ impl ServeArgs {
                     client_cert: s.client_cert.clone(),
                     client_key: s.client_key.clone(),
                     username: s.username.clone(),
-                    password: s.password.clone(),
+                    password,
                     client_id: s
                         .client_id
                         .clone()
@@ -593,6 +616,27 @@ impl ServeArgs {
                     max_outgoing_packet_bytes: 1024 * 1024,
                 })
             }
+        };
+        let redactor = if s.redact.is_empty() && s.redact_pattern.is_empty() {
+            edgeact::redact::Redactor::all_kinds()
+        } else {
+            let kinds = if s.redact.is_empty() {
+                vec!["email".into(), "phone".into(), "card".into()]
+            } else {
+                s.redact.clone()
+            };
+            edgeact::redact::Redactor::new(&kinds, &s.redact_pattern).map_err(|e| match e {
+                edgeact::redact::RedactError::UnknownKind(k) => invalid(
+                    &src,
+                    "redact",
+                    format!("unknown kind `{k}` (known: email, phone, card, none)"),
+                ),
+                edgeact::redact::RedactError::Pattern { pattern, reason } => invalid(
+                    &src,
+                    "redact_patterns",
+                    format!("`{pattern}` is not a valid regex: {reason}"),
+                ),
+            })?
         };
         let queue_capacity = s.queue_capacity.unwrap_or(64);
         if queue_capacity == 0 {
@@ -624,6 +668,7 @@ impl ServeArgs {
             ha_discovery: s.ha_discovery.unwrap_or(false),
             max_request_bytes: s.max_request_bytes.unwrap_or(256 * 1024),
             drain_timeout: std::time::Duration::from_secs(s.drain_timeout_s.unwrap_or(10)),
+            redactor,
         })
     }
 }

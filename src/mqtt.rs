@@ -1,5 +1,7 @@
 //! MQTT names and options: the topic layout (Frigate / Home Assistant style), the broker
-//! URL and TLS settings validated into rumqttc options, and the reconnect backoff.
+//! URL, TLS and credentials validated into rumqttc options, which connection errors are a
+//! configuration mistake (refused credentials, an untrusted certificate), and the reconnect
+//! backoff.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +16,35 @@ pub enum MqttConfigError {
     Invalid { key: String, reason: String },
     #[error("cannot read {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// The broker (or TLS) refused the first connection for a reason retrying cannot fix.
+    #[error("broker {broker} refused the connection: {reason}")]
+    Refused { broker: String, reason: String },
+}
+
+/// A password: never printed by `{:?}`.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Reads a password file: the first line, without its line end; empty is an error.
+pub fn read_password_file(path: &std::path::Path) -> Result<Secret, MqttConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| MqttConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        return Err(MqttConfigError::Invalid {
+            key: "password_file".into(),
+            reason: format!("{} is empty", path.display()),
+        });
+    }
+    Ok(Secret(line.to_string()))
 }
 
 /// Where the broker is and how to talk to it.
@@ -26,7 +57,8 @@ pub struct BrokerConfig {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// From `password_file` or the EDGEACT_MQTT_PASSWORD environment variable, never a flag.
+    pub password: Option<Secret>,
     pub client_id: String,
     pub keep_alive_s: u64,
     /// Largest packet accepted from the broker; bigger ones break the connection, so this
@@ -92,8 +124,34 @@ impl BrokerConfig {
             QoS::AtLeastOnce,
             true,
         ));
-        if let Some(u) = &self.username {
-            o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
+        match (&self.username, &self.password) {
+            (Some(u), p) => {
+                o.set_credentials(u.clone(), p.clone().map(|s| s.0).unwrap_or_default());
+            }
+            (None, Some(_)) => {
+                return Err(MqttConfigError::Invalid {
+                    key: "username".into(),
+                    reason:
+                        "a password is set (password_file or EDGEACT_MQTT_PASSWORD) but no username"
+                            .into(),
+                })
+            }
+            (None, None) => {}
+        }
+        if !self.tls {
+            for (key, set) in [
+                ("ca_file", self.ca_file.is_some()),
+                ("client_cert", self.client_cert.is_some()),
+                ("client_key", self.client_key.is_some()),
+            ] {
+                if set {
+                    return Err(MqttConfigError::Invalid {
+                        key: key.into(),
+                        reason: "is set but the broker URL is mqtt:// (plain text); use mqtts://"
+                            .into(),
+                    });
+                }
+            }
         }
         if self.tls {
             let read = |p: &PathBuf| {
@@ -103,7 +161,16 @@ impl BrokerConfig {
                 })
             };
             let ca = match &self.ca_file {
-                Some(p) => read(p)?,
+                Some(p) => {
+                    let pem = read(p)?;
+                    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                        return Err(MqttConfigError::Invalid {
+                            key: "ca_file".into(),
+                            reason: format!("{} holds no PEM certificate", p.display()),
+                        });
+                    }
+                    pem
+                }
                 None => {
                     return Err(MqttConfigError::Invalid {
                         key: "ca_file".into(),
@@ -124,6 +191,57 @@ impl BrokerConfig {
             o.set_transport(Transport::tls(ca, client_auth, None));
         }
         Ok(o)
+    }
+}
+
+/// Why a failed connection attempt is a configuration mistake that retrying will not fix
+/// (bad credentials, not authorized, an untrusted or mismatched server certificate), in
+/// words; `None` for errors worth retrying (broker down, network, timeouts).
+pub fn refusal_reason(e: &rumqttc::ConnectionError) -> Option<String> {
+    use rumqttc::{ConnectReturnCode as C, ConnectionError as E};
+    match e {
+        E::ConnectionRefused(code) => match code {
+            C::BadUserNamePassword => {
+                Some("bad user name or password (check username and password_file)".into())
+            }
+            C::NotAuthorized => Some(
+                "not authorized: missing or wrong user name / password, or this client is not allowed \
+                 (check username, password_file or EDGEACT_MQTT_PASSWORD)"
+                    .into(),
+            ),
+            C::BadClientId => Some("the client id was rejected (client_id)".into()),
+            C::RefusedProtocolVersion => Some("the broker does not speak MQTT 3.1.1".into()),
+            _ => None,
+        },
+        E::Tls(t) => match t {
+            // Network trouble during the handshake is worth a retry; a certificate or
+            // protocol failure (InvalidData) is not.
+            rumqttc::TlsError::Io(io) if io.kind() != std::io::ErrorKind::InvalidData => None,
+            other => Some(format!(
+                "TLS handshake failed: {other} (check ca_file, the broker's certificate and its host name)"
+            )),
+        },
+        _ => None,
+    }
+}
+
+/// A hint for connection errors that are retried but may be a mismatch of plain text and
+/// TLS between client and listener.
+pub fn connect_hint(e: &rumqttc::ConnectionError, tls: bool) -> &'static str {
+    match e {
+        rumqttc::ConnectionError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            if tls {
+                " (is the listener plain text? then use mqtt://)"
+            } else {
+                " (does the listener expect TLS? then use mqtts:// and ca_file)"
+            }
+        }
+        _ => "",
     }
 }
 
@@ -319,6 +437,104 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ca_file"));
+    }
+
+    fn plain() -> BrokerConfig {
+        BrokerConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            tls: false,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            client_id: "c".into(),
+            keep_alive_s: 5,
+            max_incoming_packet_bytes: 1 << 20,
+            max_outgoing_packet_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn tls_and_credentials_are_validated_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let e = BrokerConfig {
+            ca_file: Some(not_pem.clone()),
+            ..plain()
+        }
+        .options(&topics())
+        .unwrap_err();
+        assert!(e.to_string().contains("mqtts://"), "{e}");
+        let e = BrokerConfig {
+            tls: true,
+            ca_file: Some(not_pem),
+            ..plain()
+        }
+        .options(&topics())
+        .unwrap_err();
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+        let e = BrokerConfig {
+            tls: true,
+            ca_file: Some(dir.path().join("missing.pem")),
+            ..plain()
+        }
+        .options(&topics())
+        .unwrap_err();
+        assert!(matches!(e, MqttConfigError::File { .. }), "{e}");
+        let e = BrokerConfig {
+            password: Some(Secret("pw".into())),
+            ..plain()
+        }
+        .options(&topics())
+        .unwrap_err();
+        assert!(e.to_string().contains("no username"), "{e}");
+        // The password never shows in debug output.
+        let with = BrokerConfig {
+            username: Some("kiosk1".into()),
+            password: Some(Secret("hunter2".into())),
+            ..plain()
+        };
+        assert!(with.options(&topics()).is_ok());
+        assert!(!format!("{with:?}").contains("hunter2"));
+        // Password files: first line, line end stripped; empty is an error.
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\r\nignored\n").unwrap();
+        assert_eq!(read_password_file(&pw).unwrap(), Secret("s3cret".into()));
+        std::fs::write(&pw, "\n").unwrap();
+        assert!(read_password_file(&pw)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+    }
+
+    #[test]
+    fn refusals_that_retrying_cannot_fix() {
+        use rumqttc::{ConnectReturnCode as C, ConnectionError as E};
+        let auth = refusal_reason(&E::ConnectionRefused(C::BadUserNamePassword)).unwrap();
+        assert!(auth.contains("user name or password"), "{auth}");
+        assert!(refusal_reason(&E::ConnectionRefused(C::NotAuthorized)).is_some());
+        assert!(refusal_reason(&E::ConnectionRefused(C::ServiceUnavailable)).is_none());
+        let bad_cert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        let tls = refusal_reason(&E::Tls(rumqttc::TlsError::Io(bad_cert))).unwrap();
+        assert!(
+            tls.contains("UnknownIssuer") && tls.contains("ca_file"),
+            "{tls}"
+        );
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(refusal_reason(&E::Tls(rumqttc::TlsError::Io(reset))).is_none());
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(
+            refusal_reason(&E::Io(refused)).is_none(),
+            "a broker that is down is retried"
+        );
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof");
+        assert!(connect_hint(&E::Io(eof), false).contains("mqtts://"));
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub max_request_bytes: usize,
     /// How long shutdown waits for PUBACKs before leaving the rest in the outbox.
     pub drain_timeout: Duration,
+    /// Masks personal data in trace and error payloads and in log lines.
+    pub redactor: crate::redact::Redactor,
 }
 
 fn now_ms() -> u64 {
@@ -225,6 +227,8 @@ struct Stats {
     results: u64,
     errors: u64,
     overloaded: u64,
+    /// Outcomes published without the outbox because it could not be written.
+    outbox_write_errors: u64,
     decoded_tokens: u64,
     latencies_ms: VecDeque<f64>,
     last: (Instant, u64, u64),
@@ -237,6 +241,7 @@ impl Stats {
             results: 0,
             errors: 0,
             overloaded: 0,
+            outbox_write_errors: 0,
             decoded_tokens: 0,
             latencies_ms: VecDeque::new(),
             last: (Instant::now(), 0, 0),
@@ -276,6 +281,7 @@ impl Stats {
             "outbox_bytes": outbox.live_bytes(),
             "outbox_dropped": outbox.counters.dropped_for_size + outbox.counters.dropped_for_age,
             "outbox_torn_records": outbox.counters.torn_records,
+            "outbox_write_errors": self.outbox_write_errors,
             "results_total": self.results,
             "errors_total": self.errors,
             "overloaded_total": self.overloaded,
@@ -398,6 +404,9 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     stats_tick.tick().await;
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
+    // Until the first ConnAck, refused credentials or an untrusted certificate are a
+    // configuration error (exit with the cause); afterwards every failure is retried.
+    let mut ever_connected = false;
     let mut drain_deadline: Option<Instant> = None;
     let mut stopped_sent = false;
     // rumqttc's poll() is not cancel-safe (a request taken from its queue can be lost if the
@@ -436,11 +445,17 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
                 match ev {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                         attempt = 0;
+                        ever_connected = true;
                         d.on_connected();
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => d.on_publish(p),
                     Ok(Event::Incoming(Incoming::PubAck(a))) => d.on_puback(a.pkid),
-                    Ok(Event::Incoming(Incoming::SubAck(_))) => d.on_suback(),
+                    Ok(Event::Incoming(Incoming::SubAck(a))) => {
+                        if a.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            tracing::error!("the broker refused a subscription (ACL?): requests on it will not arrive");
+                        }
+                        d.on_suback()
+                    }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(Some(seq)) = d.awaiting_pkid.pop_front() {
                             d.pkid_to_seq.insert(pkid, seq);
@@ -456,10 +471,19 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
                         if stopped_sent {
                             break;
                         }
+                        if !ever_connected {
+                            if let Some(reason) = mqtt::refusal_reason(&e) {
+                                return Err(AppError::Mqtt(mqtt::MqttConfigError::Refused {
+                                    broker: format!("{}:{}", broker.host, broker.port),
+                                    reason,
+                                }));
+                            }
+                        }
+                        let hint = mqtt::connect_hint(&e, broker.tls);
                         if d.connected {
-                            tracing::warn!("broker connection lost: {e}; results wait in the outbox");
+                            tracing::warn!("broker connection lost: {e}{hint}; results wait in the outbox");
                         } else {
-                            tracing::warn!("cannot reach the broker: {e}");
+                            tracing::warn!("cannot reach the broker: {e}{hint}");
                         }
                         d.on_disconnected();
                         // rumqttc keeps unacknowledged publishes in memory to resend; the outbox
@@ -632,10 +656,40 @@ impl Daemon {
         }
     }
 
-    /// Records messages durably, queues them to publish, then acknowledges `ack`.
-    fn record(&mut self, msgs: Vec<Msg>, ack: Option<&Publish>) -> Result<(), AppError> {
-        let put = self.outbox.put_all(msgs).map_err(AppError::Outbox)?;
-        self.to_send.extend(put.iter().map(|m| m.seq));
+    /// Records messages durably, queues them to publish, then acknowledges `ack`. Trace and
+    /// error payloads are redacted first. When the outbox cannot be written (disk full, I/O
+    /// error) the messages are published directly instead, without the crash guarantee, so
+    /// the daemon keeps answering; each such write error is logged and counted.
+    fn record(&mut self, mut msgs: Vec<Msg>, ack: Option<&Publish>) -> Result<(), AppError> {
+        let t = &self.cfg.topics;
+        for m in msgs.iter_mut() {
+            if m.0 == t.errors() || m.0.ends_with("/trace") {
+                m.1 = self.cfg.redactor.redact_payload(&m.1);
+            }
+        }
+        match self.outbox.put_all(msgs.clone()) {
+            Ok(put) => self.to_send.extend(put.iter().map(|m| m.seq)),
+            Err(e) => {
+                self.stats.outbox_write_errors += 1;
+                tracing::error!(
+                    "{e}; publishing {} message(s) without the outbox (not crash-safe until it can be written again)",
+                    msgs.len()
+                );
+                for (topic, payload, retain, _) in msgs {
+                    if self
+                        .client
+                        .try_publish(topic, QoS::AtLeastOnce, retain, payload.into_bytes())
+                        .is_ok()
+                    {
+                        self.awaiting_pkid.push_back(None);
+                    } else {
+                        // Neither recorded nor queued: leave the request unacknowledged so
+                        // the broker delivers it again.
+                        return Err(AppError::Outbox(e));
+                    }
+                }
+            }
+        }
         if let Some(p) = ack {
             if p.qos != QoS::AtMostOnce {
                 let _ = self.client.try_ack(p);
@@ -658,7 +712,7 @@ impl Daemon {
         kind: &str,
         message: String,
     ) {
-        tracing::warn!(topic = %p.topic, kind, "{message}");
+        tracing::warn!(topic = %p.topic, kind, "{}", self.cfg.redactor.redact(&message));
         let rec = error_record(id, task, Some(&p.topic), kind, &message);
         let msgs = vec![(
             self.cfg.topics.errors(),
@@ -668,7 +722,7 @@ impl Daemon {
         )];
         if let Err(e) = self.record(msgs, Some(p)) {
             // Not acknowledged: the broker will deliver it again.
-            tracing::error!("cannot record an error record: {e}");
+            tracing::error!("cannot record or publish an error record: {e}");
         }
     }
 
@@ -713,13 +767,26 @@ impl Daemon {
         };
         let default_id = format!("{}-{}-{}", self.cfg.device_id, now_ms(), self.next_ticket);
         let kind = self.worker.task_kinds[task];
+        // The id, when there is a usable one, so even a rejected request can be matched.
+        let mut given_id = None;
         let decoded = input::decode_payload_with(&p.payload, self.cfg.max_request_bytes, |v| {
+            given_id = match v.get("id") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
             Job::from_json(kind, v, &default_id)
         });
         let mut job = match decoded {
             Ok(j) => j,
             Err(e) => {
-                self.reject(&p, None, Some(&task_name), e.kind(), e.to_string());
+                self.reject(
+                    &p,
+                    given_id.as_deref(),
+                    Some(&task_name),
+                    e.kind(),
+                    e.to_string(),
+                );
                 return;
             }
         };
@@ -800,7 +867,8 @@ impl Daemon {
             .cloned()
             .unwrap_or_default();
         if let Err(e) = &d.outcome {
-            tracing::warn!(id = %d.request_id, task = %task, "{e}");
+            let e = e.to_string();
+            tracing::warn!(id = %d.request_id, task = %task, "{}", self.cfg.redactor.redact(&e));
         }
         let route = ticket.as_ref().map_or(task, |t| t.route.clone());
         let mut msgs = messages_for(&self.cfg.topics, &route, &d.request_id, &d.outcome);

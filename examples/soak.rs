@@ -1,0 +1,279 @@
+//! Soak benchmark of `edgeact serve` through a real Mosquitto on loopback (figures printed,
+//! nothing asserted): N requests (default 20 000) with a bounded number in flight, the
+//! daemon's RSS printed every `every` answers; at the end, how many were answered and how
+//! far RSS moved after warm-up.
+//!
+//! scripts/soak [N] [EVERY]   (builds, then runs this with nice)
+//! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT] [serve flags...]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_broker(dir: &Path, port: u16) -> Child {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let conf = dir.join("m.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+        ),
+    )
+    .unwrap();
+    let c = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c
+}
+
+fn kill_term(c: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
+    let _ = c.wait();
+}
+
+/// VmRSS and VmHWM of a process, MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[derive(Default)]
+struct Seen {
+    results: HashSet<String>,
+    errors: Vec<String>,
+}
+
+fn main() {
+    let arg = |i: usize, d: usize| {
+        std::env::args()
+            .nth(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = arg(1, 20_000);
+    let every = arg(2, 1000);
+    let in_flight = arg(3, 32);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let bin = target.join("release/edgeact");
+    let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let mut broker = start_broker(&dir, port);
+    let mut daemon = Command::new(&bin)
+        .current_dir(&root)
+        .args([
+            "serve",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{port}"),
+            "--device-id",
+            "soak",
+        ])
+        .arg("--outbox-dir")
+        .arg(dir.join("outbox"))
+        .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
+        // Anything after N EVERY IN_FLIGHT goes to `edgeact serve` (e.g. --threads 1).
+        .args(std::env::args().skip(4))
+        .env("RUST_LOG", "edgeact=warn")
+        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+        .spawn()
+        .expect("edgeact binary (cargo build --release)");
+    let pid = daemon.id();
+
+    let mut o = MqttOptions::new("soak-probe", "127.0.0.1", port);
+    o.set_clean_session(true);
+    o.set_max_packet_size(1 << 22, 1 << 22);
+    o.set_inflight(500);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut conn) = Client::new(o, 10_000);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    let c2 = client.clone();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    for t in ["edgeact/soak/sentiment/result", "edgeact/soak/errors"] {
+                        let _ = c2.try_subscribe(t, QoS::AtLeastOnce);
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&p.payload).unwrap_or_default();
+                    let id = v["id"].as_str().unwrap_or("").to_string();
+                    let mut g = s.lock().unwrap();
+                    if p.topic.ends_with("/errors") {
+                        g.errors.push(format!("{id}: {}", v["error"]));
+                    } else {
+                        g.results.insert(id);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    // Wait for the daemon to be serving (retained `available` = online).
+    let avail = Arc::new(Mutex::new(false));
+    {
+        let mut o = MqttOptions::new("soak-avail", "127.0.0.1", port);
+        o.set_clean_session(true);
+        let (c, mut conn) = Client::new(o, 10);
+        let a = avail.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c.try_subscribe("edgeact/soak/available", QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        *a.lock().unwrap() = &p.payload[..] == b"online";
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+    }
+    let t0 = Instant::now();
+    while !*avail.lock().unwrap() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "daemon not online; see {}",
+            dir.join("daemon.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Short texts (about 12 tokens), varied from request to request.
+    let adjectives = [
+        "excellent",
+        "awful",
+        "friendly",
+        "rude",
+        "spotless",
+        "dirty",
+        "quick",
+        "slow",
+    ];
+    let (rss0, _) = rss_mib(pid);
+    println!(
+        "soak: {n} requests, at most {in_flight} in flight, daemon pid {pid}, RSS {rss0:.1} MiB after load"
+    );
+    println!(
+        "{:>8} {:>9} {:>10} {:>10} {:>10}",
+        "answered", "elapsed_s", "req_per_s", "rss_mib", "hwm_mib"
+    );
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut next_report = every;
+    let mut samples: Vec<(usize, f64)> = Vec::new();
+    let mut last_progress = (0usize, Instant::now());
+    loop {
+        let (done, errs) = {
+            let g = seen.lock().unwrap();
+            (g.results.len() + g.errors.len(), g.errors.len())
+        };
+        while sent < n && sent < done + in_flight {
+            let adj = adjectives[sent % adjectives.len()];
+            let text = format!(
+                "Visit {sent}: the staff were {adj}{}",
+                " today".repeat(sent % 3)
+            );
+            let body = serde_json::json!({"id": format!("s{sent}"), "text": text}).to_string();
+            client
+                .publish(
+                    "edgeact/soak/sentiment/request",
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .unwrap();
+            sent += 1;
+        }
+        if done >= next_report || done >= n {
+            let (rss, hwm) = rss_mib(pid);
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{done:>8} {secs:>9.1} {:>10.1} {rss:>10.1} {hwm:>10.1}",
+                done as f64 / secs
+            );
+            samples.push((done, rss));
+            next_report += every;
+        }
+        if done >= n {
+            let _ = errs;
+            break;
+        }
+        if done > last_progress.0 {
+            last_progress = (done, Instant::now());
+        } else if last_progress.1.elapsed() > Duration::from_secs(300) {
+            println!("no progress for 300 s at {done} of {n}: stopping");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let g = seen.lock().unwrap();
+    let answered = g.results.len();
+    let (rss_end, hwm) = rss_mib(pid);
+    // Warm-up: the first 10 % of the run.
+    let warm: Vec<f64> = samples
+        .iter()
+        .filter(|(d, _)| *d >= n / 10)
+        .map(|(_, r)| *r)
+        .collect();
+    let (lo, hi) = warm
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    println!(
+        "results {answered} of {n} (distinct ids), error records {}; {:.1} s, {:.1} req/s",
+        g.errors.len(),
+        start.elapsed().as_secs_f64(),
+        answered as f64 / start.elapsed().as_secs_f64()
+    );
+    for e in g.errors.iter().take(5) {
+        println!("  error: {e}");
+    }
+    if !warm.is_empty() {
+        println!(
+            "RSS after warm-up (from {} answers): min {lo:.1} MiB, max {hi:.1} MiB, spread {:.2} %; end {rss_end:.1} MiB, peak (VmHWM) {hwm:.1} MiB",
+            n / 10,
+            (hi - lo) / lo * 100.0
+        );
+    }
+    drop(g);
+    kill_term(&mut daemon);
+    kill_term(&mut broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
