@@ -220,6 +220,7 @@ pub fn preflight(
         max_logit_rows: cfg.max_logit_rows,
         n_seq_max: n_seq_max(cfg, n_prefix_slots),
         kv_cache_type: cfg.kv_cache_type,
+        gpu_layers: cfg.gpu_layers,
     };
     let fitted = budget::fit(
         &shape,
