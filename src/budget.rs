@@ -10,7 +10,8 @@ const MIB: u64 = 1024 * 1024;
 pub const OVERHEAD_BYTES: u64 = 64 * MIB;
 
 /// Host-side compute buffer with GPU offload, in bytes per micro-batch token per embedding
-/// dimension (input embeddings and the graph's CPU-side tensors).
+/// dimension (input embeddings and the graph's CPU-side tensors): an allowance (two f32
+/// copies of the micro-batch's embeddings), not fitted yet.
 const HOST_COMPUTE_PER_UBATCH_TOKEN: u64 = 8;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -205,9 +206,10 @@ pub fn compute_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
 /// Jetson's unified memory, an integrated GPU, Mesa's lavapipe): the offloaded weights, KV
 /// cache and compute buffer move to GPU buffers in the same RAM, so they are already
 /// counted; what is added is a second copy of a tied output matrix when the output layer is
-/// offloaded, and the host-side compute buffer that feeds the GPU. Fitted against
-/// llama.cpp's buffer-size log lines on lavapipe (README, "GPU offload"). On a discrete GPU
-/// the estimate is then an upper bound on host memory.
+/// offloaded, and the host-side compute buffer that feeds the GPU. The tied-matrix copy comes
+/// from the GGUF tensor table; the host compute term is an allowance not yet fitted against
+/// llama.cpp's buffer-size log lines (README, "GPU offload"). On a discrete GPU the estimate
+/// is an upper bound on host memory.
 pub fn offload_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
     if plan.gpu_layers == 0 {
         return 0;
