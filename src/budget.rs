@@ -9,6 +9,11 @@ const MIB: u64 = 1024 * 1024;
 /// Measured: RSS of the process with a vocab-only load is about 60 MiB.
 pub const OVERHEAD_BYTES: u64 = 64 * MIB;
 
+/// Host-side compute buffer with GPU offload, in bytes per micro-batch token per embedding
+/// dimension (input embeddings and the graph's CPU-side tensors): an allowance (two f32
+/// copies of the micro-batch's embeddings), not fitted yet.
+const HOST_COMPUTE_PER_UBATCH_TOKEN: u64 = 8;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BudgetError {
     #[error("model metadata lacks `{key}`, needed to size the KV cache")]
@@ -63,6 +68,10 @@ pub struct ModelShape {
     pub n_vocab: u64,
     pub n_ctx_train: u64,
     pub tensor_bytes: u64,
+    /// The token-embedding matrix's bytes when the model ties its output projection to it
+    /// (no `output.weight` tensor), else 0. Offloading the output layer makes llama.cpp load
+    /// a second copy of it onto the GPU (the CPU keeps its own for the embedding lookup).
+    pub tied_output_bytes: u64,
 }
 
 impl ModelShape {
@@ -99,6 +108,11 @@ impl ModelShape {
             n_vocab,
             n_ctx_train: need("context_length")?,
             tensor_bytes: h.tensor_bytes(),
+            tied_output_bytes: if h.tensors.iter().any(|t| t.name == "output.weight") {
+                0
+            } else {
+                h.tensor_data_bytes("token_embd.weight").unwrap_or(0)
+            },
             architecture: arch,
         })
     }
@@ -114,6 +128,9 @@ pub struct ContextPlan {
     /// Sequences in the KV cache; llama.cpp keeps a logits row per sequence at least.
     pub n_seq_max: u32,
     pub kv_cache_type: KvCacheType,
+    /// Layers offloaded to a GPU (llama.cpp's n_gpu_layers: more than the model's layers
+    /// offloads the output layer too).
+    pub gpu_layers: u32,
 }
 
 /// The estimate, in bytes, itemised.
@@ -123,6 +140,9 @@ pub struct Estimate {
     pub kv_bytes: u64,
     pub compute_bytes: u64,
     pub logits_bytes: u64,
+    /// What offloading adds on a board whose GPU shares its memory (Jetson, integrated GPUs,
+    /// lavapipe): see [`offload_bytes`].
+    pub offload_bytes: u64,
     pub overhead_bytes: u64,
 }
 
@@ -132,6 +152,7 @@ impl Estimate {
             + self.kv_bytes
             + self.compute_bytes
             + self.logits_bytes
+            + self.offload_bytes
             + self.overhead_bytes
     }
     pub fn total_mib(&self) -> u64 {
@@ -139,11 +160,16 @@ impl Estimate {
     }
     pub fn detail(&self) -> String {
         format!(
-            "weights {} + KV cache {} + compute {} + logits {} + overhead {} MiB",
+            "weights {} + KV cache {} + compute {} + logits {} + {}overhead {} MiB",
             self.weights_bytes.div_ceil(MIB),
             self.kv_bytes.div_ceil(MIB),
             self.compute_bytes.div_ceil(MIB),
             self.logits_bytes.div_ceil(MIB),
+            if self.offload_bytes > 0 {
+                format!("GPU offload {} + ", self.offload_bytes.div_ceil(MIB))
+            } else {
+                String::new()
+            },
             self.overhead_bytes.div_ceil(MIB)
         )
     }
@@ -176,12 +202,33 @@ pub fn compute_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
         + u * ctx * 4
 }
 
+/// Extra memory when layers are offloaded to a GPU that shares the board's memory (the
+/// Jetson's unified memory, an integrated GPU, Mesa's lavapipe): the offloaded weights, KV
+/// cache and compute buffer move to GPU buffers in the same RAM, so they are already
+/// counted; what is added is a second copy of a tied output matrix when the output layer is
+/// offloaded, and the host-side compute buffer that feeds the GPU. The tied-matrix copy comes
+/// from the GGUF tensor table; the host compute term is an allowance not yet fitted against
+/// llama.cpp's buffer-size log lines (README, "GPU offload"). On a discrete GPU the estimate
+/// is an upper bound on host memory.
+pub fn offload_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
+    if plan.gpu_layers == 0 {
+        return 0;
+    }
+    let output_copy = if plan.gpu_layers as u64 > shape.n_layer {
+        shape.tied_output_bytes
+    } else {
+        0
+    };
+    output_copy + HOST_COMPUTE_PER_UBATCH_TOKEN * shape.n_embd * plan.n_ubatch as u64
+}
+
 pub fn estimate(shape: &ModelShape, plan: &ContextPlan) -> Estimate {
     Estimate {
         weights_bytes: shape.tensor_bytes,
         kv_bytes: kv_bytes(shape, plan.n_ctx, plan.kv_cache_type),
         compute_bytes: compute_bytes(shape, plan),
         logits_bytes: plan.max_logit_rows.max(plan.n_seq_max) as u64 * shape.n_vocab * 4,
+        offload_bytes: offload_bytes(shape, plan),
         overhead_bytes: OVERHEAD_BYTES,
     }
 }
@@ -264,6 +311,7 @@ mod tests {
             n_vocab: 262_144,
             n_ctx_train: 32_768,
             tensor_bytes: 250 * MIB,
+            tied_output_bytes: 170 * MIB,
         }
     }
 
@@ -274,6 +322,7 @@ mod tests {
             max_logit_rows: 16,
             n_seq_max: 17,
             kv_cache_type: KvCacheType::F16,
+            gpu_layers: 0,
         }
     }
 
@@ -323,5 +372,43 @@ mod tests {
             fit(&gemma(), plan(8192), 100, true, 256),
             Err(BudgetError::CannotShrink { .. })
         ));
+    }
+
+    #[test]
+    fn offloading_the_output_layer_counts_a_second_tied_output_matrix() {
+        let cpu = estimate(&gemma(), &plan(1024));
+        assert_eq!(cpu.offload_bytes, 0);
+        let layers_only = estimate(
+            &gemma(),
+            &ContextPlan {
+                gpu_layers: 18,
+                ..plan(1024)
+            },
+        );
+        let all = estimate(
+            &gemma(),
+            &ContextPlan {
+                gpu_layers: 99,
+                ..plan(1024)
+            },
+        );
+        assert!(layers_only.offload_bytes > 0);
+        assert!(layers_only.offload_bytes < 170 * MIB);
+        assert_eq!(all.offload_bytes - layers_only.offload_bytes, 170 * MIB);
+        assert!(all.detail().contains("GPU offload"));
+        assert!(!cpu.detail().contains("GPU offload"));
+        // A model with its own output matrix has nothing to copy.
+        let untied = ModelShape {
+            tied_output_bytes: 0,
+            ..gemma()
+        };
+        let untied_all = estimate(
+            &untied,
+            &ContextPlan {
+                gpu_layers: 99,
+                ..plan(1024)
+            },
+        );
+        assert_eq!(untied_all.offload_bytes, layers_only.offload_bytes);
     }
 }

@@ -114,6 +114,28 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 /// llama.cpp's backend, initialised once per process; its logs go to `tracing`
 /// (target `llama-cpp-2`), so they are quiet unless RUST_LOG asks for them.
+/// The first GPU (discrete or integrated) llama.cpp can offload to, as "name (description)";
+/// None on a CPU-only build or when the GPU backend found no device.
+fn gpu_device() -> Option<String> {
+    use llama_cpp_2::LlamaBackendDeviceType as T;
+    llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .find(|d| matches!(d.device_type, T::Gpu | T::IntegratedGpu))
+        .map(|d| format!("{} ({})", d.name, d.description))
+}
+
+/// Why there is nothing to offload to, for the fallback log line.
+fn no_gpu_reason() -> &'static str {
+    if cfg!(feature = "vulkan") {
+        "the Vulkan backend found no GPU device (no ICD, or only a CPU-type device such as \
+         Mesa's lavapipe, which llama.cpp uses only with GGML_VK_VISIBLE_DEVICES=0)"
+    } else if cfg!(feature = "cuda") {
+        "the CUDA backend found no GPU device"
+    } else {
+        "this build has no GPU backend (build with --features vulkan or cuda)"
+    }
+}
+
 pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {
@@ -198,6 +220,7 @@ pub fn preflight(
         max_logit_rows: cfg.max_logit_rows,
         n_seq_max: n_seq_max(cfg, n_prefix_slots),
         kv_cache_type: cfg.kv_cache_type,
+        gpu_layers: cfg.gpu_layers,
     };
     let fitted = budget::fit(
         &shape,
@@ -317,12 +340,20 @@ impl Engine {
             .with_n_gpu_layers(cfg.gpu_layers)
             .with_use_mmap(cfg.use_mmap)
             .with_use_mlock(cfg.use_mlock);
-        if cfg.gpu_layers > 0 && !backend.supports_gpu_offload() {
-            tracing::warn!(
-                "gpu_layers = {} but this build has no GPU backend: running on the CPU",
-                cfg.gpu_layers
-            );
-            mparams = mparams.with_n_gpu_layers(0);
+        if cfg.gpu_layers > 0 {
+            match gpu_device() {
+                Some(device) => {
+                    tracing::info!(gpu_layers = cfg.gpu_layers, "offloading layers to {device}")
+                }
+                None => {
+                    tracing::warn!(
+                        "gpu_layers = {} but {}: running all layers on the CPU",
+                        cfg.gpu_layers,
+                        no_gpu_reason()
+                    );
+                    mparams = mparams.with_n_gpu_layers(0);
+                }
+            }
         }
         let mut model =
             LlamaModel::load_from_file(backend, &cfg.model_path, &mparams).map_err(|_| {

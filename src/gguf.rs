@@ -64,6 +64,20 @@ impl Header {
         self.file_size_bytes.saturating_sub(self.data_offset_bytes)
     }
 
+    /// Bytes one tensor takes in the data section: up to the next tensor's data (alignment
+    /// padding included) or the end of the file. None if there is no such tensor.
+    pub fn tensor_data_bytes(&self, name: &str) -> Option<u64> {
+        let t = self.tensors.iter().find(|t| t.name == name)?;
+        let next = self
+            .tensors
+            .iter()
+            .map(|o| o.offset_bytes)
+            .filter(|&o| o > t.offset_bytes)
+            .min()
+            .unwrap_or_else(|| self.tensor_bytes());
+        Some(next.saturating_sub(t.offset_bytes))
+    }
+
     pub fn architecture(&self) -> Option<&str> {
         self.str("general.architecture")
     }

@@ -429,3 +429,26 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
         stderr(&o)
     );
 }
+
+/// A CPU build asked to offload says so in one warning and classifies on the CPU, with the
+/// same result as without the flag.
+#[test]
+fn gpu_layers_on_a_cpu_build_falls_back_with_a_log_line() {
+    let text = "Rude staff and cold food, never again";
+    let plain = edgeact(&["classify", "--no-prefix-cache", text], None);
+    let asked = edgeact(
+        &["classify", "--no-prefix-cache", "--gpu-layers", "99", text],
+        None,
+    );
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    let err = stderr(&asked);
+    assert!(
+        err.contains("gpu_layers = 99 but this build has no GPU backend")
+            && err.contains("running all layers on the CPU"),
+        "no fallback line: {err}"
+    );
+    assert!(!stderr(&plain).contains("gpu_layers"), "{}", stderr(&plain));
+    let (a, b) = (&lines(&plain)[0], &lines(&asked)[0]);
+    assert_eq!(a["label"], b["label"]);
+    assert_eq!(a["scores"], b["scores"]);
+}
