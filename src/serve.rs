@@ -342,9 +342,15 @@ struct Daemon {
     answered: VecDeque<(u16, u64)>,
     /// By task index.
     monitors: HashMap<usize, TaskMonitor>,
+    /// Requests to acknowledge once rumqttc's request queue has room, oldest first.
+    pending_acks: VecDeque<Publish>,
 }
 
 const ANSWERED_MEMORY: usize = 4096;
+
+/// Publishes handed to rumqttc and not yet sent, at most: its request queue holds 1024, and
+/// the rest is kept for acks and subscriptions.
+const PUBLISH_QUEUE_LIMIT: usize = 768;
 
 fn payload_hash(p: &Publish) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -399,6 +405,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         subacks_pending: 0,
         answered: VecDeque::new(),
         monitors,
+        pending_acks: VecDeque::new(),
     };
     let mut stats_tick = tokio::time::interval(d.cfg.stats_interval);
     stats_tick.tick().await;
@@ -618,6 +625,9 @@ impl Daemon {
 
     fn on_disconnected(&mut self) {
         self.connected = false;
+        // The broker redelivers what this session did not acknowledge (DUP), and the
+        // redelivery is acknowledged then.
+        self.pending_acks.clear();
         self.awaiting_pkid.clear();
         self.pkid_to_seq.clear();
         self.to_send.clear();
@@ -631,12 +641,22 @@ impl Daemon {
         }
     }
 
-    /// Hands outbox messages to rumqttc while connected and its queue has room.
+    /// Hands waiting acks, then outbox messages, to rumqttc while connected and its queue has
+    /// room; publishes stop short of filling the queue, so acks always find a place.
     fn pump(&mut self) {
         if !self.connected {
             return;
         }
+        while let Some(p) = self.pending_acks.front() {
+            if self.client.try_ack(p).is_err() {
+                return;
+            }
+            self.pending_acks.pop_front();
+        }
         while let Some(&seq) = self.to_send.front() {
+            if self.awaiting_pkid.len() >= PUBLISH_QUEUE_LIMIT {
+                break;
+            }
             let Some(m) = self.outbox.get(seq).cloned() else {
                 self.to_send.pop_front();
                 continue;
@@ -691,16 +711,20 @@ impl Daemon {
             }
         }
         if let Some(p) = ack {
-            if p.qos != QoS::AtMostOnce {
-                let _ = self.client.try_ack(p);
-            }
+            self.ack_now(p);
         }
         Ok(())
     }
 
-    fn ack_now(&self, p: &Publish) {
-        if p.qos != QoS::AtMostOnce {
-            let _ = self.client.try_ack(p);
+    /// Acknowledges `p` to the broker; when rumqttc's request queue is full the ack waits in
+    /// `pending_acks` for [`Daemon::pump`] (a dropped PUBACK would hold one of the broker's
+    /// in-flight slots for good, and with all of them held no request would arrive).
+    fn ack_now(&mut self, p: &Publish) {
+        if p.qos == QoS::AtMostOnce {
+            return;
+        }
+        if !self.pending_acks.is_empty() || self.client.try_ack(p).is_err() {
+            self.pending_acks.push_back(p.clone());
         }
     }
 
