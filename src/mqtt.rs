@@ -410,18 +410,8 @@ mod tests {
     #[test]
     fn keep_alive_is_validated_not_panicking() {
         let b = BrokerConfig {
-            host: "h".into(),
-            port: 1,
-            tls: false,
-            ca_file: None,
-            client_cert: None,
-            client_key: None,
-            username: None,
-            password: None,
-            client_id: "c".into(),
             keep_alive_s: 0,
-            max_incoming_packet_bytes: 1 << 20,
-            max_outgoing_packet_bytes: 1 << 20,
+            ..plain()
         };
         assert!(matches!(
             b.options(&topics()),
