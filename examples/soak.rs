@@ -83,7 +83,9 @@ fn main() {
     let n = arg(1, 20_000);
     let every = arg(2, 1000);
     let in_flight = arg(3, 32);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The working directory, not CARGO_MANIFEST_DIR: a cached build of this example may come
+    // from another clone (CI's) that is gone by now. `scripts/soak` runs from the repo root.
+    let root = std::env::current_dir().expect("current directory");
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));

@@ -513,6 +513,11 @@ pub fn stress_payload(seq: u64) -> String {
     format!("{{\"seq\":{seq},\"fill\":\"{fill}\"}}")
 }
 
+/// Whether the stress writer acks `seq` right after putting it (nine of every ten).
+pub fn stress_writer_acks(seq: u64) -> bool {
+    seq % 10 != 0
+}
+
 /// The power-loss stress writer behind the hidden `edgeact outbox-stress`: opens the outbox
 /// in `dir` (fsync on every put), then forever puts `stress/<seq>` with
 /// [`stress_payload`], and prints `P <seq> <file_bytes>` once `put_all` has returned (the
@@ -542,7 +547,7 @@ pub fn stress_writer(dir: &Path, max_puts: u64, out: &mut impl Write) -> Result<
         if !emit(out, &format!("P {seq} {}\n", ob.file_bytes())) {
             return Ok(());
         }
-        if seq % 10 != 0 {
+        if stress_writer_acks(seq) {
             ob.ack(seq)?;
             if !emit(out, &format!("A {seq} {}\n", ob.file_bytes())) {
                 return Ok(());

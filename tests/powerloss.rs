@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeact::outbox::{stress_payload, Outbox, OutboxLimits};
+use edgeact::outbox::{stress_payload, stress_writer_acks, Outbox, OutboxLimits};
 
 /// What the test knows about a seq from the writer's lines.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,7 +30,8 @@ enum Known {
     Durable,
     /// Acked, and the ack reached the disk: must be gone.
     Acked,
-    /// Acked after the last fsync, then the power went: either is right.
+    /// Either is right: acked after the last fsync and then the power went, or put last
+    /// and maybe acked (the ack record written) before the kill reached its line.
     AckMaybeLost,
 }
 
@@ -135,7 +136,6 @@ fn lose_power(path: &Path, synced: u64, rng: &mut Rng) -> (u64, usize) {
 }
 
 #[test]
-#[ignore = "flaky: once in CI a seq reported durable was missing after a round (seed 1795956638296291351, round 8); the same seed passed on rerun; run with --ignored while it is investigated"]
 fn acknowledged_records_survive_sigkill_and_lost_tails() {
     let seed = std::env::var("EDGEACT_POWERLOSS_SEED")
         .ok()
@@ -154,6 +154,7 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
     let mut known: BTreeMap<u64, Known> = BTreeMap::new();
     let rounds = 60;
     let (mut puts_seen, mut torn_seen, mut cut_rounds, mut kills_before_open) = (0, 0, 0, 0);
+    let mut unreported_acks = 0;
     let started = Instant::now();
     for round in 0..rounds {
         let mut child = Command::new(common::bin())
@@ -212,6 +213,16 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
                 }
             }
         }
+        // The writer acks most puts at once: when the kill came after a put's line, its ack
+        // may already be in the log without an `A` line. (This window is small; missing it
+        // made the test fail about once in six runs on a loaded machine.)
+        let mut last_put_maybe_acked = None;
+        if let Some(Line::Put { seq, .. }) = lines.last() {
+            if stress_writer_acks(*seq) {
+                known.insert(*seq, Known::AckMaybeLost);
+                last_put_maybe_acked = Some(*seq);
+            }
+        }
 
         let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
         let torn = ob.counters.torn_records;
@@ -258,6 +269,9 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
                 Known::AckMaybeLost => {}
             }
         }
+        if last_put_maybe_acked.is_some_and(|seq| ob.get(seq).is_none()) {
+            unreported_acks += 1;
+        }
         // An ack the power took is lost for good: that message is live again, and now
         // durable (the reopening compaction synced it).
         for (seq, k) in known.iter_mut() {
@@ -274,7 +288,8 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
     eprintln!(
         "powerloss: {rounds} SIGKILLs in {:.1} s ({kills_before_open} before the first line), \
          {puts_seen} puts reported durable, {durable} of them unacked and all present, \
-         {cut_rounds} simulated lost tails, {torn_seen} damaged regions counted",
+         {cut_rounds} simulated lost tails, {torn_seen} damaged regions counted, \
+         {unreported_acks} kills between an ack and its line",
         started.elapsed().as_secs_f64()
     );
     assert!(puts_seen >= 50, "the writer barely ran: {puts_seen} puts");
