@@ -515,7 +515,7 @@ pub fn stress_payload(seq: u64) -> String {
 
 /// Whether the stress writer acks `seq` right after putting it (nine of every ten).
 pub fn stress_writer_acks(seq: u64) -> bool {
-    seq % 10 != 0
+    !seq.is_multiple_of(10)
 }
 
 /// The power-loss stress writer behind the hidden `edgeact outbox-stress`: opens the outbox
