@@ -5,52 +5,16 @@
 //! cargo run --release --example bench_serve -- [N]   (the edgeact binary must be built)
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{free_port, start_broker, stop};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_broker(dir: &Path, port: u16) -> Child {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let conf = dir.join("m.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 1000\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let c = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    c
-}
-
-fn stop(c: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(c.id().to_string())
-        .status();
-    let _ = c.wait();
-}
 
 /// Receive times of results by request id.
 type Seen = Arc<Mutex<HashMap<String, Instant>>>;
@@ -115,7 +79,9 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(200);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The working directory (run from the repo root), not CARGO_MANIFEST_DIR: a cached build
+    // of this example may come from another clone that is gone by now.
+    let root = std::env::current_dir().expect("current directory");
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
@@ -123,7 +89,12 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("edgeact-bench-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
-    let mut broker = start_broker(&dir, port);
+    // Persistent, so the outage phase restarts the same broker with its sessions.
+    let broker_conf = format!(
+        "persistence true\npersistence_location {}/\nmax_inflight_messages 1000\n",
+        dir.display()
+    );
+    let mut broker = start_broker(&dir, port, &broker_conf);
     let mut daemon = Command::new(&bin)
         .current_dir(&root)
         .args([
@@ -181,7 +152,7 @@ fn main() {
     // Let the daemon classify what it already received.
     std::thread::sleep(Duration::from_secs((n as u64 / 25).max(3)));
     let delivered_before = seen.lock().unwrap().len() - base;
-    broker = start_broker(&dir, port);
+    broker = start_broker(&dir, port, &broker_conf);
     let t1 = Instant::now();
     let ok = wait_count(&seen, base + n, 600);
     let replay_s = t1.elapsed().as_secs_f64();

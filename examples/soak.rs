@@ -7,51 +7,16 @@
 //! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT] [serve flags...]
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{free_port, start_broker, stop};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_broker(dir: &Path, port: u16) -> Child {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let conf = dir.join("m.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
-        ),
-    )
-    .unwrap();
-    let c = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    c
-}
-
-fn kill_term(c: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(c.id().to_string())
-        .status();
-    let _ = c.wait();
-}
 
 /// VmRSS and VmHWM of a process, MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
@@ -93,7 +58,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
-    let mut broker = start_broker(&dir, port);
+    let mut broker = start_broker(&dir, port, "persistence false\n");
     let mut daemon = Command::new(&bin)
         .current_dir(&root)
         .args([
@@ -275,7 +240,7 @@ fn main() {
         );
     }
     drop(g);
-    kill_term(&mut daemon);
-    kill_term(&mut broker);
+    stop(&mut daemon);
+    stop(&mut broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
