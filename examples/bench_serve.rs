@@ -5,7 +5,6 @@
 //! cargo run --release --example bench_serve -- [N]   (the edgeact binary must be built)
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{free_port, start_broker, stop};
+use common::{free_port, repo_and_binary, start_broker, stop};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 /// Receive times of results by request id.
@@ -79,13 +78,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(200);
-    // The working directory (run from the repo root), not CARGO_MANIFEST_DIR: a cached build
-    // of this example may come from another clone that is gone by now.
-    let root = std::env::current_dir().expect("current directory");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    let bin = target.join("release/edgeact");
+    let (root, bin) = repo_and_binary();
     let dir = std::env::temp_dir().join(format!("edgeact-bench-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();

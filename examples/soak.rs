@@ -7,7 +7,6 @@
 //! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT] [serve flags...]
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{free_port, start_broker, stop};
+use common::{free_port, repo_and_binary, start_broker, stop};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 /// VmRSS and VmHWM of a process, MiB.
@@ -48,13 +47,7 @@ fn main() {
     let n = arg(1, 20_000);
     let every = arg(2, 1000);
     let in_flight = arg(3, 32);
-    // The working directory, not CARGO_MANIFEST_DIR: a cached build of this example may come
-    // from another clone (CI's) that is gone by now. `scripts/soak` runs from the repo root.
-    let root = std::env::current_dir().expect("current directory");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    let bin = target.join("release/edgeact");
+    let (root, bin) = repo_and_binary();
     let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();

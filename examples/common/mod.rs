@@ -1,9 +1,21 @@
 //! What the serve benchmarks (`bench_serve`, `soak`) share: a free loopback port, a
 //! Mosquitto of their own on it, and stopping a child process with SIGTERM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// The repo root and the release `edgeact` binary. The root is the working directory (the
+/// benchmarks run from the repo root), not CARGO_MANIFEST_DIR: a cached build of an example
+/// may come from another clone (CI's) that is gone by now.
+pub fn repo_and_binary() -> (PathBuf, PathBuf) {
+    let root = std::env::current_dir().expect("current directory");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let bin = target.join("release/edgeact");
+    (root, bin)
+}
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
