@@ -22,7 +22,7 @@
 //! - [`engine`]: the only module that touches llama-cpp-2: checks and loads the model,
 //!   caches task prefixes in the KV cache, scores labels (prefix reuse, label trie,
 //!   micro-batching; and a naive reference path); a second, embeddings context reads
-//!   hidden states for the learned head ([`engine::FeatureContext`]).
+//!   hidden states for the learned head ([`model::FeatureContext`]).
 //! - [`scoring`]: pure label-scoring math: label trie, log-softmax, contextual calibration,
 //!   abstention.
 //! - [`classify`]: one task on an engine: request -> prompt tokens (truncated by policy) ->
@@ -48,7 +48,7 @@
 //!   the Thought / Action / Observation loop with typed stop reasons behind a generator
 //!   trait, allow-listed tools (BM25 knowledge base, calculator, clock, sensor, notify),
 //!   retrieve-then-answer `qa`, sessions, and the scenario evaluation. Generation itself is
-//!   [`engine::Engine::generate`].
+//!   [`model::Engine::generate`].
 //! - [`monitor`]: alert rules over a stream of results (task-file `[monitor]`): sliding
 //!   windows per label and key, count / rate / share / jump against a baseline, incidents
 //!   `new` / `update` / `end` with evidence, bounded keys (LRU), state saved atomically;
@@ -62,27 +62,13 @@
 //!   the request is acknowledged, published until PUBACK; classification results feed the
 //!   task's [`monitor`]; topic layout and broker options in [`mqtt`].
 
-pub mod app;
-pub mod baseline;
-pub mod budget;
 pub mod classify;
-pub mod config;
-pub mod engine;
+pub mod cmd;
 pub mod eval;
-pub mod figures;
-pub mod gguf;
-pub mod head;
-pub mod input;
-pub mod learn;
-pub mod metrics;
+pub mod model;
 pub mod monitor;
-pub mod mqtt;
-pub mod outbox;
 pub mod rank;
 pub mod react;
-pub mod redact;
-pub mod scoring;
 pub mod serve;
-pub mod task;
-pub mod tune;
-pub mod worker;
+pub mod spec;
+pub mod util;

@@ -7,17 +7,17 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use edgeact::app::{self, AppError, ClassifyConfig, Inputs};
-use edgeact::budget::KvCacheType;
 use edgeact::classify::ScorePath;
-use edgeact::config::{self, BoardFile};
-use edgeact::engine::EngineError;
-use edgeact::react::spec::ReactSpec;
+use edgeact::cmd::{self, AppError, ClassifyConfig, Inputs};
+use edgeact::model::budget::KvCacheType;
+use edgeact::model::config::{self, BoardFile};
+use edgeact::model::scoring::AbstainRule;
+use edgeact::model::EngineError;
 use edgeact::react::ReactError;
-use edgeact::scoring::AbstainRule;
-use edgeact::task::Task;
-use edgeact::worker::ServedTask;
-use edgeact::{mqtt, outbox, serve};
+use edgeact::serve::worker::ServedTask;
+use edgeact::serve::{self, mqtt, outbox};
+use edgeact::spec::react::ReactSpec;
+use edgeact::spec::Task;
 
 /// Offline language-model agent for small boards: classifies text with a local GGUF model
 /// under a memory budget, and explains every result.
@@ -76,7 +76,7 @@ enum Command {
     RankEval(RankEvalArgs),
     /// Power-loss test helper (hidden): puts messages into the outbox in --dir as fast as
     /// fsync allows and prints `P <seq> <file_bytes>` once each put is durable (see
-    /// `edgeact::outbox::stress_writer`); tests/powerloss.rs kills it with SIGKILL.
+    /// `edgeact::serve::outbox::stress_writer`); tests/powerloss.rs kills it with SIGKILL.
     #[command(hide = true)]
     OutboxStress(OutboxStressArgs),
 }
@@ -618,25 +618,27 @@ impl ServeArgs {
             }
         };
         let redactor = if s.redact.is_empty() && s.redact_pattern.is_empty() {
-            edgeact::redact::Redactor::all_kinds()
+            edgeact::serve::redact::Redactor::all_kinds()
         } else {
             let kinds = if s.redact.is_empty() {
                 vec!["email".into(), "phone".into(), "card".into()]
             } else {
                 s.redact.clone()
             };
-            edgeact::redact::Redactor::new(&kinds, &s.redact_pattern).map_err(|e| match e {
-                edgeact::redact::RedactError::UnknownKind(k) => invalid(
-                    &src,
-                    "redact",
-                    format!("unknown kind `{k}` (known: email, phone, card, none)"),
-                ),
-                edgeact::redact::RedactError::Pattern { pattern, reason } => invalid(
-                    &src,
-                    "redact_patterns",
-                    format!("`{pattern}` is not a valid regex: {reason}"),
-                ),
-            })?
+            edgeact::serve::redact::Redactor::new(&kinds, &s.redact_pattern).map_err(
+                |e| match e {
+                    edgeact::serve::redact::RedactError::UnknownKind(k) => invalid(
+                        &src,
+                        "redact",
+                        format!("unknown kind `{k}` (known: email, phone, card, none)"),
+                    ),
+                    edgeact::serve::redact::RedactError::Pattern { pattern, reason } => invalid(
+                        &src,
+                        "redact_patterns",
+                        format!("`{pattern}` is not a valid regex: {reason}"),
+                    ),
+                },
+            )?
         };
         let queue_capacity = s.queue_capacity.unwrap_or(64);
         if queue_capacity == 0 {
@@ -753,7 +755,7 @@ struct HeadArgs {
     #[arg(long, default_value_t = 8)]
     per_class: usize,
     /// Feature prompt with one {text} (default: PromptEOL).
-    #[arg(long, default_value = edgeact::head::PROMPT_EOL)]
+    #[arg(long, default_value = edgeact::classify::head::PROMPT_EOL)]
     feature_prompt: String,
     /// Poolings to try: last, mean, last+mean (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "last,mean,last+mean")]
@@ -773,11 +775,11 @@ struct HeadArgs {
 }
 
 impl HeadArgs {
-    fn poolings(&self) -> Result<Vec<edgeact::head::Pooling>, AppError> {
+    fn poolings(&self) -> Result<Vec<edgeact::classify::head::Pooling>, AppError> {
         self.pooling
             .iter()
             .map(|p| {
-                edgeact::head::Pooling::parse(p.trim()).ok_or_else(|| {
+                edgeact::classify::head::Pooling::parse(p.trim()).ok_or_else(|| {
                     invalid(
                         std::path::Path::new("command line"),
                         "pooling",
@@ -788,10 +790,10 @@ impl HeadArgs {
             .collect()
     }
 
-    fn features(&self, engine: &config::EngineConfig) -> edgeact::engine::FeatureParams {
-        edgeact::engine::FeatureParams {
+    fn features(&self, engine: &config::EngineConfig) -> edgeact::model::FeatureParams {
+        edgeact::model::FeatureParams {
             n_batch_tokens: self.feature_batch,
-            ..edgeact::engine::FeatureParams::for_config(engine)
+            ..edgeact::model::FeatureParams::for_config(engine)
         }
     }
 }
@@ -975,8 +977,8 @@ fn run(cli: Cli) -> Result<(), AppError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match cli.command {
-        Command::Plan(b) => app::plan(&b.engine_config()?, &mut out),
-        Command::OutboxStress(a) => Ok(edgeact::outbox::stress_writer(
+        Command::Plan(b) => cmd::plan(&b.engine_config()?, &mut out),
+        Command::OutboxStress(a) => Ok(edgeact::serve::outbox::stress_writer(
             &a.dir, a.max_puts, &mut out,
         )?),
         Command::Serve(a) => {
@@ -1019,7 +1021,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
         Command::Tune(a) if a.head.head => {
             let task = Task::find(&a.task[0], &config::task_dirs())?;
             let engine = a.board.engine_config()?;
-            let cfg = edgeact::learn::TuneHeadConfig {
+            let cfg = edgeact::eval::learn::TuneHeadConfig {
                 out: a
                     .out
                     .clone()
@@ -1038,18 +1040,18 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 cache_dir: if a.head.no_feature_cache {
                     None
                 } else {
-                    edgeact::learn::default_cache_dir()
+                    edgeact::eval::learn::default_cache_dir()
                 },
                 engine,
             };
-            edgeact::learn::tune_head(cfg, &mut out)
+            edgeact::eval::learn::tune_head(cfg, &mut out)
         }
         Command::Tune(a) => {
             let mut templates = Vec::new();
             for t in &a.task {
                 templates.push(Task::find(t, &config::task_dirs())?);
             }
-            let cfg = edgeact::tune::TuneConfig {
+            let cfg = edgeact::eval::tune::TuneConfig {
                 engine: a.board.engine_config()?,
                 out: a.out.clone().unwrap_or_else(|| {
                     PathBuf::from(format!("tasks/{}-tuned.toml", templates[0].name))
@@ -1062,7 +1064,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 limit: a.limit,
                 batch_size: a.batch_size,
             };
-            edgeact::tune::tune(cfg, &mut out)
+            edgeact::eval::tune::tune(cfg, &mut out)
         }
         Command::BenchAccuracy(a) => {
             let engine = a.board.engine_config()?;
@@ -1073,13 +1075,15 @@ fn run(cli: Cli) -> Result<(), AppError> {
                     format!("`{v}` is not one of the choices (see --help)"),
                 )
             };
-            let pooling = edgeact::head::Pooling::parse(&a.pooling)
+            let pooling = edgeact::classify::head::Pooling::parse(&a.pooling)
                 .ok_or_else(|| bad("pooling", &a.pooling))?;
             let mut rows = Vec::new();
             for r in &a.rows {
-                rows.push(edgeact::figures::Row::parse(r.trim()).ok_or_else(|| bad("rows", r))?);
+                rows.push(
+                    edgeact::eval::figures::Row::parse(r.trim()).ok_or_else(|| bad("rows", r))?,
+                );
             }
-            let cfg = edgeact::figures::FiguresConfig {
+            let cfg = edgeact::eval::figures::FiguresConfig {
                 task: Task::find(&a.task, &config::task_dirs())?,
                 data: a.data,
                 train_split: "train".into(),
@@ -1089,25 +1093,25 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 dev_limit: a.dev_limit,
                 shots: a.shots,
                 head_k: a.head_k,
-                feature: edgeact::figures::default_feature(pooling, a.max_text_tokens),
+                feature: edgeact::eval::figures::default_feature(pooling, a.max_text_tokens),
                 alpha: a.alpha,
-                features: edgeact::engine::FeatureParams {
+                features: edgeact::model::FeatureParams {
                     n_batch_tokens: a.feature_batch,
-                    ..edgeact::engine::FeatureParams::for_config(&engine)
+                    ..edgeact::model::FeatureParams::for_config(&engine)
                 },
                 cache_dir: if a.no_feature_cache {
                     None
                 } else {
-                    edgeact::learn::default_cache_dir()
+                    edgeact::eval::learn::default_cache_dir()
                 },
                 batch_size: a.batch_size,
                 rows,
                 engine,
             };
-            edgeact::figures::bench_accuracy(cfg, &mut out)
+            edgeact::eval::figures::bench_accuracy(cfg, &mut out)
         }
-        Command::Bench(a) => app::bench(
-            app::BenchConfig {
+        Command::Bench(a) => cmd::bench(
+            cmd::BenchConfig {
                 engine: a.board.engine_config()?,
                 task: Task::find(&a.task, &config::task_dirs())?,
                 data: a.data,
@@ -1252,9 +1256,9 @@ fn run(cli: Cli) -> Result<(), AppError> {
                 },
                 batch_size: a.batch_size,
                 pretty: a.pretty,
-                method: a.method.as_deref().and_then(edgeact::head::Method::parse),
+                method: a.method.as_deref().and_then(edgeact::spec::Method::parse),
             };
-            app::classify(cfg, &mut out)
+            cmd::classify(cfg, &mut out)
         }
     }
 }
@@ -1263,11 +1267,11 @@ fn run(cli: Cli) -> Result<(), AppError> {
 /// (with `[rank]`) or a classification task.
 fn served_task(name: &str) -> Result<ServedTask, AppError> {
     let dirs = config::task_dirs();
-    let path = edgeact::task::find_task_file(name, &dirs);
+    let path = edgeact::spec::find_task_file(name, &dirs);
     let src = path.and_then(|p| std::fs::read_to_string(p).ok());
     if src
         .as_deref()
-        .is_some_and(edgeact::react::spec::is_react_file)
+        .is_some_and(edgeact::spec::react::is_react_file)
     {
         let spec = ReactSpec::find(name, &dirs).map_err(edgeact::react::ReactError::from)?;
         return Ok(ServedTask::React(spec));

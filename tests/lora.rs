@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 
 use common::gguf_writer::{noise, write_gguf, F32Tensor, Meta};
 use edgeact::classify::{Classifier, Request, ScorePath};
-use edgeact::engine::{self, Engine, EngineError, PrefixSource};
-use edgeact::task::{Task, TaskError};
+use edgeact::model::{Engine, EngineError, PrefixSource};
+use edgeact::spec::{Task, TaskError};
 
 const RANK: u64 = 4;
 
 /// A LoRA adapter for the model at `model`: rank-4 updates of every layer's attention
 /// query and value projections, shapes read from the model's GGUF header.
 fn write_adapter(model: &Path, out: &Path) {
-    let header = edgeact::gguf::read_header(model).unwrap();
+    let header = edgeact::model::gguf::read_header(model).unwrap();
     let arch = header.architecture().unwrap().to_string();
     let mut tensors = Vec::new();
     for (i, t) in header
@@ -79,7 +79,7 @@ const TEXTS: [&str; 4] = [
 fn scores(task: Task, prefix_dir: Option<PathBuf>) -> (Vec<BTreeMap<String, f64>>, PrefixSource) {
     let mut cfg = common::board();
     cfg.prefix_cache_dir = prefix_dir;
-    let cfg = engine::config_for_tasks(&cfg, [&task]).unwrap();
+    let cfg = edgeact::spec::config_for_tasks(&cfg, [&task]).unwrap();
     let mut engine = Engine::load(&cfg, 1).expect("engine");
     let c = Classifier::new(&mut engine, task, 0, Some(false), None).unwrap();
     let reqs: Vec<Request> = TEXTS
@@ -221,10 +221,10 @@ fn bad_adapters_are_refused_with_the_key_named() {
     let plain = common::task("sentiment");
     // Two tasks with different adapters cannot share one engine.
     assert!(matches!(
-        engine::lora_for_tasks([&plain, &other]),
+        edgeact::spec::lora_for_tasks([&plain, &other]),
         Err(EngineError::Lora { .. })
     ));
-    let cfg = engine::config_for_tasks(&common::board(), [&other]).unwrap();
+    let cfg = edgeact::spec::config_for_tasks(&common::board(), [&other]).unwrap();
     match Engine::load(&cfg, 1) {
         Err(EngineError::Lora { reason, .. }) => {
             assert!(reason.contains("architecture"), "{reason}")

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use edgeact::classify::{Classifier, RecordError, Request, ScorePath};
-use edgeact::engine::{Engine, ScoreJob};
-use edgeact::scoring::{softmax, Pruning};
-use edgeact::task::Task;
+use edgeact::model::scoring::{softmax, Pruning};
+use edgeact::model::{Engine, ScoreJob};
+use edgeact::spec::Task;
 
 /// A BANKING77-style task with many multi-token labels, more label branches than the
 /// engine has work sequences, so the label trie is scored in several passes.
@@ -157,7 +157,7 @@ fn fast_paths_match_naive_reference() {
                 }])
                 .unwrap();
             let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
-            let lp = |o: &edgeact::engine::ScoreOut| {
+            let lp = |o: &edgeact::model::ScoreOut| {
                 o.labels.iter().map(|l| l.total).collect::<Vec<f64>>()
             };
             let probs = softmax(&lp(&naive));
@@ -365,7 +365,7 @@ fn budget_refuses_or_shrinks() {
 
     let mut cfg = common::board();
     cfg.n_ctx = 65_536;
-    let need = edgeact::engine::preflight(&common::board(), 1)
+    let need = edgeact::model::preflight(&common::board(), 1)
         .unwrap()
         .2
         .estimate
@@ -382,7 +382,7 @@ fn budget_refuses_or_shrinks() {
 /// file is detected, rebuilt, and gives the same scores again.
 #[test]
 fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
-    use edgeact::engine::PrefixSource;
+    use edgeact::model::PrefixSource;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = common::board();
     cfg.prefix_cache_dir = Some(dir.path().to_path_buf());
@@ -421,8 +421,8 @@ fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
 
 #[test]
 fn hidden_state_features_are_finite_model_wide_and_differ() {
-    use edgeact::engine::FeatureParams;
-    use edgeact::head::{extract_states, FeatureSpec, Pooling};
+    use edgeact::classify::head::{extract_states, FeatureSpec, Pooling};
+    use edgeact::model::FeatureParams;
     let engine = common::engine(1);
     let n_embd = engine.n_embd();
     assert_eq!(n_embd, 640, "Gemma 3 270M's embedding width");

@@ -12,7 +12,7 @@ use edgeact::monitor::replay::{
     event_line, event_time_ms, observation, synthetic_timeline, Surge, TimelineSpec,
 };
 use edgeact::monitor::{EventType, Monitor, MonitorConfig, MonitorEvent};
-use edgeact::task::Task;
+use edgeact::spec::Task;
 use serde_json::Value;
 
 const START: f64 = 1_700_000_000.0;
@@ -65,7 +65,7 @@ fn run(lines: &[Value], cfg: &MonitorConfig) -> (Monitor, Vec<MonitorEvent>) {
     let mut m = Monitor::new(cfg);
     let mut events = Vec::new();
     for (i, v) in lines.iter().enumerate() {
-        let req = edgeact::input::request_from_json(v.clone(), &i.to_string()).unwrap();
+        let req = edgeact::classify::input::request_from_json(v.clone(), &i.to_string()).unwrap();
         let ts = event_time_ms(&req.fields, &cfg.ts_field).unwrap();
         let label = req.fields.get("label").cloned();
         events.extend(m.observe(&observation(&req, label, 1.0, ts)));

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeact::outbox::{stress_payload, stress_writer_acks, Outbox, OutboxLimits};
+use edgeact::serve::outbox::{stress_payload, stress_writer_acks, Outbox, OutboxLimits};
 
 /// What the test knows about a seq from the writer's lines.
 #[derive(Debug, Clone, Copy, PartialEq)]

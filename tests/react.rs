@@ -8,14 +8,15 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
-use edgeact::engine::Engine;
+use edgeact::model::Engine;
 use edgeact::react::agent::{self, EngineGenerator, RunOptions, StopReason, Trace};
 use edgeact::react::grammar::{qa_grammar, step_grammar};
 use edgeact::react::kb::Kb;
 use edgeact::react::qa;
-use edgeact::react::spec::ReactSpec;
-use edgeact::react::step::{parse_step, split_trajectory};
-use edgeact::react::tools::{ToolName, Toolbox};
+use edgeact::react::tools::Toolbox;
+use edgeact::spec::react::ReactSpec;
+use edgeact::spec::step::{parse_step, split_trajectory};
+use edgeact::spec::tool::ToolName;
 
 fn kiosk() -> ReactSpec {
     ReactSpec::load(&common::root().join("tasks/kiosk.toml")).expect("kiosk task")

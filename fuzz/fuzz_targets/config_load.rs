@@ -6,11 +6,11 @@
 
 use std::path::Path;
 
-use edgeact::config::{parse_board, validate, ConfigError};
+use edgeact::model::config::{parse_board, validate, ConfigError};
 use edgeact::monitor::MonitorConfig;
 use edgeact::rank::RankConfig;
-use edgeact::react::spec::{is_react_file, ReactSpec};
-use edgeact::task::{Task, TaskError};
+use edgeact::spec::react::{is_react_file, ReactSpec};
+use edgeact::spec::{Task, TaskError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use edgeact::outbox::{
+use edgeact::serve::outbox::{
     encode_record, scan_log, FsyncPolicy, Message, Outbox, OutboxLimits, Priority, Record,
 };
 use libfuzzer_sys::fuzz_target;

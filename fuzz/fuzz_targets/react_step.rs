@@ -10,9 +10,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use edgeact::react::spec::ReactSpec;
-use edgeact::react::step::{parse_step, parse_step_loose, split_trajectory, StepAction};
-use edgeact::react::tools::{calculate, ArgSchema, ToolName, EXPR_CHARS};
+use edgeact::spec::react::ReactSpec;
+use edgeact::spec::step::{parse_step, parse_step_loose, split_trajectory, StepAction};
+use edgeact::react::tools::calculate; use edgeact::spec::tool::{ArgSchema, ToolName, EXPR_CHARS};
 use libfuzzer_sys::fuzz_target;
 
 fn kiosk() -> &'static ReactSpec {

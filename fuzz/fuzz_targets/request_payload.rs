@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use edgeact::input::{decode_payload, parse_line, MAX_LINE_BYTES};
+use edgeact::classify::input::{decode_payload, parse_line, MAX_LINE_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use edgeact::task::{Task, Template};
+use edgeact::spec::{Task, Template};
 use libfuzzer_sys::fuzz_target;
 
 fn sentiment() -> &'static (Task, String) {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::task::Task;
+use crate::spec::Task;
 
 /// Why rules or state could not be used.
 #[derive(Debug, thiserror::Error)]

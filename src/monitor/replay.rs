@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::{Monitor, MonitorConfig, MonitorError, MonitorEvent, Observation, Restored};
-use crate::app::AppError;
+use crate::classify::input;
 use crate::classify::{Classifier, Request, ScorePath};
-use crate::config::EngineConfig;
-use crate::engine::Engine;
-use crate::input;
-use crate::task::Task;
+use crate::cmd::AppError;
+use crate::model::config::EngineConfig;
+use crate::model::Engine;
+use crate::spec::Task;
 
 /// Event time of a message in ms: the `ts_field` in seconds (a number or a numeric string).
 pub fn event_time_ms(fields: &BTreeMap<String, String>, ts_field: &str) -> Option<i64> {
@@ -193,7 +193,7 @@ fn monitor_err(e: MonitorError) -> AppError {
             source,
         },
         MonitorError::Invalid { path, key, reason } => {
-            AppError::Config(crate::config::ConfigError::Invalid { path, key, reason })
+            AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
         }
     }
 }

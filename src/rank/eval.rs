@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Item, RankConfig, Ranker};
-use crate::app::AppError;
-use crate::config::EngineConfig;
-use crate::engine::Engine;
-use crate::task::Task;
+use crate::cmd::AppError;
+use crate::model::config::EngineConfig;
+use crate::model::Engine;
+use crate::spec::Task;
 
 /// NDCG@k of a ranking given as relevance grades in ranked order (binary or graded).
 /// `ideal` holds every candidate's grade (the best possible order is computed from it).
@@ -163,7 +163,7 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         })
     };
     let families: FamiliesFile = toml::from_str(&read(&cfg.families)?).map_err(|e| {
-        AppError::Config(crate::config::ConfigError::Parse {
+        AppError::Config(crate::model::config::ConfigError::Parse {
             path: cfg.families.clone(),
             message: e.to_string().trim().replace('\n', " "),
         })
@@ -186,11 +186,13 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     for f in &families.families {
         for i in &f.intents {
             if !pool.iter().any(|(l, _)| l == i) {
-                return Err(AppError::Config(crate::config::ConfigError::Invalid {
-                    path: cfg.families.clone(),
-                    key: format!("families.{}.intents", f.name),
-                    reason: format!("intent `{i}` has no example in split `{}`", cfg.split),
-                }));
+                return Err(AppError::Config(
+                    crate::model::config::ConfigError::Invalid {
+                        path: cfg.families.clone(),
+                        key: format!("families.{}.intents", f.name),
+                        reason: format!("intent `{i}` has no example in split `{}`", cfg.split),
+                    },
+                ));
             }
         }
     }
@@ -250,7 +252,7 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         .map_err(|e| match e {
             super::RankError::Setup(s) => AppError::Setup(s),
             super::RankError::Invalid { path, key, reason } => {
-                AppError::Config(crate::config::ConfigError::Invalid { path, key, reason })
+                AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
             }
         })?;
         let scored: Vec<super::Ranked> = ranker

@@ -12,13 +12,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::app::AppError;
+use crate::classify::input;
 use crate::classify::{Classifier, RecordError, Request, ScorePath, SetupError};
-use crate::config::EngineConfig;
-use crate::engine::Engine;
-use crate::input;
-use crate::scoring::{softmax, AbstainRule};
-use crate::task::{ScoreNorm, Task};
+use crate::cmd::AppError;
+use crate::model::config::EngineConfig;
+use crate::model::scoring::{softmax, AbstainRule};
+use crate::model::Engine;
+use crate::spec::{ScoreNorm, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RankError {
@@ -300,7 +300,7 @@ pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
     .map_err(|e| match e {
         RankError::Setup(s) => AppError::Setup(s),
         RankError::Invalid { path, key, reason } => {
-            AppError::Config(crate::config::ConfigError::Invalid { path, key, reason })
+            AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
         }
     })?;
     let mut ok = Vec::new();

@@ -7,10 +7,10 @@
 use std::time::Instant;
 
 use super::grammar::{signature, step_grammar};
-use super::spec::ReactSpec;
-use super::step::{parse_step, parse_step_loose, split_trajectory, StepAction};
 use super::tools::{ToolError, Toolbox};
-use crate::engine::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop};
+use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop};
+use crate::spec::react::ReactSpec;
+use crate::spec::step::{parse_step, parse_step_loose, split_trajectory, StepAction};
 
 /// How a step is generated.
 #[derive(Debug, Clone, Copy)]
@@ -511,7 +511,7 @@ impl<'a> EngineGenerator<'a> {
         mut self,
         slot: usize,
         prefix: &str,
-    ) -> Result<(Self, crate::engine::PrefixSource), EngineError> {
+    ) -> Result<(Self, crate::model::PrefixSource), EngineError> {
         let tokens = self.engine.tokenize(prefix, true, false);
         let source = self.engine.set_prefix_cached(slot, &tokens)?;
         self.prefix_slot = Some(slot);
@@ -583,7 +583,7 @@ impl StepGenerator for EngineGenerator<'_> {
 mod tests {
     use super::*;
     use crate::react::kb::{Kb, Passage};
-    use crate::react::spec::tests_support::spec;
+    use crate::spec::react::tests_support::spec;
     use std::collections::VecDeque;
     use std::sync::Arc;
 

@@ -13,11 +13,11 @@ use super::kb::Kb;
 use super::qa;
 use super::scenario::{self, LoopMetrics, Rate, Scenario};
 use super::session;
-use super::spec::ReactSpec;
 use super::tools::Toolbox;
 use super::ReactError;
-use crate::config::EngineConfig;
-use crate::engine::Engine;
+use crate::model::config::EngineConfig;
+use crate::model::Engine;
+use crate::spec::react::ReactSpec;
 
 #[derive(Debug, Clone)]
 pub struct ReactConfig {

@@ -2,8 +2,8 @@
 //! `Action: tool[arg]` or `Final Answer:`) and the `qa` answer with a citation of one of the
 //! retrieved passage ids. llama.cpp's grammar sampler enforces them token by token.
 
-use super::spec::ReactSpec;
-use super::tools::{ArgSchema, ToolName};
+use crate::spec::react::ReactSpec;
+use crate::spec::tool::{ArgSchema, ToolName};
 
 /// A GBNF string literal for `s`.
 pub fn lit(s: &str) -> String {
@@ -110,7 +110,7 @@ pub fn signature(name: ToolName, schema: &ArgSchema) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::react::spec::tests_support::spec;
+    use crate::spec::react::tests_support::spec;
 
     #[test]
     fn step_grammar_lists_only_allowed_tools() {

@@ -23,19 +23,18 @@ pub mod qa;
 pub mod request;
 pub mod scenario;
 pub mod session;
-pub mod spec;
-pub mod step;
+
 pub mod tools;
 
 /// Errors of the ReAct modes.
 #[derive(Debug, thiserror::Error)]
 pub enum ReactError {
     #[error(transparent)]
-    Spec(#[from] spec::SpecError),
+    Spec(#[from] crate::spec::react::SpecError),
     #[error(transparent)]
     Kb(#[from] kb::KbError),
     #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
+    Engine(#[from] crate::model::EngineError),
     #[error(transparent)]
     Session(#[from] session::SessionError),
     #[error(transparent)]

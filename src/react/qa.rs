@@ -7,9 +7,9 @@ use std::time::Instant;
 use super::agent::{GenEnd, GenMode, StepGenerator};
 use super::grammar::qa_grammar;
 use super::kb::Kb;
-use super::spec::{QaSpec, ReactSpec};
 use super::tools::cut_chars;
-use crate::engine::EngineError;
+use crate::model::EngineError;
+use crate::spec::react::{QaSpec, ReactSpec};
 
 /// A retrieved passage as the result lists it.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -59,7 +59,7 @@ pub fn load(path: &Path, kb: Option<&Kb>) -> Result<Vec<Scenario>, ScenarioError
         if out.iter().any(|o| o.id == s.id) {
             return Err(err(format!("id `{}` repeats", s.id)));
         }
-        if super::tools::ToolName::parse(&s.expect_tool).is_none() {
+        if crate::spec::tool::ToolName::parse(&s.expect_tool).is_none() {
             return Err(err(format!("`{}` is not a tool", s.expect_tool)));
         }
         if let (Some(kb), Some(p)) = (kb, &s.expect_passage) {

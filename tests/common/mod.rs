@@ -6,9 +6,9 @@ pub mod gguf_writer;
 
 use std::path::{Path, PathBuf};
 
-use edgeact::config::{self, BoardFile, EngineConfig};
-use edgeact::engine::Engine;
-use edgeact::task::Task;
+use edgeact::model::config::{self, BoardFile, EngineConfig};
+use edgeact::model::Engine;
+use edgeact::spec::Task;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -2,6 +2,12 @@
 //! reports accuracy, macro-F1, per-class precision/recall, the confusion matrix, calibration
 //! error, coverage when abstaining, latency and tokens/s, with two SVG plots.
 
+pub mod baseline;
+pub mod figures;
+pub mod learn;
+pub mod metrics;
+pub mod tune;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,14 +15,14 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::app::AppError;
+use crate::classify::head::TaskRunner;
+use crate::classify::input;
 use crate::classify::{Request, ScorePath};
-use crate::config::EngineConfig;
-use crate::engine::{Engine, FeatureParams};
-use crate::head::TaskRunner;
-use crate::input;
-use crate::metrics::{self, Outcome};
-use crate::task::Task;
+use crate::cmd::AppError;
+use crate::eval::metrics::Outcome;
+use crate::model::config::EngineConfig;
+use crate::model::{Engine, FeatureParams};
+use crate::spec::Task;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -346,7 +352,7 @@ pub fn eval(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         source,
     })?;
     let mut engine = Engine::load(
-        &crate::engine::config_for_tasks(&cfg.engine, &tasks)?,
+        &crate::spec::config_for_tasks(&cfg.engine, &tasks)?,
         tasks.len(),
     )?;
     let mut runs = Vec::new();

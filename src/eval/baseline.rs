@@ -8,7 +8,7 @@ use linfa_logistic::MultiLogisticRegression;
 use linfa_preprocessing::{CountVectorizer, Tokenizer};
 use ndarray::{Array1, Array2};
 
-use crate::scoring::softmax;
+use crate::model::scoring::softmax;
 
 /// Words (runs of letters, digits, underscore) and single CJK ideographs.
 pub const TOKEN_REGEX: &str = r"\p{Han}|[^\W\p{Han}]+";

@@ -2,6 +2,11 @@
 //! keeps task prefixes in the KV cache, and scores label token sequences. The only module
 //! that touches llama-cpp-2; one inference thread owns an [`Engine`].
 
+pub mod budget;
+pub mod config;
+pub mod gguf;
+pub mod scoring;
+
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -17,11 +22,11 @@ use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 
-use crate::budget::{self, BudgetError, ContextPlan, Fitted, KvCacheType, ModelShape};
-use crate::config::EngineConfig;
-use crate::gguf::{self, GgufError};
-use crate::scoring::{logsumexp, LabelLogprob, LabelSearch, LabelTrie, Pruning, Token};
-use crate::task::{LoraAdapter, Task};
+use crate::model::budget::{BudgetError, ContextPlan, Fitted, KvCacheType, ModelShape};
+use crate::model::config::EngineConfig;
+use crate::model::config::LoraAdapter;
+use crate::model::gguf::GgufError;
+use crate::model::scoring::{logsumexp, LabelLogprob, LabelSearch, LabelTrie, Pruning, Token};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -257,41 +262,6 @@ pub struct Engine {
     /// The applied LoRA adapter (kept with the context that uses it) and its identity
     /// (`sha256|scale`) for the prefix-state key.
     lora: Option<(LlamaLoraAdapter, String)>,
-}
-
-/// The LoRA adapter one engine runs with for `tasks`: they must agree, since llama.cpp
-/// applies an adapter set to the whole context.
-pub fn lora_for_tasks<'a>(
-    tasks: impl IntoIterator<Item = &'a Task>,
-) -> Result<Option<LoraAdapter>, EngineError> {
-    let mut first: Option<&Task> = None;
-    for t in tasks {
-        let Some(f) = first else {
-            first = Some(t);
-            continue;
-        };
-        if f.lora != t.lora {
-            let path = t.lora.as_ref().or(f.lora.as_ref()).map(|l| l.path.clone());
-            return Err(EngineError::Lora {
-                path: path.unwrap_or_default(),
-                reason: format!(
-                    "tasks `{}` and `{}` name different adapters or scales; one engine runs with one",
-                    f.name, t.name
-                ),
-            });
-        }
-    }
-    Ok(first.and_then(|t| t.lora.clone()))
-}
-
-/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]).
-pub fn config_for_tasks<'a>(
-    cfg: &EngineConfig,
-    tasks: impl IntoIterator<Item = &'a Task>,
-) -> Result<EngineConfig, EngineError> {
-    let mut cfg = cfg.clone();
-    cfg.lora = lora_for_tasks(tasks)?;
-    Ok(cfg)
 }
 
 /// Loads a LoRA adapter for `model`, checking first what llama.cpp would only log.

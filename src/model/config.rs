@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::budget::KvCacheType;
+use crate::model::budget::KvCacheType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,7 +106,7 @@ pub struct EngineConfig {
     pub model_sha256: Option<String>,
     pub prefix_cache_dir: Option<PathBuf>,
     /// A LoRA adapter applied when the model loads (from the task file, not the board).
-    pub lora: Option<crate::task::LoraAdapter>,
+    pub lora: Option<LoraAdapter>,
 }
 
 /// Where board profiles are looked for, in order.
@@ -256,6 +256,23 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
         prefix_cache_dir: b.prefix_cache_dir,
         lora: None,
     })
+}
+
+/// A LoRA adapter (GGUF, `general.type = "adapter"`) that llama.cpp applies to the model
+/// when it loads: `lora = { path = "adapters/x.gguf", scale = 1.0 }`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraAdapter {
+    /// The adapter file. Relative to the task file's folder when read; absolute once loaded.
+    pub path: PathBuf,
+    /// Multiplier on the adapter's update (llama.cpp also applies alpha / rank); 0 turns
+    /// the adapter off.
+    #[serde(default = "default_lora_scale")]
+    pub scale: f32,
+}
+
+fn default_lora_scale() -> f32 {
+    1.0
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::app::AppError;
-use crate::config::EngineConfig;
-use crate::engine::Engine;
+use crate::cmd::AppError;
 use crate::eval::{self, EvalError, Example};
-use crate::task::Task;
+use crate::model::config::EngineConfig;
+use crate::model::Engine;
+use crate::spec::Task;
 
 /// Settings of `edgeact tune`.
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub fn tune(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     }
     let cands = candidates(&cfg.templates, &cfg.shots, &pool)?;
     let mut engine = Engine::load(
-        &crate::engine::config_for_tasks(&cfg.engine, &cfg.templates)?,
+        &crate::spec::config_for_tasks(&cfg.engine, &cfg.templates)?,
         1,
     )?;
     let mut scores = Vec::with_capacity(cands.len());

@@ -8,14 +8,16 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::app::AppError;
-use crate::baseline::{BaselineParams, TfIdfLr};
-use crate::config::EngineConfig;
-use crate::engine::{Engine, FeatureParams};
+use crate::classify::head::{
+    FeatureSpec, FeatureTokenizer, HeadError, LinearHead, Pooling, TrainParams,
+};
+use crate::cmd::AppError;
+use crate::eval::baseline::{BaselineParams, TfIdfLr};
+use crate::eval::learn::{self, FeatureStore};
 use crate::eval::{self, Example};
-use crate::head::{FeatureSpec, FeatureTokenizer, HeadError, LinearHead, Pooling, TrainParams};
-use crate::learn::{self, FeatureStore};
-use crate::task::Task;
+use crate::model::config::EngineConfig;
+use crate::model::{Engine, FeatureParams};
+use crate::spec::Task;
 
 /// Which rows to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,17 +10,17 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::app::AppError;
-use crate::config::EngineConfig;
-use crate::engine::{Engine, FeatureContext, FeatureParams, PooledStates};
-use crate::eval::{self, EvalError, Example};
-use crate::head::{
-    self, FeatureSpec, FeatureTokenizer, HeadError, HeadFile, LinearHead, Method, Pooling,
-    TrainParams,
+use crate::classify::head::{
+    self, FeatureSpec, FeatureTokenizer, HeadError, HeadFile, LinearHead, Pooling, TrainParams,
 };
-use crate::metrics::{self, Metrics, Outcome};
-use crate::scoring::decide;
-use crate::task::{HeadRef, Task};
+use crate::cmd::AppError;
+use crate::eval::metrics::{self, Metrics, Outcome};
+use crate::eval::{self, EvalError, Example};
+use crate::model::config::EngineConfig;
+use crate::model::scoring::decide;
+use crate::model::{Engine, FeatureContext, FeatureParams, PooledStates};
+use crate::spec::Method;
+use crate::spec::{HeadRef, Task};
 
 /// Pooled states by text, for one model and feature prompt, kept in memory and appended
 /// to a file: `[16-byte key][last: n_embd f32 LE][mean: n_embd f32 LE]` records.
@@ -268,7 +268,7 @@ pub fn fit_candidates(
         }
     }
     let scores: Vec<Option<f64>> = all.iter().map(|f| Some(f.dev.macro_f1)).collect();
-    let best = crate::tune::pick_best(&scores)
+    let best = crate::eval::tune::pick_best(&scores)
         .ok_or_else(|| HeadError::Train("no pooling or alpha to try".into()))?;
     Ok((best, all))
 }
@@ -303,7 +303,7 @@ pub fn xy<'a>(task: &Task, data: &'a [Example]) -> (Vec<&'a str>, Vec<usize>) {
             (
                 e.request
                     .fields
-                    .get(crate::task::TRUNCATED_FIELD)
+                    .get(crate::spec::TRUNCATED_FIELD)
                     .map(String::as_str)
                     .unwrap_or(""),
                 task.label_index(&e.label).unwrap_or(0),

@@ -2,14 +2,17 @@
 //! suffix, with the input token budget), scores the labels on the engine, and turns
 //! scores into a calibrated, explainable result.
 
+pub mod head;
+pub mod input;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{Engine, EngineError, ScoreJob, ScoreOut};
-use crate::scoring::{decide, softmax, AbstainRule, LabelLogprob, LabelTrie, Prior, Token};
-use crate::task::{ScoreNorm, Task, TaskError, TruncatePolicy, TRUNCATED_FIELD};
+use crate::model::scoring::{decide, softmax, AbstainRule, LabelLogprob, LabelTrie, Prior, Token};
+use crate::model::{Engine, EngineError, ScoreJob, ScoreOut};
+use crate::spec::{ScoreNorm, Task, TaskError, TruncatePolicy, TRUNCATED_FIELD};
 
 /// Why a task could not be set up on the model.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +28,7 @@ pub enum SetupError {
     #[error("task `{task}`: {source}")]
     Trie {
         task: String,
-        source: crate::scoring::TrieError,
+        source: crate::model::scoring::TrieError,
     },
     #[error("task `{task}`: the fixed prompt is {prefix_tokens} tokens, leaving no room in n_ctx {n_ctx} for inputs")]
     PrefixTooLong {
@@ -40,7 +43,7 @@ pub enum SetupError {
     #[error("task `{task}`: {source}")]
     Head {
         task: String,
-        source: crate::head::HeadError,
+        source: crate::classify::head::HeadError,
     },
 }
 
@@ -182,7 +185,7 @@ pub struct ClassifyResult {
 pub struct Classifier {
     pub task: Task,
     /// Whether the prefix was decoded, loaded from the prefix cache, or rebuilt.
-    pub prefix_source: crate::engine::PrefixSource,
+    pub prefix_source: crate::model::PrefixSource,
     slot: usize,
     prefix: Vec<Token>,
     /// Control-token text closing a chat turn after the query (chat-template tasks only).

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
+use crate::classify::input::{self, InputError};
 use crate::classify::{Classifier, Request, ScorePath, SetupError};
-use crate::config::{ConfigError, EngineConfig};
-use crate::engine::{self, Engine, EngineError};
-use crate::input::{self, InputError};
-use crate::scoring::AbstainRule;
-use crate::task::{Task, TaskError};
+use crate::model::config::{ConfigError, EngineConfig};
+use crate::model::scoring::AbstainRule;
+use crate::model::{self, Engine, EngineError};
+use crate::spec::{Task, TaskError};
+use crate::util::proc::rss_mib;
+use crate::util::stats::percentile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -33,9 +35,9 @@ pub enum AppError {
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
     #[error(transparent)]
-    Mqtt(#[from] crate::mqtt::MqttConfigError),
+    Mqtt(#[from] crate::serve::mqtt::MqttConfigError),
     #[error(transparent)]
-    Outbox(#[from] crate::outbox::OutboxError),
+    Outbox(#[from] crate::serve::outbox::OutboxError),
     #[error(transparent)]
     React(#[from] crate::react::ReactError),
     #[error("{failed} of {total} inputs were rejected (see their error records)")]
@@ -66,21 +68,21 @@ pub struct ClassifyConfig {
     pub batch_size: usize,
     pub pretty: bool,
     /// Overrides the task file's method (`[head] method`).
-    pub method: Option<crate::head::Method>,
+    pub method: Option<crate::spec::Method>,
 }
 
 /// Loads the model, prepares the task and writes one JSON line per input to `out`.
 pub fn classify(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
-    let ecfg = engine::config_for_tasks(&cfg.engine, [&cfg.task])?;
+    let ecfg = crate::spec::config_for_tasks(&cfg.engine, [&cfg.task])?;
     let mut engine = Engine::load(&ecfg, 1)?;
-    let mut classifier = crate::head::TaskRunner::new(
+    let mut classifier = crate::classify::head::TaskRunner::new(
         &mut engine,
         cfg.task,
         0,
         cfg.calibrate,
         cfg.abstain,
         cfg.method,
-        engine::FeatureParams::for_config(&cfg.engine),
+        model::FeatureParams::for_config(&cfg.engine),
     )?;
     let mut total = 0usize;
     let mut failed = 0usize;
@@ -201,7 +203,7 @@ fn write_json(out: &mut dyn Write, v: &serde_json::Value, pretty: bool) -> Resul
 
 /// `edgeact plan`: checks the model file and prints the memory estimate, loading nothing.
 pub fn plan(cfg: &EngineConfig, out: &mut dyn Write) -> Result<(), AppError> {
-    let (sha, shape, fitted) = engine::preflight(cfg, 1)?;
+    let (sha, shape, fitted) = model::preflight(cfg, 1)?;
     let v = json!({
         "board": cfg.board,
         "model": cfg.model_path,
@@ -231,34 +233,11 @@ pub struct BenchConfig {
     pub naive_limit: usize,
 }
 
-/// Peak and current resident memory of this process, in MiB (Linux).
-pub fn rss_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(0.0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
-/// The value at quantile `q` of an ascending slice (rounded index); 0 when empty.
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
 /// `edgeact bench`: load time, memory against the estimate, and classifications per
 /// second on each scoring path over the same inputs, printed as a table (nothing asserted).
 pub fn bench(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let t0 = std::time::Instant::now();
-    let mut engine = Engine::load(&engine::config_for_tasks(&cfg.engine, [&cfg.task])?, 1)?;
+    let mut engine = Engine::load(&crate::spec::config_for_tasks(&cfg.engine, [&cfg.task])?, 1)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = std::time::Instant::now();
     let classifier = Classifier::new(&mut engine, cfg.task, 0, None, None)?;
@@ -428,8 +407,8 @@ fn labels_one_by_one(
     let mut decoded = 0;
     for (i, path) in trie.paths.iter().enumerate() {
         let tokens: Vec<_> = path.iter().map(|&n| trie.nodes[n].token).collect();
-        let one = crate::scoring::LabelTrie::new(&[tokens]).ok()?;
-        let job = engine::ScoreJob {
+        let one = crate::model::scoring::LabelTrie::new(&[tokens]).ok()?;
+        let job = model::ScoreJob {
             // `bench` prepares its one task in prefix slot 0.
             prefix: Some(0),
             tokens: &prepared.tokens,
@@ -440,8 +419,8 @@ fn labels_one_by_one(
         let label = out.labels.first()?;
         decoded += out.decoded_tokens;
         let score = match classifier.task.score {
-            crate::task::ScoreNorm::Total => label.total,
-            crate::task::ScoreNorm::Mean => label.mean,
+            crate::spec::ScoreNorm::Total => label.total,
+            crate::spec::ScoreNorm::Mean => label.mean,
         };
         if best.is_none_or(|(b, _)| score > b) {
             best = Some((score, i));

@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 
-use super::spec::ReactSpec;
-use super::tools::ToolName;
+use super::react::ReactSpec;
+use super::tool::ToolName;
 
 /// What a step does after its thought.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -178,7 +178,7 @@ pub fn split_trajectory(text: &str) -> Result<Vec<(String, Option<String>)>, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::react::spec::tests_support::spec;
+    use crate::spec::react::tests_support::spec;
 
     #[test]
     fn strict_parser_accepts_the_grammar_language() {

@@ -2,13 +2,19 @@
 //! surface text, few-shot examples, calibration, abstention and the input token budget;
 //! and the rendering of a request into a fixed prefix plus a per-request suffix.
 
+pub mod react;
+pub mod step;
+pub mod tool;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::scoring::AbstainRule;
+use crate::model::config::{EngineConfig, LoraAdapter};
+use crate::model::scoring::AbstainRule;
+use crate::model::EngineError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -104,11 +110,11 @@ pub struct HeadRef {
     /// `head` (the head alone), `both` (head and label scores combined) or `prompt`
     /// (label scores only: the head is ignored).
     #[serde(default = "default_head_method")]
-    pub method: crate::head::Method,
+    pub method: Method,
 }
 
-fn default_head_method() -> crate::head::Method {
-    crate::head::Method::Head
+fn default_head_method() -> Method {
+    Method::Head
 }
 
 fn default_separator() -> String {
@@ -124,23 +130,6 @@ pub struct Label {
     pub text: String,
 }
 
-/// A LoRA adapter (GGUF, `general.type = "adapter"`) that llama.cpp applies to the model
-/// when it loads: `lora = { path = "adapters/x.gguf", scale = 1.0 }`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LoraAdapter {
-    /// The adapter file. Relative to the task file's folder when read; absolute once loaded.
-    pub path: PathBuf,
-    /// Multiplier on the adapter's update (llama.cpp also applies alpha / rank); 0 turns
-    /// the adapter off.
-    #[serde(default = "default_lora_scale")]
-    pub scale: f32,
-}
-
-fn default_lora_scale() -> f32 {
-    1.0
-}
-
 impl LoraAdapter {
     /// Resolves the path against `task_dir` and checks the file is a LoRA adapter GGUF.
     fn validated(&self, task_dir: &Path) -> Result<LoraAdapter, (&'static str, String)> {
@@ -154,7 +143,8 @@ impl LoraAdapter {
         if !path.is_file() {
             return Err(("lora.path", format!("{} does not exist", path.display())));
         }
-        let header = crate::gguf::read_header(&path).map_err(|e| ("lora.path", e.to_string()))?;
+        let header =
+            crate::model::gguf::read_header(&path).map_err(|e| ("lora.path", e.to_string()))?;
         for (k, want) in [("general.type", "adapter"), ("adapter.type", "lora")] {
             if header.str(k) != Some(want) {
                 return Err((
@@ -407,7 +397,7 @@ impl Task {
     }
 
     pub fn parse(src: &str, path: &Path, default_name: &str) -> Result<Task, TaskError> {
-        if crate::react::spec::is_react_file(src) {
+        if crate::spec::react::is_react_file(src) {
             return Err(TaskError::Invalid {
                 path: path.into(),
                 key: "type".into(),
@@ -627,9 +617,9 @@ impl Task {
     }
 
     /// The scorer's pruning rule for this task's labels.
-    pub fn pruning(&self) -> Option<crate::scoring::Pruning> {
+    pub fn pruning(&self) -> Option<crate::model::scoring::Pruning> {
         self.prune_margin_nats
-            .map(|margin_nats| crate::scoring::Pruning {
+            .map(|margin_nats| crate::model::scoring::Pruning {
                 margin_nats,
                 per_token: self.score == ScoreNorm::Mean,
             })
@@ -638,6 +628,65 @@ impl Task {
     pub fn label_index(&self, name: &str) -> Option<usize> {
         self.labels.iter().position(|l| l.name == name)
     }
+}
+
+/// How a task with a head classifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Label scores after the prompt (no head).
+    #[default]
+    Prompt,
+    /// The learned head alone.
+    Head,
+    /// Head and prompt: their log-probabilities summed (a product of the two).
+    Both,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Option<Method> {
+        match s {
+            "prompt" => Some(Method::Prompt),
+            "head" => Some(Method::Head),
+            "both" => Some(Method::Both),
+            _ => None,
+        }
+    }
+}
+
+/// The LoRA adapter one engine runs with for `tasks`: they must agree, since llama.cpp
+/// applies an adapter set to the whole context.
+pub fn lora_for_tasks<'a>(
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> Result<Option<LoraAdapter>, EngineError> {
+    let mut first: Option<&Task> = None;
+    for t in tasks {
+        let Some(f) = first else {
+            first = Some(t);
+            continue;
+        };
+        if f.lora != t.lora {
+            let path = t.lora.as_ref().or(f.lora.as_ref()).map(|l| l.path.clone());
+            return Err(EngineError::Lora {
+                path: path.unwrap_or_default(),
+                reason: format!(
+                    "tasks `{}` and `{}` name different adapters or scales; one engine runs with one",
+                    f.name, t.name
+                ),
+            });
+        }
+    }
+    Ok(first.and_then(|t| t.lora.clone()))
+}
+
+/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]).
+pub fn config_for_tasks<'a>(
+    cfg: &EngineConfig,
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> Result<EngineConfig, EngineError> {
+    let mut cfg = cfg.clone();
+    cfg.lora = lora_for_tasks(tasks)?;
+    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -739,7 +788,7 @@ examples = [{ text = "Great!", label = "positive" }, { text = "Awful.", label = 
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "toml") {
                 // ReAct task files have their own loader (crate::react::spec).
-                if crate::react::spec::is_react_file(&std::fs::read_to_string(&p).unwrap()) {
+                if crate::spec::react::is_react_file(&std::fs::read_to_string(&p).unwrap()) {
                     continue;
                 }
                 let t = Task::load(&p).unwrap_or_else(|e| panic!("{e}"));

@@ -17,9 +17,9 @@ use crate::classify::{
     CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance, RecordError, Request,
     ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
-use crate::engine::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
-use crate::scoring::{decide, softmax, AbstainRule, Token};
-use crate::task::{Task, Template, TruncatePolicy, TRUNCATED_FIELD};
+use crate::model::scoring::{decide, softmax, AbstainRule, Token};
+use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
+use crate::spec::{Method, Task, Template, TruncatePolicy, TRUNCATED_FIELD};
 
 /// The feature prompt of PromptEOL (Jiang et al. 2023): the last token's state has to
 /// predict a one-word summary of the sentence.
@@ -423,30 +423,6 @@ impl HeadFile {
     pub fn sha256(&self) -> String {
         let text = serde_json::to_string(self).unwrap_or_default();
         hex::encode(&Sha256::digest(text.as_bytes())[..8])
-    }
-}
-
-/// How a task with a head classifies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Label scores after the prompt (no head).
-    #[default]
-    Prompt,
-    /// The learned head alone.
-    Head,
-    /// Head and prompt: their log-probabilities summed (a product of the two).
-    Both,
-}
-
-impl Method {
-    pub fn parse(s: &str) -> Option<Method> {
-        match s {
-            "prompt" => Some(Method::Prompt),
-            "head" => Some(Method::Head),
-            "both" => Some(Method::Both),
-            _ => None,
-        }
     }
 }
 

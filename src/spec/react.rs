@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::step::{self, StepAction};
-use super::tools::{ArgSchema, ToolName};
+use super::tool::{ArgSchema, ToolName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -261,11 +261,11 @@ pub struct ReactSpec {
 impl ReactSpec {
     /// Finds `name` as a path (contains `/` or ends in `.toml`) or as `<dir>/<name>.toml`.
     pub fn find(name: &str, dirs: &[PathBuf]) -> Result<ReactSpec, SpecError> {
-        match crate::task::find_task_file(name, dirs) {
+        match crate::spec::find_task_file(name, dirs) {
             Some(p) => ReactSpec::load(&p),
             None => Err(SpecError::Unknown {
                 name: name.into(),
-                searched: crate::task::searched_dirs(dirs),
+                searched: crate::spec::searched_dirs(dirs),
             }),
         }
     }

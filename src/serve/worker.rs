@@ -14,17 +14,17 @@ use std::time::Instant;
 use serde_json::Value;
 
 use crate::classify::{Classifier, ClassifyResult, RecordError, Request, ScorePath};
-use crate::config::EngineConfig;
-use crate::engine::{Engine, GenCache, ModelInfo};
+use crate::model::config::EngineConfig;
+use crate::model::{Engine, GenCache, ModelInfo};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
 use crate::react::agent::{self, EngineGenerator, RunOptions, Turn};
 use crate::react::kb::Kb;
 use crate::react::request::{ReactRequest, ReactResult};
 use crate::react::session;
-use crate::react::spec::ReactSpec;
 use crate::react::tools::Toolbox;
 use crate::react::ReactError;
-use crate::task::Task;
+use crate::spec::react::ReactSpec;
+use crate::spec::Task;
 
 /// A task the daemon serves, loaded and validated.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Job {
     pub fn from_json(kind: TaskKind, value: Value, default_id: &str) -> Result<Job, String> {
         match kind {
             TaskKind::Classify => {
-                crate::input::request_from_json(value, default_id).map(Job::Classify)
+                crate::classify::input::request_from_json(value, default_id).map(Job::Classify)
             }
             TaskKind::Rank => {
                 crate::rank::request_from_json(value, default_id).map(|r| Job::Rank(Box::new(r)))
@@ -130,7 +130,7 @@ impl JobError {
         match self {
             JobError::Record(e) => e.kind(),
             JobError::React(ReactError::Session(_)) => "session",
-            JobError::React(ReactError::Engine(crate::engine::EngineError::ContextFull {
+            JobError::React(ReactError::Engine(crate::model::EngineError::ContextFull {
                 ..
             })) => "context_full",
             JobError::React(_) => "engine",
@@ -258,12 +258,12 @@ fn setup_runner(
     engine: &mut Engine,
     task: ServedTask,
     slot: usize,
-) -> Result<Runner, crate::app::AppError> {
+) -> Result<Runner, crate::cmd::AppError> {
     Ok(match task {
         ServedTask::Classify(t) => {
             if t.head
                 .as_ref()
-                .is_some_and(|h| h.method != crate::head::Method::Prompt)
+                .is_some_and(|h| h.method != crate::spec::Method::Prompt)
             {
                 tracing::warn!(
                     task = %t.name,
@@ -279,7 +279,7 @@ fn setup_runner(
             current: None,
         })),
         ServedTask::React(spec) => {
-            let react_err = |e: ReactError| crate::app::AppError::Input {
+            let react_err = |e: ReactError| crate::cmd::AppError::Input {
                 what: format!("task {}", spec.path.display()),
                 source: std::io::Error::other(e.to_string()),
             };
@@ -313,7 +313,7 @@ pub fn spawn(
     tasks: Vec<ServedTask>,
     opts: WorkerOptions,
     on_done: impl Fn(Done) + Send + 'static,
-) -> Result<WorkerHandle, crate::app::AppError> {
+) -> Result<WorkerHandle, crate::cmd::AppError> {
     let (tx, rx) = sync_channel::<Work>(opts.queue_capacity.max(1));
     let (ready_tx, ready_rx) = sync_channel(1);
     let depth = Arc::new(AtomicUsize::new(0));
@@ -323,7 +323,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
-            let setup = || -> Result<(Engine, Vec<Runner>), crate::app::AppError> {
+            let setup = || -> Result<(Engine, Vec<Runner>), crate::cmd::AppError> {
                 let label_tasks: Vec<&Task> = tasks
                     .iter()
                     .filter_map(|t| match t {
@@ -331,7 +331,7 @@ pub fn spawn(
                         ServedTask::React(_) => None,
                     })
                     .collect();
-                let engine_cfg = crate::engine::config_for_tasks(&engine_cfg, label_tasks)?;
+                let engine_cfg = crate::spec::config_for_tasks(&engine_cfg, label_tasks)?;
                 let mut engine = Engine::load(&engine_cfg, tasks.len())?;
                 let mut runners = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {
@@ -349,11 +349,11 @@ pub fn spawn(
                 }
             }
         })
-        .map_err(|e| crate::app::AppError::Input {
+        .map_err(|e| crate::cmd::AppError::Input {
             what: "inference thread".into(),
             source: e,
         })?;
-    let model = ready_rx.recv().map_err(|_| crate::app::AppError::Input {
+    let model = ready_rx.recv().map_err(|_| crate::cmd::AppError::Input {
         what: "inference thread".into(),
         source: std::io::Error::other("the inference thread died while loading"),
     })??;

@@ -10,6 +10,11 @@
 //! `<prefix>/rank/request`) and ReAct loops (`type = "react"`: answer, compact trace, and
 //! `notify` side effects on `<prefix>/<task>/notify`).
 
+pub mod mqtt;
+pub mod outbox;
+pub mod redact;
+pub mod worker;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::io::{BufRead, Write};
@@ -20,19 +25,20 @@ use rumqttc::{AsyncClient, Event, Incoming, Outgoing, Publish, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::app::{percentile, rss_mib, AppError};
+use crate::classify::input;
 use crate::classify::ClassifyResult;
-use crate::config::EngineConfig;
-use crate::input;
+use crate::cmd::AppError;
+use crate::model::config::EngineConfig;
 use crate::monitor::{replay, Monitor, MonitorConfig, Restored};
-use crate::mqtt::{self, BrokerConfig, Topics};
-use crate::outbox::{Outbox, OutboxLimits, Priority};
 use crate::rank::RankResult;
 use crate::react::request::{compact_trace, ReactResult};
-use crate::worker::{
-    self, Done, Job, JobError, Output, Rejected, ServedTask, TaskKind, Work, WorkerHandle,
-    WorkerOptions,
+use crate::serve::mqtt::{BrokerConfig, Topics};
+use crate::serve::outbox::{Outbox, OutboxLimits, Priority};
+use crate::serve::worker::{
+    Done, Job, JobError, Output, Rejected, ServedTask, TaskKind, Work, WorkerHandle, WorkerOptions,
 };
+use crate::util::proc::rss_mib;
+use crate::util::stats::percentile;
 
 /// Everything `serve` runs with, validated.
 #[derive(Debug, Clone)]
@@ -58,7 +64,7 @@ pub struct ServeConfig {
     /// How long shutdown waits for PUBACKs before leaving the rest in the outbox.
     pub drain_timeout: Duration,
     /// Masks personal data in trace and error payloads and in log lines.
-    pub redactor: crate::redact::Redactor,
+    pub redactor: crate::serve::redact::Redactor,
 }
 
 fn now_ms() -> u64 {

@@ -1,7 +1,7 @@
 //! Memory budget arithmetic: what a model, its KV cache and compute buffers will take,
 //! decided before anything is loaded, and the context size that fits.
 
-use crate::gguf::Header;
+use crate::model::gguf::Header;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -92,7 +92,7 @@ impl ModelShape {
         let n_head_kv = h.arch_uint("attention.head_count_kv").unwrap_or(n_head);
         let head_dim = n_embd / n_head.max(1);
         let n_vocab = match h.metadata.get("tokenizer.ggml.tokens") {
-            Some(crate::gguf::Value::Array { len }) => *len,
+            Some(crate::model::gguf::Value::Array { len }) => *len,
             _ => {
                 return Err(BudgetError::MissingKey {
                     key: "tokenizer.ggml.tokens".into(),
