@@ -27,6 +27,7 @@ use crate::model::config::EngineConfig;
 use crate::model::config::LoraAdapter;
 use crate::model::gguf::GgufError;
 use crate::model::scoring::{logsumexp, LabelLogprob, LabelSearch, LabelTrie, Pruning, Token};
+use crate::util::rng::SplitMix64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -1036,20 +1037,6 @@ pub struct Generated {
 const GRAMMAR_FAST_CANDIDATES: usize = 64;
 /// Candidates kept for temperature sampling.
 const SAMPLE_TOP_K: usize = 40;
-
-/// A small deterministic generator (SplitMix64) for seeded sampling.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// Indices of the `k` largest logits, largest first (ties: lower id first).
 fn top_k_tokens(logits: &[f32], k: usize) -> Vec<Token> {

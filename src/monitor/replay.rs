@@ -16,6 +16,7 @@ use crate::cmd::AppError;
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
 use crate::spec::Task;
+use crate::util::rng::SplitMix64;
 
 /// Event time of a message in ms: the `ts_field` in seconds (a number or a numeric string).
 pub fn event_time_ms(fields: &BTreeMap<String, String>, ts_field: &str) -> Option<i64> {
@@ -224,52 +225,28 @@ pub struct Surge {
     pub per_min: f64,
 }
 
-/// Small deterministic generator (splitmix64), so a timeline is the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    /// Exponential inter-arrival time for `per_s` events per second.
-    fn gap(&mut self, per_s: f64) -> f64 {
-        -(1.0 - self.unit()).ln() / per_s
-    }
-}
-
 /// Builds the timeline as JSON objects `{"id","ts","<key_field>","text","label"}` sorted
 /// by `ts`. `pool` is (label, text) pairs, for instance a labelled data set.
 pub fn synthetic_timeline(pool: &[(String, String)], spec: &TimelineSpec) -> Vec<Value> {
-    let mut rng = Rng(spec.seed);
+    let mut rng = SplitMix64(spec.seed);
     let mut rows: Vec<(f64, String, String, String)> = Vec::new();
     if !pool.is_empty() && !spec.keys.is_empty() && spec.background_per_min > 0.0 {
-        let mut t = rng.gap(spec.background_per_min / 60.0);
+        let mut t = rng.exponential(spec.background_per_min / 60.0);
         while t < spec.duration_s {
             let (label, text) = &pool[rng.below(pool.len())];
             let key = &spec.keys[rng.below(spec.keys.len())];
             rows.push((t, key.clone(), label.clone(), text.clone()));
-            t += rng.gap(spec.background_per_min / 60.0);
+            t += rng.exponential(spec.background_per_min / 60.0);
         }
     }
     if let Some(s) = &spec.surge {
         let of_label: Vec<&(String, String)> = pool.iter().filter(|(l, _)| *l == s.label).collect();
         if !of_label.is_empty() && s.per_min > 0.0 {
-            let mut t = s.from_s + rng.gap(s.per_min / 60.0);
+            let mut t = s.from_s + rng.exponential(s.per_min / 60.0);
             while t < s.to_s.min(spec.duration_s) {
                 let (label, text) = of_label[rng.below(of_label.len())];
                 rows.push((t, s.key.clone(), label.clone(), text.clone()));
-                t += rng.gap(s.per_min / 60.0);
+                t += rng.exponential(s.per_min / 60.0);
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::cmd::AppError;
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
 use crate::spec::Task;
+use crate::util::rng::SplitMix64;
 
 /// NDCG@k of a ranking given as relevance grades in ranked order (binary or graded).
 /// `ideal` holds every candidate's grade (the best possible order is computed from it).
@@ -128,24 +129,6 @@ pub struct RankEvalConfig {
     pub out: Option<PathBuf>,
 }
 
-/// splitmix64, so the sample is the same everywhere.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 fn mean(x: &[f64]) -> f64 {
     if x.is_empty() {
         0.0
@@ -198,7 +181,7 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     }
     let tfidf = Tfidf::fit(fit_docs.iter().map(String::as_str));
     let mut engine = Engine::load(&cfg.engine, 1)?;
-    let mut rng = Rng(cfg.seed);
+    let mut rng = SplitMix64(cfg.seed);
     let mut rows = Vec::new();
     let (mut model_all, mut tfidf_all, mut random_all) = (Vec::new(), Vec::new(), Vec::new());
     let mut reused = Vec::new();

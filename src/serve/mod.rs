@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, Incoming, Outgoing, Publish, QoS};
 use serde_json::{json, Value};
@@ -39,6 +39,7 @@ use crate::serve::worker::{
 };
 use crate::util::proc::rss_mib;
 use crate::util::stats::percentile;
+use crate::util::time::now_ms;
 
 /// Everything `serve` runs with, validated.
 #[derive(Debug, Clone)]
@@ -65,13 +66,6 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Masks personal data in trace and error payloads and in log lines.
     pub redactor: crate::serve::redact::Redactor,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 type Msg = (String, String, bool, Priority);

@@ -14,9 +14,11 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::util::time::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -125,13 +127,6 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 /// How every body starts (serde writes the tag first): a cheap test before the CRC when
 /// looking for the next record after a damaged region.
 const BODY_START: &[u8] = b"{\"op\":\"";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The bytes of one record: `[len: u32 LE][crc32: u32 LE][JSON body]`.
 pub fn encode_record(rec: &Record) -> Vec<u8> {

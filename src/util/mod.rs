@@ -1,5 +1,7 @@
-//! Small utilities with one copy each: process memory, percentiles, time, the seeded
-//! generator and the JSON-lines reader.
+//! Small utilities with one copy each: process memory, percentiles, wall-clock time and the
+//! seeded generator.
 
 pub mod proc;
+pub mod rng;
 pub mod stats;
+pub mod time;
