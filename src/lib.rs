@@ -72,3 +72,87 @@ pub mod react;
 pub mod serve;
 pub mod spec;
 pub mod util;
+
+/// The layers, lowest first: a module may use modules of lower layers only, never its own
+/// layer's siblings or a higher layer, so the import graph between folders has no circle.
+/// `layout_tests` checks the sources against it.
+pub const LAYERS: &[&[&str]] = &[
+    &["util"],
+    &["model"],
+    &["spec"],
+    &["classify"],
+    &["rank", "react", "monitor"],
+    &["eval"],
+    &["serve"],
+    &["cmd"],
+    &["cli"],
+];
+
+#[cfg(test)]
+mod layout_tests {
+    use super::LAYERS;
+    use std::path::Path;
+
+    fn level(folder: &str) -> Option<usize> {
+        LAYERS.iter().position(|l| l.contains(&folder))
+    }
+
+    /// `crate::<folder>` paths in a file's non-test code, comments left out.
+    fn uses(src: &str) -> Vec<String> {
+        let code = src.split("#[cfg(test)]").next().unwrap_or("");
+        let mut out = Vec::new();
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for (i, _) in line.match_indices("crate::") {
+                let name: String = line[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    fn visit(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                visit(&p, files);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn folders_only_use_lower_layers() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        visit(&src, &mut files);
+        let mut wrong = Vec::new();
+        let mut folders = 0;
+        for f in &files {
+            let rel = f.strip_prefix(&src).unwrap();
+            let mut parts = rel.components();
+            let top = parts.next().unwrap().as_os_str().to_string_lossy().to_string();
+            if parts.next().is_none() {
+                continue; // lib.rs, main.rs
+            }
+            folders += 1;
+            let from = level(&top).unwrap_or_else(|| panic!("src/{top}/ is not in LAYERS"));
+            for used in uses(&std::fs::read_to_string(f).unwrap()) {
+                if used == top || !src.join(&used).is_dir() {
+                    continue;
+                }
+                let to = level(&used).unwrap_or_else(|| panic!("src/{used}/ is not in LAYERS"));
+                if to >= from {
+                    wrong.push(format!("{} uses crate::{used}", rel.display()));
+                }
+            }
+        }
+        assert!(folders > 20, "only {folders} files found under src/*/");
+        wrong.sort();
+        wrong.dedup();
+        assert!(wrong.is_empty(), "imports against the layers:\n{}", wrong.join("\n"));
+    }
+}
