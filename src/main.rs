@@ -468,11 +468,13 @@ impl ServeSettings {
 }
 
 fn invalid(path: &std::path::Path, key: &str, reason: String) -> AppError {
-    AppError::Config(config::ConfigError::Invalid {
-        path: path.into(),
-        key: key.into(),
-        reason,
-    })
+    AppError::Config(config::ConfigError::Invalid(
+        edgeact::util::invalid::Invalid {
+            path: path.into(),
+            key: key.into(),
+            reason,
+        },
+    ))
 }
 
 fn host_name() -> String {

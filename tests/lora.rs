@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use common::gguf_writer::{noise, write_gguf, F32Tensor, Meta};
 use edgeact::classify::{Classifier, Request, ScorePath};
 use edgeact::model::{Engine, EngineError, PrefixSource};
-use edgeact::spec::{Task, TaskError};
+use edgeact::spec::{SpecError, Task};
+use edgeact::util::invalid::Invalid;
 
 const RANK: u64 = 4;
 
@@ -61,7 +62,7 @@ fn write_adapter(model: &Path, out: &Path) {
 }
 
 /// The shipped sentiment task with `lora` appended (the path relative to the task file).
-fn task_with(dir: &Path, name: &str, lora: &str) -> Result<Task, TaskError> {
+fn task_with(dir: &Path, name: &str, lora: &str) -> Result<Task, SpecError> {
     let src = std::fs::read_to_string(common::root().join("tasks/sentiment.toml")).unwrap();
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, format!("{src}\n{lora}\n")).unwrap();
@@ -171,8 +172,8 @@ fn adapter_changes_scores_scale_zero_does_not_and_prefixes_are_keyed_by_it() {
 #[test]
 fn bad_adapters_are_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
-    let key_of = |r: Result<Task, TaskError>| match r {
-        Err(TaskError::Invalid { key, reason, .. }) => (key, reason),
+    let key_of = |r: Result<Task, SpecError>| match r {
+        Err(SpecError::Invalid(Invalid { key, reason, .. })) => (key, reason),
         other => panic!("expected an invalid-key error, got {other:?}"),
     };
     let (key, reason) = key_of(task_with(

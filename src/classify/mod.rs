@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::model::scoring::{decide, softmax, AbstainRule, LabelLogprob, LabelTrie, Prior, Token};
 use crate::model::{Engine, EngineError, ScoreJob, ScoreOut};
-use crate::spec::{ScoreNorm, Task, TaskError, TruncatePolicy, TRUNCATED_FIELD};
+use crate::spec::{ScoreNorm, SpecError, Task, TruncatePolicy, TRUNCATED_FIELD};
 
 /// Why a task could not be set up on the model.
 #[derive(Debug, thiserror::Error)]
@@ -391,7 +391,7 @@ impl Classifier {
         }
         if let Err(e) = self.task.render_query(&req.fields) {
             return Err(RecordError::Field(match e {
-                TaskError::Invalid { reason, .. } => reason,
+                SpecError::Invalid(i) => i.reason,
                 other => other.to_string(),
             }));
         }

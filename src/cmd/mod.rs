@@ -11,7 +11,7 @@ use crate::classify::{Classifier, Request, ScorePath, SetupError};
 use crate::model::config::{ConfigError, EngineConfig};
 use crate::model::scoring::AbstainRule;
 use crate::model::{self, Engine, EngineError};
-use crate::spec::{Task, TaskError};
+use crate::spec::{SpecError, Task};
 use crate::util::proc::rss_mib;
 use crate::util::stats::percentile;
 
@@ -20,7 +20,7 @@ pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Task(#[from] TaskError),
+    Task(#[from] SpecError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::model::budget::KvCacheType;
+use crate::util::invalid::Invalid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -18,12 +19,9 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: `{key}`: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    /// A key whose value is wrong: `{path}: `{key}`: {reason}`.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
 }
 
 /// A board profile as written in its TOML file. Every field can be overridden from the CLI.
@@ -169,11 +167,7 @@ pub fn parse_board(src: &str, path: &Path) -> Result<BoardFile, ConfigError> {
 
 /// Checks ranges and fills defaults. `path` is named in errors.
 pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> {
-    let invalid = |key: &str, reason: String| ConfigError::Invalid {
-        path: path.into(),
-        key: key.into(),
-        reason,
-    };
+    let invalid = |key: &str, reason: String| ConfigError::from(Invalid::new(path, key, reason));
     let threads = b.threads.unwrap_or(4);
     if !(1..=256).contains(&threads) {
         return Err(invalid(

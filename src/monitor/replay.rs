@@ -194,7 +194,9 @@ fn monitor_err(e: MonitorError) -> AppError {
             source,
         },
         MonitorError::Invalid { path, key, reason } => {
-            AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
+            AppError::Config(crate::model::config::ConfigError::Invalid(
+                crate::util::invalid::Invalid { path, key, reason },
+            ))
         }
     }
 }

@@ -170,11 +170,11 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         for i in &f.intents {
             if !pool.iter().any(|(l, _)| l == i) {
                 return Err(AppError::Config(
-                    crate::model::config::ConfigError::Invalid {
+                    crate::model::config::ConfigError::Invalid(crate::util::invalid::Invalid {
                         path: cfg.families.clone(),
                         key: format!("families.{}.intents", f.name),
                         reason: format!("intent `{i}` has no example in split `{}`", cfg.split),
-                    },
+                    }),
                 ));
             }
         }
@@ -235,7 +235,9 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         .map_err(|e| match e {
             super::RankError::Setup(s) => AppError::Setup(s),
             super::RankError::Invalid { path, key, reason } => {
-                AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
+                AppError::Config(crate::model::config::ConfigError::Invalid(
+                    crate::util::invalid::Invalid { path, key, reason },
+                ))
             }
         })?;
         let scored: Vec<super::Ranked> = ranker

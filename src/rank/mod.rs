@@ -300,7 +300,9 @@ pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
     .map_err(|e| match e {
         RankError::Setup(s) => AppError::Setup(s),
         RankError::Invalid { path, key, reason } => {
-            AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
+            AppError::Config(crate::model::config::ConfigError::Invalid(
+                crate::util::invalid::Invalid { path, key, reason },
+            ))
         }
     })?;
     let mut ok = Vec::new();

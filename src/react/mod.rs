@@ -30,7 +30,7 @@ pub mod tools;
 #[derive(Debug, thiserror::Error)]
 pub enum ReactError {
     #[error(transparent)]
-    Spec(#[from] crate::spec::react::SpecError),
+    Spec(#[from] crate::spec::SpecError),
     #[error(transparent)]
     Kb(#[from] kb::KbError),
     #[error(transparent)]

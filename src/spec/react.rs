@@ -8,25 +8,10 @@ use serde::Deserialize;
 
 use super::step::{self, StepAction};
 use super::tool::{ArgSchema, ToolName};
-
-#[derive(Debug, thiserror::Error)]
-pub enum SpecError {
-    #[error("unknown ReAct task `{name}`: no {name}.toml in {searched}")]
-    Unknown { name: String, searched: String },
-    #[error("cannot read task file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("task file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("task file {path}: `{key}`: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
-}
+use super::SpecError;
+// The sniffer lives with the one loader (`super::file`); re-exported for callers that
+// still ask this module.
+pub use super::file::is_react_file;
 
 /// A tool the task allows, as the task file declares it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -222,6 +207,84 @@ fn default_history_tokens() -> usize {
     192
 }
 
+impl RawSpec {
+    /// The kind, the tool list and the sections the tools need, the budgets.
+    fn check(&self, path: &Path) -> Result<(), SpecError> {
+        let invalid = |key: &str, reason: String| SpecError::invalid(path, key, reason);
+        if self.kind != "react" {
+            return Err(invalid(
+                "type",
+                format!("`{}`: a ReAct task file has type = \"react\"", self.kind),
+            ));
+        }
+        if self.tools.is_empty() {
+            return Err(invalid("tools", "list at least one tool".into()));
+        }
+        for (i, t) in self.tools.iter().enumerate() {
+            let key = format!("tools[{i}]");
+            if self.tools[..i].iter().any(|o| o.name == t.name) {
+                return Err(invalid(&key, format!("`{}` is listed twice", t.name)));
+            }
+            if t.description.contains('\n') || t.description.trim().is_empty() {
+                return Err(invalid(
+                    &key,
+                    "the description is one non-empty line".into(),
+                ));
+            }
+            t.arg
+                .validate(t.name)
+                .map_err(|r| invalid(&format!("{key}.arg"), r))?;
+        }
+        let has = |n: ToolName| self.tools.iter().any(|t| t.name == n);
+        if has(ToolName::KbSearch) && self.kb_search.is_none() {
+            return Err(invalid(
+                "kb_search",
+                "the kb_search tool needs a [kb_search] section with `dir`".into(),
+            ));
+        }
+        if self.qa.is_some() && self.kb_search.is_none() {
+            return Err(invalid(
+                "qa",
+                "[qa] needs a [kb_search] section with `dir`".into(),
+            ));
+        }
+        if has(ToolName::Sensor) && self.sensor.is_none() {
+            return Err(invalid(
+                "sensor",
+                "the sensor tool needs a [sensor] section with `dir`".into(),
+            ));
+        }
+        for (key, v) in [
+            ("max_steps", self.max_steps),
+            ("max_step_tokens", self.max_step_tokens),
+            ("max_total_tokens", self.max_total_tokens),
+            ("max_thought_chars", self.max_thought_chars),
+            ("max_answer_chars", self.max_answer_chars),
+            ("max_observation_chars", self.max_observation_chars),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        if self.max_context_tokens < self.max_step_tokens * 2 {
+            return Err(invalid(
+                "max_context_tokens",
+                format!(
+                    "{} leaves too little room: at least twice max_step_tokens ({})",
+                    self.max_context_tokens, self.max_step_tokens
+                ),
+            ));
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(invalid(
+                "temperature",
+                format!("{} is not within 0..=2", self.temperature),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A loaded, validated ReAct task.
 #[derive(Debug, Clone)]
 pub struct ReactSpec {
@@ -261,107 +324,17 @@ pub struct ReactSpec {
 impl ReactSpec {
     /// Finds `name` as a path (contains `/` or ends in `.toml`) or as `<dir>/<name>.toml`.
     pub fn find(name: &str, dirs: &[PathBuf]) -> Result<ReactSpec, SpecError> {
-        match crate::spec::find_task_file(name, dirs) {
-            Some(p) => ReactSpec::load(&p),
-            None => Err(SpecError::Unknown {
-                name: name.into(),
-                searched: crate::spec::searched_dirs(dirs),
-            }),
-        }
+        ReactSpec::load(&super::file::locate(name, dirs, "ReAct task")?)
     }
 
     pub fn load(path: &Path) -> Result<ReactSpec, SpecError> {
-        let src = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (src, stem) = super::file::read(path)?;
         ReactSpec::parse(&src, path, &stem)
     }
 
     pub fn parse(src: &str, path: &Path, default_name: &str) -> Result<ReactSpec, SpecError> {
-        let raw: RawSpec = toml::from_str(src).map_err(|e| SpecError::Parse {
-            path: path.into(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        let invalid = |key: &str, reason: String| SpecError::Invalid {
-            path: path.into(),
-            key: key.into(),
-            reason,
-        };
-        if raw.kind != "react" {
-            return Err(invalid(
-                "type",
-                format!("`{}`: a ReAct task file has type = \"react\"", raw.kind),
-            ));
-        }
-        if raw.tools.is_empty() {
-            return Err(invalid("tools", "list at least one tool".into()));
-        }
-        for (i, t) in raw.tools.iter().enumerate() {
-            let key = format!("tools[{i}]");
-            if raw.tools[..i].iter().any(|o| o.name == t.name) {
-                return Err(invalid(&key, format!("`{}` is listed twice", t.name)));
-            }
-            if t.description.contains('\n') || t.description.trim().is_empty() {
-                return Err(invalid(
-                    &key,
-                    "the description is one non-empty line".into(),
-                ));
-            }
-            t.arg
-                .validate(t.name)
-                .map_err(|r| invalid(&format!("{key}.arg"), r))?;
-        }
-        let has = |n: ToolName| raw.tools.iter().any(|t| t.name == n);
-        if has(ToolName::KbSearch) && raw.kb_search.is_none() {
-            return Err(invalid(
-                "kb_search",
-                "the kb_search tool needs a [kb_search] section with `dir`".into(),
-            ));
-        }
-        if raw.qa.is_some() && raw.kb_search.is_none() {
-            return Err(invalid(
-                "qa",
-                "[qa] needs a [kb_search] section with `dir`".into(),
-            ));
-        }
-        if has(ToolName::Sensor) && raw.sensor.is_none() {
-            return Err(invalid(
-                "sensor",
-                "the sensor tool needs a [sensor] section with `dir`".into(),
-            ));
-        }
-        for (key, v) in [
-            ("max_steps", raw.max_steps),
-            ("max_step_tokens", raw.max_step_tokens),
-            ("max_total_tokens", raw.max_total_tokens),
-            ("max_thought_chars", raw.max_thought_chars),
-            ("max_answer_chars", raw.max_answer_chars),
-            ("max_observation_chars", raw.max_observation_chars),
-        ] {
-            if v == 0 {
-                return Err(invalid(key, "must be at least 1".into()));
-            }
-        }
-        if raw.max_context_tokens < raw.max_step_tokens * 2 {
-            return Err(invalid(
-                "max_context_tokens",
-                format!(
-                    "{} leaves too little room: at least twice max_step_tokens ({})",
-                    raw.max_context_tokens, raw.max_step_tokens
-                ),
-            ));
-        }
-        if !(0.0..=2.0).contains(&raw.temperature) {
-            return Err(invalid(
-                "temperature",
-                format!("{} is not within 0..=2", raw.temperature),
-            ));
-        }
+        let raw: RawSpec = toml::from_str(src).map_err(|e| SpecError::parse(path, &e))?;
+        raw.check(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -408,16 +381,22 @@ impl ReactSpec {
             notify,
             qa: raw.qa,
         };
-        // Every few-shot step must be a sentence of the task's own grammar: the model
-        // copies them, so a malformed example teaches a format the grammar then fights.
-        for (i, ex) in spec.examples.iter().enumerate() {
+        spec.check_examples()?;
+        Ok(spec)
+    }
+
+    /// Every few-shot step must be a sentence of the task's own grammar: the model copies
+    /// them, so a malformed example teaches a format the grammar then fights.
+    fn check_examples(&self) -> Result<(), SpecError> {
+        let invalid = |key: &str, reason: String| SpecError::invalid(&self.path, key, reason);
+        for (i, ex) in self.examples.iter().enumerate() {
             let key = format!("examples[{i}].steps");
             let steps = step::split_trajectory(&ex.steps).map_err(|r| invalid(&key, r))?;
             if steps.is_empty() {
                 return Err(invalid(&key, "has no steps".into()));
             }
             for (k, (text, obs)) in steps.iter().enumerate() {
-                let s = step::parse_step(text, &spec).map_err(|e| {
+                let s = step::parse_step(text, self).map_err(|e| {
                     invalid(
                         &key,
                         format!("step {} does not follow the grammar: {e}", k + 1),
@@ -442,20 +421,12 @@ impl ReactSpec {
                 }
             }
         }
-        Ok(spec)
+        Ok(())
     }
 
     pub fn tool(&self, name: ToolName) -> Option<&ToolSpec> {
         self.tools.iter().find(|t| t.name == name)
     }
-}
-
-/// True when a task file declares `type = "react"` (the classify loader skips those).
-pub fn is_react_file(src: &str) -> bool {
-    toml::from_str::<toml::Table>(src)
-        .ok()
-        .and_then(|t| t.get("type").and_then(|v| v.as_str()).map(|s| s == "react"))
-        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -552,11 +523,5 @@ mod tests {
             let e = parse(&src).unwrap_err().to_string();
             assert!(e.contains(want), "want {want} in: {e}");
         }
-    }
-
-    #[test]
-    fn react_files_are_recognised() {
-        assert!(is_react_file(SPEC));
-        assert!(!is_react_file("instruction = \"x\""));
     }
 }

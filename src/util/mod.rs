@@ -1,6 +1,7 @@
-//! Small utilities with one copy each: process memory, percentiles, wall-clock time and the
-//! seeded generator.
+//! Small utilities with one copy each: process memory, percentiles, wall-clock time, the
+//! seeded generator and the "invalid key in a file" error.
 
+pub mod invalid;
 pub mod proc;
 pub mod rng;
 pub mod stats;

@@ -1,0 +1,97 @@
+//! The LoRA adapter a task file names: checked at load, and the one adapter an engine runs
+//! with for a set of tasks.
+
+use std::path::Path;
+
+use super::task::Task;
+use super::SpecError;
+use crate::model::config::{EngineConfig, LoraAdapter};
+use crate::model::EngineError;
+
+impl LoraAdapter {
+    /// Resolves the path against the folder of the task file at `task_path` and checks
+    /// the file is a LoRA adapter GGUF. Errors name `lora.scale` or `lora.path`.
+    pub(super) fn validated(&self, task_path: &Path) -> Result<LoraAdapter, SpecError> {
+        let invalid = |key: &str, reason: String| SpecError::invalid(task_path, key, reason);
+        if !self.scale.is_finite() {
+            return Err(invalid(
+                "lora.scale",
+                format!("{} is not a finite number", self.scale),
+            ));
+        }
+        let path = task_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&self.path);
+        if !path.is_file() {
+            return Err(invalid(
+                "lora.path",
+                format!("{} does not exist", path.display()),
+            ));
+        }
+        let header = crate::model::gguf::read_header(&path)
+            .map_err(|e| invalid("lora.path", e.to_string()))?;
+        for (k, want) in [("general.type", "adapter"), ("adapter.type", "lora")] {
+            if header.str(k) != Some(want) {
+                return Err(invalid(
+                    "lora.path",
+                    format!(
+                        "{} is not a LoRA adapter: its `{k}` is {:?}, expected \"{want}\"",
+                        path.display(),
+                        header.str(k).unwrap_or("missing")
+                    ),
+                ));
+            }
+        }
+        let path = std::fs::canonicalize(&path)
+            .map_err(|e| invalid("lora.path", format!("{}: {e}", path.display())))?;
+        if path.to_str().is_none() {
+            return Err(invalid(
+                "lora.path",
+                format!(
+                    "{} is not valid UTF-8 (llama.cpp takes the path as text)",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(LoraAdapter {
+            path,
+            scale: self.scale,
+        })
+    }
+}
+
+/// The LoRA adapter one engine runs with for `tasks`: they must agree, since llama.cpp
+/// applies an adapter set to the whole context.
+pub fn lora_for_tasks<'a>(
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> Result<Option<LoraAdapter>, EngineError> {
+    let mut first: Option<&Task> = None;
+    for t in tasks {
+        let Some(f) = first else {
+            first = Some(t);
+            continue;
+        };
+        if f.lora != t.lora {
+            let path = t.lora.as_ref().or(f.lora.as_ref()).map(|l| l.path.clone());
+            return Err(EngineError::Lora {
+                path: path.unwrap_or_default(),
+                reason: format!(
+                    "tasks `{}` and `{}` name different adapters or scales; one engine runs with one",
+                    f.name, t.name
+                ),
+            });
+        }
+    }
+    Ok(first.and_then(|t| t.lora.clone()))
+}
+
+/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]).
+pub fn config_for_tasks<'a>(
+    cfg: &EngineConfig,
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> Result<EngineConfig, EngineError> {
+    let mut cfg = cfg.clone();
+    cfg.lora = lora_for_tasks(tasks)?;
+    Ok(cfg)
+}
