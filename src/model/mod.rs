@@ -2,7 +2,7 @@
 //! keeps task prefixes in the KV cache, and scores label token sequences. The only module
 //! that touches llama-cpp-2; one inference thread owns an [`Engine`].
 //!
-//! - [`load`](self::load): file checks, checksum sidecar, memory preflight, context
+//! - `load`: file checks, checksum sidecar, memory preflight, context
 //!   parameters, [`Engine::load`].
 //! - `decode`: the one decode loop every path shares (tokens, positions, sequences, which
 //!   rows of logits come back), and the KV-cache bookkeeping around it.
