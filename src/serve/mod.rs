@@ -2,13 +2,29 @@
 //! them to the inference thread over a bounded queue, records every outcome in the durable
 //! outbox before acknowledging the request, and publishes from the outbox until PUBACK.
 //!
-//! One task owns the MQTT event loop, the outbox, the monitors and the bookkeeping below;
+//! One task owns the MQTT event loop, the outbox, the monitors and the bookkeeping;
 //! inference runs on its own thread, so the event loop never blocks on the model.
 //!
 //! Served tasks are classifications (result, trace, retained state; with `[monitor]` rules,
 //! incidents on `<prefix>/<rule>/events`), rankings (`[rank]`; also reachable as
 //! `<prefix>/rank/request`) and ReAct loops (`type = "react"`: answer, compact trace, and
 //! `notify` side effects on `<prefix>/<task>/notify`).
+//!
+//! # Layout
+//!
+//! - [`run`] (here): the entry; the caller passes the shutdown signal. [`run_stdio`]
+//!   ([`stdio`]) is the pipeline mode.
+//! - [`mqtt_loop`]: the rumqttc event loop, reconnects with backoff; turns what happens
+//!   into [`state::Event`]s.
+//! - [`state`]: the daemon as a state machine (events in, client and inference requests
+//!   out), tested without a broker.
+//! - [`acks`]: which outbox entry a PUBACK acknowledges ([`acks::PendingAcks`]);
+//!   [`inbox`]: incoming redeliveries.
+//! - [`message`]: what is published (typed messages, records, compact traces); redaction
+//!   by message kind with [`redact`].
+//! - [`outbox`]: the durable log of messages until the broker has them.
+//! - [`worker`]: the inference thread; [`monitors`]: alert rules on results;
+//!   [`stats`]: `<prefix>/stats`; [`mqtt`]: broker options and topics.
 
 pub mod acks;
 pub mod inbox;
