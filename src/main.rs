@@ -987,7 +987,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
             let cfg = a.config()?;
             if cfg.broker.is_none() {
                 let stdin = std::io::stdin();
-                return serve::serve_stdio(cfg, stdin.lock(), &mut out);
+                return Ok(serve::run_stdio(cfg, stdin.lock(), &mut out)?);
             }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -996,7 +996,7 @@ fn run(cli: Cli) -> Result<(), AppError> {
                     what: "tokio runtime".into(),
                     source,
                 })?;
-            rt.block_on(serve::serve(cfg, shutdown_signal()))
+            Ok(rt.block_on(serve::run(cfg, shutdown_signal()))?)
         }
         Command::Eval(a) => {
             let mut tasks = vec![Task::find(&a.task, &config::task_dirs())?];

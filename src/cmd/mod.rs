@@ -44,6 +44,46 @@ pub enum AppError {
     SomeRecordsFailed { failed: usize, total: usize },
 }
 
+/// The serve layer's errors as the variants main already maps to exit codes (Mqtt 2,
+/// Engine 3 or 1, Setup 2, the rest 1), with the same messages.
+impl From<crate::serve::ServeError> for AppError {
+    fn from(e: crate::serve::ServeError) -> AppError {
+        use crate::serve::worker::WorkerError;
+        use crate::serve::ServeError;
+        let input = |what: String, reason: String| AppError::Input {
+            what,
+            source: std::io::Error::other(reason),
+        };
+        match e {
+            ServeError::Mqtt(e) => AppError::Mqtt(e),
+            ServeError::Outbox(e) => AppError::Outbox(e),
+            ServeError::Worker(WorkerError::Engine(e)) => AppError::Engine(e),
+            ServeError::Worker(WorkerError::Setup(e)) => AppError::Setup(e),
+            ServeError::Worker(WorkerError::ReactTask { path, source }) => {
+                input(format!("task {}", path.display()), source.to_string())
+            }
+            ServeError::Worker(WorkerError::Thread(source)) => AppError::Input {
+                what: "inference thread".into(),
+                source,
+            },
+            ServeError::Worker(WorkerError::Died) => input(
+                "inference thread".into(),
+                "the inference thread died while loading".into(),
+            ),
+            ServeError::NoBroker => input("broker".into(), "serve over MQTT needs --broker".into()),
+            ServeError::MonitorState { path, source } => {
+                input(path.display().to_string(), source.to_string())
+            }
+            ServeError::Stdin(source) => AppError::Input {
+                what: "standard input".into(),
+                source,
+            },
+            ServeError::Output(e) => AppError::Output(e),
+            ServeError::WorkerStopped => input("inference thread".into(), "stopped".into()),
+        }
+    }
+}
+
 /// Where `classify` takes its requests from.
 #[derive(Debug, Clone)]
 pub enum Inputs {

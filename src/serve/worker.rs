@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::classify::{Classifier, ClassifyResult, RecordError, Request, ScorePath};
+use crate::classify::{Classifier, ClassifyResult, RecordError, Request, ScorePath, SetupError};
 use crate::model::config::EngineConfig;
-use crate::model::{Engine, GenCache, ModelInfo};
+use crate::model::{Engine, EngineError, GenCache, ModelInfo};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
 use crate::react::agent::{self, EngineGenerator, RunOptions, Turn};
 use crate::react::kb::Kb;
@@ -35,6 +35,24 @@ pub enum ServedTask {
     Rank(Task, RankConfig),
     /// The ReAct loop (a task file with `type = "react"`).
     React(ReactSpec),
+}
+
+/// Why the inference thread could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The model could not be checked or loaded, or the budget refused it.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A classification task could not be prepared on the model.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// A ReAct task's knowledge base or prefix could not be prepared.
+    #[error("cannot read task {}: {source}", path.display())]
+    ReactTask { path: PathBuf, source: ReactError },
+    #[error("cannot read inference thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot read inference thread: the inference thread died while loading")]
+    Died,
 }
 
 /// What a served task does with a request.
@@ -254,11 +272,7 @@ enum Runner {
     React(Box<ReactRunner>),
 }
 
-fn setup_runner(
-    engine: &mut Engine,
-    task: ServedTask,
-    slot: usize,
-) -> Result<Runner, crate::cmd::AppError> {
+fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Runner, WorkerError> {
     Ok(match task {
         ServedTask::Classify(t) => {
             if t.head
@@ -279,9 +293,9 @@ fn setup_runner(
             current: None,
         })),
         ServedTask::React(spec) => {
-            let react_err = |e: ReactError| crate::cmd::AppError::Input {
-                what: format!("task {}", spec.path.display()),
-                source: std::io::Error::other(e.to_string()),
+            let react_err = |source: ReactError| WorkerError::ReactTask {
+                path: spec.path.clone(),
+                source,
             };
             let kb = match &spec.kb {
                 Some(k) => Some(Arc::new(
@@ -313,7 +327,7 @@ pub fn spawn(
     tasks: Vec<ServedTask>,
     opts: WorkerOptions,
     on_done: impl Fn(Done) + Send + 'static,
-) -> Result<WorkerHandle, crate::cmd::AppError> {
+) -> Result<WorkerHandle, WorkerError> {
     let (tx, rx) = sync_channel::<Work>(opts.queue_capacity.max(1));
     let (ready_tx, ready_rx) = sync_channel(1);
     let depth = Arc::new(AtomicUsize::new(0));
@@ -323,7 +337,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
-            let setup = || -> Result<(Engine, Vec<Runner>), crate::cmd::AppError> {
+            let setup = || -> Result<(Engine, Vec<Runner>), WorkerError> {
                 let label_tasks: Vec<&Task> = tasks
                     .iter()
                     .filter_map(|t| match t {
@@ -349,14 +363,8 @@ pub fn spawn(
                 }
             }
         })
-        .map_err(|e| crate::cmd::AppError::Input {
-            what: "inference thread".into(),
-            source: e,
-        })?;
-    let model = ready_rx.recv().map_err(|_| crate::cmd::AppError::Input {
-        what: "inference thread".into(),
-        source: std::io::Error::other("the inference thread died while loading"),
-    })??;
+        .map_err(WorkerError::Thread)?;
+    let model = ready_rx.recv().map_err(|_| WorkerError::Died)??;
     Ok(WorkerHandle {
         tx: Some(tx),
         depth,

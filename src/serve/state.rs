@@ -1,0 +1,631 @@
+//! The daemon's state machine, apart from any network: events in (a connection, a request,
+//! a PUBACK, an outcome, a tick, the shutdown signal), and requests out to the MQTT client
+//! ([`Link`]) and the inference thread ([`Inference`]). [`super::mqtt_loop`] feeds it
+//! rumqttc's events; the tests below feed it by hand.
+//!
+//! The guarantee it keeps: an outcome is recorded in the outbox before its request is
+//! acknowledged, and an outbox entry is forgotten only when the broker acknowledged it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Publish, QoS};
+use serde_json::Value;
+
+use crate::classify::input;
+use crate::serve::acks::PendingAcks;
+use crate::serve::inbox::Redeliveries;
+use crate::serve::message::{error_record, messages_for, MessageKind, OutMessage};
+use crate::serve::monitors::Monitors;
+use crate::serve::mqtt::{self, Topics};
+use crate::serve::outbox::Outbox;
+use crate::serve::redact::Redactor;
+use crate::serve::stats::Stats;
+use crate::serve::worker::{self, Done, Job, Output, Rejected, TaskKind, Work, WorkerHandle};
+use crate::serve::ServeError;
+use crate::util::time::now_ms;
+
+/// Publishes handed to rumqttc and not yet sent, at most: its request queue holds 1024, and
+/// the rest is kept for acks and subscriptions.
+pub const PUBLISH_QUEUE_LIMIT: usize = 768;
+
+/// The MQTT client did not take a request (its queue is full, or the event loop is gone).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotQueued(pub String);
+
+/// The non-blocking half of an MQTT client: requests are queued for the event loop.
+pub trait Link {
+    fn publish(
+        &mut self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), NotQueued>;
+    /// Acknowledges an incoming publish (PUBACK for QoS 1).
+    fn ack(&mut self, p: &Publish) -> Result<(), NotQueued>;
+    fn subscribe(&mut self, topic: String) -> Result<(), NotQueued>;
+    fn disconnect(&mut self) -> Result<(), NotQueued>;
+}
+
+/// The daemon's view of the inference thread.
+pub trait Inference {
+    /// Queues without blocking.
+    fn try_submit(&self, work: Work) -> Result<(), (Rejected, Work)>;
+    /// Requests queued or being worked on.
+    fn depth(&self) -> usize;
+    /// Takes no more work; what is queued is finished.
+    fn close(&mut self);
+    /// Waits for the thread to finish.
+    fn join(&mut self);
+}
+
+impl Inference for WorkerHandle {
+    fn try_submit(&self, work: Work) -> Result<(), (Rejected, Work)> {
+        WorkerHandle::try_submit(self, work)
+    }
+    fn depth(&self) -> usize {
+        WorkerHandle::depth(self)
+    }
+    fn close(&mut self) {
+        WorkerHandle::close(self)
+    }
+    fn join(&mut self) {
+        WorkerHandle::join(self)
+    }
+}
+
+/// What the daemon reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// The broker accepted the connection (CONNACK).
+    Connected,
+    /// The connection failed or was lost.
+    Disconnected,
+    /// A message on a subscribed topic: a request or a context value.
+    Incoming(Publish),
+    /// The broker has the publish with this packet id.
+    PubAck(u16),
+    /// A subscription is in place (`refused`: the broker refused one of its topics).
+    SubAck { refused: bool },
+    /// rumqttc wrote the oldest publish handed to it, with this packet id.
+    Written(u16),
+    /// The inference thread finished a request.
+    Done(Done),
+    /// Time to publish stats and move idle monitors on.
+    StatsTick,
+    /// Stop taking requests, finish the ones taken, flush the outbox.
+    Shutdown,
+}
+
+/// What the daemon needs of [`super::ServeConfig`].
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub device_id: String,
+    pub topics: Topics,
+    /// Context name -> topic; the latest value is the template field `context.<name>`.
+    pub context_topics: BTreeMap<String, String>,
+    pub ha_discovery: bool,
+    pub max_request_bytes: usize,
+    pub queue_capacity: usize,
+    pub drain_timeout: Duration,
+    pub redactor: Redactor,
+}
+
+/// An accepted request waiting for its outcome.
+struct Ticket {
+    /// The incoming message to acknowledge once the outcome is in the outbox.
+    publish: Option<Publish>,
+    /// The task name the request came in on (its results go under it).
+    route: String,
+    /// The request's fields, kept for the task's monitor (None: the task has none).
+    fields: Option<BTreeMap<String, String>>,
+}
+
+pub struct Daemon<L: Link, I: Inference> {
+    cfg: DaemonConfig,
+    task_names: Vec<String>,
+    task_kinds: Vec<TaskKind>,
+    link: L,
+    worker: I,
+    outbox: Outbox,
+    monitors: Monitors,
+    stats: Stats,
+    connected: bool,
+    /// Which outbox entry each publish handed to rumqttc carries, until its PUBACK.
+    acks: PendingAcks,
+    /// Outbox seqs not yet handed to rumqttc in this connection, oldest first.
+    to_send: VecDeque<u64>,
+    tickets: HashMap<u64, Ticket>,
+    next_ticket: u64,
+    /// Requests in work and recently answered, so a redelivery is not run twice.
+    redeliveries: Redeliveries,
+    context: BTreeMap<String, String>,
+    subacks_pending: usize,
+    /// Requests to acknowledge once rumqttc's request queue has room, oldest first.
+    unsent_acks: VecDeque<Publish>,
+    draining: bool,
+    drain_deadline: Option<Instant>,
+    /// `stopped` was published and the disconnect requested.
+    stopped_sent: bool,
+}
+
+impl<L: Link, I: Inference> Daemon<L, I> {
+    /// A daemon serving `tasks` (names and kinds, in the worker's order), not yet connected.
+    pub fn new(
+        cfg: DaemonConfig,
+        tasks: Vec<(String, TaskKind)>,
+        link: L,
+        worker: I,
+        outbox: Outbox,
+        monitors: Monitors,
+    ) -> Daemon<L, I> {
+        let (task_names, task_kinds) = tasks.into_iter().unzip();
+        Daemon {
+            cfg,
+            task_names,
+            task_kinds,
+            link,
+            worker,
+            outbox,
+            monitors,
+            stats: Stats::new(),
+            connected: false,
+            acks: PendingAcks::default(),
+            to_send: VecDeque::new(),
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            redeliveries: Redeliveries::default(),
+            context: BTreeMap::new(),
+            subacks_pending: 0,
+            unsent_acks: VecDeque::new(),
+            draining: false,
+            drain_deadline: None,
+            stopped_sent: false,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// `stopped` was published and the disconnect requested: the loop ends with the
+    /// connection.
+    pub fn is_stopping(&self) -> bool {
+        self.stopped_sent
+    }
+
+    /// Handles one event, then hands what waits to the client. An error is fatal: an
+    /// outcome could be neither recorded nor published.
+    pub fn handle(&mut self, ev: Event) -> Result<(), ServeError> {
+        match ev {
+            Event::Connected => self.on_connected(),
+            Event::Disconnected => self.on_disconnected(),
+            Event::Incoming(p) => self.on_publish(p),
+            Event::PubAck(pkid) => self.on_puback(pkid),
+            Event::SubAck { refused } => self.on_suback(refused),
+            Event::Written(pkid) => self.acks.written(pkid),
+            Event::Done(d) => self.on_done(d)?,
+            Event::StatsTick => {
+                self.publish_stats();
+                self.tick_monitors()?;
+            }
+            Event::Shutdown => self.on_shutdown(),
+        }
+        self.pump();
+        Ok(())
+    }
+
+    /// While draining: once no request is left in work and the outbox is flushed (or the
+    /// drain timed out, or there is no connection to flush it on), publishes `stopped` and
+    /// disconnects. True when the loop can end now (no connection to close).
+    pub fn drain_step(&mut self, now: Instant) -> bool {
+        if !self.draining || self.stopped_sent {
+            return false;
+        }
+        let idle = self.tickets.is_empty() && self.worker.depth() == 0;
+        let flushed = self.outbox.is_empty();
+        let late = self.drain_deadline.is_some_and(|t| now >= t);
+        if !(idle && (flushed || late || !self.connected)) {
+            return false;
+        }
+        if late && !flushed {
+            tracing::warn!(
+                pending = self.outbox.len(),
+                "drain timeout: the rest stays in the outbox for the next start"
+            );
+        }
+        let available = self.cfg.topics.available();
+        let _ = self.publish(None, available, QoS::AtLeastOnce, true, "stopped".into());
+        let _ = self.link.disconnect();
+        self.stopped_sent = true;
+        !self.connected
+    }
+
+    /// Whether the shutdown signal came.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// After the loop: the outbox synced to disk, the inference thread joined, monitor
+    /// state saved.
+    pub fn finish(mut self) -> Result<(), ServeError> {
+        self.outbox.sync(true)?;
+        self.worker.join();
+        self.monitors.save();
+        Ok(())
+    }
+
+    /// The one way a publish reaches the client: recorded in [`PendingAcks`] exactly when
+    /// the client took it (`seq`: the outbox entry it carries).
+    fn publish(
+        &mut self,
+        seq: Option<u64>,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), NotQueued> {
+        let link = &mut self.link;
+        self.acks
+            .hand_over(seq, || link.publish(topic, qos, retain, payload))
+    }
+
+    fn on_connected(&mut self) {
+        self.connected = true;
+        tracing::info!("connected to the broker");
+        self.acks.reset();
+        // Replay everything still in the outbox, oldest first.
+        self.to_send = self.outbox.pending().map(|m| m.seq).collect();
+        let t = &self.cfg.topics;
+        let mut subs = vec![t.request_wildcard()];
+        for task in &self.task_names {
+            subs.extend(t.shared_request(task));
+        }
+        subs.extend(self.cfg.context_topics.values().cloned());
+        self.subacks_pending = 0;
+        for s in subs {
+            match self.link.subscribe(s.clone()) {
+                Ok(()) => self.subacks_pending += 1,
+                Err(e) => tracing::error!("cannot subscribe to {s}: {e}"),
+            }
+        }
+        if self.cfg.ha_discovery {
+            let (topic, payload) =
+                mqtt::ha_discovery(&self.cfg.device_id, &self.cfg.topics, &self.task_names);
+            let _ = self.publish(None, topic, QoS::AtLeastOnce, true, payload.into_bytes());
+        }
+    }
+
+    /// `online` once every subscription is in place: from then on no request is missed.
+    fn on_suback(&mut self, refused: bool) {
+        if refused {
+            tracing::error!(
+                "the broker refused a subscription (ACL?): requests on it will not arrive"
+            );
+        }
+        self.subacks_pending = self.subacks_pending.saturating_sub(1);
+        if self.subacks_pending == 0 && self.connected {
+            let available = self.cfg.topics.available();
+            let _ = self.publish(None, available, QoS::AtLeastOnce, true, "online".into());
+            tracing::info!("subscribed: serving");
+        }
+    }
+
+    fn on_disconnected(&mut self) {
+        self.connected = false;
+        // The broker redelivers what this session did not acknowledge (DUP), and the
+        // redelivery is acknowledged then.
+        self.unsent_acks.clear();
+        self.acks.reset();
+        self.to_send.clear();
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        if let Some(seq) = self.acks.acked(pkid) {
+            if let Err(e) = self.outbox.ack(seq) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    fn on_shutdown(&mut self) {
+        if self.draining {
+            return;
+        }
+        tracing::info!(
+            "shutting down: no new requests; finishing in-flight work and flushing the outbox"
+        );
+        self.draining = true;
+        self.drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
+        self.worker.close();
+    }
+
+    /// Hands waiting acks, then outbox messages, to the client while connected and its
+    /// queue has room; publishes stop short of filling the queue, so acks always find a
+    /// place.
+    pub fn pump(&mut self) {
+        if !self.connected {
+            return;
+        }
+        while let Some(p) = self.unsent_acks.front() {
+            if self.link.ack(p).is_err() {
+                return;
+            }
+            self.unsent_acks.pop_front();
+        }
+        while let Some(&seq) = self.to_send.front() {
+            if self.acks.unwritten() >= PUBLISH_QUEUE_LIMIT {
+                break;
+            }
+            let Some(m) = self.outbox.get(seq).cloned() else {
+                self.to_send.pop_front();
+                continue;
+            };
+            let payload = m.payload.into_bytes();
+            match self.publish(Some(seq), m.topic, QoS::AtLeastOnce, m.retain, payload) {
+                Ok(()) => {
+                    self.to_send.pop_front();
+                }
+                Err(_) => break, // queue full: the next event frees room
+            }
+        }
+    }
+
+    /// Records messages durably, queues them to publish, then acknowledges `ack`. Payloads
+    /// whose kind calls for it are redacted first. When the outbox cannot be written (disk
+    /// full, I/O error) the messages are published directly instead, without the crash
+    /// guarantee, so the daemon keeps answering; each such write error is logged and
+    /// counted.
+    fn record(
+        &mut self,
+        mut msgs: Vec<OutMessage>,
+        ack: Option<&Publish>,
+    ) -> Result<(), ServeError> {
+        for m in msgs.iter_mut() {
+            m.redact_with(&self.cfg.redactor);
+        }
+        let records = msgs.iter().cloned().map(OutMessage::into_outbox).collect();
+        match self.outbox.put_all(records) {
+            Ok(put) => self.to_send.extend(put.iter().map(|m| m.seq)),
+            Err(e) => {
+                self.stats.outbox_write_errors += 1;
+                tracing::error!(
+                    "{e}; publishing {} message(s) without the outbox (not crash-safe until it can be written again)",
+                    msgs.len()
+                );
+                for m in msgs {
+                    let payload = m.payload.into_bytes();
+                    if self
+                        .publish(None, m.topic, QoS::AtLeastOnce, m.retain, payload)
+                        .is_err()
+                    {
+                        // Neither recorded nor queued: leave the request unacknowledged so
+                        // the broker delivers it again.
+                        return Err(ServeError::Outbox(e));
+                    }
+                }
+            }
+        }
+        if let Some(p) = ack {
+            self.ack_now(p);
+        }
+        Ok(())
+    }
+
+    /// Acknowledges `p` to the broker; when the client's request queue is full the ack
+    /// waits in `unsent_acks` for [`Daemon::pump`] (a dropped PUBACK would hold one of the
+    /// broker's in-flight slots for good, and with all of them held no request would
+    /// arrive).
+    fn ack_now(&mut self, p: &Publish) {
+        if p.qos == QoS::AtMostOnce {
+            return;
+        }
+        if !self.unsent_acks.is_empty() || self.link.ack(p).is_err() {
+            self.unsent_acks.push_back(p.clone());
+        }
+    }
+
+    /// Answers a request with an error record and acknowledges it.
+    fn reject(
+        &mut self,
+        p: &Publish,
+        id: Option<&str>,
+        task: Option<&str>,
+        kind: &str,
+        message: String,
+    ) {
+        tracing::warn!(topic = %p.topic, kind, "{}", self.cfg.redactor.redact(&message));
+        let rec = error_record(id, task, Some(&p.topic), kind, &message);
+        let msg = OutMessage::new(
+            MessageKind::Error,
+            self.cfg.topics.errors(),
+            rec.to_string(),
+        );
+        if let Err(e) = self.record(vec![msg], Some(p)) {
+            // Not acknowledged: the broker will deliver it again.
+            tracing::error!("cannot record or publish an error record: {e}");
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) {
+        if let Some((name, _)) = self.cfg.context_topics.iter().find(|(_, t)| **t == p.topic) {
+            self.context.insert(
+                format!("context.{name}"),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            );
+            self.ack_now(&p);
+            return;
+        }
+        let Some(task_name) = self.cfg.topics.task_of(&p.topic) else {
+            self.ack_now(&p);
+            return;
+        };
+        if self.draining {
+            // Not acknowledged: the broker keeps it for our next session.
+            return;
+        }
+        if self.redeliveries.answered_before(&p) {
+            // Answered before a connection loss ate our PUBACK: the result is in the outbox.
+            self.ack_now(&p);
+            return;
+        }
+        if let Some(ticket) = self.redeliveries.working_on(&p) {
+            // Redelivered while we work on it: acknowledge with the newest copy.
+            if let Some(t) = self.tickets.get_mut(&ticket) {
+                t.publish = Some(p);
+            }
+            return;
+        }
+        let Some(task) = self.resolve_task(&task_name) else {
+            let msg = format!(
+                "unknown task `{task_name}` (serving: {})",
+                self.task_names.join(", ")
+            );
+            self.reject(&p, None, Some(&task_name), "unknown_task", msg);
+            return;
+        };
+        self.submit(p, task, task_name);
+    }
+
+    /// Decodes a request for `task` and queues it; an error record when it cannot be.
+    fn submit(&mut self, p: Publish, task: usize, task_name: String) {
+        let default_id = format!("{}-{}-{}", self.cfg.device_id, now_ms(), self.next_ticket);
+        let kind = self.task_kinds[task];
+        // The id, when there is a usable one, so even a rejected request can be matched.
+        let mut given_id = None;
+        let decoded = input::decode_payload_with(&p.payload, self.cfg.max_request_bytes, |v| {
+            given_id = match v.get("id") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            Job::from_json(kind, v, &default_id)
+        });
+        let mut job = match decoded {
+            Ok(j) => j,
+            Err(e) => {
+                let (kind, msg) = (e.kind(), e.to_string());
+                self.reject(&p, given_id.as_deref(), Some(&task_name), kind, msg);
+                return;
+            }
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        match &mut job {
+            Job::Classify(request) => {
+                for (k, v) in &self.context {
+                    request.fields.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            Job::React(r) => r.sensors = Some(worker::sensors_from_context(&self.context)),
+            Job::Rank(_) => {}
+        }
+        let fields = match &job {
+            Job::Classify(r) if self.monitors.watches(task) => Some(r.fields.clone()),
+            _ => None,
+        };
+        let id = job.id().to_string();
+        let work = Work {
+            task,
+            job,
+            ticket,
+            received: Instant::now(),
+        };
+        match self.worker.try_submit(work) {
+            Ok(()) => {
+                self.redeliveries.started(&p, ticket);
+                let route = task_name;
+                let publish = Some(p);
+                self.tickets.insert(
+                    ticket,
+                    Ticket {
+                        publish,
+                        route,
+                        fields,
+                    },
+                );
+            }
+            Err((Rejected::Overloaded, _)) => {
+                self.stats.overloaded += 1;
+                let msg = format!(
+                    "the queue of {} requests is full; try again later",
+                    self.cfg.queue_capacity
+                );
+                self.reject(&p, Some(&id), Some(&task_name), "overloaded", msg);
+            }
+            Err((Rejected::Stopped, _)) => {
+                tracing::error!(
+                    "the inference thread has stopped; request {id} left to the broker"
+                );
+            }
+        }
+    }
+
+    /// The task a request topic names: a task by its name, or `rank` for the first ranking
+    /// task when no task is called that.
+    fn resolve_task(&self, name: &str) -> Option<usize> {
+        self.task_names.iter().position(|t| t == name).or_else(|| {
+            (name == "rank")
+                .then(|| self.task_kinds.iter().position(|k| *k == TaskKind::Rank))
+                .flatten()
+        })
+    }
+
+    fn on_done(&mut self, d: Done) -> Result<(), ServeError> {
+        self.stats.record(&d);
+        let ticket = self.tickets.remove(&d.ticket);
+        let task = self.task_names.get(d.task).cloned().unwrap_or_default();
+        if let Err(e) = &d.outcome {
+            let e = e.to_string();
+            tracing::warn!(id = %d.request_id, task = %task, "{}", self.cfg.redactor.redact(&e));
+        }
+        let route = ticket.as_ref().map_or(task, |t| t.route.clone());
+        let mut msgs = messages_for(&self.cfg.topics, &route, &d.request_id, &d.outcome);
+        if let (Ok(Output::Classified(r)), Some(fields)) =
+            (&d.outcome, ticket.as_ref().and_then(|t| t.fields.as_ref()))
+        {
+            msgs.extend(
+                self.monitors
+                    .observe(&self.cfg.topics.prefix, d.task, r, fields),
+            );
+        }
+        let publish = ticket.and_then(|t| t.publish);
+        if let Some(p) = &publish {
+            self.redeliveries.finished(p);
+        }
+        self.record(msgs, publish.as_ref())
+    }
+
+    /// On the stats tick: moves idle monitors' time on (quiet incidents end) and saves
+    /// window state that changed.
+    fn tick_monitors(&mut self) -> Result<(), ServeError> {
+        let msgs = self.monitors.advance(&self.cfg.topics.prefix);
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.record(msgs, None)
+    }
+
+    fn publish_stats(&mut self) {
+        let s = self.stats.snapshot(self.worker.depth(), &self.outbox);
+        tracing::debug!(stats = %s, "stats");
+        if self.connected {
+            let topic = self.cfg.topics.stats();
+            let _ = self.publish(
+                None,
+                topic,
+                QoS::AtMostOnce,
+                false,
+                s.to_string().into_bytes(),
+            );
+        }
+        // Acks are written without fsync; settle them now and then.
+        let _ = self.outbox.sync(false);
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -1,0 +1,98 @@
+//! Rolling figures for `<prefix>/stats`.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::serve::outbox::Outbox;
+use crate::serve::worker::{Done, Output};
+use crate::util::proc::rss_mib;
+use crate::util::stats::percentile;
+
+/// Latencies kept for the percentiles: the most recent outcomes.
+const LATENCY_WINDOW: usize = 1024;
+
+/// Counters since the start, and the latency window.
+pub struct Stats {
+    started: Instant,
+    results: u64,
+    errors: u64,
+    /// Requests refused because the queue was full.
+    pub overloaded: u64,
+    /// Outcomes published without the outbox because it could not be written.
+    pub outbox_write_errors: u64,
+    decoded_tokens: u64,
+    latencies_ms: VecDeque<f64>,
+    /// When the last snapshot was taken, with the result and token counts then.
+    last: (Instant, u64, u64),
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        Stats {
+            started: Instant::now(),
+            results: 0,
+            errors: 0,
+            overloaded: 0,
+            outbox_write_errors: 0,
+            decoded_tokens: 0,
+            latencies_ms: VecDeque::new(),
+            last: (Instant::now(), 0, 0),
+        }
+    }
+
+    pub fn record(&mut self, d: &Done) {
+        match &d.outcome {
+            Ok(o) => {
+                self.results += 1;
+                self.decoded_tokens += match o {
+                    Output::Classified(r) => r.tokens.decoded as u64,
+                    Output::Ranked(r) => r.ranked.iter().map(|x| x.tokens_decoded as u64).sum(),
+                    Output::Reacted(r) => r.generated_tokens as u64,
+                };
+            }
+            Err(_) => self.errors += 1,
+        }
+        if self.latencies_ms.len() == LATENCY_WINDOW {
+            self.latencies_ms.pop_front();
+        }
+        self.latencies_ms.push_back(d.latency_ms);
+    }
+
+    /// The figures now; rates are over the time since the last snapshot.
+    pub fn snapshot(&mut self, queue_depth: usize, outbox: &Outbox) -> Value {
+        let mut l: Vec<f64> = self.latencies_ms.iter().copied().collect();
+        l.sort_by(f64::total_cmp);
+        let pct = |q: f64| percentile(&l, q);
+        let secs = self.last.0.elapsed().as_secs_f64().max(1e-3);
+        let rate = (self.results - self.last.1) as f64 / secs;
+        let tok_rate = (self.decoded_tokens - self.last.2) as f64 / secs;
+        self.last = (Instant::now(), self.results, self.decoded_tokens);
+        let (peak, rss) = rss_mib();
+        json!({
+            "queue_depth": queue_depth,
+            "outbox_depth": outbox.len(),
+            "outbox_bytes": outbox.live_bytes(),
+            "outbox_dropped": outbox.counters.dropped_for_size + outbox.counters.dropped_for_age,
+            "outbox_torn_records": outbox.counters.torn_records,
+            "outbox_write_errors": self.outbox_write_errors,
+            "results_total": self.results,
+            "errors_total": self.errors,
+            "overloaded_total": self.overloaded,
+            "results_per_s": (rate * 100.0).round() / 100.0,
+            "latency_p50_ms": (pct(0.5) * 10.0).round() / 10.0,
+            "latency_p99_ms": (pct(0.99) * 10.0).round() / 10.0,
+            "decoded_tokens_per_s": tok_rate.round(),
+            "rss_mib": rss.round(),
+            "peak_rss_mib": peak.round(),
+            "uptime_s": self.started.elapsed().as_secs(),
+        })
+    }
+}
