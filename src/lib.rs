@@ -63,6 +63,7 @@
 //!   task's [`monitor`]; topic layout and broker options in [`mqtt`].
 
 pub mod classify;
+pub mod cli;
 pub mod cmd;
 pub mod eval;
 pub mod model;

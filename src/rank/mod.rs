@@ -7,15 +7,12 @@
 pub mod eval;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::classify::input;
 use crate::classify::{Classifier, RecordError, Request, ScorePath, SetupError};
-use crate::cmd::AppError;
-use crate::model::config::EngineConfig;
 use crate::model::scoring::{softmax, AbstainRule};
 use crate::model::Engine;
 use crate::spec::{ScoreNorm, Task};
@@ -248,89 +245,6 @@ impl Ranker {
 /// Highest score first; a stable sort keeps input order among equal scores.
 pub fn sort_ranked(scored: &mut [Ranked]) {
     scored.sort_by(|a, b| b.score.total_cmp(&a.score));
-}
-
-/// Everything `edgeact rank` runs with.
-#[derive(Debug, Clone)]
-pub struct RankRunConfig {
-    pub engine: EngineConfig,
-    pub task: Task,
-    pub rank: RankConfig,
-    pub profile: String,
-    pub items: PathBuf,
-    pub top_k: Option<usize>,
-    pub min_score: Option<f64>,
-    pub calibrate: Option<bool>,
-    pub batch_size: usize,
-}
-
-/// `edgeact rank`: prints the ranked items as JSON lines, best first.
-pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
-    let reader = std::io::BufReader::new(std::fs::File::open(&cfg.items).map_err(|source| {
-        AppError::Input {
-            what: cfg.items.display().to_string(),
-            source,
-        }
-    })?);
-    let mut items = Vec::new();
-    let mut failed = 0;
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let line = line.map_err(|source| AppError::Input {
-            what: cfg.items.display().to_string(),
-            source,
-        })?;
-        match item_from_line(&line, i + 1) {
-            Ok(Some(it)) => items.push(it),
-            Ok(None) => {}
-            Err(msg) => {
-                failed += 1;
-                tracing::warn!("{}: {msg}", cfg.items.display());
-            }
-        }
-    }
-    let mut engine = Engine::load(&cfg.engine, 1)?;
-    let ranker = Ranker::new(
-        &mut engine,
-        &cfg.task,
-        &cfg.rank,
-        &cfg.profile,
-        0,
-        cfg.calibrate,
-    )
-    .map_err(|e| match e {
-        RankError::Setup(s) => AppError::Setup(s),
-        RankError::Invalid { path, key, reason } => {
-            AppError::Config(crate::model::config::ConfigError::Invalid(
-                crate::util::invalid::Invalid { path, key, reason },
-            ))
-        }
-    })?;
-    let mut ok = Vec::new();
-    for (item, r) in items
-        .iter()
-        .zip(ranker.score(&mut engine, &items, cfg.batch_size))
-    {
-        match r {
-            Ok(r) => ok.push(r),
-            Err(e) => {
-                failed += 1;
-                tracing::warn!(id = %item.id, "{e}");
-            }
-        }
-    }
-    let total = items.len();
-    for r in ranker.rank(ok, cfg.top_k, cfg.min_score) {
-        let v = serde_json::to_string(&r).unwrap_or_default();
-        writeln!(out, "{v}").map_err(AppError::Output)?;
-    }
-    out.flush().map_err(AppError::Output)?;
-    if failed > 0 {
-        return Err(AppError::SomeRecordsFailed {
-            failed,
-            total: total + failed,
-        });
-    }
-    Ok(())
 }
 
 /// An item from one JSON line: `{"id", "title", "description"}` or `{"id", "text"}`.

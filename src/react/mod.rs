@@ -13,10 +13,10 @@
 //! - [`request`]: a request over MQTT, its result and compact trace.
 //! - [`session`]: earlier turns of a conversation, kept on disk by session id.
 //! - [`scenario`]: the scenario file and its metrics (`edgeact react-eval`).
-//! - [`app`]: the modes, from config to output.
+//!
+//! The modes themselves (`react`, `qa`, `react-eval`) are in the command layer.
 
 pub mod agent;
-pub mod app;
 pub mod grammar;
 pub mod kb;
 pub mod qa;

@@ -1,0 +1,411 @@
+//! From the raw command line to a validated [`cmd::Command`]: tasks found and loaded, the
+//! board profile merged with the flags, defaults applied. Every check a flag can fail
+//! happens here, before any model is loaded, in the order the flags' files are needed
+//! (so the first error a user sees does not depend on this refactor). `serve`'s own,
+//! longer resolution is [`super::serve`].
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use super::args::*;
+use super::defaults;
+use crate::classify::head::Pooling;
+use crate::classify::ScorePath;
+use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
+use crate::eval::learn::default_cache_dir;
+use crate::model::budget::KvCacheType;
+use crate::model::config::{self, BoardFile, ConfigError, EngineConfig};
+use crate::model::scoring::AbstainRule;
+use crate::model::FeatureParams;
+use crate::rank::RankConfig;
+use crate::react::ReactError;
+use crate::spec::react::ReactSpec;
+use crate::spec::Task;
+use crate::util::invalid::Invalid;
+
+/// The command with its validated config.
+pub fn command(c: Command) -> Result<cmd::Command, AppError> {
+    Ok(match c {
+        Command::Classify(a) => cmd::Command::Classify(classify(a)?),
+        Command::Plan(b) => cmd::Command::Plan(b.engine_config()?),
+        Command::Serve(a) => cmd::Command::Serve(Box::new(super::serve::config(*a)?)),
+        Command::Eval(a) => cmd::Command::Eval(eval(a)?),
+        Command::Tune(a) if a.head.head => cmd::Command::TuneHead(tune_head(a)?),
+        Command::Tune(a) => cmd::Command::Tune(tune(a)?),
+        Command::Bench(a) => cmd::Command::Bench(bench(a)?),
+        Command::BenchAccuracy(a) => cmd::Command::BenchAccuracy(bench_accuracy(a)?),
+        Command::React(a) => cmd::Command::React(a.config()?),
+        Command::Qa(a) => cmd::Command::Qa(a.config()?),
+        Command::ReactEval(a) => cmd::Command::ReactEval(react_eval(a)?),
+        Command::Monitor(a) => cmd::Command::Monitor(monitor(a)?),
+        Command::Rank(a) => cmd::Command::Rank(rank(a)?),
+        Command::RankEval(a) => cmd::Command::RankEval(rank_eval(a)?),
+    })
+}
+
+/// A configuration error of the command line (or of a file the flags name).
+pub(super) fn invalid(path: &Path, key: &str, reason: String) -> AppError {
+    AppError::Config(ConfigError::Invalid(Invalid::new(path, key, reason)))
+}
+
+fn command_line() -> &'static Path {
+    Path::new("command line")
+}
+
+/// A classification (or ranking) task by name or path.
+pub(super) fn find_task(name: &str) -> Result<Task, AppError> {
+    Ok(Task::find(name, &config::task_dirs())?)
+}
+
+fn find_react_task(name: &str) -> Result<ReactSpec, AppError> {
+    Ok(ReactSpec::find(name, &config::task_dirs()).map_err(ReactError::from)?)
+}
+
+/// `$EDGEACT_STATE_DIR`, else `./state`.
+pub(super) fn state_dir() -> PathBuf {
+    std::env::var_os("EDGEACT_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR))
+}
+
+impl BoardArgs {
+    fn overrides(&self) -> BoardFile {
+        BoardFile {
+            model_path: self.model.clone(),
+            // A model given on the command line is checked only against a sha given with it.
+            model_sha256: self.model_sha256.clone(),
+            threads: self.threads,
+            threads_batch: self.threads,
+            memory_budget_mib: self.memory_budget_mib,
+            n_ctx: self.n_ctx,
+            allow_ctx_shrink: self.allow_ctx_shrink.then_some(true),
+            kv_cache_type: self.kv_cache_type.as_deref().map(|s| match s {
+                "q8_0" => KvCacheType::Q8_0,
+                _ => KvCacheType::F16,
+            }),
+            gpu_layers: self.gpu_layers,
+            ..Default::default()
+        }
+    }
+
+    /// The board profile with the flags over it.
+    pub fn engine_config(&self) -> Result<EngineConfig, AppError> {
+        let mut cfg = config::load_board(&self.board, &config::board_dirs(), &self.overrides())?;
+        if self.model.is_some() && self.model_sha256.is_none() {
+            cfg.model_sha256 = None;
+        }
+        if self.no_prefix_cache {
+            cfg.prefix_cache_dir = None;
+        } else if cfg.prefix_cache_dir.is_none() {
+            let cache = std::env::var_os("EDGEACT_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/edgeact"))
+                });
+            cfg.prefix_cache_dir = cache.map(|c| c.join("prefix"));
+        }
+        Ok(cfg)
+    }
+}
+
+impl CalibrateArgs {
+    /// None: as the task file says.
+    pub fn choice(&self) -> Option<bool> {
+        match (self.calibrate, self.no_calibrate) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+fn classify(a: ClassifyArgs) -> Result<ClassifyConfig, AppError> {
+    let engine = a.board.engine_config()?;
+    let task = find_task(&a.task)?;
+    let inputs = match (&a.input, a.texts.is_empty()) {
+        (Some(p), _) if p.as_os_str() == "-" => Inputs::Stdin,
+        (Some(p), _) => Inputs::File(p.clone()),
+        (None, false) => Inputs::Texts(a.texts.clone()),
+        (None, true) if !std::io::stdin().is_terminal() => Inputs::Stdin,
+        (None, true) => return Err(AppError::NoTexts),
+    };
+    let abstain = (a.min_confidence.is_some() || a.min_margin.is_some()).then(|| AbstainRule {
+        min_confidence: a.min_confidence.unwrap_or(task.abstain.min_confidence),
+        min_margin: a.min_margin.unwrap_or(task.abstain.min_margin),
+    });
+    Ok(ClassifyConfig {
+        engine,
+        task,
+        inputs,
+        calibrate: a.calibration.choice(),
+        abstain,
+        path: if a.naive {
+            ScorePath::Naive
+        } else {
+            ScorePath::Fast
+        },
+        batch_size: a.batch_size,
+        pretty: a.pretty,
+        method: a.method.as_deref().and_then(crate::spec::Method::parse),
+    })
+}
+
+fn eval(a: EvalArgs) -> Result<cmd::eval::EvalConfig, AppError> {
+    let mut tasks = vec![find_task(&a.task)?];
+    for t in &a.templates {
+        tasks.push(find_task(t)?);
+    }
+    Ok(cmd::eval::EvalConfig {
+        engine: a.board.engine_config()?,
+        out: a
+            .out
+            .unwrap_or_else(|| PathBuf::from(format!("out/eval-{}", tasks[0].name))),
+        tasks,
+        data: a.data,
+        split: a.split,
+        limit: a.limit,
+        shots: a.shots,
+        shots_split: a.shots_split,
+        calibrate: a.calibration.choice(),
+        batch_size: a.batch_size,
+    })
+}
+
+fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
+    let mut templates = Vec::new();
+    for t in &a.task {
+        templates.push(find_task(t)?);
+    }
+    Ok(cmd::tune::TuneConfig {
+        engine: a.board.engine_config()?,
+        out: a
+            .out
+            .unwrap_or_else(|| PathBuf::from(format!("tasks/{}-tuned.toml", templates[0].name))),
+        templates,
+        shots: a.shots,
+        data: a.data,
+        train_split: a.train_split,
+        dev_split: a.dev_split,
+        limit: a.limit,
+        batch_size: a.batch_size,
+    })
+}
+
+impl HeadArgs {
+    fn poolings(&self) -> Result<Vec<Pooling>, AppError> {
+        self.pooling
+            .iter()
+            .map(|p| {
+                Pooling::parse(p.trim()).ok_or_else(|| {
+                    invalid(
+                        command_line(),
+                        "pooling",
+                        format!("`{p}` is not last, mean or last+mean"),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+fn feature_cache(off: bool) -> Option<PathBuf> {
+    if off {
+        None
+    } else {
+        default_cache_dir()
+    }
+}
+
+fn tune_head(a: TuneArgs) -> Result<cmd::tune_head::TuneHeadConfig, AppError> {
+    let task = find_task(&a.task[0])?;
+    let engine = a.board.engine_config()?;
+    Ok(cmd::tune_head::TuneHeadConfig {
+        out: a
+            .out
+            .unwrap_or_else(|| PathBuf::from(format!("tasks/{}-head.toml", task.name))),
+        task,
+        data: a.data,
+        train_split: a.train_split,
+        dev_split: a.dev_split,
+        per_class: a.head.per_class,
+        limit: a.limit,
+        prompt: a.head.feature_prompt.clone(),
+        poolings: a.head.poolings()?,
+        alphas: a.head.alpha.clone(),
+        max_text_tokens: a.head.max_text_tokens,
+        features: FeatureParams {
+            n_batch_tokens: a.head.feature_batch,
+            ..FeatureParams::for_config(&engine)
+        },
+        cache_dir: feature_cache(a.head.no_feature_cache),
+        engine,
+    })
+}
+
+fn bench(a: BenchArgs) -> Result<cmd::bench::BenchConfig, AppError> {
+    Ok(cmd::bench::BenchConfig {
+        engine: a.board.engine_config()?,
+        task: find_task(&a.task)?,
+        data: a.data,
+        limit: a.limit,
+        batch_size: a.batch_size,
+        naive_limit: a.naive_limit.unwrap_or(a.limit),
+    })
+}
+
+fn bench_accuracy(a: BenchAccuracyArgs) -> Result<cmd::bench_accuracy::FiguresConfig, AppError> {
+    use cmd::bench_accuracy::{default_feature, FiguresConfig, Row};
+    let engine = a.board.engine_config()?;
+    let bad = |key: &str, v: &str| {
+        invalid(
+            command_line(),
+            key,
+            format!("`{v}` is not one of the choices (see --help)"),
+        )
+    };
+    let pooling = Pooling::parse(&a.pooling).ok_or_else(|| bad("pooling", &a.pooling))?;
+    let mut rows = Vec::new();
+    for r in &a.rows {
+        rows.push(Row::parse(r.trim()).ok_or_else(|| bad("rows", r))?);
+    }
+    Ok(FiguresConfig {
+        task: find_task(&a.task)?,
+        data: a.data,
+        train_split: defaults::tune::TRAIN_SPLIT.into(),
+        dev_split: defaults::tune::DEV_SPLIT.into(),
+        test_split: defaults::bench_accuracy::TEST_SPLIT.into(),
+        limit: a.limit,
+        dev_limit: a.dev_limit,
+        shots: a.shots,
+        head_k: a.head_k,
+        feature: default_feature(pooling, a.max_text_tokens),
+        alpha: a.alpha,
+        features: FeatureParams {
+            n_batch_tokens: a.feature_batch,
+            ..FeatureParams::for_config(&engine)
+        },
+        cache_dir: feature_cache(a.no_feature_cache),
+        batch_size: a.batch_size,
+        rows,
+        engine,
+    })
+}
+
+impl ReactArgs {
+    /// The `react` / `qa` config: the task with the flags' seed and time limit over it.
+    pub fn config(&self) -> Result<cmd::react::ReactConfig, AppError> {
+        let mut spec = find_react_task(&self.task)?;
+        if let Some(s) = self.seed {
+            spec.seed = s;
+        }
+        if let Some(t) = self.timeout_ms {
+            spec.timeout_ms = t;
+        }
+        Ok(cmd::react::ReactConfig {
+            engine: self.board.engine_config()?,
+            spec,
+            questions: self.questions.clone(),
+            session: self.session.clone(),
+            session_dir: self
+                .session_dir
+                .clone()
+                .unwrap_or_else(|| state_dir().join("sessions")),
+            grammar: !self.no_grammar,
+            pretty: self.pretty,
+        })
+    }
+}
+
+fn react_eval(a: ReactEvalArgs) -> Result<cmd::react_eval::ReactEvalConfig, AppError> {
+    let mut spec = find_react_task(&a.task)?;
+    if let Some(s) = a.seed {
+        spec.seed = s;
+    }
+    if let Some(t) = a.timeout_ms {
+        spec.timeout_ms = t;
+    }
+    Ok(cmd::react_eval::ReactEvalConfig {
+        engine: a.board.engine_config()?,
+        out_dir: a
+            .out
+            .unwrap_or_else(|| PathBuf::from(format!("out/react-eval-{}", spec.name))),
+        spec,
+        scenarios: a.scenarios,
+        limit: a.limit,
+        baseline: a.baseline,
+        qa: a.qa,
+        ks: a.k,
+        retrieval_only: a.retrieval_only,
+    })
+}
+
+/// The task's validated `[monitor]` section; a task without one is a usage error.
+fn monitor(a: MonitorArgs) -> Result<cmd::monitor::ReplayConfig, AppError> {
+    let task = find_task(&a.task)?;
+    let Some(monitor) = crate::monitor::MonitorConfig::from_task(&task)? else {
+        return Err(invalid(
+            &task.path,
+            "monitor",
+            "the task has no [monitor] section".into(),
+        ));
+    };
+    let labels = match a.label_field {
+        Some(f) => cmd::monitor::Labels::Field(f),
+        None => cmd::monitor::Labels::Model(a.board.engine_config()?),
+    };
+    Ok(cmd::monitor::ReplayConfig {
+        task,
+        monitor,
+        data: a.data,
+        labels,
+        state: a.state,
+        batch_size: a.batch_size,
+    })
+}
+
+/// The task's validated `[rank]` section; a task without one is a usage error.
+fn rank_section(task: &Task) -> Result<RankConfig, AppError> {
+    RankConfig::from_task(task)?
+        .ok_or_else(|| invalid(&task.path, "rank", "the task has no [rank] section".into()))
+}
+
+fn rank(a: RankArgs) -> Result<cmd::rank::RankRunConfig, AppError> {
+    let task = find_task(&a.task)?;
+    let rank = rank_section(&task)?;
+    let profile = std::fs::read_to_string(&a.profile).map_err(|source| AppError::Input {
+        what: a.profile.display().to_string(),
+        source,
+    })?;
+    Ok(cmd::rank::RankRunConfig {
+        engine: a.board.engine_config()?,
+        task,
+        rank,
+        profile,
+        items: a.items,
+        top_k: a.top_k,
+        min_score: a.min_score,
+        calibrate: a.calibration.choice(),
+        batch_size: a.batch_size,
+    })
+}
+
+fn rank_eval(a: RankEvalArgs) -> Result<cmd::rank_eval::RankEvalConfig, AppError> {
+    let task = find_task(&a.task)?;
+    let rank = rank_section(&task)?;
+    Ok(cmd::rank_eval::RankEvalConfig {
+        engine: a.board.engine_config()?,
+        task,
+        rank,
+        data: a.data,
+        families: a.families,
+        split: a.split,
+        relevant: a.relevant,
+        candidates: a.candidates,
+        k: a.k,
+        seed: a.seed,
+        random_runs: a.random_runs,
+        calibrate: a.calibration.choice(),
+        batch_size: a.batch_size,
+        out: a.out,
+    })
+}

@@ -1,0 +1,279 @@
+//! `edgeact bench`: load time, memory against the estimate, and classifications per second
+//! of each scoring path over the same inputs (figures printed, nothing asserted).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::classify::input;
+use crate::classify::{Classifier, Request, ScorePath};
+use crate::model::config::EngineConfig;
+use crate::model::{self, Engine};
+use crate::spec::Task;
+use crate::util::proc::rss_mib;
+use crate::util::stats::percentile;
+
+use super::AppError;
+
+/// Settings of `edgeact bench`.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub engine: EngineConfig,
+    pub task: Task,
+    /// JSON-lines requests to classify (a `label` field, when present, is scored).
+    pub data: PathBuf,
+    pub limit: usize,
+    pub batch_size: usize,
+    /// Requests the naive path runs on (the first ones).
+    pub naive_limit: usize,
+}
+
+/// `edgeact bench`: load time, memory against the estimate, and classifications per
+/// second on each scoring path over the same inputs, printed as a table (nothing asserted).
+pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
+    let t0 = std::time::Instant::now();
+    let mut engine = Engine::load(&crate::spec::config_for_tasks(&cfg.engine, [&cfg.task])?, 1)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = std::time::Instant::now();
+    let mut classifier = Classifier::new(&mut engine, cfg.task, 0, None, None)?;
+    let prefix_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let (reqs, gold) = read_requests(&cfg.data, cfg.limit)?;
+    let pruning = classifier.task.prune_margin_nats;
+    let rows = rows(&classifier, cfg.batch_size);
+    writeln!(
+        out,
+        "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs",
+        engine.info.path.display(),
+        engine.info.board,
+        classifier.task.name,
+        classifier.task.labels.len(),
+        classifier.prefix_len(),
+        reqs.len()
+    )
+    .map_err(AppError::Output)?;
+    writeln!(
+        out,
+        "load {load_ms:.0} ms (model + context), prefix {prefix_ms:.0} ms ({:?}), estimate {} MiB ({})",
+        classifier.prefix_source,
+        engine.info.estimate_mib,
+        engine.info.estimate.detail()
+    )
+    .map_err(AppError::Output)?;
+    writeln!(
+        out,
+        "| path | batch | classif/s | p50 ms | p99 ms | decoded tok/request | accuracy | speed-up |\n|---|---|---|---|---|---|---|---|"
+    )
+    .map_err(AppError::Output)?;
+    let mut base_rate = None;
+    for row in rows {
+        classifier.task.prune_margin_nats = if row.prune { pruning } else { None };
+        // The two slow reference paths run on the first `naive_limit` requests only.
+        let n = match row.path {
+            Some(ScorePath::Fast) => reqs.len(),
+            _ => cfg.naive_limit.clamp(1, reqs.len().max(1)).min(reqs.len()),
+        };
+        let m = measure(&classifier, &mut engine, &row, &reqs[..n], &gold[..n]);
+        let base = *base_rate.get_or_insert(m.rate);
+        let name = if n < reqs.len() {
+            format!("{} (first {n})", row.name)
+        } else {
+            row.name.to_string()
+        };
+        writeln!(
+            out,
+            "| {name} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2}x |",
+            row.batch,
+            m.rate,
+            percentile(&m.latencies_ms, 0.5),
+            percentile(&m.latencies_ms, 0.99),
+            m.decoded as f64 / n.max(1) as f64,
+            m.accuracy,
+            m.rate / base
+        )
+        .map_err(AppError::Output)?;
+    }
+    if let Some(m) = pruning {
+        writeln!(out, "pruning margin {m} nats (task prune_margin_nats)")
+            .map_err(AppError::Output)?;
+    }
+    // Prompt processing inside edgeact, comparable with llama-bench's pp test: a fresh
+    // sequence decoded in batches of n, logits for the last token only.
+    let mut pp = Vec::new();
+    for n in [16usize, 64, 256] {
+        if n <= engine.n_batch() {
+            pp.push(format!(
+                "{:.0} tok/s at batch {n}",
+                engine.prompt_rate(512, n)?
+            ));
+        }
+    }
+    writeln!(out, "prompt processing: {}", pp.join(", ")).map_err(AppError::Output)?;
+    let (peak, now) = rss_mib();
+    writeln!(
+        out,
+        "peak RSS {peak:.0} MiB (now {now:.0} MiB) against an estimate of {} MiB",
+        engine.info.estimate_mib
+    )
+    .map_err(AppError::Output)?;
+    Ok(())
+}
+
+/// The first `limit` parsable requests of the data, and their gold labels when given.
+fn read_requests(
+    data: &Path,
+    limit: usize,
+) -> Result<(Vec<Request>, Vec<Option<String>>), AppError> {
+    let text = std::fs::read(data).map_err(|source| AppError::Input {
+        what: data.display().to_string(),
+        source,
+    })?;
+    let mut reqs = Vec::new();
+    let mut gold = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        if let Ok(Some(r)) = input::parse_line(line, i + 1) {
+            gold.push(r.fields.get("label").cloned());
+            reqs.push(r);
+        }
+        if reqs.len() >= limit {
+            break;
+        }
+    }
+    Ok((reqs, gold))
+}
+
+/// One row of the table: a scoring path at a batch size, with or without pruning.
+struct Row {
+    name: &'static str,
+    /// `None`: prefix reuse with each label scored on its own (no label trie).
+    path: Option<ScorePath>,
+    batch: usize,
+    prune: bool,
+}
+
+/// The rows, slowest first; the pruned row only where pruning can change anything.
+fn rows(classifier: &Classifier, batch_size: usize) -> Vec<Row> {
+    let row = |name, path, batch, prune| Row {
+        name,
+        path,
+        batch,
+        prune,
+    };
+    let multi_token = !classifier.trie().decoded.is_empty();
+    let mut rows = vec![
+        row(
+            "naive (every label from scratch)",
+            Some(ScorePath::Naive),
+            1,
+            false,
+        ),
+        row("prefix reuse, labels one by one", None, 1, false),
+        row("prefix reuse + label trie", Some(ScorePath::Fast), 1, false),
+    ];
+    if classifier.task.prune_margin_nats.is_some() && multi_token {
+        rows.push(row("+ pruned label search", Some(ScorePath::Fast), 1, true));
+    }
+    rows.push(row(
+        "+ micro-batching",
+        Some(ScorePath::Fast),
+        batch_size.max(1),
+        true,
+    ));
+    rows
+}
+
+/// What one row measured.
+struct Measured {
+    rate: f64,
+    /// Per request (a batch's time for each of its requests), sorted.
+    latencies_ms: Vec<f64>,
+    decoded: usize,
+    /// `0.875`, or `-` without gold labels.
+    accuracy: String,
+}
+
+fn measure(
+    classifier: &Classifier,
+    engine: &mut Engine,
+    row: &Row,
+    reqs: &[Request],
+    gold: &[Option<String>],
+) -> Measured {
+    let mut lat = Vec::new();
+    let mut decoded = 0usize;
+    let mut correct = 0usize;
+    let mut labeled = 0usize;
+    let start = std::time::Instant::now();
+    for (chunk, g) in reqs.chunks(row.batch).zip(gold.chunks(row.batch)) {
+        let t = std::time::Instant::now();
+        let res: Vec<Option<(String, usize)>> = match row.path {
+            Some(path) => classifier
+                .classify_many(engine, chunk, path)
+                .into_iter()
+                .map(|r| r.ok().map(|r| (r.top_label, r.tokens.decoded)))
+                .collect(),
+            None => chunk
+                .iter()
+                .map(|r| labels_one_by_one(classifier, engine, r))
+                .collect(),
+        };
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        for (r, g) in res.into_iter().zip(g) {
+            lat.push(ms);
+            if let Some((top_label, n_decoded)) = r {
+                decoded += n_decoded;
+                if let Some(g) = g {
+                    labeled += 1;
+                    correct += usize::from(&top_label == g);
+                }
+            }
+        }
+    }
+    let rate = reqs.len() as f64 / start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Measured {
+        rate,
+        latencies_ms: lat,
+        decoded,
+        accuracy: if labeled > 0 {
+            format!("{:.3}", correct as f64 / labeled as f64)
+        } else {
+            "-".into()
+        },
+    }
+}
+
+/// The bench's middle path: the cached prefix is reused, but each label is scored by its own
+/// `score` call (the request's suffix decoded again each time, no label trie shared), as a
+/// prompt cache without label batching would. Returns the top label (by the task's score,
+/// uncalibrated) and the tokens decoded; `None` when the request fails.
+fn labels_one_by_one(
+    classifier: &Classifier,
+    engine: &mut Engine,
+    req: &Request,
+) -> Option<(String, usize)> {
+    let prepared = classifier.prepare(engine, req).ok()?;
+    let trie = classifier.trie();
+    let mut best: Option<(f64, usize)> = None;
+    let mut decoded = 0;
+    for (i, path) in trie.paths.iter().enumerate() {
+        let tokens: Vec<_> = path.iter().map(|&n| trie.nodes[n].token).collect();
+        let one = crate::model::scoring::LabelTrie::new(&[tokens]).ok()?;
+        let job = model::ScoreJob {
+            // `bench` prepares its one task in prefix slot 0.
+            prefix: Some(0),
+            tokens: &prepared.tokens,
+            trie: &one,
+            pruning: None,
+        };
+        let out = engine.score(std::slice::from_ref(&job)).ok()?.pop()?;
+        let label = out.labels.first()?;
+        decoded += out.decoded_tokens;
+        let score = match classifier.task.score {
+            crate::spec::ScoreNorm::Total => label.total,
+            crate::spec::ScoreNorm::Mean => label.mean,
+        };
+        if best.is_none_or(|(b, _)| score > b) {
+            best = Some((score, i));
+        }
+    }
+    best.map(|(_, i)| (classifier.task.labels[i].name.clone(), decoded))
+}

@@ -1,0 +1,86 @@
+//! `edgeact rank`: candidate items (JSON lines) ranked for a profile by a task with a
+//! `[rank]` section; the ranked items as JSON lines, best first.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use super::AppError;
+use crate::model::config::EngineConfig;
+use crate::model::Engine;
+use crate::rank::{item_from_line, RankConfig, Ranker};
+use crate::spec::Task;
+
+/// Everything `edgeact rank` runs with.
+#[derive(Debug, Clone)]
+pub struct RankRunConfig {
+    pub engine: EngineConfig,
+    pub task: Task,
+    pub rank: RankConfig,
+    pub profile: String,
+    pub items: PathBuf,
+    pub top_k: Option<usize>,
+    pub min_score: Option<f64>,
+    pub calibrate: Option<bool>,
+    pub batch_size: usize,
+}
+
+/// `edgeact rank`: prints the ranked items as JSON lines, best first.
+pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
+    let reader = std::io::BufReader::new(std::fs::File::open(&cfg.items).map_err(|source| {
+        AppError::Input {
+            what: cfg.items.display().to_string(),
+            source,
+        }
+    })?);
+    let mut items = Vec::new();
+    let mut failed = 0;
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.map_err(|source| AppError::Input {
+            what: cfg.items.display().to_string(),
+            source,
+        })?;
+        match item_from_line(&line, i + 1) {
+            Ok(Some(it)) => items.push(it),
+            Ok(None) => {}
+            Err(msg) => {
+                failed += 1;
+                tracing::warn!("{}: {msg}", cfg.items.display());
+            }
+        }
+    }
+    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let ranker = Ranker::new(
+        &mut engine,
+        &cfg.task,
+        &cfg.rank,
+        &cfg.profile,
+        0,
+        cfg.calibrate,
+    )?;
+    let mut ok = Vec::new();
+    for (item, r) in items
+        .iter()
+        .zip(ranker.score(&mut engine, &items, cfg.batch_size))
+    {
+        match r {
+            Ok(r) => ok.push(r),
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(id = %item.id, "{e}");
+            }
+        }
+    }
+    let total = items.len();
+    for r in ranker.rank(ok, cfg.top_k, cfg.min_score) {
+        let v = serde_json::to_string(&r).unwrap_or_default();
+        writeln!(out, "{v}").map_err(AppError::Output)?;
+    }
+    out.flush().map_err(AppError::Output)?;
+    if failed > 0 {
+        return Err(AppError::SomeRecordsFailed {
+            failed,
+            total: total + failed,
+        });
+    }
+    Ok(())
+}

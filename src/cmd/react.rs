@@ -1,0 +1,93 @@
+//! `edgeact react`: each question through the grammar-guarded ReAct loop (with the task's
+//! tools and, with a session id, its earlier turns); the answer on one line, then the trace
+//! as JSON.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::model::config::EngineConfig;
+use crate::model::Engine;
+use crate::react::agent::{self, EngineGenerator, RunOptions, Turn};
+use crate::react::kb::Kb;
+use crate::react::session;
+use crate::react::tools::Toolbox;
+use crate::react::ReactError;
+use crate::spec::react::ReactSpec;
+
+/// Settings of `edgeact react` and `edgeact qa`.
+#[derive(Debug, Clone)]
+pub struct ReactConfig {
+    pub engine: EngineConfig,
+    pub spec: ReactSpec,
+    pub questions: Vec<String>,
+    /// Carry earlier turns of this session (and record this one).
+    pub session: Option<String>,
+    pub session_dir: PathBuf,
+    pub grammar: bool,
+    pub pretty: bool,
+}
+
+/// The task's knowledge base, when it has one.
+pub(super) fn load_kb(spec: &ReactSpec) -> Result<Option<Arc<Kb>>, ReactError> {
+    Ok(match &spec.kb {
+        Some(k) => Some(Arc::new(Kb::load(&k.dir)?)),
+        None => None,
+    })
+}
+
+pub(super) fn write_json(
+    out: &mut dyn Write,
+    v: &impl serde::Serialize,
+    pretty: bool,
+) -> Result<(), ReactError> {
+    // Plain data structures: serializing cannot fail.
+    let s = if pretty {
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    } else {
+        serde_json::to_string(v).unwrap_or_default()
+    };
+    writeln!(out, "{s}").map_err(ReactError::Output)
+}
+
+/// Each question through the loop: the answer on one line, then the trace as JSON.
+pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
+    if cfg.questions.is_empty() {
+        return Err(ReactError::Usage("give a question".into()));
+    }
+    let kb = load_kb(&cfg.spec)?;
+    let mut engine = Engine::load(&cfg.engine, 1)?;
+    let mut tools = Toolbox::new(&cfg.spec, kb);
+    let (mut gen, source) = EngineGenerator::new(&mut engine, cfg.spec.temperature)
+        .with_prefix(0, &agent::render_prefix(&cfg.spec))?;
+    tracing::info!(?source, "task prefix ready");
+    for q in &cfg.questions {
+        let history = match &cfg.session {
+            Some(id) => session::load(&cfg.session_dir, id)?,
+            None => Vec::new(),
+        };
+        let trace = agent::run(
+            &cfg.spec,
+            q,
+            &history,
+            &mut gen,
+            &mut tools,
+            RunOptions {
+                grammar: cfg.grammar,
+            },
+        )?;
+        writeln!(out, "{}", trace.answer).map_err(ReactError::Output)?;
+        write_json(out, &trace, cfg.pretty)?;
+        if let Some(id) = &cfg.session {
+            session::append(
+                &cfg.session_dir,
+                id,
+                Turn {
+                    question: q.clone(),
+                    answer: trace.answer.clone(),
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
