@@ -94,3 +94,60 @@ pub fn init_logging(verbose: u8) {
         .with_target(false)
         .init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::mqtt::MqttConfigError;
+
+    /// One error of each kind, and the code tests/cli.rs, tests/bad_input.rs and the README
+    /// promise for it.
+    #[test]
+    fn exit_codes_by_kind() {
+        let load = || EngineError::Load {
+            path: "m.gguf".into(),
+        };
+        let decode = || EngineError::Decode("x".into());
+        let io = || std::io::Error::other("x");
+        let cases: Vec<(AppError, u8)> = vec![
+            (AppError::NoTexts, 1),
+            (AppError::Output(io()), 1),
+            (AppError::Engine(load()), 3),
+            (AppError::Engine(decode()), 1),
+            (AppError::Engine(EngineError::Grammar("x".into())), 3),
+            (
+                AppError::SomeRecordsFailed {
+                    failed: 1,
+                    total: 2,
+                },
+                4,
+            ),
+            (AppError::React(ReactError::Usage("x".into())), 2),
+            (AppError::React(ReactError::Engine(load())), 3),
+            (
+                AppError::React(ReactError::Engine(EngineError::Grammar("x".into()))),
+                1,
+            ),
+            (AppError::React(ReactError::Output(io())), 1),
+            (AppError::Serve(ServeError::NoBroker), 1),
+            (
+                AppError::Serve(ServeError::Worker(WorkerError::Engine(load()))),
+                3,
+            ),
+            (
+                AppError::Serve(ServeError::Worker(WorkerError::Engine(decode()))),
+                1,
+            ),
+            (
+                AppError::Serve(ServeError::Mqtt(MqttConfigError::Invalid {
+                    key: "k".into(),
+                    reason: "r".into(),
+                })),
+                2,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(exit_code(&e), code, "{e:?}");
+        }
+    }
+}

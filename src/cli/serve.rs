@@ -340,6 +340,7 @@ mod tests {
             format!("default {}/<device_id>", D::TOPIC_ROOT),
             format!("default {}", D::FLEET_PREFIX),
             format!("default {}-<device_id>", D::TOPIC_ROOT),
+            format!("default: {}", super::defaults::TASK),
             "Default: all three".to_string(),
         ] {
             assert!(help.contains(&needle), "`{needle}` not in: {help}");
