@@ -1,7 +1,6 @@
 //! `edgeact monitor`: replays JSON lines (event time in a field) through a task's monitor
 //! rules and prints the incident messages as JSON lines. Labels come from the model (the
-//! task's classifier) or, with `label_field`, from the data itself. Also builds synthetic
-//! timelines (background of mixed messages, then a surge of one label) for tests and demos.
+//! task's classifier) or, with `label_field`, from the data itself.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -16,7 +15,6 @@ use crate::cmd::AppError;
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
 use crate::spec::Task;
-use crate::util::rng::SplitMix64;
 
 /// Event time of a message in ms: the `ts_field` in seconds (a number or a numeric string).
 pub fn event_time_ms(fields: &BTreeMap<String, String>, ts_field: &str) -> Option<i64> {
@@ -197,71 +195,4 @@ fn monitor_err(e: MonitorError) -> AppError {
             AppError::Config(crate::model::config::ConfigError::Invalid { path, key, reason })
         }
     }
-}
-
-/// A synthetic stream: a flat background of messages (labels and texts drawn from `pool`)
-/// spread over `keys`, and optionally a surge of `surge_label` in one key.
-#[derive(Debug, Clone)]
-pub struct TimelineSpec {
-    pub start_ts_s: f64,
-    pub duration_s: f64,
-    /// Background messages per minute, all keys together (Poisson).
-    pub background_per_min: f64,
-    pub keys: Vec<String>,
-    /// Name of the key field written in each message.
-    pub key_field: String,
-    pub surge: Option<Surge>,
-    pub seed: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct Surge {
-    pub label: String,
-    pub key: String,
-    /// Offsets from `start_ts_s`.
-    pub from_s: f64,
-    pub to_s: f64,
-    /// Extra messages of the label per minute during the surge (Poisson).
-    pub per_min: f64,
-}
-
-/// Builds the timeline as JSON objects `{"id","ts","<key_field>","text","label"}` sorted
-/// by `ts`. `pool` is (label, text) pairs, for instance a labelled data set.
-pub fn synthetic_timeline(pool: &[(String, String)], spec: &TimelineSpec) -> Vec<Value> {
-    let mut rng = SplitMix64(spec.seed);
-    let mut rows: Vec<(f64, String, String, String)> = Vec::new();
-    if !pool.is_empty() && !spec.keys.is_empty() && spec.background_per_min > 0.0 {
-        let mut t = rng.exponential(spec.background_per_min / 60.0);
-        while t < spec.duration_s {
-            let (label, text) = &pool[rng.below(pool.len())];
-            let key = &spec.keys[rng.below(spec.keys.len())];
-            rows.push((t, key.clone(), label.clone(), text.clone()));
-            t += rng.exponential(spec.background_per_min / 60.0);
-        }
-    }
-    if let Some(s) = &spec.surge {
-        let of_label: Vec<&(String, String)> = pool.iter().filter(|(l, _)| *l == s.label).collect();
-        if !of_label.is_empty() && s.per_min > 0.0 {
-            let mut t = s.from_s + rng.exponential(s.per_min / 60.0);
-            while t < s.to_s.min(spec.duration_s) {
-                let (label, text) = of_label[rng.below(of_label.len())];
-                rows.push((t, s.key.clone(), label.clone(), text.clone()));
-                t += rng.exponential(s.per_min / 60.0);
-            }
-        }
-    }
-    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
-    rows.into_iter()
-        .enumerate()
-        .map(|(i, (t, key, label, text))| {
-            let mut v = json!({
-                "id": format!("m{i}"),
-                "ts": ((spec.start_ts_s + t) * 1000.0).round() / 1000.0,
-                "text": text,
-                "label": label,
-            });
-            v[&spec.key_field] = json!(key);
-            v
-        })
-        .collect()
 }
