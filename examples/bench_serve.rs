@@ -9,10 +9,15 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "common/mod.rs"]
-mod common;
+// From the test kit: Mosquitto and stopping a child; the benchmarks use part of it.
+#[path = "../tests/testkit/bench.rs"]
+mod bench;
+#[allow(dead_code)]
+#[path = "../tests/testkit/broker.rs"]
+mod broker;
 
-use common::{free_port, repo_and_binary, start_broker, stop};
+use bench::repo_and_binary;
+use broker::{terminate, Broker};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 /// Receive times of results by request id.
@@ -81,22 +86,12 @@ fn main() {
     let (root, bin) = repo_and_binary();
     let dir = std::env::temp_dir().join(format!("edgeact-bench-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
     // Persistent, so the outage phase restarts the same broker with its sessions.
-    let broker_conf = format!(
-        "persistence true\npersistence_location {}/\nmax_inflight_messages 1000\n",
-        dir.display()
-    );
-    let mut broker = start_broker(&dir, port, &broker_conf);
+    let mut broker = Broker::start_with(&dir, "allow_anonymous true\nmax_inflight_messages 1000\n");
+    let port = broker.port;
     let mut daemon = Command::new(&bin)
         .current_dir(&root)
-        .args([
-            "serve",
-            "--broker",
-            &format!("mqtt://127.0.0.1:{port}"),
-            "--device-id",
-            "bench",
-        ])
+        .args(["serve", "--broker", &broker.url(), "--device-id", "bench"])
         .arg("--outbox-dir")
         .arg(dir.join("outbox"))
         .args(["--queue-capacity", "100000"])
@@ -141,11 +136,11 @@ fn main() {
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop(&mut broker);
+    broker.stop();
     // Let the daemon classify what it already received.
     std::thread::sleep(Duration::from_secs((n as u64 / 25).max(3)));
     let delivered_before = seen.lock().unwrap().len() - base;
-    broker = start_broker(&dir, port, &broker_conf);
+    broker.restart();
     let t1 = Instant::now();
     let ok = wait_count(&seen, base + n, 600);
     let replay_s = t1.elapsed().as_secs_f64();
@@ -165,7 +160,7 @@ fn main() {
         "| outage of {n} requests | {delivered_before} delivered before the cut, {replayed} after reconnect in {replay_s:.2} s{} |",
         if ok { "" } else { " (INCOMPLETE)" }
     );
-    stop(&mut daemon);
-    stop(&mut broker);
+    terminate(&mut daemon);
+    broker.stop();
     println!("(daemon log: {})", dir.join("daemon.log").display());
 }

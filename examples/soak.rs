@@ -11,10 +11,15 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "common/mod.rs"]
-mod common;
+// From the test kit: Mosquitto and stopping a child; the benchmarks use part of it.
+#[path = "../tests/testkit/bench.rs"]
+mod bench;
+#[allow(dead_code)]
+#[path = "../tests/testkit/broker.rs"]
+mod broker;
 
-use common::{free_port, repo_and_binary, start_broker, stop};
+use bench::repo_and_binary;
+use broker::{terminate, Broker};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 /// VmRSS and VmHWM of a process, MiB.
@@ -50,17 +55,11 @@ fn main() {
     let (root, bin) = repo_and_binary();
     let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let mut broker = start_broker(&dir, port, "persistence false\n");
+    let mut broker = Broker::start_volatile(&dir, "allow_anonymous true\n");
+    let port = broker.port;
     let mut daemon = Command::new(&bin)
         .current_dir(&root)
-        .args([
-            "serve",
-            "--broker",
-            &format!("mqtt://127.0.0.1:{port}"),
-            "--device-id",
-            "soak",
-        ])
+        .args(["serve", "--broker", &broker.url(), "--device-id", "soak"])
         .arg("--outbox-dir")
         .arg(dir.join("outbox"))
         .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
@@ -233,7 +232,7 @@ fn main() {
         );
     }
     drop(g);
-    stop(&mut daemon);
-    stop(&mut broker);
+    terminate(&mut daemon);
+    broker.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

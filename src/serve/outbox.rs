@@ -496,70 +496,6 @@ impl Outbox {
     }
 }
 
-/// The payload the power-loss stress writer (`edgeact outbox-stress`) records for `seq`:
-/// derived from the seq alone, with a length that varies from 20 to about 1 000 bytes, so
-/// a reader can check every record it gets back.
-pub fn stress_payload(seq: u64) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let n = (seq.wrapping_mul(2_654_435_761) % 997) as usize;
-    let fill: String = (0..n)
-        .map(|i| ALPHABET[(seq as usize).wrapping_add(i * 7) % ALPHABET.len()] as char)
-        .collect();
-    format!("{{\"seq\":{seq},\"fill\":\"{fill}\"}}")
-}
-
-/// Whether the stress writer acks `seq` right after putting it (nine of every ten).
-pub fn stress_writer_acks(seq: u64) -> bool {
-    !seq.is_multiple_of(10)
-}
-
-/// The power-loss stress writer behind the hidden `edgeact outbox-stress`: opens the outbox
-/// in `dir` (fsync on every put), then forever puts `stress/<seq>` with
-/// [`stress_payload`], and prints `P <seq> <file_bytes>` once `put_all` has returned (the
-/// record is durable), then acks nine of every ten and prints `A <seq> <file_bytes>`. The
-/// first line is `O <torn_records> <live messages> <file_bytes>`. It stops at `max_puts`
-/// puts or when `out` fails.
-pub fn stress_writer(dir: &Path, max_puts: u64, out: &mut impl Write) -> Result<(), OutboxError> {
-    let mut ob = Outbox::open(dir, OutboxLimits::default())?;
-    let opened = format!(
-        "O {} {} {}\n",
-        ob.counters.torn_records,
-        ob.len(),
-        ob.file_bytes()
-    );
-    if !emit(out, &opened) {
-        return Ok(());
-    }
-    for _ in 0..max_puts {
-        let seq = ob.next_seq();
-        let put = ob.put_all(vec![(
-            format!("stress/{seq}"),
-            stress_payload(seq),
-            false,
-            Priority::Normal,
-        )])?;
-        debug_assert_eq!(put.first().map(|m| m.seq), Some(seq));
-        if !emit(out, &format!("P {seq} {}\n", ob.file_bytes())) {
-            return Ok(());
-        }
-        if stress_writer_acks(seq) {
-            ob.ack(seq)?;
-            if !emit(out, &format!("A {seq} {}\n", ob.file_bytes())) {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One line, written and flushed at once: a reader sees whole lines only (pipe writes of
-/// under 4 KiB are atomic). False when the reader is gone.
-fn emit(out: &mut impl Write, text: &str) -> bool {
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,7 +632,7 @@ mod tests {
         Record::Put(Message {
             seq,
             topic: format!("t/{seq}"),
-            payload: stress_payload(seq),
+            payload: format!("{{\"seq\":{seq}}}"),
             retain: false,
             priority: Priority::Normal,
             created_ms: 1,
@@ -825,22 +761,5 @@ mod tests {
             vec!["a", "b"]
         );
         assert_eq!(ob.counters.torn_records, 0);
-    }
-
-    #[test]
-    fn stress_writer_lines_match_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut out = Vec::new();
-        stress_writer(dir.path(), 25, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("O 0 0 0\n"), "{text}");
-        assert_eq!(text.lines().filter(|l| l.starts_with("P ")).count(), 25);
-        let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        // Seqs 10 and 20 are not acked.
-        let live: Vec<(u64, String)> = ob.pending().map(|m| (m.seq, m.payload.clone())).collect();
-        assert_eq!(
-            live,
-            vec![(10, stress_payload(10)), (20, stress_payload(20))]
-        );
     }
 }

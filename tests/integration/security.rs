@@ -4,11 +4,11 @@
 //! wrong password or with the wrong CA it exits with the cause; personal data is redacted
 //! from error records and logs before they leave the device, request ids kept.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{serve_until_exit, wait_online, Daemon, SecureBroker};
+use crate::testkit::daemon::{serve_until_exit, Daemon};
+use crate::testkit::probe::wait_online;
+use crate::testkit::tls::SecureBroker;
 
 #[test]
 fn serves_over_tls_with_credentials_and_the_acl_holds() {

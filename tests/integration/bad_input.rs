@@ -3,14 +3,16 @@
 //! daemon keeps serving after every one, a burst of 10 000 requests is answered or refused
 //! `overloaded` one by one (none lost), and a full disk degrades to direct publishing.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{result_ids, serve_until_exit, wait_online, Broker, Daemon, Probe, SecureBroker};
+use crate::testkit;
+use crate::testkit::broker::Broker;
+use crate::testkit::daemon::{serve_until_exit, Daemon};
+use crate::testkit::probe::{result_ids, wait_online, Probe};
+use crate::testkit::tls::SecureBroker;
 
 const PREFIX: &str = "edgeact/badin";
 const REQ: &str = "edgeact/badin/sentiment/request";
@@ -414,7 +416,7 @@ fn full_disk_degrades_to_direct_publishing() {
 #[test]
 fn startup_mistakes_exit_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::board().model_path;
+    let model = testkit::board().model_path;
     let bytes = std::fs::read(&model).unwrap();
     let corrupt = dir.path().join("corrupt.gguf");
     {

@@ -1,5 +1,6 @@
-//! Power loss of the outbox: the hidden `edgeact outbox-stress` writer is killed with SIGKILL
-//! at random times, 60 times on one folder; after each kill the outbox is reopened through
+//! Power loss of the outbox: the outbox writer ([`stress_writer`], in a child process: this
+//! test binary again, running only [`stress_writer_process`]) is killed with SIGKILL at
+//! random times, 60 times on one folder; after each kill the outbox is reopened through
 //! the library and every put it reported as returned (fsynced) must be there with its exact
 //! payload, every reported ack must hold, and no message may be half-read. Every other
 //! round also simulates the page cache being lost with the power: the log is cut at a random
@@ -13,15 +14,67 @@
 //! (sync_data / sync_all) does what it promises, which only pulling the plug on real
 //! hardware can check.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edgeact::serve::outbox::{stress_payload, stress_writer_acks, Outbox, OutboxLimits};
+use edgeact::serve::outbox::{Outbox, OutboxLimits};
+
+use crate::testkit::stress_writer::{stress_payload, stress_writer, stress_writer_acks};
+
+/// Set in the child process to the outbox folder: turns [`stress_writer_process`] into the
+/// writer.
+const WRITER_DIR_ENV: &str = "EDGEACT_STRESS_WRITER_DIR";
+
+/// The child process of [`acknowledged_records_survive_sigkill_and_lost_tails`]: with
+/// `EDGEACT_STRESS_WRITER_DIR` set, runs the writer on that folder until killed, its lines
+/// on stderr (the test harness prints its own lines on stdout). Without it, as in any
+/// ordinary run of the tests, it returns at once.
+#[test]
+fn stress_writer_process() {
+    let Some(dir) = std::env::var_os(WRITER_DIR_ENV) else {
+        return;
+    };
+    // Straight to the stderr handle: the harness captures only print!/eprint!.
+    let mut out = std::io::stderr().lock();
+    stress_writer(Path::new(&dir), u64::MAX, &mut out).expect("outbox writer");
+}
+
+/// The child: this test binary, only [`stress_writer_process`], on `dir`; its lines come
+/// on its stderr.
+fn spawn_writer(dir: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "powerloss::stress_writer_process",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(WRITER_DIR_ENV, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("re-run the test binary as the writer")
+}
+
+#[test]
+fn stress_writer_lines_match_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = Vec::new();
+    stress_writer(dir.path(), 25, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("O 0 0 0\n"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("P ")).count(), 25);
+    let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
+    // Seqs 10 and 20 are not acked.
+    let live: Vec<(u64, String)> = ob.pending().map(|m| (m.seq, m.payload.clone())).collect();
+    assert_eq!(
+        live,
+        vec![(10, stress_payload(10)), (20, stress_payload(20))]
+    );
+}
 
 /// What the test knows about a seq from the writer's lines.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,13 +210,7 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
     let mut unreported_acks = 0;
     let started = Instant::now();
     for round in 0..rounds {
-        let mut child = Command::new(common::bin())
-            .args(["outbox-stress", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_writer(dir.path());
         // Mostly mid-stream; one round in eight right at start-up (inside the opening
         // replay and compaction).
         let delay_ms = if rng.below(8) == 0 {
@@ -176,7 +223,7 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
         child.wait().unwrap();
         let mut out = String::new();
         child
-            .stdout
+            .stderr
             .take()
             .unwrap()
             .read_to_string(&mut out)

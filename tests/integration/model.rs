@@ -2,8 +2,6 @@
 //! label scoring paths against the naive reference, accuracy on a labeled set, calibration,
 //! truncation and the token budget.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -11,6 +9,8 @@ use edgeact::classify::{Classifier, RecordError, Request, ScorePath};
 use edgeact::model::scoring::{softmax, Pruning};
 use edgeact::model::{Engine, ScoreJob};
 use edgeact::spec::Task;
+
+use crate::testkit;
 
 /// A BANKING77-style task with many multi-token labels, more label branches than the
 /// engine has work sequences, so the label trie is scored in several passes.
@@ -103,17 +103,17 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 /// position moves multi-token labels by whole nats and fails it.
 #[test]
 fn fast_paths_match_naive_reference() {
-    let mut engine = common::engine(3);
+    let mut engine = testkit::engine(3);
     let tasks = [
         (
-            common::task("city-event"),
+            testkit::task("city-event"),
             vec![
                 "Huge flames in the tower block",
                 "The river flooded the square",
             ],
         ),
         (
-            common::task("sentiment-zh"),
+            testkit::task("sentiment-zh"),
             vec!["非常高兴", "太糟糕了，再也不来了"],
         ),
         (
@@ -246,7 +246,7 @@ fn fast_paths_match_naive_reference() {
 }
 
 fn labeled(path: &str) -> Vec<(Request, String)> {
-    std::fs::read_to_string(common::root().join(path))
+    std::fs::read_to_string(testkit::root().join(path))
         .unwrap()
         .lines()
         .map(|l| {
@@ -280,8 +280,8 @@ fn accuracy(engine: &mut Engine, c: &Classifier, data: &[(Request, String)]) -> 
 #[test]
 fn accuracy_on_obvious_sentiment_and_calibration() {
     let data = labeled("tests/data/sentiment-obvious.jsonl");
-    let mut engine = common::engine(4);
-    let few = common::task("sentiment");
+    let mut engine = testkit::engine(4);
+    let few = testkit::task("sentiment");
     let mut zero = few.clone();
     zero.examples.clear();
     zero.name = "sentiment-zero-shot".into();
@@ -308,13 +308,13 @@ fn accuracy_on_obvious_sentiment_and_calibration() {
 
 #[test]
 fn truncation_policies_and_budget() {
-    let mut engine = common::engine(3);
+    let mut engine = testkit::engine(3);
     let long = "The service was slow. ".repeat(200);
     for (slot, (policy, max)) in [("keep_head", 32u32), ("keep_tail", 32), ("reject", 32)]
         .into_iter()
         .enumerate()
     {
-        let mut task = common::task("sentiment");
+        let mut task = testkit::task("sentiment");
         task.name = format!("sentiment-{policy}");
         task.input.max_tokens = max;
         task.input.truncate = serde_json::from_value(serde_json::json!(policy)).unwrap();
@@ -352,7 +352,7 @@ fn truncation_policies_and_budget() {
 /// with allow_ctx_shrink a too-large n_ctx is shrunk instead.
 #[test]
 fn budget_refuses_or_shrinks() {
-    let mut cfg = common::board();
+    let mut cfg = testkit::board();
     cfg.memory_budget_mib = 200;
     let err = Engine::load(&cfg, 1)
         .err()
@@ -363,9 +363,9 @@ fn budget_refuses_or_shrinks() {
         "{err}"
     );
 
-    let mut cfg = common::board();
+    let mut cfg = testkit::board();
     cfg.n_ctx = 65_536;
-    let need = edgeact::model::preflight(&common::board(), 1)
+    let need = edgeact::model::preflight(&testkit::board(), 1)
         .unwrap()
         .2
         .estimate
@@ -384,7 +384,7 @@ fn budget_refuses_or_shrinks() {
 fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
     use edgeact::model::PrefixSource;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::board();
+    let mut cfg = testkit::board();
     cfg.prefix_cache_dir = Some(dir.path().to_path_buf());
     let req = Request::text("p", "The staff were kind and the food was great");
     let mut scores = Vec::new();
@@ -408,8 +408,14 @@ fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
             std::fs::write(&state, bytes).unwrap();
         }
         let mut engine = Engine::load(&cfg, 1).unwrap();
-        let c =
-            Classifier::new(&mut engine, common::task("sentiment"), 0, Some(false), None).unwrap();
+        let c = Classifier::new(
+            &mut engine,
+            testkit::task("sentiment"),
+            0,
+            Some(false),
+            None,
+        )
+        .unwrap();
         assert_eq!(c.prefix_source, want, "round {round}");
         let r = c.classify(&mut engine, &req).unwrap();
         assert_eq!(r.tokens.reused, c.prefix_len());
@@ -423,7 +429,7 @@ fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
 fn hidden_state_features_are_finite_model_wide_and_differ() {
     use edgeact::classify::head::{extract_states, FeatureSpec, Pooling};
     use edgeact::model::FeatureParams;
-    let engine = common::engine(1);
+    let engine = testkit::engine(1);
     let n_embd = engine.n_embd();
     assert_eq!(n_embd, 640, "Gemma 3 270M's embedding width");
     let mut fctx = engine

@@ -3,16 +3,16 @@
 //! scale 0 leaves them as without an adapter, that a cached prefix is never reused across
 //! adapters, and that bad adapter files are refused with the key named.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::gguf_writer::{noise, write_gguf, F32Tensor, Meta};
 use edgeact::classify::{Classifier, Request, ScorePath};
 use edgeact::model::{Engine, EngineError, PrefixSource};
 use edgeact::spec::{SpecError, Task};
 use edgeact::util::invalid::Invalid;
+
+use crate::testkit;
+use crate::testkit::gguf_writer::{noise, write_gguf, F32Tensor, Meta};
 
 const RANK: u64 = 4;
 
@@ -63,7 +63,7 @@ fn write_adapter(model: &Path, out: &Path) {
 
 /// The shipped sentiment task with `lora` appended (the path relative to the task file).
 fn task_with(dir: &Path, name: &str, lora: &str) -> Result<Task, SpecError> {
-    let src = std::fs::read_to_string(common::root().join("tasks/sentiment.toml")).unwrap();
+    let src = std::fs::read_to_string(testkit::root().join("tasks/sentiment.toml")).unwrap();
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, format!("{src}\n{lora}\n")).unwrap();
     Task::load(&path)
@@ -78,7 +78,7 @@ const TEXTS: [&str; 4] = [
 
 /// Per input, each label's log-probability, and how the prefix got into the engine.
 fn scores(task: Task, prefix_dir: Option<PathBuf>) -> (Vec<BTreeMap<String, f64>>, PrefixSource) {
-    let mut cfg = common::board();
+    let mut cfg = testkit::board();
     cfg.prefix_cache_dir = prefix_dir;
     let cfg = edgeact::spec::config_for_tasks(&cfg, [&task]).unwrap();
     let mut engine = Engine::load(&cfg, 1).expect("engine");
@@ -112,7 +112,7 @@ fn max_diff(a: &[BTreeMap<String, f64>], b: &[BTreeMap<String, f64>]) -> f64 {
 #[test]
 fn adapter_changes_scores_scale_zero_does_not_and_prefixes_are_keyed_by_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::board().model_path;
+    let model = testkit::board().model_path;
     write_adapter(&model, &dir.path().join("adapter.gguf"));
     let on = task_with(
         dir.path(),
@@ -126,7 +126,7 @@ fn adapter_changes_scores_scale_zero_does_not_and_prefixes_are_keyed_by_it() {
         "[lora]\npath = \"adapter.gguf\"\nscale = 0.0",
     )
     .unwrap();
-    let plain = common::task("sentiment");
+    let plain = testkit::task("sentiment");
     let lora = on.lora.clone().unwrap();
     assert!(lora.path.is_absolute() && lora.path.ends_with("adapter.gguf"));
     assert_eq!(lora.scale, 1.0);
@@ -219,13 +219,13 @@ fn bad_adapters_are_refused_with_the_key_named() {
     )
     .unwrap();
     let other = task_with(dir.path(), "e", "[lora]\npath = \"llama.gguf\"").unwrap();
-    let plain = common::task("sentiment");
+    let plain = testkit::task("sentiment");
     // Two tasks with different adapters cannot share one engine.
     assert!(matches!(
         edgeact::spec::lora_for_tasks([&plain, &other]),
         Err(EngineError::Lora { .. })
     ));
-    let cfg = edgeact::spec::config_for_tasks(&common::board(), [&other]).unwrap();
+    let cfg = edgeact::spec::config_for_tasks(&testkit::board(), [&other]).unwrap();
     match Engine::load(&cfg, 1) {
         Err(EngineError::Lora { reason, .. }) => {
             assert!(reason.contains("architecture"), "{reason}")

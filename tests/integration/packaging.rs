@@ -2,11 +2,7 @@
 //! rendered by scripts/package) agree with the board configs, and every board has a
 //! cargo-deb variant.
 
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::testkit::root;
 
 fn unit_value<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
     unit.lines()

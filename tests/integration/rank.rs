@@ -2,12 +2,12 @@
 //! candidates for a profile; the ranking is sorted, scores are probabilities, a clearly
 //! relevant item outranks a clearly irrelevant one, and the profile prefix is reused.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 
 use edgeact::rank::{Item, RankConfig, Ranker};
+
+use crate::testkit;
 
 const PROFILE: &str =
     "Loves cooking Italian food at home: fresh pasta, pizza dough, risotto and tomato sauces.";
@@ -49,9 +49,9 @@ fn items() -> Vec<Item> {
 
 #[test]
 fn ranking_is_sorted_probabilities_with_the_relevant_item_first() {
-    let task = common::task("rank-interest");
+    let task = testkit::task("rank-interest");
     let cfg = RankConfig::from_task(&task).unwrap().expect("[rank]");
-    let mut engine = common::engine(1);
+    let mut engine = testkit::engine(1);
     let ranker = Ranker::new(&mut engine, &task, &cfg, PROFILE, 0, None).unwrap();
     let items = items();
     let scored: Vec<_> = ranker
@@ -114,8 +114,8 @@ fn cli_rank_prints_the_ranking() {
         })
         .collect();
     std::fs::write(&items_path, text).unwrap();
-    let out = Command::new(common::bin())
-        .current_dir(common::root())
+    let out = Command::new(testkit::bin())
+        .current_dir(testkit::root())
         .args(["rank", "--top-k", "3", "--profile"])
         .arg(&profile)
         .arg("--items")

@@ -4,23 +4,22 @@
 //! used. The classifier's output is the data set's gold label here: the monitor is
 //! downstream of classification, and this isolates it (no model needed).
 
-mod common;
-
 use std::process::Command;
 
-use edgeact::monitor::replay::{
-    event_line, event_time_ms, observation, synthetic_timeline, Surge, TimelineSpec,
-};
+use edgeact::monitor::replay::{event_line, event_time_ms, observation};
 use edgeact::monitor::{EventType, Monitor, MonitorConfig, MonitorEvent};
 use edgeact::spec::Task;
 use serde_json::Value;
+
+use crate::testkit;
+use crate::testkit::timeline::{synthetic_timeline, Surge, TimelineSpec};
 
 const START: f64 = 1_700_000_000.0;
 const SURGE_FROM: f64 = 7200.0;
 const SURGE_TO: f64 = 9000.0;
 
 fn pool() -> Vec<(String, String)> {
-    let path = common::root().join("data/disaster-events.jsonl");
+    let path = testkit::root().join("data/disaster-events.jsonl");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-data)", path.display()));
     text.lines()
@@ -53,7 +52,7 @@ fn spec(surge: bool) -> TimelineSpec {
 }
 
 fn city_event() -> (Task, MonitorConfig) {
-    let task = Task::load(&common::root().join("tasks/city-event.toml")).unwrap();
+    let task = Task::load(&testkit::root().join("tasks/city-event.toml")).unwrap();
     let cfg = MonitorConfig::from_task(&task)
         .unwrap()
         .expect("[monitor] in city-event");
@@ -173,8 +172,8 @@ fn cli_replay_prints_the_same_incidents_and_saves_state() {
     let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
     std::fs::write(&data, text).unwrap();
     let state = dir.path().join("state/monitor.json");
-    let out = Command::new(common::bin())
-        .current_dir(common::root())
+    let out = Command::new(testkit::bin())
+        .current_dir(testkit::root())
         .args([
             "monitor",
             "--task",
@@ -203,8 +202,8 @@ fn cli_replay_prints_the_same_incidents_and_saves_state() {
     assert!(saved["rules"]["fire-jump"]["keys"]["d4"].is_object());
 
     // A task without [monitor] is a usage error naming the section.
-    let out = Command::new(common::bin())
-        .current_dir(common::root())
+    let out = Command::new(testkit::bin())
+        .current_dir(testkit::root())
         .args([
             "monitor",
             "--task",

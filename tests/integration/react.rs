@@ -3,8 +3,6 @@
 //! stop, and a tool off the allow-list is never run, whatever the question says; a simple
 //! kiosk question ends with `final`; `qa` cites a retrieved passage.
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 
@@ -18,14 +16,16 @@ use edgeact::spec::react::ReactSpec;
 use edgeact::spec::step::{parse_step, split_trajectory};
 use edgeact::spec::tool::ToolName;
 
+use crate::testkit;
+
 fn kiosk() -> ReactSpec {
-    ReactSpec::load(&common::root().join("tasks/kiosk.toml")).expect("kiosk task")
+    ReactSpec::load(&testkit::root().join("tasks/kiosk.toml")).expect("kiosk task")
 }
 
 /// One thread for single-token decoding (two for prompts): generation stalls badly at
 /// llama.cpp's per-operation barriers when the test machine's cores are shared.
 fn engine() -> Engine {
-    let mut cfg = common::board();
+    let mut cfg = testkit::board();
     cfg.threads = 1;
     Engine::load(&cfg, 1).expect("engine")
 }
@@ -37,7 +37,7 @@ fn kb(spec: &ReactSpec) -> Arc<Kb> {
 #[test]
 fn llama_grammar_accepts_few_shot_steps_and_rejects_malformed_ones() {
     let spec = kiosk();
-    let engine = common::engine(0);
+    let engine = testkit::engine(0);
     let g = step_grammar(&spec);
     let mut n = 0;
     for ex in &spec.examples {
@@ -190,9 +190,9 @@ fn qa_cites_one_of_the_retrieved_passages() {
 #[test]
 fn cli_usage_errors_exit_2() {
     let run = |args: &[&str]| {
-        Command::new(common::bin())
+        Command::new(testkit::bin())
             .args(args)
-            .current_dir(common::root())
+            .current_dir(testkit::root())
             .output()
             .unwrap()
     };

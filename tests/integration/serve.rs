@@ -2,14 +2,15 @@
 //! model: round trip, broker outage, crash and restart, bad payloads, overload, fleet
 //! sharing, and the stdin pipeline mode.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{result_ids, wait_online, Broker, Daemon, Probe};
+use crate::testkit;
+use crate::testkit::broker::Broker;
+use crate::testkit::daemon::Daemon;
+use crate::testkit::probe::{result_ids, wait_online, Probe};
 
 fn request(i: usize) -> String {
     let text = if i.is_multiple_of(2) {
@@ -303,8 +304,8 @@ fn fleet_shares_one_stream_through_a_shared_subscription() {
 
 #[test]
 fn stdin_pipeline_mode_without_a_broker() {
-    let mut child = Command::new(common::bin())
-        .current_dir(common::root())
+    let mut child = Command::new(testkit::bin())
+        .current_dir(testkit::root())
         .args(["serve", "--task", "sentiment", "--task", "city-event"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -477,7 +478,7 @@ fn rank_requests_over_mqtt_come_back_sorted_and_reuse_the_profile() {
 /// The kiosk task with absolute paths, a long timeout (loaded machines) and its sensors
 /// and notifications from the daemon.
 fn kiosk_copy(dir: &std::path::Path) -> std::path::PathBuf {
-    let root = common::root();
+    let root = testkit::root();
     let src = std::fs::read_to_string(root.join("tasks/kiosk.toml")).unwrap();
     let src = src
         .replace("\"../kb/kiosk\"", &format!("{:?}", root.join("kb/kiosk")))

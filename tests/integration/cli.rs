@@ -1,15 +1,15 @@
 //! The `edgeact` binary end to end on the real model: results, and a clear error (and exit
 //! code) for each kind of bad input, with the good lines of a batch still classified.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+use crate::testkit;
+
 fn edgeact(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(common::bin())
+    let mut child = Command::new(testkit::bin())
         .args(args)
-        .current_dir(common::root())
+        .current_dir(testkit::root())
         .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -303,8 +303,8 @@ fn eval_writes_metrics_consistent_with_its_predictions() {
 fn tune_head_trains_saves_and_classifies_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     // The 40 obvious sentences with splits: 6 per label to train, the rest dev.
-    let src =
-        std::fs::read_to_string(common::root().join("tests/data/sentiment-obvious.jsonl")).unwrap();
+    let src = std::fs::read_to_string(testkit::root().join("tests/data/sentiment-obvious.jsonl"))
+        .unwrap();
     let mut per_label = std::collections::HashMap::new();
     let mut data = String::new();
     for l in src.lines() {

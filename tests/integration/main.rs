@@ -1,0 +1,21 @@
+//! The integration tests: one test binary (llama.cpp linked once), one module per area, the
+//! shared set-up in the test kit (tests/testkit/, shared with the serve benchmarks in
+//! examples/). Most tests run on the real model (scripts/fetch-model) and data
+//! (scripts/fetch-data); the MQTT ones start Debian's Mosquitto themselves.
+//!
+//! One area: `cargo test --release --test integration serve::` (a module path filter).
+
+#[path = "../testkit/mod.rs"]
+mod testkit;
+
+mod bad_input;
+mod cli;
+mod lora;
+mod model;
+mod monitor;
+mod packaging;
+mod powerloss;
+mod rank;
+mod react;
+mod security;
+mod serve;

@@ -1,0 +1,53 @@
+//! The integration tests' kit: the real model, the shipped boards and tasks, the `edgeact`
+//! binary, Mosquitto and the daemon, TLS material, and the test-only generators (LoRA
+//! adapter files, synthetic monitor timelines, the outbox power-loss writer).
+//!
+//! `broker` is plain std: the serve benchmarks in examples/ include it on its own.
+
+pub mod broker;
+pub mod daemon;
+pub mod gguf_writer;
+pub mod probe;
+pub mod stress_writer;
+pub mod timeline;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+
+use edgeact::model::config::{self, BoardFile, EngineConfig};
+use edgeact::model::Engine;
+use edgeact::spec::Task;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The x86-dev board with the model fetched by scripts/fetch-model, made absolute.
+pub fn board() -> EngineConfig {
+    let mut cfg = config::load_board(
+        "x86-dev",
+        &[root().join("board-configs")],
+        &BoardFile::default(),
+    )
+    .expect("x86-dev board");
+    cfg.model_path = root().join(&cfg.model_path);
+    assert!(
+        cfg.model_path.exists(),
+        "{} is missing: run scripts/fetch-model first",
+        cfg.model_path.display()
+    );
+    cfg
+}
+
+pub fn task(name: &str) -> Task {
+    Task::load(&root().join("tasks").join(format!("{name}.toml"))).expect("task")
+}
+
+pub fn engine(slots: usize) -> Engine {
+    Engine::load(&board(), slots).expect("engine")
+}
+
+/// The `edgeact` binary cargo built for these tests.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_edgeact"))
+}
