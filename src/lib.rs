@@ -135,7 +135,12 @@ mod layout_tests {
         for f in &files {
             let rel = f.strip_prefix(&src).unwrap();
             let mut parts = rel.components();
-            let top = parts.next().unwrap().as_os_str().to_string_lossy().to_string();
+            let top = parts
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy()
+                .to_string();
             if parts.next().is_none() {
                 continue; // lib.rs, main.rs
             }
@@ -154,6 +159,10 @@ mod layout_tests {
         assert!(folders > 20, "only {folders} files found under src/*/");
         wrong.sort();
         wrong.dedup();
-        assert!(wrong.is_empty(), "imports against the layers:\n{}", wrong.join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "imports against the layers:\n{}",
+            wrong.join("\n")
+        );
     }
 }

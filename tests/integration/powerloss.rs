@@ -30,13 +30,13 @@ const WRITER_DIR_ENV: &str = "EDGEACT_STRESS_WRITER_DIR";
 
 /// The child process of [`acknowledged_records_survive_sigkill_and_lost_tails`]: with
 /// `EDGEACT_STRESS_WRITER_DIR` set, runs the writer on that folder until killed, its lines
-/// on stderr (the test harness prints its own lines on stdout). Without it, as in any
-/// ordinary run of the tests, it returns at once.
+/// on stderr (the test harness prints its own lines on stdout). Ignored in an ordinary
+/// run: it is not a test of its own, only the parent runs it (with `--ignored`).
 #[test]
+#[ignore = "the child process of the power-loss test, run by it"]
 fn stress_writer_process() {
-    let Some(dir) = std::env::var_os(WRITER_DIR_ENV) else {
-        return;
-    };
+    let dir = std::env::var_os(WRITER_DIR_ENV)
+        .expect("EDGEACT_STRESS_WRITER_DIR (run by the power-loss test)");
     // Straight to the stderr handle: the harness captures only print!/eprint!.
     let mut out = std::io::stderr().lock();
     stress_writer(Path::new(&dir), u64::MAX, &mut out).expect("outbox writer");
@@ -49,6 +49,7 @@ fn spawn_writer(dir: &Path) -> std::process::Child {
         .args([
             "powerloss::stress_writer_process",
             "--exact",
+            "--ignored",
             "--test-threads=1",
         ])
         .env(WRITER_DIR_ENV, dir)
