@@ -1,66 +1,41 @@
 //! edgeact: an offline language-model agent for small ARM boards.
 //!
 //! It loads a GGUF model through llama.cpp under a fixed memory budget, renders prompts
-//! from task templates, and classifies text by scoring each label's tokens after the
-//! prompt, with calibration and abstention; and runs grammar-guarded ReAct loops with
-//! local tools ([`react`]).
+//! from task files, classifies text by scoring each label's tokens after the prompt (with
+//! calibration, abstention and optional learned heads), ranks items, runs grammar-guarded
+//! ReAct loops with local tools, raises incidents from a stream of results, and serves all
+//! of it over MQTT (or stdin) with a durable outbox.
 //!
 //! # Layout
 //!
-//! The data flows top to bottom:
+//! One folder per layer, lowest first; a folder uses only the folders above it in this
+//! list ([`LAYERS`], checked by a unit test), so there is no import circle.
 //!
-//! - `main.rs`: parses the CLI (clap), builds a validated config, calls [`app`], maps errors
-//!   to exit codes in one place.
-//! - [`config`]: board profiles (`board-configs/*.toml`) plus CLI overrides, validated into
-//!   [`config::EngineConfig`]; errors name the file and the key.
-//! - [`gguf`]: reads a GGUF header (metadata, tensor table) without loading weights.
-//! - [`budget`]: weights + KV cache + compute + logits, estimated before loading; refuses or
-//!   shrinks `n_ctx` with the numbers.
-//! - [`task`]: task files: instruction, query template, labels, few-shot examples,
-//!   calibration, abstention, input token budget; renders a fixed prefix and a per-request
-//!   suffix.
-//! - [`engine`]: the only module that touches llama-cpp-2: checks and loads the model,
-//!   caches task prefixes in the KV cache, scores labels (prefix reuse, label trie,
-//!   micro-batching; and a naive reference path); a second, embeddings context reads
-//!   hidden states for the learned head ([`model::FeatureContext`]).
-//! - [`scoring`]: pure label-scoring math: label trie, log-softmax, contextual calibration,
-//!   abstention.
-//! - [`classify`]: one task on an engine: request -> prompt tokens (truncated by policy) ->
-//!   scores -> [`classify::ClassifyResult`] with token counts, timings and provenance.
-//! - [`input`]: JSON lines into requests, each bad line an error naming the line.
-//! - [`eval`]: `edgeact eval`: a task (or candidate templates, K-shot sets) over labeled
-//!   data into metrics.json, report.md and plots.
-//! - [`tune`]: `edgeact tune`: candidate templates x K-shot sets x calibration on a dev
-//!   split; the winner is written as a task file with its measured score.
-//! - [`head`]: the learned head on frozen features: feature prompt and pooling, standardizer,
-//!   multinomial logistic regression (linfa-logistic), the head file beside a task, and
-//!   [`head::TaskRunner`], which classifies a task by label scores, its head, or both.
-//! - [`learn`]: `edgeact tune --head`: K examples per label, features (cached on disk), every
-//!   pooling x L2 strength scored on dev, the best written as head file + task file.
-//! - [`baseline`]: TF-IDF 1-2 grams + logistic regression, the plain baseline.
-//! - [`figures`]: `edgeact bench-accuracy`: every method on one data set's test split.
-//! - [`metrics`]: evaluation metrics (accuracy, macro-F1, confusion, calibration error) and
-//!   the SVG plots of `edgeact eval`.
-//! - [`app`]: the modes (`classify`, `plan`, `bench`), from config to output.
-//! - [`worker`]: the inference thread that owns the engine and one runner per served task
-//!   (classifier, ranker, ReAct loop with its tools); a bounded queue in front of it.
-//! - [`react`]: ReAct on the device: task files of `type = "react"`, GBNF step grammars,
-//!   the Thought / Action / Observation loop with typed stop reasons behind a generator
-//!   trait, allow-listed tools (BM25 knowledge base, calculator, clock, sensor, notify),
-//!   retrieve-then-answer `qa`, sessions, and the scenario evaluation. Generation itself is
-//!   [`model::Engine::generate`].
-//! - [`monitor`]: alert rules over a stream of results (task-file `[monitor]`): sliding
-//!   windows per label and key, count / rate / share / jump against a baseline, incidents
-//!   `new` / `update` / `end` with evidence, bounded keys (LRU), state saved atomically;
-//!   [`monitor::replay`] is `edgeact monitor` (JSON lines through the rules).
-//! - [`rank`]: task-file `[rank]`: candidate items scored by P(yes) for a profile written
-//!   into the prefix (decoded once), calibrated, sorted, top-k; [`rank::eval`] is
-//!   `edgeact rank-eval` (NDCG@k against TF-IDF and random orderings).
-//! - [`redact`]: personal data (e-mail, phone, card numbers, configured patterns) masked in
-//!   traces, error records and logs before they leave the device; request ids kept.
-//! - [`serve`]: the daemon: MQTT (or stdin) in, outcomes recorded in the [`outbox`] before
-//!   the request is acknowledged, published until PUBACK; classification results feed the
-//!   task's [`monitor`]; topic layout and broker options in [`mqtt`].
+//! - [`util`]: one copy of each small utility: the seeded generator, percentiles, wall-clock
+//!   milliseconds, process memory, and [`util::invalid::Invalid`] (a bad key in a file).
+//! - [`model`]: the only user of llama-cpp-2. Board profiles and the engine config
+//!   ([`model::config`]), GGUF headers ([`model::gguf`]), the memory budget
+//!   ([`model::budget`]), label-scoring math ([`model::scoring`]), and the [`model::Engine`]:
+//!   load + checksum, prefix cache, scoring, generation, hidden-state features.
+//! - [`spec`]: task files: one loader ([`spec::TaskFile`]: classify | rank | react), the
+//!   query template, the ReAct step format and tool schemas; one [`spec::SpecError`].
+//! - [`classify`]: one task on an engine: request -> prompt -> label scores -> result with
+//!   its provenance; JSON-lines input; the learned head on frozen features.
+//! - [`rank`], [`react`], [`monitor`]: the other applications: ranking by P(yes); the ReAct
+//!   loop, its tools, knowledge base, sessions and scenarios; alert rules over results.
+//! - [`eval`]: metrics and plots, labeled data sets, tuning, head training, the TF-IDF
+//!   baseline.
+//! - [`serve`]: the daemon, `serve::run(cfg, shutdown)`: a pure state machine (events in,
+//!   actions out) apart from the rumqttc loop and stdio; the inference worker thread; the
+//!   outbox; wire messages and redaction.
+//! - [`cmd`]: one file per subcommand, each run from a validated config; [`cmd::AppError`].
+//! - [`cli`]: clap's raw arguments, their resolution into those configs with the product
+//!   defaults ([`cli::defaults`]), and the one mapping of errors to exit codes.
+//!
+//! `main.rs` only parses, calls [`cli::run`] and maps the error to an exit code. Tests:
+//! unit tests beside the code (pure logic, no model); `tests/integration` is the one
+//! integration harness (real model, real Mosquitto), sharing `tests/testkit` with
+//! `examples/`.
 
 pub mod classify;
 pub mod cli;

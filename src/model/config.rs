@@ -1,5 +1,5 @@
 //! Board profiles (`board-configs/<board>.toml`) and CLI overrides, validated once into
-//! the [`Config`] the rest of edgeact runs on. Errors name the file and the key.
+//! the [`EngineConfig`] the rest of edgeact runs on. Errors name the file and the key.
 
 use std::path::{Path, PathBuf};
 
