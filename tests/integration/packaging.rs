@@ -1,6 +1,6 @@
-//! The board packages' systemd units (packaging/debian/edgeact-<board>.edgeact.service,
-//! rendered by scripts/package) agree with the board configs, and every board has a
-//! cargo-deb variant.
+//! The board packages' systemd units (edgeact-<board>.edgeact.service, rendered by
+//! scripts/render-units from packaging/edgeact.service.in, as scripts/package does) agree
+//! with the board configs, and every board has a cargo-deb variant.
 
 use crate::testkit::root;
 
@@ -15,15 +15,21 @@ fn units_carry_the_board_budget_and_the_hardening() {
     let cargo: toml::Value =
         toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
     let variants = &cargo["package"]["metadata"]["deb"]["variants"];
+    let units = tempfile::tempdir().unwrap();
+    let rendered = std::process::Command::new(root().join("scripts/render-units"))
+        .arg(units.path())
+        .status()
+        .expect("run scripts/render-units");
+    assert!(rendered.success(), "scripts/render-units failed");
     for board in ["rpi4", "rpi5", "jetson-orin-nano"] {
         let cfg: toml::Value = toml::from_str(
             &std::fs::read_to_string(root().join(format!("board-configs/{board}.toml"))).unwrap(),
         )
         .unwrap();
         let budget_mib = cfg["memory_budget_mib"].as_integer().unwrap();
-        let path = root().join(format!("packaging/debian/edgeact-{board}.edgeact.service"));
+        let path = units.path().join(format!("edgeact-{board}.edgeact.service"));
         let unit = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/package)", path.display()));
+            .unwrap_or_else(|e| panic!("{}: {e} (not rendered)", path.display()));
         assert_eq!(
             unit_value(&unit, "MemoryHigh"),
             [format!("{budget_mib}M")],
