@@ -9,6 +9,7 @@ use crate::classify::{Classifier, Request, ScorePath};
 use crate::model::config::EngineConfig;
 use crate::model::{self, Engine};
 use crate::spec::Task;
+use crate::util::jsonl::JsonLines;
 use crate::util::proc::rss_mib;
 use crate::util::stats::percentile;
 
@@ -122,14 +123,15 @@ fn read_requests(
     data: &Path,
     limit: usize,
 ) -> Result<(Vec<Request>, Vec<Option<String>>), AppError> {
-    let text = std::fs::read(data).map_err(|source| AppError::Input {
+    let input_err = |source| AppError::Input {
         what: data.display().to_string(),
         source,
-    })?;
+    };
+    let mut lines = JsonLines::open(data).map_err(input_err)?;
     let mut reqs = Vec::new();
     let mut gold = Vec::new();
-    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-        if let Ok(Some(r)) = input::parse_line(line, i + 1) {
+    while let Some((n, line)) = lines.next_line().map_err(input_err)? {
+        if let Ok(Some(r)) = input::parse_line(line, n) {
             gold.push(r.fields.get("label").cloned());
             reqs.push(r);
         }

@@ -13,6 +13,7 @@ use crate::model::config::EngineConfig;
 use crate::model::scoring::AbstainRule;
 use crate::model::{self, Engine};
 use crate::spec::Task;
+use crate::util::jsonl::JsonLines;
 
 /// Where `classify` takes its requests from.
 #[derive(Debug, Clone)]
@@ -107,26 +108,14 @@ pub fn run(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
             }
         }
         Inputs::File(_) | Inputs::Stdin => {
-            let (what, mut reader) = open_lines(&cfg.inputs)?;
-            let mut buf = Vec::new();
-            let mut line = 0;
-            loop {
-                buf.clear();
-                let n = reader
-                    .read_until(b'\n', &mut buf)
-                    .map_err(|source| AppError::Input {
-                        what: what.clone(),
-                        source,
-                    })?;
-                if n == 0 {
-                    break;
-                }
-                line += 1;
-                if buf.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue;
-                }
+            let (what, reader) = open_lines(&cfg.inputs)?;
+            let mut lines = JsonLines::new(reader);
+            while let Some((line, bytes)) = lines.next_line().map_err(|source| AppError::Input {
+                what: what.clone(),
+                source,
+            })? {
                 total += 1;
-                failed += handle_line(&buf, line, &mut pending, out)?;
+                failed += handle_line(bytes, line, &mut pending, out)?;
                 if pending.len() >= batch_size {
                     failed += flush(&mut pending, &mut engine, out)?;
                 }

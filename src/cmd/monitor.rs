@@ -2,7 +2,7 @@
 //! rules and prints the incident messages as JSON lines, then a summary on stderr. Labels
 //! come from the model (the task's classifier) or from a field of the data itself.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use super::AppError;
@@ -13,6 +13,7 @@ use crate::model::Engine;
 use crate::monitor::replay::{event_line, event_time_ms, observation};
 use crate::monitor::{EventType, Monitor, MonitorConfig, MonitorEvent, Restored};
 use crate::spec::Task;
+use crate::util::jsonl::JsonLines;
 
 /// Where each message's label comes from.
 #[derive(Debug, Clone)]
@@ -72,12 +73,11 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
             Some((engine, c))
         }
     };
-    let reader = std::io::BufReader::new(std::fs::File::open(&cfg.data).map_err(|source| {
-        AppError::Input {
-            what: cfg.data.display().to_string(),
-            source,
-        }
-    })?);
+    let input_err = |source| AppError::Input {
+        what: cfg.data.display().to_string(),
+        source,
+    };
+    let mut lines = JsonLines::open(&cfg.data).map_err(input_err)?;
     let mut summary = ReplaySummary::default();
     let mut pending: Vec<(Request, i64)> = Vec::new();
     let ts_field = cfg.monitor.ts_field.clone();
@@ -93,14 +93,8 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
         }
         Ok(())
     };
-    let mut line = 0usize;
-    for raw in reader.split(b'\n') {
-        line += 1;
-        let raw = raw.map_err(|source| AppError::Input {
-            what: cfg.data.display().to_string(),
-            source,
-        })?;
-        let req = match input::parse_line(&raw, line) {
+    while let Some((line, raw)) = lines.next_line().map_err(input_err)? {
+        let req = match input::parse_line(raw, line) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {

@@ -1,7 +1,7 @@
 //! `edgeact rank`: candidate items (JSON lines) ranked for a profile by a task with a
 //! `[rank]` section; the ranked items as JSON lines, best first.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use super::AppError;
@@ -9,6 +9,7 @@ use crate::model::config::EngineConfig;
 use crate::model::Engine;
 use crate::rank::{item_from_line, RankConfig, Ranker};
 use crate::spec::Task;
+use crate::util::jsonl::JsonLines;
 
 /// Everything `edgeact rank` runs with.
 #[derive(Debug, Clone)]
@@ -26,20 +27,15 @@ pub struct RankRunConfig {
 
 /// `edgeact rank`: prints the ranked items as JSON lines, best first.
 pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
-    let reader = std::io::BufReader::new(std::fs::File::open(&cfg.items).map_err(|source| {
-        AppError::Input {
-            what: cfg.items.display().to_string(),
-            source,
-        }
-    })?);
+    let input_err = |source| AppError::Input {
+        what: cfg.items.display().to_string(),
+        source,
+    };
+    let mut lines = JsonLines::open(&cfg.items).map_err(input_err)?;
     let mut items = Vec::new();
     let mut failed = 0;
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let line = line.map_err(|source| AppError::Input {
-            what: cfg.items.display().to_string(),
-            source,
-        })?;
-        match item_from_line(&line, i + 1) {
+    while let Some((n, line)) = lines.next_line().map_err(input_err)? {
+        match item_from_line(line, n) {
             Ok(Some(it)) => items.push(it),
             Ok(None) => {}
             Err(msg) => {

@@ -18,6 +18,7 @@ use crate::rank::eval::{ndcg_at, Family, Tfidf};
 use crate::rank::{Item, RankConfig, Ranked, Ranker};
 use crate::spec::Task;
 use crate::util::invalid::Invalid;
+use crate::util::jsonl::JsonLines;
 use crate::util::rng::SplitMix64;
 
 /// Everything `edgeact rank-eval` runs with.
@@ -68,8 +69,15 @@ type Data = (Vec<(String, String)>, Vec<String>);
 fn read_data(cfg: &RankEvalConfig) -> Result<Data, AppError> {
     let mut pool: Vec<(String, String)> = Vec::new();
     let mut fit_docs: Vec<String> = Vec::new();
-    for line in read(&cfg.data)?.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+    let input_err = |source| AppError::Input {
+        what: cfg.data.display().to_string(),
+        source,
+    };
+    let mut lines = JsonLines::open(&cfg.data).map_err(input_err)?;
+    while let Some((_, line)) = lines.next_line().map_err(input_err)? {
+        // Lines that are not a labeled example are not candidates (the data set may carry
+        // other records); they are skipped, as TF-IDF's corpus is only the texts.
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
             continue;
         };
         let (Some(text), Some(label)) = (v["text"].as_str(), v["label"].as_str()) else {

@@ -20,6 +20,7 @@ use crate::classify::{Request, ScorePath};
 use crate::eval::metrics::Outcome;
 use crate::model::{Engine, FeatureParams};
 use crate::spec::Task;
+use crate::util::jsonl::JsonLines;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -73,13 +74,13 @@ pub fn read_labeled(
     split: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Example>, EvalError> {
-    let text = std::fs::read(path).map_err(|source| EvalError::Write {
+    let read_err = |source| EvalError::Write {
         path: path.into(),
         source,
-    })?;
+    };
+    let mut lines = JsonLines::open(path).map_err(read_err)?;
     let mut out = Vec::new();
-    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-        let line_no = i + 1;
+    while let Some((line_no, line)) = lines.next_line().map_err(read_err)? {
         let mut req = match input::parse_line(line, line_no) {
             Ok(Some(r)) => r,
             Ok(None) => continue,

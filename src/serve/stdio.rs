@@ -11,6 +11,7 @@ use crate::classify::input;
 use crate::serve::message::error_record;
 use crate::serve::worker::{self, Done, Job, Output, Work, WorkerHandle};
 use crate::serve::{ServeConfig, ServeError};
+use crate::util::jsonl::JsonLines;
 
 /// Outcomes by line number (None: still in work), written out in line order as soon as
 /// the oldest is in.
@@ -37,7 +38,7 @@ impl InOrder {
 /// Runs every line of `input` through the served tasks, writing results to `out`.
 pub fn run_stdio(
     cfg: ServeConfig,
-    mut input: impl BufRead,
+    input: impl BufRead,
     mut out: impl Write,
 ) -> Result<(), ServeError> {
     let (tx, rx) = std::sync::mpsc::channel::<Done>();
@@ -53,18 +54,13 @@ pub fn run_stdio(
         pending: BTreeMap::new(),
         next_out: 1,
     };
+    // Requests are numbered among the non-blank lines (their tickets, and the line in
+    // an error record).
     let mut line_no = 0u64;
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .map_err(ServeError::Stdin)?;
-        if n == 0 {
-            break;
-        }
+    let mut lines = JsonLines::new(input);
+    while let Some((_, bytes)) = lines.next_line().map_err(ServeError::Stdin)? {
         line_no += 1;
-        let record = match input::parse_line_value(&buf, line_no as usize) {
+        let record = match input::parse_line_value(bytes, line_no as usize) {
             Ok(None) => {
                 line_no -= 1;
                 continue;

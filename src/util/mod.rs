@@ -2,6 +2,7 @@
 //! seeded generator and the "invalid key in a file" error.
 
 pub mod invalid;
+pub mod jsonl;
 pub mod proc;
 pub mod rng;
 pub mod stats;

@@ -27,7 +27,9 @@ fn units_carry_the_board_budget_and_the_hardening() {
         )
         .unwrap();
         let budget_mib = cfg["memory_budget_mib"].as_integer().unwrap();
-        let path = units.path().join(format!("edgeact-{board}.edgeact.service"));
+        let path = units
+            .path()
+            .join(format!("edgeact-{board}.edgeact.service"));
         let unit = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (not rendered)", path.display()));
         assert_eq!(
