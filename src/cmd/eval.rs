@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::AppError;
-use crate::eval::{self, metrics, EvalError, EvalRun};
+use crate::eval::{self, plots, EvalError, EvalRun};
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
 use crate::spec::Task;
@@ -151,11 +151,11 @@ fn write_report(
     write(&dir.join("predictions.jsonl"), p.as_bytes())?;
     write(
         &dir.join("confusion.svg"),
-        metrics::confusion_svg(&labels, &r.metrics.confusion)?.as_bytes(),
+        plots::confusion_svg(&labels, &r.metrics.confusion)?.as_bytes(),
     )?;
     write(
         &dir.join("reliability.svg"),
-        metrics::reliability_svg(&r.metrics.reliability)?.as_bytes(),
+        plots::reliability_svg(&r.metrics.reliability)?.as_bytes(),
     )?;
     let md = report_md(cfg, engine, runs, r);
     write(&dir.join("report.md"), md.as_bytes())

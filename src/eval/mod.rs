@@ -6,6 +6,7 @@
 pub mod baseline;
 pub mod learn;
 pub mod metrics;
+pub mod plots;
 pub mod tune;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,7 +53,7 @@ pub enum EvalError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Plot(#[from] metrics::MetricsError),
+    Plot(#[from] plots::PlotError),
     /// The task (or its head) could not be prepared on the engine.
     #[error(transparent)]
     Setup(#[from] crate::classify::SetupError),

@@ -1,5 +1,9 @@
 use super::*;
 
+use std::path::Path;
+
+use crate::spec::Task;
+
 fn rule(name: &str, kind: ThresholdKind, threshold: f64) -> RuleConfig {
     RuleConfig {
         name: name.into(),
