@@ -2,8 +2,10 @@
 //! suffix, with the input token budget), scores the labels on the engine, and turns
 //! scores into a calibrated, explainable result.
 
+pub mod features;
 pub mod head;
 pub mod input;
+pub mod runner;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -213,69 +215,8 @@ impl Classifier {
         abstain: Option<AbstainRule>,
     ) -> Result<Classifier, SetupError> {
         let name = task.name.clone();
-        let body = task.render_prefix();
-        let (prefix, chat_tail) = if task.use_chat_template {
-            let wrapped = engine
-                .chat_wrap(&format!("{body}{CHAT_SPLIT}"))
-                .map_err(|reason| SetupError::ChatTemplate {
-                    task: name.clone(),
-                    reason,
-                })?;
-            let (head, tail) =
-                wrapped
-                    .split_once(CHAT_SPLIT)
-                    .ok_or_else(|| SetupError::ChatTemplate {
-                        task: name.clone(),
-                        reason: "the template rewrote the user message".into(),
-                    })?;
-            let mut p = engine.tokenize(head, false, true);
-            let bos = engine.tokenize("", true, false);
-            if p.first() != bos.first() {
-                p.splice(0..0, bos);
-            }
-            (p, engine.tokenize(tail, false, true))
-        } else {
-            (engine.tokenize(&body, true, true), Vec::new())
-        };
-        // Label tokens in context: tokenize the end of a rendered query with and without
-        // the label, and take the tail (SentencePiece merges a leading space).
-        let mut probe_fields = BTreeMap::new();
-        for f in task.query.fields() {
-            probe_fields.insert(f.to_string(), "x".to_string());
-        }
-        let probe = task
-            .render_query(&probe_fields)
-            .map_err(|e| SetupError::LabelTokens {
-                task: name.clone(),
-                label: String::new(),
-                reason: e.to_string(),
-            })?;
-        let probe_tokens = if task.use_chat_template {
-            [engine.tokenize(&probe, false, false), chat_tail.clone()].concat()
-        } else {
-            engine.tokenize(&probe, false, false)
-        };
-        let mut label_tokens = Vec::new();
-        for l in &task.labels {
-            let with = if task.use_chat_template {
-                [
-                    engine.tokenize(&probe, false, false),
-                    chat_tail.clone(),
-                    engine.tokenize(&l.text, false, false),
-                ]
-                .concat()
-            } else {
-                engine.tokenize(&format!("{probe}{}", l.text), false, false)
-            };
-            if with.len() <= probe_tokens.len() || with[..probe_tokens.len()] != probe_tokens[..] {
-                return Err(SetupError::LabelTokens {
-                    task: name.clone(),
-                    label: l.name.clone(),
-                    reason: "its first token merges with the query's last; end the query with \":\" and start the label with a space".into(),
-                });
-            }
-            label_tokens.push(with[probe_tokens.len()..].to_vec());
-        }
+        let (prefix, chat_tail) = prefix_tokens(engine, &task)?;
+        let label_tokens = label_tokens(engine, &task, &chat_tail)?;
         let trie = LabelTrie::new(&label_tokens).map_err(|source| SetupError::Trie {
             task: name.clone(),
             source,
@@ -597,6 +538,85 @@ impl Classifier {
     pub fn trie(&self) -> &LabelTrie {
         &self.trie
     }
+}
+
+/// The task's fixed prompt as tokens (BOS first), and for chat-template tasks the
+/// control tokens closing the user turn after the query.
+fn prefix_tokens(engine: &Engine, task: &Task) -> Result<(Vec<Token>, Vec<Token>), SetupError> {
+    let name = &task.name;
+    let body = task.render_prefix();
+    let tokens = if task.use_chat_template {
+        let wrapped = engine
+            .chat_wrap(&format!("{body}{CHAT_SPLIT}"))
+            .map_err(|reason| SetupError::ChatTemplate {
+                task: name.clone(),
+                reason,
+            })?;
+        let (head, tail) =
+            wrapped
+                .split_once(CHAT_SPLIT)
+                .ok_or_else(|| SetupError::ChatTemplate {
+                    task: name.clone(),
+                    reason: "the template rewrote the user message".into(),
+                })?;
+        let mut p = engine.tokenize(head, false, true);
+        let bos = engine.tokenize("", true, false);
+        if p.first() != bos.first() {
+            p.splice(0..0, bos);
+        }
+        (p, engine.tokenize(tail, false, true))
+    } else {
+        (engine.tokenize(&body, true, true), Vec::new())
+    };
+    Ok(tokens)
+}
+
+/// Each label's tokens as they follow a rendered query: tokenize the end of a query with
+/// and without the label, and take the tail (SentencePiece merges a leading space).
+fn label_tokens(
+    engine: &Engine,
+    task: &Task,
+    chat_tail: &[Token],
+) -> Result<Vec<Vec<Token>>, SetupError> {
+    let name = &task.name;
+    let mut probe_fields = BTreeMap::new();
+    for f in task.query.fields() {
+        probe_fields.insert(f.to_string(), "x".to_string());
+    }
+    let probe = task
+        .render_query(&probe_fields)
+        .map_err(|e| SetupError::LabelTokens {
+            task: name.clone(),
+            label: String::new(),
+            reason: e.to_string(),
+        })?;
+    let probe_tokens = if task.use_chat_template {
+        [engine.tokenize(&probe, false, false), chat_tail.to_vec()].concat()
+    } else {
+        engine.tokenize(&probe, false, false)
+    };
+    let mut label_tokens = Vec::new();
+    for l in &task.labels {
+        let with = if task.use_chat_template {
+            [
+                engine.tokenize(&probe, false, false),
+                chat_tail.to_vec(),
+                engine.tokenize(&l.text, false, false),
+            ]
+            .concat()
+        } else {
+            engine.tokenize(&format!("{probe}{}", l.text), false, false)
+        };
+        if with.len() <= probe_tokens.len() || with[..probe_tokens.len()] != probe_tokens[..] {
+            return Err(SetupError::LabelTokens {
+                task: name.clone(),
+                label: l.name.clone(),
+                reason: "its first token merges with the query's last; end the query with \":\" and start the label with a space".into(),
+            });
+        }
+        label_tokens.push(with[probe_tokens.len()..].to_vec());
+    }
+    Ok(label_tokens)
 }
 
 /// A request checked and tokenized.

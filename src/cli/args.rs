@@ -448,7 +448,7 @@ pub struct HeadArgs {
     #[arg(long, default_value_t = D::tune::HEAD_PER_CLASS)]
     pub per_class: usize,
     /// Feature prompt with one {text} (default: PromptEOL).
-    #[arg(long, default_value = crate::classify::head::PROMPT_EOL)]
+    #[arg(long, default_value = crate::classify::features::PROMPT_EOL)]
     pub feature_prompt: String,
     /// Poolings to try: last, mean, last+mean (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = D::tune::HEAD_POOLINGS)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::args::*;
 use super::defaults;
-use crate::classify::head::Pooling;
+use crate::classify::features::Pooling;
 use crate::classify::ScorePath;
 use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
 use crate::eval::learn::default_cache_dir;

@@ -8,9 +8,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::classify::head::{
-    FeatureSpec, FeatureTokenizer, HeadError, LinearHead, Pooling, TrainParams,
-};
+use crate::classify::features::{FeatureSpec, FeatureTokenizer, Pooling};
+use crate::classify::head::{HeadError, LinearHead, TrainParams};
 use crate::eval::baseline::{BaselineParams, TfIdfLr};
 use crate::eval::learn::{self, FeatureStore};
 use crate::eval::{self, Example};

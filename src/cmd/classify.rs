@@ -46,7 +46,7 @@ pub struct ClassifyConfig {
 pub fn run(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let ecfg = crate::spec::config_for_tasks(&cfg.engine, [&cfg.task])?;
     let mut engine = Engine::load(&ecfg, 1)?;
-    let mut classifier = crate::classify::head::TaskRunner::new(
+    let mut classifier = crate::classify::runner::TaskRunner::new(
         &mut engine,
         cfg.task,
         0,

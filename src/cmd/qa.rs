@@ -5,7 +5,7 @@ use std::io::Write;
 
 use super::react::{load_kb, write_json, ReactConfig};
 use crate::model::Engine;
-use crate::react::agent::EngineGenerator;
+use crate::react::generator::EngineGenerator;
 use crate::react::qa;
 use crate::react::ReactError;
 

@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
-use crate::react::agent::{self, EngineGenerator, RunOptions, Turn};
+use crate::react::agent::{self, RunOptions};
+use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
 use crate::react::session;
 use crate::react::tools::Toolbox;
+use crate::react::trace::Turn;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
 

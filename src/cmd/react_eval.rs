@@ -10,11 +10,13 @@ use serde_json::json;
 use super::react::load_kb;
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
-use crate::react::agent::{self, EngineGenerator, RunOptions, Trace};
+use crate::react::agent::{self, RunOptions};
+use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
 use crate::react::qa;
 use crate::react::scenario::{self, LoopMetrics, Rate, Scenario};
 use crate::react::tools::{self, Toolbox};
+use crate::react::trace::Trace;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
 

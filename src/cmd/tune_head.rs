@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::AppError;
-use crate::classify::head::TrainParams;
-use crate::classify::head::{FeatureSpec, FeatureTokenizer, HeadError, HeadFile, Pooling};
+use crate::classify::features::{FeatureSpec, FeatureTokenizer, Pooling};
+use crate::classify::head::{HeadError, HeadFile, TrainParams};
 use crate::classify::SetupError;
 use crate::eval::learn::{fit_candidates, per_class, xy, FeatureStore, Fitted};
 use crate::eval::{self, EvalError, Example};

@@ -10,9 +10,8 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::classify::head::{
-    self, FeatureSpec, FeatureTokenizer, HeadError, LinearHead, Pooling, TrainParams,
-};
+use crate::classify::features::{self, FeatureSpec, FeatureTokenizer, Pooling};
+use crate::classify::head::{HeadError, LinearHead, TrainParams};
 use crate::eval::metrics::{self, Metrics, Outcome};
 use crate::eval::{EvalError, Example};
 use crate::model::scoring::decide;
@@ -129,11 +128,11 @@ impl FeatureStore {
             }
         }
         if !missing.is_empty() {
-            let bar = head::progress_bar(missing.len(), what, show_progress);
+            let bar = features::progress_bar(missing.len(), what, show_progress);
             let t0 = Instant::now();
             // In chunks, each saved as it is done: an interrupted run keeps its work.
             for chunk in missing.chunks(64) {
-                let got = head::extract_states(engine, fctx, spec, chunk, Some(&bar))?;
+                let got = features::extract_states(engine, fctx, spec, chunk, Some(&bar))?;
                 let mut out = Vec::new();
                 for (t, s) in chunk.iter().zip(got) {
                     let k = self.key(t);

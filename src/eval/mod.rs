@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::classify::head::TaskRunner;
 use crate::classify::input;
+use crate::classify::runner::TaskRunner;
 use crate::classify::{Request, ScorePath};
 use crate::eval::metrics::Outcome;
 use crate::model::{Engine, FeatureParams};

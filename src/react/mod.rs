@@ -5,8 +5,10 @@
 //! - [`spec`]: the task file (`type = "react"`), validated.
 //! - [`grammar`]: GBNF built from the task (step grammar, QA citation grammar).
 //! - [`step`]: parsing a step (strict: the grammar's language; loose: the regex baseline).
-//! - [`agent`]: the loop (state machine, context rule, stop reasons, trace) behind a
-//!   [`agent::StepGenerator`], and the engine as one.
+//! - [`agent`]: the loop (state machine, context rule, budgets, partial answers).
+//! - [`generator`]: the model side of the loop, [`generator::StepGenerator`], and the
+//!   engine as one.
+//! - [`trace`]: what a run records: steps, stop reason, answer; earlier turns.
 //! - [`tools`]: the tools and the per-task toolbox (allow-list, limits, rate limit).
 //! - [`kb`]: the knowledge base and its BM25 index.
 //! - [`qa`]: one retrieval, one grammar-constrained answer citing a retrieved passage.
@@ -17,14 +19,15 @@
 //! The modes themselves (`react`, `qa`, `react-eval`) are in the command layer.
 
 pub mod agent;
+pub mod generator;
 pub mod grammar;
 pub mod kb;
 pub mod qa;
 pub mod request;
 pub mod scenario;
 pub mod session;
-
 pub mod tools;
+pub mod trace;
 
 /// Errors of the ReAct modes.
 #[derive(Debug, thiserror::Error)]

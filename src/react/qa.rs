@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::agent::{GenEnd, GenMode, StepGenerator};
+use super::generator::{GenEnd, GenMode, StepGenerator};
 use super::grammar::qa_grammar;
 use super::kb::Kb;
 use super::tools::cut_chars;

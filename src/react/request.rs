@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::agent::Trace;
 use super::tools::cut_chars;
+use super::trace::Trace;
 
 /// One question for the loop.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::agent::{StopReason, Trace};
 use super::kb::Kb;
+use super::trace::{StopReason, Trace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -179,8 +179,8 @@ pub fn score(pairs: &[(&Scenario, &Trace)]) -> LoopMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::react::agent::StepRecord;
     use crate::react::kb::Passage;
+    use crate::react::trace::StepRecord;
 
     fn trace(tool: Option<&str>, ids: &[&str], answer: &str, stop: StopReason) -> Trace {
         Trace {

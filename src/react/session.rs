@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::agent::Turn;
+use super::trace::Turn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {

@@ -234,7 +234,7 @@ fn to_json(v: &impl serde::Serialize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::react::agent::{StepRecord, StopReason, Trace};
+    use crate::react::trace::{StepRecord, StopReason, Trace};
 
     fn topics() -> Topics {
         Topics {

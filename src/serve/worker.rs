@@ -17,11 +17,13 @@ use crate::classify::{Classifier, ClassifyResult, RecordError, Request, ScorePat
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, EngineError, GenCache, ModelInfo};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
-use crate::react::agent::{self, EngineGenerator, RunOptions, Turn};
+use crate::react::agent::{self, RunOptions};
+use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
 use crate::react::request::{ReactRequest, ReactResult};
 use crate::react::session;
 use crate::react::tools::Toolbox;
+use crate::react::trace::Turn;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
 use crate::spec::Task;

@@ -427,7 +427,7 @@ fn prefix_state_is_persisted_and_a_corrupt_one_rebuilt() {
 
 #[test]
 fn hidden_state_features_are_finite_model_wide_and_differ() {
-    use edgeact::classify::head::{extract_states, FeatureSpec, Pooling};
+    use edgeact::classify::features::{extract_states, FeatureSpec, Pooling};
     use edgeact::model::FeatureParams;
     let engine = testkit::engine(1);
     let n_embd = engine.n_embd();

@@ -7,11 +7,13 @@ use std::process::Command;
 use std::sync::Arc;
 
 use edgeact::model::Engine;
-use edgeact::react::agent::{self, EngineGenerator, RunOptions, StopReason, Trace};
+use edgeact::react::agent::{self, RunOptions};
+use edgeact::react::generator::EngineGenerator;
 use edgeact::react::grammar::{qa_grammar, step_grammar};
 use edgeact::react::kb::Kb;
 use edgeact::react::qa;
 use edgeact::react::tools::Toolbox;
+use edgeact::react::trace::{StopReason, Trace};
 use edgeact::spec::react::ReactSpec;
 use edgeact::spec::step::{parse_step, split_trajectory};
 use edgeact::spec::tool::ToolName;

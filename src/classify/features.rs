@@ -1,0 +1,209 @@
+//! The features a learned head reads: the text put into a fixed feature prompt (PromptEOL
+//! by default), the prompt's final hidden states from the model's embeddings context
+//! ([`crate::model::FeatureContext`]), pooled into one vector per text.
+
+use serde::{Deserialize, Serialize};
+
+use super::head::HeadError;
+use crate::classify::Truncation;
+use crate::model::scoring::Token;
+use crate::model::{Engine, FeatureContext, PooledStates};
+use crate::spec::{Template, TruncatePolicy, TRUNCATED_FIELD};
+
+/// The feature prompt of PromptEOL (Jiang et al. 2023): the last token's state has to
+/// predict a one-word summary of the sentence.
+pub const PROMPT_EOL: &str = "This sentence : \"{text}\" means in one word:\"";
+
+/// How the token states of the feature prompt become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The last token's state.
+    Last,
+    /// The mean over the prompt's tokens (BOS excluded).
+    Mean,
+    /// Both, concatenated (twice the width).
+    LastMean,
+}
+
+impl Pooling {
+    pub const ALL: [Pooling; 3] = [Pooling::Last, Pooling::Mean, Pooling::LastMean];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Last => "last",
+            Pooling::Mean => "mean",
+            Pooling::LastMean => "last_mean",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Pooling> {
+        Pooling::ALL
+            .into_iter()
+            .find(|p| p.name() == s || (s == "last+mean" && *p == Pooling::LastMean))
+    }
+
+    /// The feature vector of one sequence's states.
+    pub fn apply(self, s: &PooledStates) -> Vec<f32> {
+        match self {
+            Pooling::Last => s.last.clone(),
+            Pooling::Mean => s.mean.clone(),
+            Pooling::LastMean => [s.last.as_slice(), s.mean.as_slice()].concat(),
+        }
+    }
+}
+
+/// What the features are: the prompt the text is put into, the pooling, the text budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Template with one `{text}` placeholder.
+    pub prompt: String,
+    pub pooling: Pooling,
+    /// Most tokens of the text kept (the head of the text).
+    pub max_text_tokens: usize,
+}
+
+impl FeatureSpec {
+    pub fn prompt_eol(pooling: Pooling) -> FeatureSpec {
+        FeatureSpec {
+            prompt: PROMPT_EOL.into(),
+            pooling,
+            max_text_tokens: 96,
+        }
+    }
+
+    /// The prompt's literal text before and after `{text}`.
+    pub(super) fn split(&self) -> Result<(String, String), HeadError> {
+        let bad = |reason: &str| HeadError::Prompt {
+            prompt: self.prompt.clone(),
+            reason: reason.into(),
+        };
+        let t = Template::parse(&self.prompt).map_err(|r| bad(&r))?;
+        if t.fields() != [TRUNCATED_FIELD] {
+            return Err(bad("needs exactly one placeholder, {text}"));
+        }
+        let mark = "\u{1}";
+        let r = t.render(|_| Some(mark)).map_err(|r| bad(&r))?;
+        match r.split_once(mark) {
+            Some((a, b)) if !b.contains(mark) => Ok((a.to_string(), b.to_string())),
+            _ => Err(bad("{text} may appear once")),
+        }
+    }
+}
+
+/// Turns texts into feature-prompt tokens that always fit the feature context:
+/// BOS + tokens(prompt before `{text}`) + the text's first tokens + tokens(after).
+pub struct FeatureTokenizer {
+    before: Vec<Token>,
+    after: Vec<Token>,
+    /// Most text tokens kept.
+    pub text_budget: usize,
+}
+
+impl FeatureTokenizer {
+    pub fn new(
+        engine: &Engine,
+        spec: &FeatureSpec,
+        max_tokens: usize,
+    ) -> Result<FeatureTokenizer, HeadError> {
+        let (a, b) = spec.split()?;
+        let before = engine.tokenize(&a, true, false);
+        let after = engine.tokenize(&b, false, false);
+        let room = max_tokens.saturating_sub(before.len() + after.len());
+        if room == 0 {
+            return Err(HeadError::Prompt {
+                prompt: spec.prompt.clone(),
+                reason: format!("leaves no room for text in {max_tokens} tokens"),
+            });
+        }
+        Ok(FeatureTokenizer {
+            before,
+            after,
+            text_budget: room.min(spec.max_text_tokens.max(1)),
+        })
+    }
+
+    /// The tokens for `text`, and the truncation when the text was cut.
+    pub fn tokens(&self, engine: &Engine, text: &str) -> (Vec<Token>, Option<Truncation>) {
+        let t = engine.tokenize(text, false, false);
+        let kept = t.len().min(self.text_budget);
+        let cut = (kept < t.len()).then_some(Truncation {
+            policy: TruncatePolicy::KeepHead,
+            input_tokens: t.len(),
+            kept_tokens: kept,
+        });
+        let mut out = self.before.clone();
+        out.extend_from_slice(&t[..kept]);
+        out.extend_from_slice(&self.after);
+        (out, cut)
+    }
+}
+
+/// Pooled states of `texts` under `spec`'s prompt (pooling not applied yet: one pass gives
+/// every pooling), with an indicatif bar when `progress`.
+pub fn extract_states(
+    engine: &Engine,
+    fctx: &mut FeatureContext,
+    spec: &FeatureSpec,
+    texts: &[&str],
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<Vec<PooledStates>, HeadError> {
+    let tok = FeatureTokenizer::new(engine, spec, fctx.max_tokens())?;
+    let seqs: Vec<Vec<Token>> = texts.iter().map(|t| tok.tokens(engine, t).0).collect();
+    let base = progress.map(|b| b.position()).unwrap_or(0);
+    Ok(fctx.hidden_states(&seqs, |done| {
+        if let Some(b) = progress {
+            b.set_position(base + done as u64);
+        }
+    })?)
+}
+
+/// A progress bar in the house style (hidden when not wanted).
+pub fn progress_bar(len: usize, msg: &str, show: bool) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}, {per_sec}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(msg.to_string());
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_prompt_needs_one_text_placeholder() {
+        let mut s = FeatureSpec::prompt_eol(Pooling::Mean);
+        let (a, b) = s.split().unwrap();
+        assert_eq!(a, "This sentence : \"");
+        assert_eq!(b, "\" means in one word:\"");
+        s.prompt = "no placeholder".into();
+        assert!(s.split().is_err());
+        s.prompt = "{text} and {text}".into();
+        assert!(s.split().is_err());
+        s.prompt = "{text} {other}".into();
+        assert!(s.split().is_err());
+    }
+
+    #[test]
+    fn pooling_names_and_widths() {
+        let st = PooledStates {
+            last: vec![1.0, 2.0],
+            mean: vec![3.0, 4.0],
+        };
+        assert_eq!(Pooling::Last.apply(&st), vec![1.0, 2.0]);
+        assert_eq!(Pooling::LastMean.apply(&st), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(Pooling::parse("last+mean"), Some(Pooling::LastMean));
+        assert_eq!(Pooling::parse("mean"), Some(Pooling::Mean));
+        assert_eq!(Pooling::parse("max"), None);
+    }
+}

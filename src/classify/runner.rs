@@ -1,0 +1,399 @@
+//! Runs a task by its method: the prompt's label scores ([`Classifier`]), its learned head
+//! ([`super::head`]) on the feature prompt's hidden states, or both (the two distributions
+//! multiplied and renormalized).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::features::FeatureTokenizer;
+use super::head::{HeadError, HeadFile};
+use crate::classify::{
+    CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance, RecordError, Request,
+    ScorePath, SetupError, Timings, TokenCounts, Truncation,
+};
+use crate::model::scoring::{decide, softmax, AbstainRule};
+use crate::model::{Engine, EngineError, FeatureContext, FeatureParams};
+use crate::spec::{Method, Task, TRUNCATED_FIELD};
+
+/// A task run through its head (alone or with the prompt's scores).
+pub struct HeadClassifier {
+    pub task: Task,
+    pub head: HeadFile,
+    method: Method,
+    fctx: FeatureContext,
+    tok: FeatureTokenizer,
+    /// Task label index -> head label index.
+    order: Vec<usize>,
+    prompt: Option<Classifier>,
+    abstain: AbstainRule,
+    head_sha256: String,
+}
+
+/// A task ready to classify: by label scores, or through its learned head.
+pub enum TaskRunner {
+    Prompt(Box<Classifier>),
+    Head(Box<HeadClassifier>),
+}
+
+impl TaskRunner {
+    /// `method` overrides the task file's (`[head] method`); a head method on a task
+    /// without a head file is an error.
+    pub fn new(
+        engine: &mut Engine,
+        task: Task,
+        slot: usize,
+        calibrate: Option<bool>,
+        abstain: Option<AbstainRule>,
+        method: Option<Method>,
+        features: FeatureParams,
+    ) -> Result<TaskRunner, SetupError> {
+        let method = method.unwrap_or(task.head.as_ref().map_or(Method::Prompt, |h| h.method));
+        if method == Method::Prompt {
+            return Ok(TaskRunner::Prompt(Box::new(Classifier::new(
+                engine, task, slot, calibrate, abstain,
+            )?)));
+        }
+        let name = task.name.clone();
+        let err = |source: HeadError| SetupError::Head {
+            task: name.clone(),
+            source,
+        };
+        let (head, order) = load_head(engine, &task).map_err(err)?;
+        let fctx = engine
+            .feature_context(features)
+            .map_err(|e| err(HeadError::Engine(e)))?;
+        let tok = FeatureTokenizer::new(engine, &head.feature, fctx.max_tokens()).map_err(err)?;
+        let prompt = if method == Method::Both {
+            Some(Classifier::new(
+                engine,
+                task.clone(),
+                slot,
+                calibrate,
+                abstain,
+            )?)
+        } else {
+            None
+        };
+        Ok(TaskRunner::Head(Box::new(HeadClassifier {
+            abstain: abstain.unwrap_or(task.abstain),
+            head_sha256: head.sha256(),
+            task,
+            head,
+            method,
+            fctx,
+            tok,
+            order,
+            prompt,
+        })))
+    }
+
+    pub fn task(&self) -> &Task {
+        match self {
+            TaskRunner::Prompt(c) => &c.task,
+            TaskRunner::Head(h) => &h.task,
+        }
+    }
+
+    /// Whether label scores are calibrated (the head's are not).
+    pub fn calibrating(&self) -> bool {
+        match self {
+            TaskRunner::Prompt(c) => c.calibrating(),
+            TaskRunner::Head(h) => h.prompt.as_ref().is_some_and(|c| c.calibrating()),
+        }
+    }
+
+    /// A hash naming what classifies: the template's, or the head file's.
+    pub fn template_sha256(&self) -> String {
+        match self {
+            TaskRunner::Prompt(c) => c.task.template_sha256(),
+            TaskRunner::Head(h) => h.head_sha256.clone(),
+        }
+    }
+
+    pub fn method(&self) -> Method {
+        match self {
+            TaskRunner::Prompt(_) => Method::Prompt,
+            TaskRunner::Head(h) => h.method,
+        }
+    }
+
+    pub fn classify_many(
+        &mut self,
+        engine: &mut Engine,
+        reqs: &[Request],
+        path: ScorePath,
+    ) -> Vec<Result<ClassifyResult, RecordError>> {
+        match self {
+            TaskRunner::Prompt(c) => c.classify_many(engine, reqs, path),
+            TaskRunner::Head(h) => h.classify_many(engine, reqs, path),
+        }
+    }
+}
+
+/// The task's head file, checked against the model and the task, and the task label ->
+/// head label index map.
+fn load_head(engine: &Engine, task: &Task) -> Result<(HeadFile, Vec<usize>), HeadError> {
+    let file = task.head_path().ok_or_else(|| {
+        HeadError::Train(
+            "the task has no [head] file (train one with `edgeact tune --head`)".into(),
+        )
+    })?;
+    let head = HeadFile::load(&file)?;
+    if head.model_sha256 != engine.info.sha256 {
+        return Err(HeadError::Invalid {
+            path: file,
+            reason: format!(
+                "trained on the hidden states of model {}, this model is {}",
+                head.model_sha256, engine.info.sha256
+            ),
+        });
+    }
+    if head.n_embd != engine.n_embd() {
+        return Err(HeadError::Invalid {
+            path: file,
+            reason: format!(
+                "built for hidden states of width {}, the model's are {}",
+                head.n_embd,
+                engine.n_embd()
+            ),
+        });
+    }
+    let mut order = Vec::new();
+    for l in &task.labels {
+        match head.labels.iter().position(|h| h == &l.name) {
+            Some(i) => order.push(i),
+            None => {
+                return Err(HeadError::Invalid {
+                    path: file,
+                    reason: format!("has no label `{}` of the task", l.name),
+                })
+            }
+        }
+    }
+    if head.labels.len() != task.labels.len() {
+        return Err(HeadError::Invalid {
+            path: file,
+            reason: format!(
+                "has {} labels, the task {}",
+                head.labels.len(),
+                task.labels.len()
+            ),
+        });
+    }
+    Ok((head, order))
+}
+
+impl HeadClassifier {
+    fn classify_many(
+        &mut self,
+        engine: &mut Engine,
+        reqs: &[Request],
+        path: ScorePath,
+    ) -> Vec<Result<ClassifyResult, RecordError>> {
+        let started = Instant::now();
+        let mut prompt_results = self
+            .prompt
+            .as_ref()
+            .map(|c| c.classify_many(engine, reqs, path).into_iter());
+        let mut seqs = Vec::new();
+        let mut cuts = Vec::new();
+        let mut checked: Vec<Result<(), RecordError>> = Vec::new();
+        for r in reqs {
+            let text = r.fields.get(TRUNCATED_FIELD).map(String::as_str);
+            match text {
+                Some(t) if !t.trim().is_empty() => {
+                    let (tokens, cut) = self.tok.tokens(engine, t);
+                    seqs.push(tokens);
+                    cuts.push(cut);
+                    checked.push(Ok(()));
+                }
+                _ => checked.push(Err(RecordError::EmptyText)),
+            }
+        }
+        let t_decode = Instant::now();
+        let states = self.fctx.hidden_states(&seqs, |_| {});
+        let decode_ms = t_decode.elapsed().as_secs_f64() * 1e3;
+        let states = match states {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = e.to_string();
+                return checked
+                    .into_iter()
+                    .map(|c| {
+                        c.and_then(|_| Err(RecordError::Engine(EngineError::Decode(msg.clone()))))
+                    })
+                    .collect();
+            }
+        };
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut states = states.into_iter().zip(seqs.iter().zip(cuts));
+        let mut out = Vec::with_capacity(reqs.len());
+        for (req, c) in reqs.iter().zip(checked) {
+            let prompt_res = prompt_results.as_mut().and_then(|it| it.next());
+            if let Err(e) = c {
+                out.push(Err(e));
+                continue;
+            }
+            let Some((st, (tokens, cut))) = states.next() else {
+                out.push(Err(RecordError::Engine(EngineError::Decode(
+                    "feature extraction returned too few results".into(),
+                ))));
+                continue;
+            };
+            let hp = self
+                .head
+                .head
+                .predict(&self.head.feature.pooling.apply(&st));
+            // In task label order.
+            let head_probs: Vec<f64> = self.order.iter().map(|&i| hp[i]).collect();
+            let res = match prompt_res {
+                None => Ok(self.result(engine, req, &head_probs, None, tokens.len(), cut)),
+                Some(Err(e)) => Err(e),
+                Some(Ok(p)) => {
+                    Ok(self.result(engine, req, &head_probs, Some(p), tokens.len(), cut))
+                }
+            };
+            out.push(res.map(|mut r| {
+                r.timings_ms.prefill_ms += decode_ms;
+                r.timings_ms.total_ms = r.timings_ms.total_ms.max(total_ms);
+                r
+            }));
+        }
+        out
+    }
+
+    fn result(
+        &self,
+        engine: &Engine,
+        req: &Request,
+        head_probs: &[f64],
+        prompt: Option<ClassifyResult>,
+        n_tokens: usize,
+        cut: Option<Truncation>,
+    ) -> ClassifyResult {
+        match prompt {
+            Some(p) => self.combined_result(p, head_probs, n_tokens),
+            None => self.head_result(engine, req, head_probs, n_tokens, cut),
+        }
+    }
+
+    /// Method `both`: the prompt's result with the product of the two distributions
+    /// (renormalized) as its scores and decision, and the feature tokens counted.
+    fn combined_result(
+        &self,
+        mut p: ClassifyResult,
+        head_probs: &[f64],
+        n_tokens: usize,
+    ) -> ClassifyResult {
+        let probs = softmax(
+            &self
+                .task
+                .labels
+                .iter()
+                .zip(head_probs)
+                .map(|(l, &h)| {
+                    h.max(1e-300).ln()
+                        + p.scores
+                            .get(&l.name)
+                            .copied()
+                            .unwrap_or(0.0)
+                            .max(1e-300)
+                            .ln()
+                })
+                .collect::<Vec<_>>(),
+        );
+        let d = decide(&probs, &self.abstain);
+        let top_label = self.task.labels[d.top].name.clone();
+        p.label = (!d.abstained).then(|| top_label.clone());
+        p.top_label = top_label;
+        p.confidence = d.confidence;
+        p.margin = d.margin;
+        p.abstained = d.abstained;
+        p.scores = self.scores(&probs);
+        p.tokens.prompt += n_tokens;
+        p.tokens.decoded += n_tokens;
+        p.provenance.template_sha256 =
+            format!("{}+{}", p.provenance.template_sha256, self.head_sha256);
+        p
+    }
+
+    /// Method `head`: a result from the head's probabilities alone.
+    fn head_result(
+        &self,
+        engine: &Engine,
+        req: &Request,
+        probs: &[f64],
+        n_tokens: usize,
+        cut: Option<Truncation>,
+    ) -> ClassifyResult {
+        let d = decide(probs, &self.abstain);
+        let top_label = self.task.labels[d.top].name.clone();
+        ClassifyResult {
+            id: req.id.clone(),
+            task: self.task.name.clone(),
+            label: (!d.abstained).then(|| top_label.clone()),
+            top_label,
+            confidence: d.confidence,
+            margin: d.margin,
+            abstained: d.abstained,
+            labels: self
+                .task
+                .labels
+                .iter()
+                .zip(probs)
+                .map(|(l, &prob)| {
+                    (
+                        l.name.clone(),
+                        LabelDetail {
+                            prob,
+                            logprob_total: prob.max(1e-300).ln(),
+                            logprob_mean: prob.max(1e-300).ln(),
+                            n_tokens: 0,
+                            pruned: false,
+                        },
+                    )
+                })
+                .collect(),
+            scores: self.scores(probs),
+            score_norm: self.task.score,
+            calibration: CalibrationApplied {
+                applied: false,
+                prior: None,
+            },
+            truncated: cut,
+            tokens: TokenCounts {
+                prompt: n_tokens,
+                reused: 0,
+                decoded: n_tokens,
+                scored: 0,
+            },
+            timings_ms: Timings {
+                prefill_ms: 0.0,
+                scoring_ms: 0.0,
+                total_ms: 0.0,
+            },
+            provenance: Provenance {
+                model: engine
+                    .info
+                    .path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                model_sha256: engine.info.sha256.clone(),
+                task: self.task.name.clone(),
+                template_sha256: self.head_sha256.clone(),
+                board: engine.info.board.clone(),
+            },
+        }
+    }
+
+    /// Probability per label name.
+    fn scores(&self, probs: &[f64]) -> BTreeMap<String, f64> {
+        self.task
+            .labels
+            .iter()
+            .zip(probs)
+            .map(|(l, &p)| (l.name.clone(), p))
+            .collect()
+    }
+}

@@ -1,0 +1,178 @@
+//! The model side of the ReAct loop: the [`StepGenerator`] trait the loop asks for one
+//! step at a time (so the state machine is tested without a model), and the engine as one
+//! ([`EngineGenerator`]), with the free-text baseline's stop rule.
+
+use std::time::Instant;
+
+use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop};
+
+/// How a step is generated.
+#[derive(Debug, Clone, Copy)]
+pub enum GenMode<'a> {
+    /// Under this GBNF grammar, whose sentences are `lines` lines: generation ends at the
+    /// last newline (the grammar would allow only an end token next).
+    Grammar { gbnf: &'a str, lines: usize },
+    /// Free text (the baseline); the step ends at `Observation`, a new `Question`, or the
+    /// end of a `Final Answer` line.
+    Free,
+}
+
+/// Why one generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenEnd {
+    Complete,
+    MaxTokens,
+    Deadline,
+}
+
+/// One generated step and what it cost.
+#[derive(Debug, Clone)]
+pub struct GenStep {
+    pub text: String,
+    pub generated_tokens: usize,
+    pub prompt_tokens: usize,
+    pub reused_tokens: usize,
+    /// Wall time in all, and the part spent decoding the new prompt tokens.
+    pub ms: f64,
+    pub prefill_ms: f64,
+    pub end: GenEnd,
+}
+
+/// The model side of the loop.
+pub trait StepGenerator {
+    fn generate(
+        &mut self,
+        prompt: &str,
+        mode: GenMode<'_>,
+        max_tokens: usize,
+        seed: u64,
+        deadline: Instant,
+    ) -> Result<GenStep, EngineError>;
+
+    /// Tokens of `text` as the prompt would hold them.
+    fn count_tokens(&mut self, text: &str) -> usize;
+}
+
+/// Where a free (no-grammar) step ends: an `Observation` or a new `Question` the model
+/// starts writing itself, or the end of a `Final Answer` line.
+pub fn free_step_end(text: &str) -> Option<usize> {
+    let cut = ["\nObservation", "\nQuestion:"]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min();
+    if cut.is_some() {
+        return cut.map(|c| c + 1);
+    }
+    let f = text.find("Final Answer:")?;
+    text[f..].find('\n').map(|n| f + n + 1)
+}
+
+/// The engine as a [`StepGenerator`]: one generation sequence whose cache carries over
+/// between steps and runs (shared prompt beginnings are decoded once).
+pub struct EngineGenerator<'a> {
+    pub engine: &'a mut Engine,
+    pub cache: GenCache,
+    pub temperature: f32,
+    /// A prefix slot holding the task's decoded prefix (see [`EngineGenerator::with_prefix`]).
+    pub prefix_slot: Option<usize>,
+}
+
+impl<'a> EngineGenerator<'a> {
+    pub fn new(engine: &'a mut Engine, temperature: f32) -> EngineGenerator<'a> {
+        EngineGenerator {
+            engine,
+            cache: GenCache::default(),
+            temperature,
+            prefix_slot: None,
+        }
+    }
+
+    /// Puts `prefix` (the task's fixed prompt beginning) in prefix slot `slot` through the
+    /// engine's prefix cache on disk, so a cold start loads it instead of decoding it.
+    pub fn with_prefix(
+        mut self,
+        slot: usize,
+        prefix: &str,
+    ) -> Result<(Self, crate::model::PrefixSource), EngineError> {
+        let tokens = self.engine.tokenize(prefix, true, false);
+        let source = self.engine.set_prefix_cached(slot, &tokens)?;
+        self.prefix_slot = Some(slot);
+        Ok((self, source))
+    }
+}
+
+impl StepGenerator for EngineGenerator<'_> {
+    fn generate(
+        &mut self,
+        prompt: &str,
+        mode: GenMode<'_>,
+        max_tokens: usize,
+        seed: u64,
+        deadline: Instant,
+    ) -> Result<GenStep, EngineError> {
+        let tokens = self.engine.tokenize(prompt, true, false);
+        let (grammar, free, lines) = match mode {
+            GenMode::Grammar { gbnf, lines } => (Some(gbnf), false, lines),
+            GenMode::Free => (None, true, 0),
+        };
+        let req = GenerateRequest {
+            grammar,
+            max_tokens,
+            temperature: self.temperature,
+            seed,
+            deadline: Some(deadline),
+            prefix_slot: self.prefix_slot,
+        };
+        // Grammar mode: the last newline of the sentence ends it; free mode: the
+        // baseline's stop rule.
+        let mut stop = |text: &str| {
+            if free {
+                free_step_end(text).is_some()
+            } else {
+                text.matches('\n').count() >= lines
+            }
+        };
+        let g = self
+            .engine
+            .generate(&mut self.cache, &tokens, &req, &mut stop)?;
+        let mut text = g.text;
+        if free {
+            if let Some(end) = free_step_end(&text) {
+                text.truncate(end);
+            }
+        }
+        Ok(GenStep {
+            end: match g.stop {
+                GenerateStop::Complete | GenerateStop::StopRule => GenEnd::Complete,
+                GenerateStop::MaxTokens => GenEnd::MaxTokens,
+                GenerateStop::Deadline => GenEnd::Deadline,
+            },
+            generated_tokens: g.tokens.len(),
+            prompt_tokens: g.prompt_tokens,
+            reused_tokens: g.reused_tokens,
+            ms: g.prefill_ms + g.generate_ms,
+            prefill_ms: g.prefill_ms,
+            text,
+        })
+    }
+
+    fn count_tokens(&mut self, text: &str) -> usize {
+        self.engine.tokenize(text, true, false).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_steps_end_where_peers_stop() {
+        assert_eq!(
+            free_step_end("Thought: a\nAction: b[c]\nObservation: made up"),
+            Some(24)
+        );
+        assert_eq!(free_step_end("Thought: a\nFinal Answer: b\nmore"), Some(27));
+        assert_eq!(free_step_end("Thought: a\nFinal Answer: b"), None);
+        assert_eq!(free_step_end("Thought: a\nQuestion: b"), Some(11));
+    }
+}
