@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::util::jsonl::JsonLines;
 use bm25::{Language, SearchEngine, SearchEngineBuilder};
 
 #[derive(Debug, thiserror::Error)]
@@ -144,19 +145,18 @@ struct JsonEntry {
 
 pub fn parse_jsonl(src: &str, source: &Path) -> Result<Vec<Passage>, KbError> {
     let mut out = Vec::new();
-    for (i, line) in src.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let e: JsonEntry = serde_json::from_str(line).map_err(|e| KbError::Entry {
+    let mut lines = JsonLines::new(src.as_bytes());
+    // Reading from memory cannot fail.
+    while let Ok(Some((n, line))) = lines.next_line() {
+        let e: JsonEntry = serde_json::from_slice(line).map_err(|e| KbError::Entry {
             path: source.into(),
-            line: i + 1,
+            line: n,
             reason: e.to_string(),
         })?;
         if e.id.trim().is_empty() || e.text.trim().is_empty() {
             return Err(KbError::Entry {
                 path: source.into(),
-                line: i + 1,
+                line: n,
                 reason: "`id` and `text` must not be empty".into(),
             });
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::kb::Kb;
 use super::trace::{StopReason, Trace};
+use crate::util::jsonl::JsonLines;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -41,21 +42,19 @@ pub struct Scenario {
 
 /// Reads the scenario file; with `kb`, every expected passage id must exist in it.
 pub fn load(path: &Path, kb: Option<&Kb>) -> Result<Vec<Scenario>, ScenarioError> {
-    let src = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+    let io_err = |source| ScenarioError::Io {
         path: path.into(),
         source,
-    })?;
+    };
+    let mut lines = JsonLines::open(path).map_err(io_err)?;
     let mut out: Vec<Scenario> = Vec::new();
-    for (i, line) in src.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    while let Some((n, line)) = lines.next_line().map_err(io_err)? {
         let err = |reason: String| ScenarioError::Line {
             path: path.into(),
-            line: i + 1,
+            line: n,
             reason,
         };
-        let s: Scenario = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
+        let s: Scenario = serde_json::from_slice(line).map_err(|e| err(e.to_string()))?;
         if out.iter().any(|o| o.id == s.id) {
             return Err(err(format!("id `{}` repeats", s.id)));
         }
