@@ -7,6 +7,7 @@
 //! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT] [serve flags...]
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,43 +43,15 @@ struct Seen {
     errors: Vec<String>,
 }
 
-fn main() {
-    let arg = |i: usize, d: usize| {
-        std::env::args()
-            .nth(i)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(d)
-    };
-    let n = arg(1, 20_000);
-    let every = arg(2, 1000);
-    let in_flight = arg(3, 32);
-    let (root, bin) = repo_and_binary();
-    let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut broker = Broker::start_volatile(&dir, "allow_anonymous true\n");
-    let port = broker.port;
-    let mut daemon = Command::new(&bin)
-        .current_dir(&root)
-        .args(["serve", "--broker", &broker.url(), "--device-id", "soak"])
-        .arg("--outbox-dir")
-        .arg(dir.join("outbox"))
-        .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
-        // Anything after N EVERY IN_FLIGHT goes to `edgeact serve` (e.g. --threads 1).
-        .args(std::env::args().skip(4))
-        .env("RUST_LOG", "edgeact=warn")
-        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
-        .spawn()
-        .expect("edgeact binary (cargo build --release)");
-    let pid = daemon.id();
-
+/// The probe's connection: results and error records collected into `seen` by id.
+fn connect_probe(port: u16, seen: Arc<Mutex<Seen>>) -> Client {
     let mut o = MqttOptions::new("soak-probe", "127.0.0.1", port);
     o.set_clean_session(true);
     o.set_max_packet_size(1 << 22, 1 << 22);
     o.set_inflight(500);
     o.set_keep_alive(Duration::from_secs(30));
     let (client, mut conn) = Client::new(o, 10_000);
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let s = seen.clone();
+    let s = seen;
     let c2 = client.clone();
     std::thread::spawn(move || {
         for ev in conn.iter() {
@@ -104,7 +77,11 @@ fn main() {
             }
         }
     });
-    // Wait for the daemon to be serving (retained `available` = online).
+    client
+}
+
+/// Waits for the daemon to be serving (retained `available` = online).
+fn wait_online(port: u16, dir: &Path) {
     let avail = Arc::new(Mutex::new(false));
     {
         let mut o = MqttOptions::new("soak-avail", "127.0.0.1", port);
@@ -135,7 +112,10 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Short texts (about 12 tokens), varied from request to request.
+}
+
+/// Request number `sent`: a short text (about 12 tokens), varied from request to request.
+fn request_body(sent: usize) -> String {
     let adjectives = [
         "excellent",
         "awful",
@@ -146,14 +126,25 @@ fn main() {
         "quick",
         "slow",
     ];
-    let (rss0, _) = rss_mib(pid);
-    println!(
-        "soak: {n} requests, at most {in_flight} in flight, daemon pid {pid}, RSS {rss0:.1} MiB after load"
+    let adj = adjectives[sent % adjectives.len()];
+    let text = format!(
+        "Visit {sent}: the staff were {adj}{}",
+        " today".repeat(sent % 3)
     );
-    println!(
-        "{:>8} {:>9} {:>10} {:>10} {:>10}",
-        "answered", "elapsed_s", "req_per_s", "rss_mib", "hwm_mib"
-    );
+    serde_json::json!({"id": format!("s{sent}"), "text": text}).to_string()
+}
+
+/// Sends `n` requests, at most `in_flight` unanswered, printing a line every `every`
+/// answers; stops early after 300 s without progress. Returns the start time and the
+/// (answered, RSS MiB) samples.
+fn drive(
+    client: &Client,
+    seen: &Mutex<Seen>,
+    pid: u32,
+    n: usize,
+    every: usize,
+    in_flight: usize,
+) -> (Instant, Vec<(usize, f64)>) {
     let start = Instant::now();
     let mut sent = 0usize;
     let mut next_report = every;
@@ -165,18 +156,12 @@ fn main() {
             (g.results.len() + g.errors.len(), g.errors.len())
         };
         while sent < n && sent < done + in_flight {
-            let adj = adjectives[sent % adjectives.len()];
-            let text = format!(
-                "Visit {sent}: the staff were {adj}{}",
-                " today".repeat(sent % 3)
-            );
-            let body = serde_json::json!({"id": format!("s{sent}"), "text": text}).to_string();
             client
                 .publish(
                     "edgeact/soak/sentiment/request",
                     QoS::AtLeastOnce,
                     false,
-                    body,
+                    request_body(sent),
                 )
                 .unwrap();
             sent += 1;
@@ -203,8 +188,12 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let g = seen.lock().unwrap();
-    let answered = g.results.len();
+    (start, samples)
+}
+
+/// The closing figures: answered, errors, rate, and how far RSS moved after warm-up.
+fn summarize(seen: &Seen, pid: u32, n: usize, start: Instant, samples: &[(usize, f64)]) {
+    let answered = seen.results.len();
     let (rss_end, hwm) = rss_mib(pid);
     // Warm-up: the first 10 % of the run.
     let warm: Vec<f64> = samples
@@ -217,11 +206,11 @@ fn main() {
         .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     println!(
         "results {answered} of {n} (distinct ids), error records {}; {:.1} s, {:.1} req/s",
-        g.errors.len(),
+        seen.errors.len(),
         start.elapsed().as_secs_f64(),
         answered as f64 / start.elapsed().as_secs_f64()
     );
-    for e in g.errors.iter().take(5) {
+    for e in seen.errors.iter().take(5) {
         println!("  error: {e}");
     }
     if !warm.is_empty() {
@@ -231,7 +220,50 @@ fn main() {
             (hi - lo) / lo * 100.0
         );
     }
-    drop(g);
+}
+
+fn main() {
+    let arg = |i: usize, d: usize| {
+        std::env::args()
+            .nth(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = arg(1, 20_000);
+    let every = arg(2, 1000);
+    let in_flight = arg(3, 32);
+    let (root, bin) = repo_and_binary();
+    let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut broker = Broker::start_volatile(&dir, "allow_anonymous true\n");
+    let port = broker.port;
+    let mut daemon = Command::new(&bin)
+        .current_dir(&root)
+        .args(["serve", "--broker", &broker.url(), "--device-id", "soak"])
+        .arg("--outbox-dir")
+        .arg(dir.join("outbox"))
+        .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
+        // Anything after N EVERY IN_FLIGHT goes to `edgeact serve` (e.g. --threads 1).
+        .args(std::env::args().skip(4))
+        .env("RUST_LOG", "edgeact=warn")
+        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+        .spawn()
+        .expect("edgeact binary (cargo build --release)");
+    let pid = daemon.id();
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let client = connect_probe(port, seen.clone());
+    wait_online(port, &dir);
+    let (rss0, _) = rss_mib(pid);
+    println!(
+        "soak: {n} requests, at most {in_flight} in flight, daemon pid {pid}, RSS {rss0:.1} MiB after load"
+    );
+    println!(
+        "{:>8} {:>9} {:>10} {:>10} {:>10}",
+        "answered", "elapsed_s", "req_per_s", "rss_mib", "hwm_mib"
+    );
+    let (start, samples) = drive(&client, &seen, pid, n, every, in_flight);
+    summarize(&seen.lock().unwrap(), pid, n, start, &samples);
     terminate(&mut daemon);
     broker.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -38,6 +38,7 @@ fn nested(depth: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+// Long only because it is a table: one entry per kind of bad input.
 fn runtime_cases() -> Vec<(&'static str, String, Vec<u8>, Want)> {
     let req = || REQ.to_string();
     let j = |s: &str| s.as_bytes().to_vec();
@@ -207,84 +208,70 @@ fn error_kinds(p: &Probe) -> usize {
     p.on(ERRORS).len()
 }
 
-#[test]
-fn bad_input_table_through_the_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let probe = Probe::connect(
-        broker.port,
-        "probe-badin",
-        &[RESULT, ERRORS, "edgeact/badin/available"],
-    );
-    // fsync at most every 50 ms: the 10 000 refusals of the burst are not each forced to
-    // disk (crash safety is tested in tests/serve.rs); everything else is the default.
-    let daemon = Daemon::start(&broker, "badin", dir.path(), &["--outbox-fsync", "50"]);
-    wait_online(&probe, PREFIX);
-    let labels: BTreeSet<&str> = ["positive", "negative"].into();
-    let started = Instant::now();
-    let mut good = 0usize;
-    let cases = runtime_cases();
-    assert!(cases.len() >= 20);
-    for (i, (name, topic, payload, want)) in cases.iter().enumerate() {
-        let errors_before = error_kinds(&probe);
-        let results_before = probe.on(RESULT).len();
-        probe.publish(topic, payload.clone());
-        match want {
-            Want::Error(kind, needle) => {
-                probe.wait_for(60, &format!("{name}: an error record"), |_| {
-                    error_kinds(&probe) > errors_before
-                });
-                let e = probe.on(ERRORS)[errors_before].json();
-                assert_eq!(e["error"]["kind"], *kind, "{name}: {e}");
-                let msg = e["error"]["message"].as_str().unwrap_or("");
-                assert!(msg.contains(needle), "{name}: `{needle}` not in {msg:?}");
-                assert_eq!(e["topic"].as_str(), Some(topic.as_str()), "{name}: {e}");
-                assert!(
-                    probe.on(RESULT).len() == results_before,
-                    "{name}: a result for bad input"
-                );
-                eprintln!("{name:45} -> {kind:16} {msg}");
-            }
-            Want::Result | Want::Truncated => {
-                probe.wait_for(120, &format!("{name}: a result"), |_| {
-                    probe.on(RESULT).len() > results_before
-                });
-                let r = probe.on(RESULT)[results_before].json();
-                let label = r["top_label"].as_str().unwrap_or("?");
-                assert!(labels.contains(label), "{name}: label {label}: {r}");
-                if matches!(want, Want::Truncated) {
-                    assert!(r["truncated"].is_object(), "{name}: {r}");
-                    assert_eq!(r["truncated"]["policy"], "keep_head", "{name}: {r}");
-                }
-                assert_eq!(error_kinds(&probe), errors_before, "{name}: an error too");
-                eprintln!("{name:45} -> result {label} (p={})", r["confidence"]);
-            }
+/// One bad input: published, then checked for what it must produce (`labels`: the task's).
+fn check_case(
+    probe: &Probe,
+    labels: &BTreeSet<&str>,
+    name: &str,
+    topic: &str,
+    payload: &[u8],
+    want: &Want,
+) {
+    let errors_before = error_kinds(probe);
+    let results_before = probe.on(RESULT).len();
+    probe.publish(topic, payload.to_vec());
+    match want {
+        Want::Error(kind, needle) => {
+            probe.wait_for(60, &format!("{name}: an error record"), |_| {
+                error_kinds(probe) > errors_before
+            });
+            let e = probe.on(ERRORS)[errors_before].json();
+            assert_eq!(e["error"]["kind"], *kind, "{name}: {e}");
+            let msg = e["error"]["message"].as_str().unwrap_or("");
+            assert!(msg.contains(needle), "{name}: `{needle}` not in {msg:?}");
+            assert_eq!(e["topic"].as_str(), Some(topic), "{name}: {e}");
+            assert!(
+                probe.on(RESULT).len() == results_before,
+                "{name}: a result for bad input"
+            );
+            eprintln!("{name:45} -> {kind:16} {msg}");
         }
-        // The daemon keeps serving: a good request right after each bad one.
-        let id = format!("good{i}");
-        probe.publish(
-            REQ,
-            serde_json::json!({"id": id, "text": "Friendly staff and a spotless room."})
-                .to_string(),
-        );
-        probe.wait_for(120, &format!("{name}: the good request after it"), |_| {
-            result_ids(&probe, RESULT).contains(&id)
-        });
-        good += 1;
+        Want::Result | Want::Truncated => {
+            probe.wait_for(120, &format!("{name}: a result"), |_| {
+                probe.on(RESULT).len() > results_before
+            });
+            let r = probe.on(RESULT)[results_before].json();
+            let label = r["top_label"].as_str().unwrap_or("?");
+            assert!(labels.contains(label), "{name}: label {label}: {r}");
+            if matches!(want, Want::Truncated) {
+                assert!(r["truncated"].is_object(), "{name}: {r}");
+                assert_eq!(r["truncated"]["policy"], "keep_head", "{name}: {r}");
+            }
+            assert_eq!(error_kinds(probe), errors_before, "{name}: an error too");
+            eprintln!("{name:45} -> result {label} (p={})", r["confidence"]);
+        }
     }
-    eprintln!(
-        "{} bad inputs, {good} good requests after them, {:.1} s",
-        cases.len(),
-        started.elapsed().as_secs_f64()
-    );
-    assert!(
-        daemon.log().contains("not valid JSON"),
-        "errors are logged too"
-    );
+}
 
-    // A burst of 10 000: every request is answered by a result or refused `overloaded`,
-    // each by its id; none is lost.
-    let n = 10_000;
+/// The burst's request ids answered by a result, and those refused `overloaded`.
+fn burst_answered(p: &Probe) -> (BTreeSet<String>, BTreeSet<String>) {
+    let results: BTreeSet<String> = result_ids(p, RESULT)
+        .into_iter()
+        .filter(|id| id.starts_with('b'))
+        .collect();
+    let overloaded: BTreeSet<String> = p
+        .on(ERRORS)
+        .iter()
+        .map(|g| g.json())
+        .filter(|e| e["error"]["kind"] == "overloaded")
+        .filter_map(|e| e["id"].as_str().map(String::from))
+        .collect();
+    (results, overloaded)
+}
+
+/// A burst of `n`: every request is answered by a result or refused `overloaded`, each by
+/// its id; none is lost.
+fn burst_is_answered_or_refused(probe: &Probe, n: usize) {
     let started = Instant::now();
     for i in 0..n {
         probe.publish(
@@ -293,23 +280,9 @@ fn bad_input_table_through_the_daemon() {
                 .to_string(),
         );
     }
-    let answered = |p: &Probe| -> (BTreeSet<String>, BTreeSet<String>) {
-        let results: BTreeSet<String> = result_ids(p, RESULT)
-            .into_iter()
-            .filter(|id| id.starts_with('b'))
-            .collect();
-        let overloaded: BTreeSet<String> = p
-            .on(ERRORS)
-            .iter()
-            .map(|g| g.json())
-            .filter(|e| e["error"]["kind"] == "overloaded")
-            .filter_map(|e| e["id"].as_str().map(String::from))
-            .collect();
-        (results, overloaded)
-    };
     let deadline = Instant::now() + Duration::from_secs(600);
     let (results, overloaded) = loop {
-        let (r, o) = answered(&probe);
+        let (r, o) = burst_answered(probe);
         if r.union(&o).count() >= n || Instant::now() > deadline {
             break (r, o);
         }
@@ -338,6 +311,51 @@ fn bad_input_table_through_the_daemon() {
         "a request both answered and refused"
     );
     assert!(!overloaded.is_empty() && !results.is_empty());
+}
+
+#[test]
+fn bad_input_table_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(
+        broker.port,
+        "probe-badin",
+        &[RESULT, ERRORS, "edgeact/badin/available"],
+    );
+    // fsync at most every 50 ms: the 10 000 refusals of the burst are not each forced to
+    // disk (crash safety is tested in tests/serve.rs); everything else is the default.
+    let daemon = Daemon::start(&broker, "badin", dir.path(), &["--outbox-fsync", "50"]);
+    wait_online(&probe, PREFIX);
+    let labels: BTreeSet<&str> = ["positive", "negative"].into();
+    let started = Instant::now();
+    let mut good = 0usize;
+    let cases = runtime_cases();
+    assert!(cases.len() >= 20);
+    for (i, (name, topic, payload, want)) in cases.iter().enumerate() {
+        check_case(&probe, &labels, name, topic, payload, want);
+        // The daemon keeps serving: a good request right after each bad one.
+        let id = format!("good{i}");
+        probe.publish(
+            REQ,
+            serde_json::json!({"id": id, "text": "Friendly staff and a spotless room."})
+                .to_string(),
+        );
+        probe.wait_for(120, &format!("{name}: the good request after it"), |_| {
+            result_ids(&probe, RESULT).contains(&id)
+        });
+        good += 1;
+    }
+    eprintln!(
+        "{} bad inputs, {good} good requests after them, {:.1} s",
+        cases.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        daemon.log().contains("not valid JSON"),
+        "errors are logged too"
+    );
+
+    burst_is_answered_or_refused(&probe, 10_000);
     probe.publish(
         REQ,
         r#"{"id":"after-burst","text":"Lovely, thank you"}"#.to_string(),
@@ -416,23 +434,7 @@ fn full_disk_degrades_to_direct_publishing() {
 #[test]
 fn startup_mistakes_exit_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let model = testkit::board().model_path;
-    let bytes = std::fs::read(&model).unwrap();
-    let corrupt = dir.path().join("corrupt.gguf");
-    {
-        // Right magic and version, absurd counts, then garbage.
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(u64::MAX.to_le_bytes());
-        b.extend(u64::MAX.to_le_bytes());
-        b.extend((0..4096u32).map(|i| (i * 7919 % 251) as u8));
-        std::fs::write(&corrupt, b).unwrap();
-    }
-    let head_only = dir.path().join("head-only.gguf");
-    std::fs::write(&head_only, &bytes[..1 << 20]).unwrap();
-    let half = dir.path().join("half.gguf");
-    std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
-    drop(bytes);
+    let (corrupt, head_only, half) = bad_models(dir.path());
     let a_file = dir.path().join("a-file");
     std::fs::write(&a_file, "x").unwrap();
     let under_file = a_file.join("outbox").display().to_string();
@@ -444,12 +446,8 @@ fn startup_mistakes_exit_with_a_clear_error() {
         sb.tls.other_ca.display().to_string(),
     );
     let plain = sb.broker.url();
-    let (corrupt, head_only, half) = (
-        corrupt.display().to_string(),
-        head_only.display().to_string(),
-        half.display().to_string(),
-    );
     let zeros = "0".repeat(64);
+    // Long because it is a table: one entry per start-up mistake.
     type Case<'a> = (&'a str, Vec<&'a str>, i32, Vec<&'a str>);
     let cases: Vec<Case> = vec![
         (
@@ -536,20 +534,53 @@ fn startup_mistakes_exit_with_a_clear_error() {
     ];
     for (i, (name, args, code, needles)) in cases.iter().enumerate() {
         let outbox = dir.path().join(format!("outbox-{i}")).display().to_string();
-        let mut argv = vec!["--device-id", "badin"];
-        if !args.contains(&"--outbox-dir") {
-            argv.extend(["--outbox-dir", &outbox]);
-        }
-        argv.extend(args.iter().copied());
-        let (got, stderr) = serve_until_exit(&argv, &[], 120);
-        assert_eq!(got, Some(*code), "{name}: exit {got:?}: {stderr}");
-        let last = stderr.trim().lines().last().unwrap_or("");
-        for n in needles {
-            assert!(
-                last.contains(n),
-                "{name}: `{n}` not in the last line of: {stderr}"
-            );
-        }
-        eprintln!("{name:32} exit {code}: {last}");
+        check_startup_mistake(name, &outbox, args, *code, needles);
     }
+}
+
+/// Model files that must be refused, written into `dir`: a corrupt GGUF (right magic and
+/// version, absurd counts, then garbage), the real model cut after its first MiB, and cut
+/// in half. Returns their paths.
+fn bad_models(dir: &std::path::Path) -> (String, String, String) {
+    let model = testkit::board().model_path;
+    let bytes = std::fs::read(&model).unwrap();
+    let corrupt = dir.join("corrupt.gguf");
+    {
+        // Right magic and version, absurd counts, then garbage.
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(u64::MAX.to_le_bytes());
+        b.extend(u64::MAX.to_le_bytes());
+        b.extend((0..4096u32).map(|i| (i * 7919 % 251) as u8));
+        std::fs::write(&corrupt, b).unwrap();
+    }
+    let head_only = dir.join("head-only.gguf");
+    std::fs::write(&head_only, &bytes[..1 << 20]).unwrap();
+    let half = dir.join("half.gguf");
+    std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
+    (
+        corrupt.display().to_string(),
+        head_only.display().to_string(),
+        half.display().to_string(),
+    )
+}
+
+/// One start-up mistake: `edgeact serve` with `args` (and its own `outbox` unless the case
+/// sets one) exits with `code`, every needle in its last stderr line.
+fn check_startup_mistake(name: &str, outbox: &str, args: &[&str], code: i32, needles: &[&str]) {
+    let mut argv = vec!["--device-id", "badin"];
+    if !args.contains(&"--outbox-dir") {
+        argv.extend(["--outbox-dir", outbox]);
+    }
+    argv.extend(args.iter().copied());
+    let (got, stderr) = serve_until_exit(&argv, &[], 120);
+    assert_eq!(got, Some(code), "{name}: exit {got:?}: {stderr}");
+    let last = stderr.trim().lines().last().unwrap_or("");
+    for n in needles {
+        assert!(
+            last.contains(n),
+            "{name}: `{n}` not in the last line of: {stderr}"
+        );
+    }
+    eprintln!("{name:32} exit {code}: {last}");
 }

@@ -299,10 +299,9 @@ fn eval_writes_metrics_consistent_with_its_predictions() {
     assert!(stderr(&o).contains("negative, positive"), "{}", stderr(&o));
 }
 
-#[test]
-fn tune_head_trains_saves_and_classifies_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    // The 40 obvious sentences with splits: 6 per label to train, the rest dev.
+/// The 40 obvious sentences with splits: 6 per label to train, the rest dev; written to
+/// `dir`/d.jsonl.
+fn split_sentiment_data(dir: &std::path::Path) -> std::path::PathBuf {
     let src = std::fs::read_to_string(testkit::root().join("tests/data/sentiment-obvious.jsonl"))
         .unwrap();
     let mut per_label = std::collections::HashMap::new();
@@ -316,9 +315,15 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
         v["split"] = if *n <= 6 { "train" } else { "dev" }.into();
         data.push_str(&format!("{v}\n"));
     }
-    let data_path = dir.path().join("d.jsonl");
+    let data_path = dir.join("d.jsonl");
     std::fs::write(&data_path, data).unwrap();
-    let task_path = dir.path().join("s-head.toml");
+    data_path
+}
+
+/// `edgeact tune --head` on `data_path`, writing `dir`/s-head.toml and its head file;
+/// returns the head file's JSON.
+fn tune_head(dir: &std::path::Path, data_path: &std::path::Path) -> serde_json::Value {
+    let task_path = dir.join("s-head.toml");
     let o = edgeact(
         &[
             "tune",
@@ -346,8 +351,7 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
         "{report}"
     );
     let head: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("s-head.head.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("s-head.head.json")).unwrap()).unwrap();
     assert_eq!(head["labels"], serde_json::json!(["positive", "negative"]));
     assert_eq!(head["n_embd"], 640);
     assert_eq!(
@@ -359,6 +363,15 @@ fn tune_head_trains_saves_and_classifies_end_to_end() {
         task.contains("[head]") && task.contains("s-head.head.json"),
         "{task}"
     );
+    head
+}
+
+#[test]
+fn tune_head_trains_saves_and_classifies_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_path = split_sentiment_data(dir.path());
+    let task_path = dir.path().join("s-head.toml");
+    let head = tune_head(dir.path(), &data_path);
 
     // The written task classifies through its head, and eval runs it.
     let o = edgeact(

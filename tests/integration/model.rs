@@ -5,15 +5,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use edgeact::classify::{Classifier, RecordError, Request, ScorePath};
+use edgeact::classify::{Classifier, Prepared, RecordError, Request, ScorePath};
 use edgeact::model::scoring::{softmax, Pruning};
-use edgeact::model::{Engine, ScoreJob};
+use edgeact::model::{Engine, ScoreJob, ScoreOut};
 use edgeact::spec::Task;
 
 use crate::testkit;
 
 /// A BANKING77-style task with many multi-token labels, more label branches than the
 /// engine has work sequences, so the label trie is scored in several passes.
+/// Long only because it is a table: one line per label name.
 fn intent_task() -> Task {
     let names = [
         "activate my card",
@@ -147,94 +148,7 @@ fn fast_paths_match_naive_reference() {
             .collect();
         let batched = engine.score(&jobs).unwrap();
         for (p, b) in prepared.iter().zip(&batched) {
-            assert_eq!(b.reused_tokens, c.prefix_len(), "{name}: prefix not reused");
-            let single = engine
-                .score(&[ScoreJob {
-                    prefix: Some(slot),
-                    tokens: &p.tokens,
-                    trie: c.trie(),
-                    pruning: None,
-                }])
-                .unwrap();
-            let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
-            let lp = |o: &edgeact::model::ScoreOut| {
-                o.labels.iter().map(|l| l.total).collect::<Vec<f64>>()
-            };
-            let probs = softmax(&lp(&naive));
-            for (path, out) in [("micro-batched", b), ("single", &single[0])] {
-                let d_prob = max_abs_diff(&softmax(&lp(out)), &probs);
-                let d_lp = lp(out)
-                    .iter()
-                    .zip(lp(&naive))
-                    .zip(&probs)
-                    .filter(|(_, &p)| p > 0.01)
-                    .map(|((a, b), _)| (a - b).abs())
-                    .fold(0.0, f64::max);
-                eprintln!("{name} {path}: max |prob - naive| {d_prob:.4}, max |logprob - naive| (p>1%) {d_lp:.3}");
-                assert!(
-                    d_prob < 0.05,
-                    "{name} {path}: label probabilities differ from naive by {d_prob}"
-                );
-                assert!(
-                    d_lp < 0.5,
-                    "{name} {path}: label log-likelihoods differ from naive by {d_lp}"
-                );
-            }
-            // Pruned search: the same top label as the naive path; finished labels agree
-            // with it, unfinished ones carry an upper bound; fewer tokens decoded.
-            let pruning = Pruning {
-                margin_nats: 3.0,
-                per_token: false,
-            };
-            let pruned = engine
-                .score(&[ScoreJob {
-                    prefix: Some(slot),
-                    tokens: &p.tokens,
-                    trie: c.trie(),
-                    pruning: Some(pruning),
-                }])
-                .unwrap()
-                .remove(0);
-            let argmax = |v: Vec<f64>| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-            assert_eq!(
-                argmax(lp(&pruned)),
-                argmax(lp(&naive)),
-                "{name}: pruning changed the top label"
-            );
-            for (l, n) in pruned.labels.iter().zip(&naive.labels) {
-                if l.pruned {
-                    assert!(
-                        l.total >= n.total - 0.5,
-                        "{name}: a bound below the label's score"
-                    );
-                } else if n.total > lp(&naive).into_iter().fold(f64::MIN, f64::max) - 3.0 {
-                    assert!(
-                        (l.total - n.total).abs() < 0.5,
-                        "{name}: {} vs {}",
-                        l.total,
-                        n.total
-                    );
-                }
-            }
-            let n_pruned = pruned.labels.iter().filter(|l| l.pruned).count();
-            eprintln!(
-                "{name} pruned: {n_pruned} of {} labels left unfinished, {} vs {} tokens decoded",
-                pruned.labels.len(),
-                pruned.decoded_tokens,
-                single[0].decoded_tokens
-            );
-            if name == "intent" {
-                assert!(n_pruned > 0, "intent: nothing pruned at a 3-nat margin");
-                assert!(pruned.decoded_tokens < single[0].decoded_tokens);
-            }
-            // The naive path decodes the prompt once per label: far more tokens.
-            assert!(naive.decoded_tokens >= c.trie().paths.len() * (p.tokens.len() - 1));
-            assert!(
-                b.decoded_tokens * 4 < naive.decoded_tokens,
-                "{name}: {} vs {}",
-                b.decoded_tokens,
-                naive.decoded_tokens
-            );
+            check_prompt_against_naive(&mut engine, &c, slot, &name, p, b);
         }
         if name == "intent" {
             assert!(
@@ -242,6 +156,124 @@ fn fast_paths_match_naive_reference() {
                 "intent labels should need several branch passes"
             );
         }
+    }
+}
+
+/// The label log-likelihoods of a scoring.
+fn label_lps(o: &ScoreOut) -> Vec<f64> {
+    o.labels.iter().map(|l| l.total).collect()
+}
+
+/// One prompt of [`fast_paths_match_naive_reference`]: its micro-batched scoring `b`, and
+/// alone, and pruned, against the naive path.
+fn check_prompt_against_naive(
+    engine: &mut Engine,
+    c: &Classifier,
+    slot: usize,
+    name: &str,
+    p: &Prepared,
+    b: &ScoreOut,
+) {
+    assert_eq!(b.reused_tokens, c.prefix_len(), "{name}: prefix not reused");
+    let single = engine
+        .score(&[ScoreJob {
+            prefix: Some(slot),
+            tokens: &p.tokens,
+            trie: c.trie(),
+            pruning: None,
+        }])
+        .unwrap();
+    let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
+    let lp = label_lps;
+    let probs = softmax(&lp(&naive));
+    for (path, out) in [("micro-batched", b), ("single", &single[0])] {
+        let d_prob = max_abs_diff(&softmax(&lp(out)), &probs);
+        let d_lp = lp(out)
+            .iter()
+            .zip(lp(&naive))
+            .zip(&probs)
+            .filter(|(_, &p)| p > 0.01)
+            .map(|((a, b), _)| (a - b).abs())
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{name} {path}: max |prob - naive| {d_prob:.4}, max |logprob - naive| (p>1%) {d_lp:.3}"
+        );
+        assert!(
+            d_prob < 0.05,
+            "{name} {path}: label probabilities differ from naive by {d_prob}"
+        );
+        assert!(
+            d_lp < 0.5,
+            "{name} {path}: label log-likelihoods differ from naive by {d_lp}"
+        );
+    }
+    check_pruned_against_naive(engine, c, slot, name, p, &naive, &single[0]);
+    // The naive path decodes the prompt once per label: far more tokens.
+    assert!(naive.decoded_tokens >= c.trie().paths.len() * (p.tokens.len() - 1));
+    assert!(
+        b.decoded_tokens * 4 < naive.decoded_tokens,
+        "{name}: {} vs {}",
+        b.decoded_tokens,
+        naive.decoded_tokens
+    );
+}
+
+/// Pruned search: the same top label as the naive path; finished labels agree with it,
+/// unfinished ones carry an upper bound; fewer tokens decoded than `single` (unpruned).
+fn check_pruned_against_naive(
+    engine: &mut Engine,
+    c: &Classifier,
+    slot: usize,
+    name: &str,
+    p: &Prepared,
+    naive: &ScoreOut,
+    single: &ScoreOut,
+) {
+    let lp = label_lps;
+    let pruning = Pruning {
+        margin_nats: 3.0,
+        per_token: false,
+    };
+    let pruned = engine
+        .score(&[ScoreJob {
+            prefix: Some(slot),
+            tokens: &p.tokens,
+            trie: c.trie(),
+            pruning: Some(pruning),
+        }])
+        .unwrap()
+        .remove(0);
+    let argmax = |v: Vec<f64>| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+    assert_eq!(
+        argmax(lp(&pruned)),
+        argmax(lp(naive)),
+        "{name}: pruning changed the top label"
+    );
+    for (l, n) in pruned.labels.iter().zip(&naive.labels) {
+        if l.pruned {
+            assert!(
+                l.total >= n.total - 0.5,
+                "{name}: a bound below the label's score"
+            );
+        } else if n.total > lp(naive).into_iter().fold(f64::MIN, f64::max) - 3.0 {
+            assert!(
+                (l.total - n.total).abs() < 0.5,
+                "{name}: {} vs {}",
+                l.total,
+                n.total
+            );
+        }
+    }
+    let n_pruned = pruned.labels.iter().filter(|l| l.pruned).count();
+    eprintln!(
+        "{name} pruned: {n_pruned} of {} labels left unfinished, {} vs {} tokens decoded",
+        pruned.labels.len(),
+        pruned.decoded_tokens,
+        single.decoded_tokens
+    );
+    if name == "intent" {
+        assert!(n_pruned > 0, "intent: nothing pruned at a 3-nat margin");
+        assert!(pruned.decoded_tokens < single.decoded_tokens);
     }
 }
 

@@ -189,6 +189,137 @@ fn lose_power(path: &Path, synced: u64, rng: &mut Rng) -> (u64, usize) {
     (cut, garbage)
 }
 
+/// One round's writer: started on `dir`, killed with SIGKILL after a random delay; its
+/// whole lines.
+fn kill_writer_at_random(dir: &Path, rng: &mut Rng) -> Vec<Line> {
+    let mut child = spawn_writer(dir);
+    // Mostly mid-stream; one round in eight right at start-up (inside the opening
+    // replay and compaction).
+    let delay_ms = if rng.below(8) == 0 {
+        rng.below(15)
+    } else {
+        15 + rng.below(150)
+    };
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    parse_lines(&out)
+}
+
+/// Folds one round's writer lines into `known`; returns the number of puts seen, and the
+/// last put's seq when the kill may have come between its ack and the ack's line.
+fn record_lines(
+    known: &mut BTreeMap<u64, Known>,
+    lines: &[Line],
+    power_lost: bool,
+    synced: Option<u64>,
+) -> (usize, Option<u64>) {
+    let mut puts = 0;
+    for l in lines {
+        match *l {
+            Line::Opened { .. } => {}
+            Line::Put { seq, .. } => {
+                known.insert(seq, Known::Durable);
+                puts += 1;
+            }
+            Line::Ack { seq, file_bytes } => {
+                let durable = !power_lost || synced.is_some_and(|s| file_bytes <= s);
+                let k = if durable {
+                    Known::Acked
+                } else {
+                    Known::AckMaybeLost
+                };
+                known.insert(seq, k);
+            }
+        }
+    }
+    // The writer acks most puts at once: when the kill came after a put's line, its ack
+    // may already be in the log without an `A` line. (This window is small; missing it
+    // made the test fail about once in six runs on a loaded machine.)
+    let mut last_put_maybe_acked = None;
+    if let Some(Line::Put { seq, .. }) = lines.last() {
+        if stress_writer_acks(*seq) {
+            known.insert(*seq, Known::AckMaybeLost);
+            last_put_maybe_acked = Some(*seq);
+        }
+    }
+    (puts, last_put_maybe_acked)
+}
+
+/// The damaged regions the reopened outbox counted, against what the round did to the log
+/// (`lost`: the simulated power loss's cut and garbage).
+fn check_torn(round: usize, ob: &Outbox, lost: Option<(u64, usize)>, synced: Option<u64>) -> u64 {
+    let torn = ob.counters.torn_records;
+    if let Some((cut, garbage)) = lost {
+        if garbage > 0 {
+            // Zeros or random bytes after the cut: one damaged tail, all of it counted.
+            assert_eq!(torn, 1, "round {round}: garbage tail not detected");
+            assert!(ob.counters.torn_bytes >= garbage as u64, "round {round}");
+        } else if Some(cut) == synced {
+            assert_eq!(torn, 0, "round {round}: a clean cut counted as torn");
+        } else {
+            // Inside an unsynced record (torn) or exactly between two (clean).
+            assert!(torn <= 1, "round {round}: {torn} damaged regions");
+        }
+    } else {
+        // A kill can cut a write between pages: at most the tail is torn.
+        assert!(
+            torn <= 1,
+            "round {round}: {torn} damaged regions after a kill"
+        );
+    }
+    torn
+}
+
+/// Every message read back is whole, every durable put is there, every durable ack holds.
+fn check_contents(round: usize, seed: u64, ob: &Outbox, known: &BTreeMap<u64, Known>) {
+    for m in ob.pending() {
+        assert_eq!(
+            (m.topic.as_str(), m.payload.as_str()),
+            (
+                format!("stress/{}", m.seq).as_str(),
+                stress_payload(m.seq).as_str()
+            ),
+            "round {round}: seq {} read back wrong",
+            m.seq
+        );
+    }
+    for (&seq, &k) in known {
+        match k {
+            Known::Durable => assert!(
+                ob.get(seq).is_some(),
+                "round {round}: seq {seq} was acknowledged as written but is gone (seed {seed})"
+            ),
+            Known::Acked => assert!(
+                ob.get(seq).is_none(),
+                "round {round}: seq {seq} was acked but came back (seed {seed})"
+            ),
+            Known::AckMaybeLost => {}
+        }
+    }
+}
+
+/// An ack the power took is lost for good: that message is live again, and now durable
+/// (the reopening compaction synced it).
+fn settle_maybe_lost(known: &mut BTreeMap<u64, Known>, ob: &Outbox) {
+    for (seq, k) in known.iter_mut() {
+        if *k == Known::AckMaybeLost {
+            *k = if ob.get(*seq).is_some() {
+                Known::Durable
+            } else {
+                Known::Acked
+            };
+        }
+    }
+}
+
 #[test]
 fn acknowledged_records_survive_sigkill_and_lost_tails() {
     let seed = std::env::var("EDGEACT_POWERLOSS_SEED")
@@ -211,25 +342,7 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
     let mut unreported_acks = 0;
     let started = Instant::now();
     for round in 0..rounds {
-        let mut child = spawn_writer(dir.path());
-        // Mostly mid-stream; one round in eight right at start-up (inside the opening
-        // replay and compaction).
-        let delay_ms = if rng.below(8) == 0 {
-            rng.below(15)
-        } else {
-            15 + rng.below(150)
-        };
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        let mut out = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let lines = parse_lines(&out);
+        let lines = kill_writer_at_random(dir.path(), &mut rng);
         if lines.is_empty() {
             kills_before_open += 1;
         }
@@ -243,94 +356,16 @@ fn acknowledged_records_survive_sigkill_and_lost_tails() {
                 cut_rounds += 1;
             }
         }
-        for l in &lines {
-            match *l {
-                Line::Opened { .. } => {}
-                Line::Put { seq, .. } => {
-                    known.insert(seq, Known::Durable);
-                    puts_seen += 1;
-                }
-                Line::Ack { seq, file_bytes } => {
-                    let durable = !power_lost || synced.is_some_and(|s| file_bytes <= s);
-                    let k = if durable {
-                        Known::Acked
-                    } else {
-                        Known::AckMaybeLost
-                    };
-                    known.insert(seq, k);
-                }
-            }
-        }
-        // The writer acks most puts at once: when the kill came after a put's line, its ack
-        // may already be in the log without an `A` line. (This window is small; missing it
-        // made the test fail about once in six runs on a loaded machine.)
-        let mut last_put_maybe_acked = None;
-        if let Some(Line::Put { seq, .. }) = lines.last() {
-            if stress_writer_acks(*seq) {
-                known.insert(*seq, Known::AckMaybeLost);
-                last_put_maybe_acked = Some(*seq);
-            }
-        }
+        let (puts, last_put_maybe_acked) = record_lines(&mut known, &lines, power_lost, synced);
+        puts_seen += puts;
 
         let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        let torn = ob.counters.torn_records;
-        torn_seen += torn;
-        if let Some((cut, garbage)) = lost {
-            if garbage > 0 {
-                // Zeros or random bytes after the cut: one damaged tail, all of it counted.
-                assert_eq!(torn, 1, "round {round}: garbage tail not detected");
-                assert!(ob.counters.torn_bytes >= garbage as u64, "round {round}");
-            } else if Some(cut) == synced {
-                assert_eq!(torn, 0, "round {round}: a clean cut counted as torn");
-            } else {
-                // Inside an unsynced record (torn) or exactly between two (clean).
-                assert!(torn <= 1, "round {round}: {torn} damaged regions");
-            }
-        } else {
-            // A kill can cut a write between pages: at most the tail is torn.
-            assert!(
-                torn <= 1,
-                "round {round}: {torn} damaged regions after a kill"
-            );
-        }
-        for m in ob.pending() {
-            assert_eq!(
-                (m.topic.as_str(), m.payload.as_str()),
-                (
-                    format!("stress/{}", m.seq).as_str(),
-                    stress_payload(m.seq).as_str()
-                ),
-                "round {round}: seq {} read back wrong",
-                m.seq
-            );
-        }
-        for (&seq, &k) in &known {
-            match k {
-                Known::Durable => assert!(
-                    ob.get(seq).is_some(),
-                    "round {round}: seq {seq} was acknowledged as written but is gone (seed {seed})"
-                ),
-                Known::Acked => assert!(
-                    ob.get(seq).is_none(),
-                    "round {round}: seq {seq} was acked but came back (seed {seed})"
-                ),
-                Known::AckMaybeLost => {}
-            }
-        }
+        torn_seen += check_torn(round, &ob, lost, synced);
+        check_contents(round, seed, &ob, &known);
         if last_put_maybe_acked.is_some_and(|seq| ob.get(seq).is_none()) {
             unreported_acks += 1;
         }
-        // An ack the power took is lost for good: that message is live again, and now
-        // durable (the reopening compaction synced it).
-        for (seq, k) in known.iter_mut() {
-            if *k == Known::AckMaybeLost {
-                *k = if ob.get(*seq).is_some() {
-                    Known::Durable
-                } else {
-                    Known::Acked
-                };
-            }
-        }
+        settle_maybe_lost(&mut known, &ob);
     }
     let durable = known.values().filter(|k| **k == Known::Durable).count();
     eprintln!(
