@@ -421,16 +421,7 @@ impl Classifier {
         };
         let mut scored = match scored {
             Ok(s) => s.into_iter(),
-            Err(e) => {
-                // A failed decode fails the whole micro-batch; say so on each request.
-                let msg = e.to_string();
-                return prepared
-                    .into_iter()
-                    .map(|p| {
-                        p.and_then(|_| Err(RecordError::Engine(EngineError::Decode(msg.clone()))))
-                    })
-                    .collect();
-            }
+            Err(e) => return fail_batch(prepared, &e),
         };
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         prepared
@@ -629,4 +620,17 @@ pub struct Prepared {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// A failed decode fails the whole micro-batch: each request that was ready gets the
+/// decode error, each one already refused keeps its own error.
+pub(crate) fn fail_batch<T, R>(
+    ready: Vec<Result<T, RecordError>>,
+    e: &EngineError,
+) -> Vec<Result<R, RecordError>> {
+    let msg = e.to_string();
+    ready
+        .into_iter()
+        .map(|p| p.and_then(|_| Err(RecordError::Engine(EngineError::Decode(msg.clone())))))
+        .collect()
 }

@@ -8,8 +8,8 @@ use std::time::Instant;
 use super::features::FeatureTokenizer;
 use super::head::{HeadError, HeadFile};
 use crate::classify::{
-    CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance, RecordError, Request,
-    ScorePath, SetupError, Timings, TokenCounts, Truncation,
+    fail_batch, CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance,
+    RecordError, Request, ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
 use crate::model::scoring::{decide, softmax, AbstainRule};
 use crate::model::{Engine, EngineError, FeatureContext, FeatureParams};
@@ -215,15 +215,7 @@ impl HeadClassifier {
         let decode_ms = t_decode.elapsed().as_secs_f64() * 1e3;
         let states = match states {
             Ok(s) => s,
-            Err(e) => {
-                let msg = e.to_string();
-                return checked
-                    .into_iter()
-                    .map(|c| {
-                        c.and_then(|_| Err(RecordError::Engine(EngineError::Decode(msg.clone()))))
-                    })
-                    .collect();
-            }
+            Err(e) => return fail_batch(checked, &e),
         };
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut states = states.into_iter().zip(seqs.iter().zip(cuts));
