@@ -1,8 +1,8 @@
 //! Rolling figures for `<prefix>/stats`.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
+use heapless::HistoryBuffer;
 use serde_json::{json, Value};
 
 use crate::serve::outbox::Outbox;
@@ -10,7 +10,8 @@ use crate::serve::worker::{Done, Output};
 use crate::util::proc::rss_mib;
 use crate::util::stats::percentile;
 
-/// Latencies kept for the percentiles: the most recent outcomes.
+/// Latencies kept for the percentiles: the most recent outcomes (a fixed ring, so the
+/// window costs the same memory at any uptime).
 const LATENCY_WINDOW: usize = 1024;
 
 /// Counters since the start, and the latency window.
@@ -23,7 +24,7 @@ pub struct Stats {
     /// Outcomes published without the outbox because it could not be written.
     pub outbox_write_errors: u64,
     decoded_tokens: u64,
-    latencies_ms: VecDeque<f64>,
+    latencies_ms: HistoryBuffer<f64, LATENCY_WINDOW>,
     /// When the last snapshot was taken, with the result and token counts then.
     last: (Instant, u64, u64),
 }
@@ -43,7 +44,7 @@ impl Stats {
             overloaded: 0,
             outbox_write_errors: 0,
             decoded_tokens: 0,
-            latencies_ms: VecDeque::new(),
+            latencies_ms: HistoryBuffer::new(),
             last: (Instant::now(), 0, 0),
         }
     }
@@ -60,15 +61,13 @@ impl Stats {
             }
             Err(_) => self.errors += 1,
         }
-        if self.latencies_ms.len() == LATENCY_WINDOW {
-            self.latencies_ms.pop_front();
-        }
-        self.latencies_ms.push_back(d.latency_ms);
+        // The oldest latency is overwritten once the window is full.
+        self.latencies_ms.write(d.latency_ms);
     }
 
     /// The figures now; rates are over the time since the last snapshot.
     pub fn snapshot(&mut self, queue_depth: usize, outbox: &Outbox) -> Value {
-        let mut l: Vec<f64> = self.latencies_ms.iter().copied().collect();
+        let mut l: Vec<f64> = self.latencies_ms.as_slice().to_vec();
         l.sort_by(f64::total_cmp);
         let pct = |q: f64| percentile(&l, q);
         let secs = self.last.0.elapsed().as_secs_f64().max(1e-3);
