@@ -2,9 +2,9 @@
 //! allow-listed tools, retrieve-then-answer QA over a local knowledge base, multi-turn
 //! sessions, and the scenario evaluation.
 //!
-//! - [`spec`]: the task file (`type = "react"`), validated.
+//! - the task file (`type = "react"`) and the step format are in [`crate::spec::react`]
+//!   and [`crate::spec::step`].
 //! - [`grammar`]: GBNF built from the task (step grammar, QA citation grammar).
-//! - [`step`]: parsing a step (strict: the grammar's language; loose: the regex baseline).
 //! - [`agent`]: the loop (state machine, context rule, budgets, partial answers).
 //! - [`generator`]: the model side of the loop, [`generator::StepGenerator`], and the
 //!   engine as one.
