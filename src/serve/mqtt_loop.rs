@@ -28,18 +28,26 @@ impl Link for AsyncClient {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), NotQueued> {
+        // rumqttc reports every refusal alike; the one it makes for good, before its queue,
+        // is a topic with a wildcard. Its event loop lives as long as `drive`, so the rest
+        // is a full queue.
+        if !rumqttc::valid_topic(&topic) {
+            return Err(NotQueued::Refused(format!(
+                "`{topic}` is not a valid topic to publish on"
+            )));
+        }
         self.try_publish(topic, qos, retain, payload)
-            .map_err(|e| NotQueued(e.to_string()))
+            .map_err(|_| NotQueued::Full)
     }
     fn ack(&mut self, p: &Publish) -> Result<(), NotQueued> {
-        self.try_ack(p).map_err(|e| NotQueued(e.to_string()))
+        self.try_ack(p).map_err(|_| NotQueued::Full)
     }
     fn subscribe(&mut self, topic: String) -> Result<(), NotQueued> {
         self.try_subscribe(topic, QoS::AtLeastOnce)
-            .map_err(|e| NotQueued(e.to_string()))
+            .map_err(|_| NotQueued::Full)
     }
     fn disconnect(&mut self) -> Result<(), NotQueued> {
-        self.try_disconnect().map_err(|e| NotQueued(e.to_string()))
+        self.try_disconnect().map_err(|_| NotQueued::Full)
     }
 }
 
@@ -98,10 +106,14 @@ async fn drive(
     // future is dropped mid-write), so one poll future lives across loop turns: it owns the
     // event loop and hands it back with the event.
     let mut poll = Box::pin(poll_owned(eventloop, tokio::time::Instant::now()));
+    let mut worker_gone = false;
     loop {
         if d.drain_step(Instant::now()) {
             break;
         }
+        // Deferred outbox fsyncs are due within `outbox_fsync` ms, traffic or not.
+        let fsync_at = d.fsync_deadline();
+        let fsync_timer = tokio::time::sleep_until(fsync_at.unwrap_or_else(Instant::now).into());
         tokio::select! {
             (mut eventloop, ev) = &mut poll => {
                 let mut next_at = tokio::time::Instant::now();
@@ -139,7 +151,15 @@ async fn drive(
                 }
                 poll = Box::pin(poll_owned(eventloop, next_at));
             },
-            Some(done) = done_rx.recv() => d.handle(Event::Done(done))?,
+            done = done_rx.recv(), if !worker_gone => match done {
+                Some(done) => d.handle(Event::Done(done))?,
+                // The inference thread dropped its end: it exited or died.
+                None => {
+                    worker_gone = true;
+                    d.handle(Event::WorkerStopped)?;
+                }
+            },
+            _ = fsync_timer, if fsync_at.is_some() => d.handle(Event::FsyncDue)?,
             _ = stats_tick.tick() => d.handle(Event::StatsTick)?,
             _ = &mut shutdown, if !d.is_draining() => d.handle(Event::Shutdown)?,
             _ = tokio::time::sleep(Duration::from_millis(200)), if d.is_draining() => d.pump(),

@@ -118,6 +118,8 @@ pub struct Outbox {
     limits: OutboxLimits,
     last_sync: Instant,
     dirty: bool,
+    /// Puts were written since the last sync (acks alone need no timely sync).
+    puts_unsynced: bool,
     pub counters: OutboxCounters,
 }
 
@@ -290,6 +292,7 @@ impl Outbox {
             limits,
             last_sync: Instant::now(),
             dirty: false,
+            puts_unsynced: false,
             counters,
         };
         ob.enforce_caps()?;
@@ -339,11 +342,24 @@ impl Outbox {
             FsyncPolicy::Never => force,
         };
         if due {
-            self.file.sync_data().map_err(|e| self.io(e))?;
+            // A failed sync also restarts the interval, so a timer on
+            // [`Outbox::sync_deadline`] retries it one interval later instead of at once.
             self.last_sync = Instant::now();
+            self.file.sync_data().map_err(|e| self.io(e))?;
             self.dirty = false;
+            self.puts_unsynced = false;
         }
         Ok(())
+    }
+
+    /// With `outbox_fsync = N` ms: when puts written but not yet synced are due, so the
+    /// caller can sync them then (`sync(true)`) even if nothing else happens; this is what
+    /// bounds by N how long an acknowledged outcome may sit off disk. None otherwise.
+    pub fn sync_deadline(&self) -> Option<Instant> {
+        match self.limits.fsync {
+            FsyncPolicy::Interval(d) if self.puts_unsynced => Some(self.last_sync + d),
+            _ => None,
+        }
     }
 
     /// Records messages (durably, per the fsync policy) and returns them with their
@@ -365,6 +381,7 @@ impl Outbox {
             };
             self.next_seq += 1;
             self.append(&Record::Put(m.clone()))?;
+            self.puts_unsynced = true;
             self.live_bytes += Self::msg_bytes(&m);
             self.live.insert(m.seq, m.clone());
             out.push(m);
@@ -386,6 +403,11 @@ impl Outbox {
             }
         }
         Ok(())
+    }
+
+    /// Puts are written but not yet synced to disk.
+    pub fn has_unsynced_puts(&self) -> bool {
+        self.puts_unsynced
     }
 
     /// Messages waiting for a PUBACK, oldest first.
@@ -491,6 +513,7 @@ impl Outbox {
             .map_err(|e| self.io(e))?;
         self.file_bytes = bytes;
         self.dirty = false;
+        self.puts_unsynced = false;
         self.counters.compactions += 1;
         Ok(())
     }

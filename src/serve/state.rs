@@ -29,10 +29,18 @@ use crate::util::time::now_ms;
 /// the rest is kept for acks and subscriptions.
 pub const PUBLISH_QUEUE_LIMIT: usize = 768;
 
-/// The MQTT client did not take a request (its queue is full, or the event loop is gone).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NotQueued(pub String);
+/// Why the MQTT client did not take a request.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum NotQueued {
+    /// Its request queue is full: the same request is taken once the event loop has
+    /// written some (the next event).
+    #[error("the MQTT client's request queue is full")]
+    Full,
+    /// It will never take this request (a topic with a wildcard, a client whose event loop
+    /// is gone): retrying it would only block what waits behind it.
+    #[error("the MQTT client refused it: {0}")]
+    Refused(String),
+}
 
 /// The non-blocking half of an MQTT client: requests are queued for the event loop.
 pub trait Link {
@@ -95,6 +103,10 @@ pub enum Event {
     Done(Done),
     /// Time to publish stats and move idle monitors on.
     StatsTick,
+    /// The deadline [`Daemon::fsync_deadline`] asked for has come.
+    FsyncDue,
+    /// The inference thread's outcome channel closed: it exited (after a close) or died.
+    WorkerStopped,
     /// Stop taking requests, finish the ones taken, flush the outbox.
     Shutdown,
 }
@@ -147,6 +159,9 @@ pub struct Daemon<L: Link, I: Inference> {
     unsent_acks: VecDeque<Publish>,
     draining: bool,
     drain_deadline: Option<Instant>,
+    /// The inference thread died: the drain ends with `offline` and the run with
+    /// [`ServeError::WorkerStopped`], so the service manager restarts the daemon.
+    worker_died: bool,
     /// `stopped` was published and the disconnect requested.
     stopped_sent: bool,
 }
@@ -182,6 +197,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             unsent_acks: VecDeque::new(),
             draining: false,
             drain_deadline: None,
+            worker_died: false,
             stopped_sent: false,
         }
     }
@@ -212,6 +228,8 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 self.tick_monitors()?;
             }
             Event::Shutdown => self.on_shutdown(),
+            Event::FsyncDue => self.on_fsync_due(),
+            Event::WorkerStopped => self.on_worker_stopped(),
         }
         self.pump();
         Ok(())
@@ -224,7 +242,8 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         if !self.draining || self.stopped_sent {
             return false;
         }
-        let idle = self.tickets.is_empty() && self.worker.depth() == 0;
+        // A dead thread's queue depth never goes down (its requests are left to the broker).
+        let idle = self.worker_died || (self.tickets.is_empty() && self.worker.depth() == 0);
         let flushed = self.outbox.is_empty();
         let late = self.drain_deadline.is_some_and(|t| now >= t);
         if !(idle && (flushed || late || !self.connected)) {
@@ -237,10 +256,21 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             );
         }
         let available = self.cfg.topics.available();
-        let _ = self.publish(None, available, QoS::AtLeastOnce, true, "stopped".into());
+        // A clean disconnect sends no last will: say `offline` ourselves when not serving.
+        let state = if self.worker_died {
+            "offline"
+        } else {
+            "stopped"
+        };
+        let _ = self.publish(None, available, QoS::AtLeastOnce, true, state.into());
         let _ = self.link.disconnect();
         self.stopped_sent = true;
         !self.connected
+    }
+
+    /// When the loop must send [`Event::FsyncDue`] (None: no timer needed).
+    pub fn fsync_deadline(&self) -> Option<Instant> {
+        self.outbox.sync_deadline()
     }
 
     /// Whether the shutdown signal came.
@@ -249,11 +279,14 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     }
 
     /// After the loop: the outbox synced to disk, the inference thread joined, monitor
-    /// state saved.
+    /// state saved. [`ServeError::WorkerStopped`] when the inference thread died.
     pub fn finish(mut self) -> Result<(), ServeError> {
         self.outbox.sync(true)?;
         self.worker.join();
         self.monitors.save();
+        if self.worker_died {
+            return Err(ServeError::WorkerStopped);
+        }
         Ok(())
     }
 
@@ -337,9 +370,51 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         tracing::info!(
             "shutting down: no new requests; finishing in-flight work and flushing the outbox"
         );
+        self.start_drain();
+    }
+
+    fn start_drain(&mut self) {
         self.draining = true;
         self.drain_deadline = Some(Instant::now() + self.cfg.drain_timeout);
         self.worker.close();
+    }
+
+    /// The timer [`Daemon::fsync_deadline`] asked for: sync the deferred puts now. A
+    /// failure is logged and counted, and retried one interval later.
+    fn on_fsync_due(&mut self) {
+        if let Err(e) = self.outbox.sync(true) {
+            self.stats.outbox_write_errors += 1;
+            tracing::error!("{e}");
+        }
+    }
+
+    /// The thread's outcome channel closed. After a shutdown with nothing left in work
+    /// that is its normal end; otherwise it died (a panic): nothing would answer requests
+    /// again, so the daemon reports it, says `offline`, flushes what it has and ends with
+    /// an error for the service manager to restart it.
+    fn on_worker_stopped(&mut self) {
+        if self.worker_died || (self.draining && self.tickets.is_empty()) {
+            return;
+        }
+        self.worker_died = true;
+        let in_work = self.tickets.len();
+        let msg = format!(
+            "the inference thread stopped; {in_work} request(s) in work are left to the broker \
+             and the daemon exits to be restarted"
+        );
+        tracing::error!("{msg}");
+        // Their requests stay unacknowledged: the broker delivers them to the next session.
+        self.tickets.clear();
+        let rec = error_record(None, None, None, "worker_died", &msg);
+        let rec = OutMessage::new(
+            MessageKind::Error,
+            self.cfg.topics.errors(),
+            rec.to_string(),
+        );
+        if let Err(e) = self.record(vec![rec], None) {
+            tracing::error!("cannot record or publish an error record: {e}");
+        }
+        self.start_drain();
     }
 
     /// Hands waiting acks, then outbox messages, to the client while connected and its
@@ -364,11 +439,22 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 continue;
             };
             let payload = m.payload.into_bytes();
+            let topic = m.topic.clone();
             match self.publish(Some(seq), m.topic, QoS::AtLeastOnce, m.retain, payload) {
                 Ok(()) => {
                     self.to_send.pop_front();
                 }
-                Err(_) => break, // queue full: the next event frees room
+                Err(NotQueued::Full) => break, // the next event frees room
+                Err(NotQueued::Refused(reason)) => {
+                    // Never publishable: kept, it would be refused again on every pump and
+                    // reconnect, and hold the drain until its timeout.
+                    self.to_send.pop_front();
+                    self.stats.publish_refused += 1;
+                    tracing::error!(topic = %topic, "dropping an outbox message: {reason}");
+                    if let Err(e) = self.outbox.ack(seq) {
+                        tracing::error!("{e}");
+                    }
+                }
             }
         }
     }
@@ -559,6 +645,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 tracing::error!(
                     "the inference thread has stopped; request {id} left to the broker"
                 );
+                self.on_worker_stopped();
             }
         }
     }

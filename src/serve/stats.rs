@@ -23,6 +23,8 @@ pub struct Stats {
     pub overloaded: u64,
     /// Outcomes published without the outbox because it could not be written.
     pub outbox_write_errors: u64,
+    /// Outbox messages the MQTT client refused for good (dropped, each logged).
+    pub publish_refused: u64,
     decoded_tokens: u64,
     latencies_ms: HistoryBuffer<f64, LATENCY_WINDOW>,
     /// When the last snapshot was taken, with the result and token counts then.
@@ -43,6 +45,7 @@ impl Stats {
             errors: 0,
             overloaded: 0,
             outbox_write_errors: 0,
+            publish_refused: 0,
             decoded_tokens: 0,
             latencies_ms: HistoryBuffer::new(),
             last: (Instant::now(), 0, 0),
@@ -82,6 +85,7 @@ impl Stats {
             "outbox_dropped": outbox.counters.dropped_for_size + outbox.counters.dropped_for_age,
             "outbox_torn_records": outbox.counters.torn_records,
             "outbox_write_errors": self.outbox_write_errors,
+            "publish_refused": self.publish_refused,
             "results_total": self.results,
             "errors_total": self.errors,
             "overloaded_total": self.overloaded,
