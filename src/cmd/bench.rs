@@ -84,8 +84,8 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
             "| {name} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2}x |",
             row.batch,
             m.rate,
-            percentile(&m.latencies_ms, 0.5),
-            percentile(&m.latencies_ms, 0.99),
+            percentile(&m.latencies_ms, 50),
+            percentile(&m.latencies_ms, 99),
             m.decoded as f64 / n.max(1) as f64,
             m.accuracy,
             m.rate / base

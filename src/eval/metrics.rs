@@ -17,6 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::util::stats::percentile;
+
 /// Number of points of the coverage curve: thresholds `0.00, 0.05, ..., 0.95`.
 const COVERAGE_STEPS: usize = 20;
 
@@ -305,8 +307,7 @@ pub fn latency_summary(ms: &[f64]) -> LatencySummary {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    // Nearest rank: ceil(p/100 * n), at least 1, in integers so 95% of 20 is exactly 19.
-    let pct = |p: usize| v[((p * n).div_ceil(100)).clamp(1, n) - 1];
+    let pct = |p: usize| percentile(&v, p);
     LatencySummary {
         n,
         mean: v.iter().sum::<f64>() / n as f64,

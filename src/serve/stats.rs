@@ -72,7 +72,7 @@ impl Stats {
     pub fn snapshot(&mut self, queue_depth: usize, outbox: &Outbox) -> Value {
         let mut l: Vec<f64> = self.latencies_ms.as_slice().to_vec();
         l.sort_by(f64::total_cmp);
-        let pct = |q: f64| percentile(&l, q);
+        let pct = |p: usize| percentile(&l, p);
         let secs = self.last.0.elapsed().as_secs_f64().max(1e-3);
         let rate = (self.results - self.last.1) as f64 / secs;
         let tok_rate = (self.decoded_tokens - self.last.2) as f64 / secs;
@@ -90,8 +90,8 @@ impl Stats {
             "errors_total": self.errors,
             "overloaded_total": self.overloaded,
             "results_per_s": (rate * 100.0).round() / 100.0,
-            "latency_p50_ms": (pct(0.5) * 10.0).round() / 10.0,
-            "latency_p99_ms": (pct(0.99) * 10.0).round() / 10.0,
+            "latency_p50_ms": (pct(50) * 10.0).round() / 10.0,
+            "latency_p99_ms": (pct(99) * 10.0).round() / 10.0,
             "decoded_tokens_per_s": tok_rate.round(),
             "rss_mib": rss.round(),
             "peak_rss_mib": peak.round(),
