@@ -4,6 +4,8 @@
 use std::cell::{Cell, RefCell};
 
 use super::*;
+use crate::classify::ClassifyResult;
+use crate::monitor::MonitorConfig;
 use crate::rank::RankResult;
 use crate::serve::worker::JobError;
 
@@ -111,19 +113,26 @@ fn config() -> DaemonConfig {
 }
 
 fn daemon_with(worker: FakeWorker) -> Fixture {
+    daemon_watching(worker, &BTreeMap::new())
+}
+
+/// A daemon whose tasks have the alert `rules` given by task name.
+fn daemon_watching(worker: FakeWorker, rules: &BTreeMap<String, MonitorConfig>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path(), Default::default()).unwrap();
     let tasks = vec![
         ("greet".to_string(), TaskKind::Classify),
         ("offers".to_string(), TaskKind::Rank),
     ];
+    let monitors =
+        Monitors::open(rules, dir.path(), |n| tasks.iter().position(|t| t.0 == n)).unwrap();
     let d = Daemon::new(
         config(),
-        tasks,
+        tasks.clone(),
         FakeLink::default(),
         worker,
         outbox,
-        Monitors::default(),
+        monitors,
     );
     Fixture { d, _dir: dir }
 }
@@ -131,6 +140,11 @@ fn daemon_with(worker: FakeWorker) -> Fixture {
 /// A daemon connected, subscribed and online, with what that sent cleared.
 fn online() -> Fixture {
     let mut f = daemon_with(FakeWorker::default());
+    go_online(&mut f);
+    f
+}
+
+fn go_online(f: &mut Fixture) {
     f.d.handle(Event::Connected).unwrap();
     for _ in 0..2 {
         f.d.handle(Event::SubAck { refused: false }).unwrap();
@@ -140,7 +154,6 @@ fn online() -> Fixture {
     f.d.handle(Event::PubAck(100)).unwrap();
     assert_eq!(f.d.acks.unwritten(), 0);
     f.d.link.sent.clear();
-    f
 }
 
 fn request(topic: &str, pkid: u16, payload: &str) -> Publish {
@@ -180,6 +193,101 @@ fn ranked() -> Output {
         prefix_tokens_decoded: 0,
         ms: 1.0,
     })
+}
+
+/// `greet`'s answer `hello` to request `id`.
+fn classified(id: &str) -> Output {
+    use crate::classify::{CalibrationApplied, Provenance, Timings, TokenCounts};
+    Output::Classified(Box::new(ClassifyResult {
+        id: id.into(),
+        task: "greet".into(),
+        label: Some("hello".into()),
+        top_label: "hello".into(),
+        confidence: 0.9,
+        margin: 0.8,
+        abstained: false,
+        scores: BTreeMap::from([("hello".to_string(), 0.9)]),
+        labels: BTreeMap::new(),
+        score_norm: Default::default(),
+        calibration: CalibrationApplied {
+            applied: false,
+            prior: None,
+        },
+        truncated: None,
+        tokens: TokenCounts {
+            prompt: 1,
+            reused: 0,
+            decoded: 1,
+            scored: 1,
+        },
+        timings_ms: Timings {
+            prefill_ms: 1.0,
+            scoring_ms: 1.0,
+            total_ms: 2.0,
+        },
+        provenance: Provenance {
+            model: "m".into(),
+            model_sha256: "0".into(),
+            task: "greet".into(),
+            template_sha256: "0".into(),
+            board: "b".into(),
+        },
+    }))
+}
+
+#[test]
+fn a_far_future_event_time_gets_an_error_record_and_leaves_the_monitor_alone() {
+    let rules: MonitorConfig = toml::from_str(
+        "[[rules]]\nname = \"hellos\"\nlabel = \"hello\"\nwindow_s = 60.0\nkind = \"count\"\nthreshold = 2.0\n",
+    )
+    .unwrap();
+    let rules = BTreeMap::from([("greet".to_string(), rules)]);
+    let mut f = daemon_watching(FakeWorker::default(), &rules);
+    go_online(&mut f);
+    let now_s = now_ms() as i64 / 1000;
+    // Milliseconds sent where seconds are meant, then two normal reports.
+    let cases = [
+        (1, "r1", now_s * 1000),
+        (2, "r2", now_s),
+        (3, "r3", now_s + 1),
+    ];
+    for (pkid, id, ts) in cases {
+        let payload = format!(r#"{{"id":"{id}","text":"hi","ts":{ts}}}"#);
+        f.d.handle(Event::Incoming(request(
+            "edgeact/d1/greet/request",
+            pkid,
+            &payload,
+        )))
+        .unwrap();
+        let ticket = f.d.worker.queued.borrow().last().unwrap().ticket;
+        let d = Done {
+            request_id: id.into(),
+            ..done(ticket, Ok(classified(id)))
+        };
+        f.d.handle(Event::Done(d)).unwrap();
+        assert!(f.d.link.sent.contains(&Sent::Ack(pkid)), "{id} acked");
+    }
+    let sent = publishes(&f.d);
+    let on = |topic: &str| -> Vec<String> {
+        sent.iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    };
+    let errors = on("edgeact/d1/errors");
+    assert_eq!(errors.len(), 1, "{sent:?}");
+    let e: Value = serde_json::from_str(&errors[0]).unwrap();
+    assert_eq!(e["id"], "r1");
+    assert_eq!(e["topic"], "edgeact/d1/greet/request");
+    assert_eq!(e["error"]["kind"], "future_ts");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("`ts`") && msg.contains("max_future_s = 300"),
+        "{msg}"
+    );
+    // Its classification still went out, and the later reports still count.
+    assert_eq!(on("edgeact/d1/greet/result").len(), 3);
+    assert_eq!(on("edgeact/d1/hellos/events").len(), 1, "{sent:?}");
 }
 
 #[test]
