@@ -84,6 +84,8 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
             .unwrap_or_else(|| D::FLEET_PREFIX.into()),
         share_group: s.share_group.clone(),
     };
+    topic_prefix(&src, "prefix", &topics.prefix)?;
+    topic_prefix(&src, "fleet_prefix", &topics.fleet_prefix)?;
     let context_topics = context_topics(&s, &src)?;
     let fsync = fsync(&s, &src)?;
     let broker = broker(&s, &src, &device_id)?;
@@ -221,6 +223,33 @@ fn device_id(s: &ServeSettings, src: &Path) -> Result<String, AppError> {
         ));
     }
     Ok(device_id)
+}
+
+/// A topic prefix (`prefix`, `fleet_prefix`): every topic the daemon publishes or subscribes
+/// to starts with it, and a broker refuses a publish to a topic with a wildcard, an empty
+/// level or a NUL (the connection drops and the outbox entry blocks the ones behind it), so
+/// it is refused here, at start-up, like a bad `device_id`.
+fn topic_prefix(src: &Path, key: &str, prefix: &str) -> Result<(), AppError> {
+    let reason = if prefix.contains(['+', '#']) {
+        "contains an MQTT wildcard (+ or #)"
+    } else if prefix.split('/').any(str::is_empty) {
+        "has an empty level (it is empty, or has a leading, trailing or double /)"
+    } else if prefix.contains('\0') {
+        "contains a NUL character"
+    } else if prefix.starts_with('$') {
+        "starts with $, which brokers keep for themselves"
+    } else {
+        return Ok(());
+    };
+    Err(invalid(
+        src,
+        key,
+        format!(
+            "`{}` {reason}; use plain topic levels such as {}/kiosk1",
+            prefix.escape_debug(),
+            D::TOPIC_ROOT
+        ),
+    ))
 }
 
 /// `NAME=TOPIC` pairs.

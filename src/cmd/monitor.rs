@@ -14,6 +14,7 @@ use crate::monitor::replay::{event_line, event_time_ms, observation};
 use crate::monitor::{EventType, Monitor, MonitorConfig, MonitorEvent, Restored};
 use crate::spec::Task;
 use crate::util::jsonl::JsonLines;
+use crate::util::time::now_ms;
 
 /// Where each message's label comes from.
 #[derive(Debug, Clone)]
@@ -88,8 +89,15 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
      -> Result<(), AppError> {
         let labels = label(&mut model, &cfg.labels, pending);
         for ((req, ts), (label, conf)) in pending.drain(..).zip(labels) {
-            let events = monitor.observe(&observation(&req, label, conf, ts));
-            write_events(events, out, summary)?;
+            // Checked when read, against a clock that has only moved on since.
+            match monitor.observe(&observation(&req, label, conf, ts), now_ms() as i64) {
+                Ok(events) => write_events(events, out, summary)?,
+                Err(e) => {
+                    summary.messages -= 1;
+                    summary.rejected += 1;
+                    tracing::warn!("{}: {e}", req.id);
+                }
+            }
         }
         Ok(())
     };
@@ -108,6 +116,12 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
             tracing::warn!("line {line}: no event time in field `{ts_field}` (seconds)");
             continue;
         };
+        // Old data replays fine; only times ahead of the wall clock are refused.
+        if let Err(e) = monitor.check_time(ts, now_ms() as i64) {
+            summary.rejected += 1;
+            tracing::warn!("line {line}: {e}");
+            continue;
+        }
         summary.messages += 1;
         pending.push((req, ts));
         if pending.len() >= cfg.batch_size.max(1) {

@@ -129,16 +129,24 @@ fn default_max_trigger_ids() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorConfig {
-    /// Input field with the event time in seconds (Unix or any epoch); absent in a message:
-    /// the caller's clock.
+    /// Input field with the event time in Unix seconds (or any epoch behind it); absent in
+    /// a message: the caller's clock.
     #[serde(default = "default_ts_field")]
     pub ts_field: String,
+    /// Event times more than this many seconds ahead of the clock are refused: one of them
+    /// (milliseconds sent as seconds, say) would move the stream's time far ahead for good,
+    /// and every later message would count as late.
+    #[serde(default = "default_max_future_s")]
+    pub max_future_s: f64,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
 }
 
 fn default_ts_field() -> String {
     "ts".into()
+}
+fn default_max_future_s() -> f64 {
+    300.0
 }
 
 /// A validated rule, times in ms.
@@ -181,6 +189,12 @@ impl MonitorConfig {
         };
         if self.rules.is_empty() {
             return Err(invalid("monitor.rules".into(), "no rules".into()));
+        }
+        if !(self.max_future_s.is_finite() && self.max_future_s >= 0.0) {
+            return Err(invalid(
+                "monitor.max_future_s".into(),
+                format!("{} must be a finite number >= 0", self.max_future_s),
+            ));
         }
         for (i, r) in self.rules.iter().enumerate() {
             let k = |f: &str| format!("monitor.rules[{i}].{f}");

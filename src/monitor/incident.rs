@@ -119,7 +119,7 @@ fn record_hit(c: &RuleConfig, ks: &mut KeyState, obs: &Observation) {
 /// evidence; returns its `new` message.
 fn open_incident(rule: &Rule, key: &str, ks: &mut KeyState, m: &Measure, now: i64) -> MonitorEvent {
     let c = &rule.cfg;
-    let window_start = now - rule.window_ms;
+    let window_start = now.saturating_sub(rule.window_ms);
     let in_window: Vec<&Example> = ks
         .recent
         .iter()
@@ -171,7 +171,7 @@ fn update_incident(
     }
     inc.peak_count = inc.peak_count.max(m.count);
     let changed = inc.hits != inc.hits_at_last_emit;
-    if !(changed && now - inc.last_emit_ms >= rule.update_ms) {
+    if !(changed && now.saturating_sub(inc.last_emit_ms) >= rule.update_ms) {
         return None;
     }
     inc.updates += 1;
@@ -211,7 +211,7 @@ pub(super) fn end_incident(
 ) -> MonitorEvent {
     // Callers check that an incident is open.
     let inc = ks.incident.take();
-    ks.cooldown_until_ms = now + rule.cooldown_ms;
+    ks.cooldown_until_ms = now.saturating_add(rule.cooldown_ms);
     let (before, after) = match inc {
         Some(inc) => (
             Some(inc.last_published.clone()),

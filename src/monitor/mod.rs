@@ -50,6 +50,19 @@ pub enum MonitorError {
     },
 }
 
+/// An event time too far ahead of the clock: refused, the monitor is left as it was.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "event time `{ts_field}` is {ahead_s:.0} s ahead of this device's clock, more than \
+     max_future_s = {max_future_s}; it is not counted by the alert rules (event times are Unix \
+     seconds: milliseconds sent?)"
+)]
+pub struct FutureEvent {
+    pub ts_field: String,
+    pub ahead_s: f64,
+    pub max_future_s: f64,
+}
+
 /// One classified message, as the monitor sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
@@ -112,6 +125,8 @@ pub fn events_topic(prefix: &str, rule: &str) -> String {
 pub struct Monitor {
     rules: Vec<Rule>,
     state: State,
+    ts_field: String,
+    max_future_s: f64,
 }
 
 impl Monitor {
@@ -130,7 +145,12 @@ impl Monitor {
                 },
             );
         }
-        Monitor { rules, state }
+        Monitor {
+            rules,
+            state,
+            ts_field: cfg.ts_field.clone(),
+            max_future_s: cfg.max_future_s,
+        }
     }
 
     /// Highest event time seen, in ms.
@@ -157,9 +177,30 @@ impl Monitor {
             .collect()
     }
 
-    /// Feeds one classification; returns the incident messages it caused (and those of
+    /// Refuses an event time more than `max_future_s` ahead of `clock_ms` (the wall clock):
+    /// the stream's time only moves forward, so one such time would make every later
+    /// message late.
+    pub fn check_time(&self, ts_ms: i64, clock_ms: i64) -> Result<(), FutureEvent> {
+        let limit = clock_ms.saturating_add((self.max_future_s * 1000.0) as i64);
+        if ts_ms <= limit {
+            return Ok(());
+        }
+        Err(FutureEvent {
+            ts_field: self.ts_field.clone(),
+            ahead_s: ts_ms.saturating_sub(clock_ms) as f64 / 1000.0,
+            max_future_s: self.max_future_s,
+        })
+    }
+
+    /// Feeds one classification, unless its event time is too far ahead of `clock_ms` (see
+    /// [`Monitor::check_time`]); returns the incident messages it caused (and those of
     /// incidents elsewhere that went quiet by its time).
-    pub fn observe(&mut self, obs: &Observation) -> Vec<MonitorEvent> {
+    pub fn observe(
+        &mut self,
+        obs: &Observation,
+        clock_ms: i64,
+    ) -> Result<Vec<MonitorEvent>, FutureEvent> {
+        self.check_time(obs.ts_ms, clock_ms)?;
         let now = self
             .state
             .watermark_ms
@@ -174,7 +215,7 @@ impl Monitor {
             observe_rule(rule, rs, obs, now, &mut out);
         }
         out.extend(self.advance_to(now));
-        out
+        Ok(out)
     }
 
     /// Moves time on to `now_ms` (the event time of the stream, or a clock when the stream
@@ -197,7 +238,7 @@ impl Monitor {
                 if let Some(inc) = ks.incident.as_mut() {
                     if m.firing {
                         inc.last_true_ms = now;
-                    } else if now - inc.last_true_ms >= rule.quiet_ms {
+                    } else if now.saturating_sub(inc.last_true_ms) >= rule.quiet_ms {
                         out.push(end_incident(rule, &key, ks, &m, now, "quiet"));
                         rs.open.remove(&key);
                     }

@@ -32,9 +32,13 @@ fn rule(name: &str, kind: ThresholdKind, threshold: f64) -> RuleConfig {
 fn cfg(rules: Vec<RuleConfig>) -> MonitorConfig {
     MonitorConfig {
         ts_field: "ts".into(),
+        max_future_s: 300.0,
         rules,
     }
 }
+
+/// The device clock the tests' streams are fed at: after every event time they use.
+const CLOCK_MS: i64 = 10_000_000_000;
 
 fn obs(id: usize, ts_s: f64, label: &str, district: &str) -> Observation {
     let mut fields = BTreeMap::new();
@@ -54,7 +58,7 @@ fn feed(m: &mut Monitor, stream: &[(f64, &str, &str)], first_id: usize) -> Vec<M
     stream
         .iter()
         .enumerate()
-        .flat_map(|(i, (t, l, d))| m.observe(&obs(first_id + i, *t, l, d)))
+        .flat_map(|(i, (t, l, d))| m.observe(&obs(first_id + i, *t, l, d), CLOCK_MS).unwrap())
         .collect()
 }
 
@@ -264,6 +268,48 @@ fn late_messages_are_counted_not_used() {
     // Out of order but inside the window: counted.
     let events = feed(&mut m, &[(990.0, "flood", "4"), (980.0, "flood", "4")], 3);
     assert_eq!(kinds(&events), vec![EventType::New]);
+}
+
+#[test]
+fn a_far_future_event_time_is_refused_and_moves_nothing() {
+    let mut m = Monitor::new(&cfg(vec![rule("floods", ThresholdKind::Count, 2.0)]));
+    let clock_ms = 2_000_000;
+    m.observe(&obs(0, 1000.0, "storm", "4"), clock_ms).unwrap();
+    // Milliseconds sent as seconds, the far end of i64, and just past the skew.
+    let far = [1000.0 * 1000.0, i64::MAX as f64 / 1000.0, 2300.01];
+    for (i, ts_s) in far.into_iter().enumerate() {
+        let e = m
+            .observe(&obs(1 + i, ts_s, "flood", "4"), clock_ms)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`ts`") && msg.contains("max_future_s = 300"),
+            "{msg}"
+        );
+        assert_eq!(m.watermark_ms(), Some(1_000_000), "{msg}");
+    }
+    assert_eq!(m.counters("floods").unwrap().observations, 1);
+    // At the skew exactly is still accepted; later normal reports count, none is late.
+    m.observe(&obs(5, 2300.0, "storm", "1"), clock_ms).unwrap();
+    let events: Vec<MonitorEvent> = [(2290.0, "flood"), (2295.0, "flood")]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (t, l))| m.observe(&obs(6 + i, *t, l, "4"), clock_ms).unwrap())
+        .collect();
+    assert_eq!(kinds(&events), vec![EventType::New]);
+    assert_eq!(m.counters("floods").unwrap().late, 0);
+    // The skew is validated.
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let c = MonitorConfig {
+            max_future_s: bad,
+            ..cfg(vec![rule("floods", ThresholdKind::Count, 2.0)])
+        };
+        let e = c
+            .validate(Path::new("t.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`monitor.max_future_s`"), "{e}");
+    }
 }
 
 #[test]

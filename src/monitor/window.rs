@@ -75,7 +75,7 @@ impl Baseline {
             self.push(rule, self.bucket_hits as f64);
             // Empty windows in between; past a few hundred the baseline has forgotten
             // everything anyway.
-            let gap = (bucket - cur - 1).min(256);
+            let gap = bucket.saturating_sub(cur).saturating_sub(1).min(256);
             for _ in 0..gap {
                 self.push(rule, 0.0);
             }
@@ -115,7 +115,9 @@ impl KeyState {
 
     /// Drops slots that left the window ending at `now_ms`.
     fn prune(&mut self, rule: &Rule, now_ms: i64) {
-        let first = now_ms.div_euclid(rule.slot_ms) - rule.cfg.window_slots as i64 + 1;
+        let first = now_ms
+            .div_euclid(rule.slot_ms)
+            .saturating_sub(rule.cfg.window_slots as i64 - 1);
         while self.slots.front().is_some_and(|s| s.index < first) {
             self.slots.pop_front();
         }
@@ -124,7 +126,9 @@ impl KeyState {
     /// Counts one message; false when it is older than the window (late, ignored).
     pub(super) fn add(&mut self, rule: &Rule, now_ms: i64, ts_ms: i64, hit: bool) -> bool {
         let idx = ts_ms.div_euclid(rule.slot_ms);
-        let first = now_ms.div_euclid(rule.slot_ms) - rule.cfg.window_slots as i64 + 1;
+        let first = now_ms
+            .div_euclid(rule.slot_ms)
+            .saturating_sub(rule.cfg.window_slots as i64 - 1);
         if idx < first {
             return false;
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::classify::ClassifyResult;
-use crate::monitor::{replay, Monitor, MonitorConfig, Observation, Restored};
+use crate::monitor::{replay, FutureEvent, Monitor, MonitorConfig, Observation, Restored};
 use crate::serve::message::{incident_message, OutMessage};
 use crate::serve::ServeError;
 use crate::util::time::now_ms;
@@ -80,18 +80,21 @@ impl Monitors {
         self.by_task.contains_key(&task)
     }
 
-    /// Feeds a classification to its task's monitor; the incident messages it caused.
+    /// Feeds a classification to its task's monitor; the incident messages it caused. An
+    /// event time too far ahead of the clock is refused (the caller answers with an error
+    /// record) and changes nothing.
     pub fn observe(
         &mut self,
         prefix: &str,
         task: usize,
         r: &ClassifyResult,
         fields: &BTreeMap<String, String>,
-    ) -> Vec<OutMessage> {
+    ) -> Result<Vec<OutMessage>, FutureEvent> {
         let Some(m) = self.by_task.get_mut(&task) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        let ts_ms = replay::event_time_ms(fields, &m.ts_field).unwrap_or(now_ms() as i64);
+        let clock_ms = now_ms() as i64;
+        let ts_ms = replay::event_time_ms(fields, &m.ts_field).unwrap_or(clock_ms);
         let obs = Observation {
             id: r.id.clone(),
             ts_ms,
@@ -99,7 +102,7 @@ impl Monitors {
             confidence: r.confidence,
             fields: fields.clone(),
         };
-        let events = m.monitor.observe(&obs);
+        let events = m.monitor.observe(&obs, clock_ms)?;
         m.dirty = true;
         m.last_seen = m.monitor.watermark_ms().map(|w| (Instant::now(), w));
         if !events.is_empty() {
@@ -110,7 +113,7 @@ impl Monitors {
                 m.dirty = false;
             }
         }
-        events.iter().map(|e| incident_message(prefix, e)).collect()
+        Ok(events.iter().map(|e| incident_message(prefix, e)).collect())
     }
 
     /// Moves idle monitors' time on with the wall clock (quiet incidents end) and saves
@@ -121,7 +124,8 @@ impl Monitors {
             let Some((at, watermark)) = m.last_seen else {
                 continue;
             };
-            let now = watermark + at.elapsed().as_millis() as i64;
+            let elapsed = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX);
+            let now = watermark.saturating_add(elapsed);
             let events = m.monitor.advance_to(now);
             if !events.is_empty() {
                 m.dirty = true;

@@ -31,8 +31,10 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Reads a password file: the first line, without its line end; empty is an error.
+/// Reads a password file: the first line, without its line end; empty is an error, and so
+/// is a file that others can read (see [`check_private`]).
 pub fn read_password_file(path: &std::path::Path) -> Result<Secret, MqttConfigError> {
+    check_private(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| MqttConfigError::File {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -45,6 +47,35 @@ pub fn read_password_file(path: &std::path::Path) -> Result<Secret, MqttConfigEr
         });
     }
     Ok(Secret(line.to_string()))
+}
+
+/// Refuses a secret file others can read, as ssh does a private key: any permission for
+/// others, or for the group when the file is the daemon user's own (a root-owned file shared
+/// with the service's group, mode 0640, is the usual way to hand it a secret, so that stays
+/// allowed). The check is at start-up, so a leaked password is fixed before it is used.
+fn check_private(path: &std::path::Path) -> Result<(), MqttConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| MqttConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mode = meta.mode() & 0o7777;
+    // The daemon's own files: /proc/self belongs to the process's effective user (std has
+    // no geteuid, and this spares a libc dependency for one call).
+    let own = std::fs::metadata("/proc/self").map_or(true, |me| me.uid() == meta.uid());
+    let open_to = if own { 0o077 } else { 0o007 };
+    if mode & open_to == 0 {
+        return Ok(());
+    }
+    Err(MqttConfigError::Invalid {
+        key: "password_file".into(),
+        reason: format!(
+            "{} has mode {mode:04o}, open to its group or others; run chmod 600 {} (or 640 \
+             with the file owned by root and the service's group)",
+            path.display(),
+            path.display()
+        ),
+    })
 }
 
 /// Where the broker is and how to talk to it.
@@ -492,12 +523,42 @@ mod tests {
         // Password files: first line, line end stripped; empty is an error.
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "s3cret\r\nignored\n").unwrap();
+        set_mode(&pw, 0o600);
         assert_eq!(read_password_file(&pw).unwrap(), Secret("s3cret".into()));
         std::fs::write(&pw, "\n").unwrap();
         assert!(read_password_file(&pw)
             .unwrap_err()
             .to_string()
             .contains("empty"));
+    }
+
+    fn set_mode(p: &std::path::Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_password_file_others_can_read_is_refused_like_ssh_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("mqtt.password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            set_mode(&pw, mode);
+            let e = read_password_file(&pw).unwrap_err().to_string();
+            for needle in [
+                "`password_file`".to_string(),
+                pw.display().to_string(),
+                format!("{mode:04o}"),
+                "chmod 600".to_string(),
+            ] {
+                assert!(e.contains(&needle), "mode {mode:o}: `{needle}` not in: {e}");
+            }
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        for mode in [0o600, 0o400] {
+            set_mode(&pw, mode);
+            assert_eq!(read_password_file(&pw).unwrap(), Secret("s3cret".into()));
+        }
     }
 
     #[test]

@@ -673,10 +673,30 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         if let (Ok(Output::Classified(r)), Some(fields)) =
             (&d.outcome, ticket.as_ref().and_then(|t| t.fields.as_ref()))
         {
-            msgs.extend(
-                self.monitors
-                    .observe(&self.cfg.topics.prefix, d.task, r, fields),
-            );
+            match self
+                .monitors
+                .observe(&self.cfg.topics.prefix, d.task, r, fields)
+            {
+                Ok(incidents) => msgs.extend(incidents),
+                Err(e) => {
+                    // The result stands; only the alert rules refuse it, and say so.
+                    let e = e.to_string();
+                    tracing::warn!(id = %d.request_id, route = %route, "{e}");
+                    let topic = self.cfg.topics.request(&route);
+                    let rec = error_record(
+                        Some(&d.request_id),
+                        Some(&route),
+                        Some(&topic),
+                        "future_ts",
+                        &e,
+                    );
+                    msgs.push(OutMessage::new(
+                        MessageKind::Error,
+                        self.cfg.topics.errors(),
+                        rec.to_string(),
+                    ));
+                }
+            }
         }
         let publish = ticket.and_then(|t| t.publish);
         if let Some(p) = &publish {

@@ -4,6 +4,8 @@
 use std::cell::{Cell, RefCell};
 
 use super::*;
+use crate::classify::ClassifyResult;
+use crate::monitor::MonitorConfig;
 use crate::rank::RankResult;
 use crate::serve::outbox::{FsyncPolicy, OutboxLimits};
 use crate::serve::worker::JobError;
@@ -123,23 +125,38 @@ fn config() -> DaemonConfig {
 }
 
 fn daemon_with(worker: FakeWorker) -> Fixture {
-    daemon_with_outbox(worker, OutboxLimits::default())
+    daemon_full(worker, OutboxLimits::default(), &BTreeMap::new())
 }
 
 fn daemon_with_outbox(worker: FakeWorker, limits: OutboxLimits) -> Fixture {
+    daemon_full(worker, limits, &BTreeMap::new())
+}
+
+/// A daemon whose tasks have the alert `rules` given by task name.
+fn daemon_watching(worker: FakeWorker, rules: &BTreeMap<String, MonitorConfig>) -> Fixture {
+    daemon_full(worker, OutboxLimits::default(), rules)
+}
+
+fn daemon_full(
+    worker: FakeWorker,
+    limits: OutboxLimits,
+    rules: &BTreeMap<String, MonitorConfig>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path(), limits).unwrap();
     let tasks = vec![
         ("greet".to_string(), TaskKind::Classify),
         ("offers".to_string(), TaskKind::Rank),
     ];
+    let monitors =
+        Monitors::open(rules, dir.path(), |n| tasks.iter().position(|t| t.0 == n)).unwrap();
     let d = Daemon::new(
         config(),
-        tasks,
+        tasks.clone(),
         FakeLink::default(),
         worker,
         outbox,
-        Monitors::default(),
+        monitors,
     );
     Fixture { d, _dir: dir }
 }
@@ -150,6 +167,11 @@ fn online() -> Fixture {
 }
 
 fn online_with(mut f: Fixture) -> Fixture {
+    go_online(&mut f);
+    f
+}
+
+fn go_online(f: &mut Fixture) {
     f.d.handle(Event::Connected).unwrap();
     for _ in 0..2 {
         f.d.handle(Event::SubAck { refused: false }).unwrap();
@@ -159,7 +181,6 @@ fn online_with(mut f: Fixture) -> Fixture {
     f.d.handle(Event::PubAck(100)).unwrap();
     assert_eq!(f.d.acks.unwritten(), 0);
     f.d.link.sent.clear();
-    f
 }
 
 fn request(topic: &str, pkid: u16, payload: &str) -> Publish {
@@ -199,6 +220,46 @@ fn ranked() -> Output {
         prefix_tokens_decoded: 0,
         ms: 1.0,
     })
+}
+
+/// `greet`'s answer `hello` to request `id`.
+fn classified(id: &str) -> Output {
+    use crate::classify::{CalibrationApplied, Provenance, Timings, TokenCounts};
+    Output::Classified(Box::new(ClassifyResult {
+        id: id.into(),
+        task: "greet".into(),
+        label: Some("hello".into()),
+        top_label: "hello".into(),
+        confidence: 0.9,
+        margin: 0.8,
+        abstained: false,
+        scores: BTreeMap::from([("hello".to_string(), 0.9)]),
+        labels: BTreeMap::new(),
+        score_norm: Default::default(),
+        calibration: CalibrationApplied {
+            applied: false,
+            prior: None,
+        },
+        truncated: None,
+        tokens: TokenCounts {
+            prompt: 1,
+            reused: 0,
+            decoded: 1,
+            scored: 1,
+        },
+        timings_ms: Timings {
+            prefill_ms: 1.0,
+            scoring_ms: 1.0,
+            total_ms: 2.0,
+        },
+        provenance: Provenance {
+            model: "m".into(),
+            model_sha256: "0".into(),
+            task: "greet".into(),
+            template_sha256: "0".into(),
+            board: "b".into(),
+        },
+    }))
 }
 
 #[test]
@@ -565,167 +626,6 @@ fn without_a_connection_the_drain_ends_at_once() {
 
 /// `outbox_fsync = N`: a put that was not synced at once asks for a timer at most N ms
 /// away, and the timer's event syncs it; no later traffic is needed.
-#[test]
-fn a_deferred_fsync_is_due_within_the_interval_without_more_traffic() {
-    let n = Duration::from_millis(500);
-    let limits = OutboxLimits {
-        fsync: FsyncPolicy::Interval(n),
-        ..OutboxLimits::default()
-    };
-    let mut f = online_with(daemon_with_outbox(FakeWorker::default(), limits));
-    assert_eq!(f.d.fsync_deadline(), None, "nothing to sync");
-    let before = Instant::now();
-    f.d.handle(Event::Incoming(request(
-        "edgeact/d1/greet/request",
-        1,
-        r#"{"text":"hi"}"#,
-    )))
-    .unwrap();
-    let ticket = f.d.worker.queued.borrow()[0].ticket;
-    f.d.handle(Event::Done(done(ticket, Ok(ranked())))).unwrap();
-    assert!(f.d.link.sent.contains(&Sent::Ack(1)), "acknowledged");
-    assert!(f.d.outbox.has_unsynced_puts(), "the fsync was deferred");
-    let due =
-        f.d.fsync_deadline()
-            .expect("a timer for the deferred fsync");
-    assert!(
-        due <= before + n + Duration::from_millis(1),
-        "due within the interval"
-    );
-    f.d.handle(Event::FsyncDue).unwrap();
-    assert!(
-        !f.d.outbox.has_unsynced_puts(),
-        "synced when the timer fired"
-    );
-    assert_eq!(f.d.fsync_deadline(), None);
-    // Acks alone do not need the timer (one lost in a crash is one more publish).
-    f.d.handle(Event::Written(1)).unwrap();
-    f.d.handle(Event::PubAck(1)).unwrap();
-    assert_eq!(f.d.fsync_deadline(), None);
-}
 
-#[test]
-fn with_fsync_always_no_timer_is_asked_for() {
-    let mut f = online();
-    let msgs = vec![OutMessage::new(
-        MessageKind::Result,
-        "a".into(),
-        "{}".into(),
-    )];
-    f.d.record(msgs, None).unwrap();
-    assert!(!f.d.outbox.has_unsynced_puts());
-    assert_eq!(f.d.fsync_deadline(), None);
-}
-
-/// A full client queue is retried on the next event; a publish the client refuses for good
-/// is logged, counted and dropped, and does not hold up the messages behind it.
-#[test]
-fn a_full_queue_is_retried_a_refused_publish_is_counted_and_skipped() {
-    let mut f = online();
-    f.d.link.full = true;
-    let msgs = ["bad/+/topic", "good"]
-        .map(|t| OutMessage::new(MessageKind::Result, t.into(), "{}".into()))
-        .to_vec();
-    f.d.record(msgs, None).unwrap();
-    f.d.pump();
-    // The fake refuses the wildcard topic before it looks at the queue (as rumqttc does).
-    assert_eq!(f.d.stats.publish_refused, 1);
-    assert!(publishes(&f.d).is_empty(), "full: nothing taken");
-    assert_eq!(f.d.to_send.len(), 1, "the good one waits for room");
-    f.d.pump();
-    assert_eq!(f.d.stats.publish_refused, 1, "a full queue is not counted");
-    f.d.link.full = false;
-    f.d.handle(Event::Written(0)).unwrap();
-    let topics: Vec<_> = publishes(&f.d).into_iter().map(|(t, _)| t).collect();
-    assert_eq!(topics, ["good"]);
-    assert_eq!(f.d.stats.publish_refused, 1);
-    assert_eq!(f.d.outbox.len(), 1, "the refused one left the outbox");
-    assert!(f.d.to_send.is_empty());
-}
-
-fn error_kinds(d: &Daemon<FakeLink, FakeWorker>) -> Vec<String> {
-    publishes(d)
-        .iter()
-        .filter(|(t, _)| t == "edgeact/d1/errors")
-        .map(|(_, p)| {
-            let v: Value = serde_json::from_str(p).unwrap();
-            v["error"]["kind"].as_str().unwrap().to_string()
-        })
-        .collect()
-}
-
-/// Flushes the outbox (every publish written and acknowledged) and runs the drain step.
-fn flush_and_drain(f: &mut Fixture) {
-    for pkid in 1..=8 {
-        f.d.handle(Event::Written(pkid)).unwrap();
-        f.d.handle(Event::PubAck(pkid)).unwrap();
-    }
-    f.d.drain_step(Instant::now());
-}
-
-#[test]
-fn a_dead_inference_thread_says_offline_and_ends_the_run_with_an_error() {
-    let mut f = online();
-    f.d.handle(Event::Incoming(request(
-        "edgeact/d1/greet/request",
-        1,
-        r#"{"text":"hi"}"#,
-    )))
-    .unwrap();
-    // The thread panicked: its outcome channel closed with the request still in work.
-    f.d.handle(Event::WorkerStopped).unwrap();
-    assert_eq!(error_kinds(&f.d), ["worker_died"]);
-    assert!(f.d.is_draining(), "no new requests");
-    flush_and_drain(&mut f);
-    assert!(f.d.is_stopping());
-    assert!(f.d.link.sent.contains(&Sent::Publish {
-        topic: "edgeact/d1/available".into(),
-        qos: QoS::AtLeastOnce,
-        retain: true,
-        payload: "offline".into()
-    }));
-    assert!(f.d.link.sent.contains(&Sent::Disconnect));
-    assert!(
-        !f.d.link.sent.contains(&Sent::Ack(1)),
-        "the request in work is left to the broker"
-    );
-    assert!(matches!(f.d.finish(), Err(ServeError::WorkerStopped)));
-}
-
-#[test]
-fn a_queue_whose_thread_is_gone_is_a_dead_inference_thread() {
-    let mut f = online_with(daemon_with(FakeWorker {
-        dead: true,
-        ..FakeWorker::default()
-    }));
-    f.d.handle(Event::Incoming(request(
-        "edgeact/d1/greet/request",
-        1,
-        r#"{"text":"hi"}"#,
-    )))
-    .unwrap();
-    assert_eq!(error_kinds(&f.d), ["worker_died"]);
-    assert!(!f.d.link.sent.contains(&Sent::Ack(1)));
-    flush_and_drain(&mut f);
-    assert!(f.d.link.sent.contains(&Sent::Publish {
-        topic: "edgeact/d1/available".into(),
-        qos: QoS::AtLeastOnce,
-        retain: true,
-        payload: "offline".into()
-    }));
-    assert!(matches!(f.d.finish(), Err(ServeError::WorkerStopped)));
-}
-
-#[test]
-fn the_thread_ending_after_a_shutdown_is_no_death() {
-    let mut f = online();
-    f.d.handle(Event::Shutdown).unwrap();
-    f.d.handle(Event::WorkerStopped).unwrap();
-    assert!(error_kinds(&f.d).is_empty());
-    flush_and_drain(&mut f);
-    assert_eq!(
-        publishes(&f.d),
-        [("edgeact/d1/available".to_string(), "stopped".to_string())]
-    );
-    f.d.finish().unwrap();
-}
+#[path = "state_fault_tests.rs"]
+mod faults;

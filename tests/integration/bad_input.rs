@@ -447,6 +447,9 @@ fn startup_mistakes_exit_with_a_clear_error() {
     );
     let plain = sb.broker.url();
     let zeros = "0".repeat(64);
+    let wild_config = dir.path().join("wild-prefix.toml");
+    std::fs::write(&wild_config, "prefix = \"edgeact/kiosk/#\"\n").unwrap();
+    let wild_config = wild_config.display().to_string();
     // Long because it is a table: one entry per start-up mistake.
     type Case<'a> = (&'a str, Vec<&'a str>, i32, Vec<&'a str>);
     let cases: Vec<Case> = vec![
@@ -524,6 +527,29 @@ fn startup_mistakes_exit_with_a_clear_error() {
             ],
             2,
             vec!["TLS handshake failed", "certificate"],
+        ),
+        (
+            "MQTT wildcard in --prefix",
+            vec!["--broker", &plain, "--prefix", "edgeact/+/kiosk"],
+            2,
+            vec!["`prefix`", "edgeact/+/kiosk", "wildcard"],
+        ),
+        (
+            "MQTT wildcard in the config file's prefix",
+            vec!["--broker", &plain, "--config", &wild_config],
+            2,
+            vec![
+                "wild-prefix.toml",
+                "`prefix`",
+                "edgeact/kiosk/#",
+                "wildcard",
+            ],
+        ),
+        (
+            "empty level in --fleet-prefix",
+            vec!["--broker", &plain, "--fleet-prefix", "edgeact//fleet"],
+            2,
+            vec!["`fleet_prefix`", "empty level"],
         ),
         (
             "bad redaction pattern",

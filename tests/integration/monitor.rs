@@ -67,7 +67,10 @@ fn run(lines: &[Value], cfg: &MonitorConfig) -> (Monitor, Vec<MonitorEvent>) {
         let req = edgeact::classify::input::request_from_json(v.clone(), &i.to_string()).unwrap();
         let ts = event_time_ms(&req.fields, &cfg.ts_field).unwrap();
         let label = req.fields.get("label").cloned();
-        events.extend(m.observe(&observation(&req, label, 1.0, ts)));
+        events.extend(
+            m.observe(&observation(&req, label, 1.0, ts), i64::MAX)
+                .unwrap(),
+        );
     }
     (m, events)
 }

@@ -115,6 +115,7 @@ fn refused_connections_exit_with_the_cause() {
     let pw = sb.password_file(dir.path(), "kiosk1").display().to_string();
     let wrong_pw = dir.path().join("wrong.password");
     std::fs::write(&wrong_pw, "not-the-password\n").unwrap();
+    crate::testkit::tls::private(&wrong_pw);
     let wrong_pw = wrong_pw.display().to_string();
     let plain = sb.broker.url();
     let not_pem = dir.path().join("not-a-ca.pem");

@@ -175,6 +175,13 @@ impl SecureBroker {
     pub fn password_file(&self, dir: &Path, device: &str) -> PathBuf {
         let p = dir.join(format!("{device}.password"));
         std::fs::write(&p, format!("pw-{device}\n")).unwrap();
+        private(&p);
         p
     }
+}
+
+/// Owner-only permissions, which serve requires of a password file.
+pub fn private(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

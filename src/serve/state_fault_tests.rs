@@ -1,0 +1,224 @@
+//! State-machine tests of the failure paths: far-future event times, deferred fsync,
+//! refused publishes, a dead inference thread. The fixtures are the parent module's.
+
+use super::*;
+
+#[test]
+fn a_far_future_event_time_gets_an_error_record_and_leaves_the_monitor_alone() {
+    let rules: MonitorConfig = toml::from_str(
+        "[[rules]]\nname = \"hellos\"\nlabel = \"hello\"\nwindow_s = 60.0\nkind = \"count\"\nthreshold = 2.0\n",
+    )
+    .unwrap();
+    let rules = BTreeMap::from([("greet".to_string(), rules)]);
+    let mut f = daemon_watching(FakeWorker::default(), &rules);
+    go_online(&mut f);
+    let now_s = now_ms() as i64 / 1000;
+    // Milliseconds sent where seconds are meant, then two normal reports.
+    let cases = [
+        (1, "r1", now_s * 1000),
+        (2, "r2", now_s),
+        (3, "r3", now_s + 1),
+    ];
+    for (pkid, id, ts) in cases {
+        let payload = format!(r#"{{"id":"{id}","text":"hi","ts":{ts}}}"#);
+        f.d.handle(Event::Incoming(request(
+            "edgeact/d1/greet/request",
+            pkid,
+            &payload,
+        )))
+        .unwrap();
+        let ticket = f.d.worker.queued.borrow().last().unwrap().ticket;
+        let d = Done {
+            request_id: id.into(),
+            ..done(ticket, Ok(classified(id)))
+        };
+        f.d.handle(Event::Done(d)).unwrap();
+        assert!(f.d.link.sent.contains(&Sent::Ack(pkid)), "{id} acked");
+    }
+    let sent = publishes(&f.d);
+    let on = |topic: &str| -> Vec<String> {
+        sent.iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    };
+    let errors = on("edgeact/d1/errors");
+    assert_eq!(errors.len(), 1, "{sent:?}");
+    let e: Value = serde_json::from_str(&errors[0]).unwrap();
+    assert_eq!(e["id"], "r1");
+    assert_eq!(e["topic"], "edgeact/d1/greet/request");
+    assert_eq!(e["error"]["kind"], "future_ts");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("`ts`") && msg.contains("max_future_s = 300"),
+        "{msg}"
+    );
+    // Its classification still went out, and the later reports still count.
+    assert_eq!(on("edgeact/d1/greet/result").len(), 3);
+    assert_eq!(on("edgeact/d1/hellos/events").len(), 1, "{sent:?}");
+}
+
+#[test]
+fn a_deferred_fsync_is_due_within_the_interval_without_more_traffic() {
+    let n = Duration::from_millis(500);
+    let limits = OutboxLimits {
+        fsync: FsyncPolicy::Interval(n),
+        ..OutboxLimits::default()
+    };
+    let mut f = online_with(daemon_with_outbox(FakeWorker::default(), limits));
+    assert_eq!(f.d.fsync_deadline(), None, "nothing to sync");
+    let before = Instant::now();
+    f.d.handle(Event::Incoming(request(
+        "edgeact/d1/greet/request",
+        1,
+        r#"{"text":"hi"}"#,
+    )))
+    .unwrap();
+    let ticket = f.d.worker.queued.borrow()[0].ticket;
+    f.d.handle(Event::Done(done(ticket, Ok(ranked())))).unwrap();
+    assert!(f.d.link.sent.contains(&Sent::Ack(1)), "acknowledged");
+    assert!(f.d.outbox.has_unsynced_puts(), "the fsync was deferred");
+    let due =
+        f.d.fsync_deadline()
+            .expect("a timer for the deferred fsync");
+    assert!(
+        due <= before + n + Duration::from_millis(1),
+        "due within the interval"
+    );
+    f.d.handle(Event::FsyncDue).unwrap();
+    assert!(
+        !f.d.outbox.has_unsynced_puts(),
+        "synced when the timer fired"
+    );
+    assert_eq!(f.d.fsync_deadline(), None);
+    // Acks alone do not need the timer (one lost in a crash is one more publish).
+    f.d.handle(Event::Written(1)).unwrap();
+    f.d.handle(Event::PubAck(1)).unwrap();
+    assert_eq!(f.d.fsync_deadline(), None);
+}
+
+#[test]
+fn with_fsync_always_no_timer_is_asked_for() {
+    let mut f = online();
+    let msgs = vec![OutMessage::new(
+        MessageKind::Result,
+        "a".into(),
+        "{}".into(),
+    )];
+    f.d.record(msgs, None).unwrap();
+    assert!(!f.d.outbox.has_unsynced_puts());
+    assert_eq!(f.d.fsync_deadline(), None);
+}
+
+/// A full client queue is retried on the next event; a publish the client refuses for good
+/// is logged, counted and dropped, and does not hold up the messages behind it.
+#[test]
+fn a_full_queue_is_retried_a_refused_publish_is_counted_and_skipped() {
+    let mut f = online();
+    f.d.link.full = true;
+    let msgs = ["bad/+/topic", "good"]
+        .map(|t| OutMessage::new(MessageKind::Result, t.into(), "{}".into()))
+        .to_vec();
+    f.d.record(msgs, None).unwrap();
+    f.d.pump();
+    // The fake refuses the wildcard topic before it looks at the queue (as rumqttc does).
+    assert_eq!(f.d.stats.publish_refused, 1);
+    assert!(publishes(&f.d).is_empty(), "full: nothing taken");
+    assert_eq!(f.d.to_send.len(), 1, "the good one waits for room");
+    f.d.pump();
+    assert_eq!(f.d.stats.publish_refused, 1, "a full queue is not counted");
+    f.d.link.full = false;
+    f.d.handle(Event::Written(0)).unwrap();
+    let topics: Vec<_> = publishes(&f.d).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(topics, ["good"]);
+    assert_eq!(f.d.stats.publish_refused, 1);
+    assert_eq!(f.d.outbox.len(), 1, "the refused one left the outbox");
+    assert!(f.d.to_send.is_empty());
+}
+
+fn error_kinds(d: &Daemon<FakeLink, FakeWorker>) -> Vec<String> {
+    publishes(d)
+        .iter()
+        .filter(|(t, _)| t == "edgeact/d1/errors")
+        .map(|(_, p)| {
+            let v: Value = serde_json::from_str(p).unwrap();
+            v["error"]["kind"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Flushes the outbox (every publish written and acknowledged) and runs the drain step.
+fn flush_and_drain(f: &mut Fixture) {
+    for pkid in 1..=8 {
+        f.d.handle(Event::Written(pkid)).unwrap();
+        f.d.handle(Event::PubAck(pkid)).unwrap();
+    }
+    f.d.drain_step(Instant::now());
+}
+
+#[test]
+fn a_dead_inference_thread_says_offline_and_ends_the_run_with_an_error() {
+    let mut f = online();
+    f.d.handle(Event::Incoming(request(
+        "edgeact/d1/greet/request",
+        1,
+        r#"{"text":"hi"}"#,
+    )))
+    .unwrap();
+    // The thread panicked: its outcome channel closed with the request still in work.
+    f.d.handle(Event::WorkerStopped).unwrap();
+    assert_eq!(error_kinds(&f.d), ["worker_died"]);
+    assert!(f.d.is_draining(), "no new requests");
+    flush_and_drain(&mut f);
+    assert!(f.d.is_stopping());
+    assert!(f.d.link.sent.contains(&Sent::Publish {
+        topic: "edgeact/d1/available".into(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        payload: "offline".into()
+    }));
+    assert!(f.d.link.sent.contains(&Sent::Disconnect));
+    assert!(
+        !f.d.link.sent.contains(&Sent::Ack(1)),
+        "the request in work is left to the broker"
+    );
+    assert!(matches!(f.d.finish(), Err(ServeError::WorkerStopped)));
+}
+
+#[test]
+fn a_queue_whose_thread_is_gone_is_a_dead_inference_thread() {
+    let mut f = online_with(daemon_with(FakeWorker {
+        dead: true,
+        ..FakeWorker::default()
+    }));
+    f.d.handle(Event::Incoming(request(
+        "edgeact/d1/greet/request",
+        1,
+        r#"{"text":"hi"}"#,
+    )))
+    .unwrap();
+    assert_eq!(error_kinds(&f.d), ["worker_died"]);
+    assert!(!f.d.link.sent.contains(&Sent::Ack(1)));
+    flush_and_drain(&mut f);
+    assert!(f.d.link.sent.contains(&Sent::Publish {
+        topic: "edgeact/d1/available".into(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        payload: "offline".into()
+    }));
+    assert!(matches!(f.d.finish(), Err(ServeError::WorkerStopped)));
+}
+
+#[test]
+fn the_thread_ending_after_a_shutdown_is_no_death() {
+    let mut f = online();
+    f.d.handle(Event::Shutdown).unwrap();
+    f.d.handle(Event::WorkerStopped).unwrap();
+    assert!(error_kinds(&f.d).is_empty());
+    flush_and_drain(&mut f);
+    assert_eq!(
+        publishes(&f.d),
+        [("edgeact/d1/available".to_string(), "stopped".to_string())]
+    );
+    f.d.finish().unwrap();
+}
