@@ -58,6 +58,8 @@ fn a_far_future_event_time_gets_an_error_record_and_leaves_the_monitor_alone() {
     assert_eq!(on("edgeact/d1/hellos/events").len(), 1, "{sent:?}");
 }
 
+/// `outbox_fsync = N`: a put that was not synced at once asks for a timer at most N ms
+/// away, and the timer's event syncs it; no later traffic is needed.
 #[test]
 fn a_deferred_fsync_is_due_within_the_interval_without_more_traffic() {
     let n = Duration::from_millis(500);

@@ -624,8 +624,5 @@ fn without_a_connection_the_drain_ends_at_once() {
     f.d.finish().unwrap();
 }
 
-/// `outbox_fsync = N`: a put that was not synced at once asks for a timer at most N ms
-/// away, and the timer's event syncs it; no later traffic is needed.
-
 #[path = "state_fault_tests.rs"]
 mod faults;
