@@ -10,7 +10,7 @@ use edgeact::model::config::{parse_board, validate, ConfigError};
 use edgeact::monitor::MonitorConfig;
 use edgeact::rank::RankConfig;
 use edgeact::spec::react::{is_react_file, ReactSpec};
-use edgeact::spec::{Task, TaskError};
+use edgeact::spec::{SpecError, Task};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(c.n_ubatch <= c.n_batch && c.n_batch <= c.n_ctx);
                 assert!(c.max_logit_rows >= 1 && c.max_logit_rows <= c.n_batch);
             }
-            Err(e) => assert!(matches!(e, ConfigError::Invalid { .. })),
+            Err(e) => assert!(matches!(e, ConfigError::Invalid(_))),
         },
         Err(e) => assert!(e.to_string().starts_with("/nonexistent/fuzz/input.toml: ")),
     }
@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             let s = e.to_string();
             assert!(s.contains("/nonexistent/fuzz/input.toml"), "{s}");
-            assert!(!matches!(e, TaskError::Unknown { .. }));
+            assert!(!matches!(e, SpecError::Unknown { .. }));
         }
     }
     let react = ReactSpec::parse(src, path, "input");

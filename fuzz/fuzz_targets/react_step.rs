@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 
 use edgeact::spec::react::ReactSpec;
 use edgeact::spec::step::{parse_step, parse_step_loose, split_trajectory, StepAction};
-use edgeact::react::tools::calculate; use edgeact::spec::tool::{ArgSchema, ToolName, EXPR_CHARS};
+use edgeact::react::tools::calculate;
+use edgeact::spec::tool::{ArgSchema, ToolName, EXPR_CHARS};
 use libfuzzer_sys::fuzz_target;
 
 fn kiosk() -> &'static ReactSpec {
