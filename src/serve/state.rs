@@ -29,6 +29,10 @@ use crate::util::time::now_ms;
 /// the rest is kept for acks and subscriptions.
 pub const PUBLISH_QUEUE_LIMIT: usize = 768;
 
+/// Largest context-topic value kept, in bytes: a sensor reading, not a document (it goes
+/// into every prompt of the task).
+pub const MAX_CONTEXT_VALUE_BYTES: usize = 1024;
+
 /// Why the MQTT client did not take a request.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum NotQueued {
@@ -535,13 +539,27 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         }
     }
 
+    /// A context topic's message: kept (control characters as spaces) as the latest value
+    /// of `context.<name>`; an oversized one is refused with an error record and the last
+    /// good value stays. Acknowledged either way.
+    fn on_context(&mut self, name: &str, p: &Publish) {
+        if p.payload.len() > MAX_CONTEXT_VALUE_BYTES {
+            let message = format!(
+                "context `{name}`: value of {} bytes is over the limit of {MAX_CONTEXT_VALUE_BYTES}; the last value is kept",
+                p.payload.len()
+            );
+            self.reject(p, None, None, "context_too_large", message);
+            return;
+        }
+        self.context
+            .insert(format!("context.{name}"), context_value(&p.payload));
+        self.ack_now(p);
+    }
+
     fn on_publish(&mut self, p: Publish) {
         if let Some((name, _)) = self.cfg.context_topics.iter().find(|(_, t)| **t == p.topic) {
-            self.context.insert(
-                format!("context.{name}"),
-                String::from_utf8_lossy(&p.payload).into_owned(),
-            );
-            self.ack_now(&p);
+            let name = name.clone();
+            self.on_context(&name, &p);
             return;
         }
         let Some(task_name) = self.cfg.topics.task_of(&p.topic) else {
@@ -601,8 +619,9 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         self.next_ticket += 1;
         match &mut job {
             Job::Classify(request) => {
+                // The sensor's value wins over a request's own `context.<name>` field.
                 for (k, v) in &self.context {
-                    request.fields.entry(k.clone()).or_insert_with(|| v.clone());
+                    request.fields.insert(k.clone(), v.clone());
                 }
             }
             Job::React(r) => r.sensors = Some(worker::sensors_from_context(&self.context)),
@@ -731,6 +750,17 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         // Acks are written without fsync; settle them now and then.
         let _ = self.outbox.sync(false);
     }
+}
+
+/// A context value as it goes into prompts: text with control characters (newlines
+/// included, which could forge a line of the prompt) turned into spaces, trimmed.
+fn context_value(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 #[cfg(test)]

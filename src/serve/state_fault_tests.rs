@@ -224,3 +224,40 @@ fn the_thread_ending_after_a_shutdown_is_no_death() {
     );
     f.d.finish().unwrap();
 }
+
+/// The classification queued for a plain request, after `context` topic messages.
+fn classify_after(f: &mut Fixture, pkid: u16, payload: &str) -> BTreeMap<String, String> {
+    f.d.handle(Event::Incoming(request(
+        "edgeact/d1/greet/request",
+        pkid,
+        payload,
+    )))
+    .unwrap();
+    let queued = f.d.worker.queued.borrow();
+    let Job::Classify(r) = &queued.last().expect("a queued job").job else {
+        panic!("a classification")
+    };
+    r.fields.clone()
+}
+
+/// A context value is a sensor reading: control characters (a newline could forge a line
+/// of the prompt) become spaces, an oversized value is refused with an error record and
+/// the last good value is kept, and the sensor's value wins over a request's own
+/// `context.<name>` field.
+#[test]
+fn context_values_are_bounded_stripped_and_win_over_the_request() {
+    let mut f = online();
+    f.d.handle(Event::Incoming(request("home/room", 6, "kit\nchen\u{7}")))
+        .unwrap();
+    let big = "x".repeat(MAX_CONTEXT_VALUE_BYTES + 1);
+    f.d.handle(Event::Incoming(request("home/room", 7, &big)))
+        .unwrap();
+    assert_eq!(f.d.link.sent[..2], [Sent::Ack(6), Sent::Ack(7)]);
+    let fields = classify_after(&mut f, 8, r#"{"text":"hi","context.room":"attic"}"#);
+    assert_eq!(
+        fields.get("context.room").map(String::as_str),
+        Some("kit chen")
+    );
+    flush_and_drain(&mut f);
+    assert_eq!(error_kinds(&f.d), ["context_too_large"]);
+}
