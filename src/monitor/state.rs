@@ -11,6 +11,7 @@ use super::config::Rule;
 use super::incident::end_incident;
 use super::window::{measure, KeyState};
 use super::{Monitor, MonitorConfig, MonitorError, MonitorEvent};
+use crate::util::time::now_ms;
 
 /// Per-rule state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -134,6 +135,17 @@ impl Monitor {
     /// A monitor for `cfg` with the state saved at `path`, when there is one. State of a
     /// rule whose settings changed, or of a rule no longer configured, is dropped.
     pub fn restore(cfg: &MonitorConfig, path: &Path) -> Result<(Monitor, Restored), MonitorError> {
+        Monitor::restore_at(cfg, path, now_ms() as i64)
+    }
+
+    /// [`Monitor::restore`] with the wall clock given: a saved stream time more than
+    /// `max_future_s` ahead of `clock_ms` (let in before such times were refused) discards
+    /// the state, since every later message would count as late.
+    pub fn restore_at(
+        cfg: &MonitorConfig,
+        path: &Path,
+        clock_ms: i64,
+    ) -> Result<(Monitor, Restored), MonitorError> {
         let mut m = Monitor::new(cfg);
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -157,6 +169,13 @@ impl Monitor {
                     saved.format
                 )),
             ));
+        }
+        if let Some(Err(e)) = saved.watermark_ms.map(|w| m.check_time(w, clock_ms)) {
+            let why = format!(
+                "saved stream time is {:.0} s ahead of the clock (max_future_s = {})",
+                e.ahead_s, e.max_future_s
+            );
+            return Ok((m, Restored::Discarded(why)));
         }
         m.state.watermark_ms = saved.watermark_ms;
         let mut reset_rules = Vec::new();

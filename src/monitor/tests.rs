@@ -449,3 +449,31 @@ threshold = 3
         "{e}"
     );
 }
+
+#[test]
+fn a_saved_stream_time_far_ahead_of_the_clock_is_discarded_on_restore() {
+    // A state saved by a build that let a far-future time in (milliseconds sent as seconds).
+    let c = cfg(vec![rule("floods", ThresholdKind::Count, 2.0)]);
+    let mut a = Monitor::new(&c);
+    let poisoned_s = 1_800_000_000.0 * 1000.0;
+    a.observe(&obs(0, poisoned_s, "flood", "4"), i64::MAX)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.json");
+    a.save(&path).unwrap();
+    let clock_ms = 1_800_000_000_000;
+    let (m, restored) = Monitor::restore_at(&c, &path, clock_ms).unwrap();
+    let Restored::Discarded(why) = restored else {
+        panic!("kept a poisoned state: {restored:?}")
+    };
+    assert!(why.contains("ahead of the clock"), "{why}");
+    assert_eq!(m.watermark_ms(), None);
+    // A sane saved time is kept.
+    let mut b = Monitor::new(&c);
+    b.observe(&obs(0, 1_799_999_000.0, "flood", "4"), clock_ms)
+        .unwrap();
+    b.save(&path).unwrap();
+    let (m, restored) = Monitor::restore_at(&c, &path, clock_ms).unwrap();
+    assert!(matches!(restored, Restored::Loaded { .. }), "{restored:?}");
+    assert_eq!(m.watermark_ms(), Some(1_799_999_000_000));
+}
