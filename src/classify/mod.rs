@@ -198,6 +198,8 @@ pub struct Classifier {
     abstain: AbstainRule,
     /// Most tokens a request's prompt suffix may take.
     suffix_room: usize,
+    /// Tokens in the prefix slot: the prefix and the query's fixed head.
+    slot_len: usize,
     template_sha256: String,
     provenance_model: String,
 }
@@ -221,7 +223,12 @@ impl Classifier {
             task: name.clone(),
             source,
         })?;
+        // The slot also holds the query's fixed head (`Review:`), so a request decodes only
+        // its own text; a request whose tokens differ there just reuses less (the engine
+        // reuses the common token prefix), so the prompt is always tokenized as a whole.
+        let slot_tokens = [prefix.as_slice(), &query_head_tokens(engine, &task)].concat();
         let n_ctx = engine.n_ctx();
+        // The head is part of each request's query tokens, so the room for it is counted there.
         let reserved = prefix.len() + chat_tail.len() + trie.decoded.len() + 1;
         if reserved + 16 > n_ctx {
             return Err(SetupError::PrefixTooLong {
@@ -230,13 +237,12 @@ impl Classifier {
                 n_ctx,
             });
         }
-        let prefix_source =
-            engine
-                .set_prefix_cached(slot, &prefix)
-                .map_err(|source| SetupError::Engine {
-                    task: name.clone(),
-                    source,
-                })?;
+        let prefix_source = engine
+            .set_prefix_cached(slot, &slot_tokens)
+            .map_err(|source| SetupError::Engine {
+                task: name.clone(),
+                source,
+            })?;
         let mut c = Classifier {
             prefix_source,
             slot,
@@ -247,6 +253,7 @@ impl Classifier {
             calibrate: calibrate.unwrap_or(task.calibration.enabled),
             abstain: abstain.unwrap_or(task.abstain),
             suffix_room: n_ctx - reserved,
+            slot_len: slot_tokens.len(),
             template_sha256: task.template_sha256(),
             provenance_model: engine
                 .info
@@ -522,8 +529,10 @@ impl Classifier {
         }
     }
 
+    /// Tokens decoded once for the task and reused by every request: the instruction, the
+    /// examples and the query's fixed head.
     pub fn prefix_len(&self) -> usize {
-        self.prefix.len()
+        self.slot_len
     }
 
     pub fn trie(&self) -> &LabelTrie {
@@ -560,6 +569,39 @@ fn prefix_tokens(engine: &Engine, task: &Task) -> Result<(Vec<Token>, Vec<Token>
         (engine.tokenize(&body, true, true), Vec::new())
     };
     Ok(tokens)
+}
+
+/// Inputs that start differently (a word, a digit, punctuation, a non-Latin letter), so the
+/// tokens every rendered query shares come from the template, not from one input.
+const HEAD_PROBES: [&str; 5] = ["x", "The", "1", "\"", "\u{4e2d}"];
+
+/// The tokens every rendered query starts with, whatever the input: the common token
+/// prefix of the query rendered with several different inputs. Empty when the query
+/// starts with a field.
+pub(crate) fn query_head_tokens(engine: &Engine, task: &Task) -> Vec<Token> {
+    let mut head: Option<Vec<Token>> = None;
+    for probe in HEAD_PROBES {
+        let fields: BTreeMap<String, String> = task
+            .query
+            .fields()
+            .into_iter()
+            .map(|f| (f.to_string(), probe.to_string()))
+            .collect();
+        let Ok(q) = task.render_query(&fields) else {
+            return Vec::new();
+        };
+        let t = engine.tokenize(&q, false, false);
+        head = Some(match head {
+            None => t,
+            Some(h) => common_prefix(&h, &t).to_vec(),
+        });
+    }
+    head.unwrap_or_default()
+}
+
+fn common_prefix<'a>(a: &'a [Token], b: &[Token]) -> &'a [Token] {
+    let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    &a[..n]
 }
 
 /// Each label's tokens as they follow a rendered query: tokenize the end of a query with
