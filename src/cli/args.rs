@@ -26,6 +26,11 @@ pub enum Command {
     Classify(ClassifyArgs),
     /// Check the model file and print the memory estimate for a board, loading nothing.
     Plan(BoardArgs),
+    /// Write the board's model (or --model) with another weight type, e.g. q4_0, which
+    /// llama.cpp repacks at load for the Arm dot-product and AVX2 kernels; prints the new
+    /// file's size and sha256 for the board config. From an already quantized model this
+    /// requantizes, which costs accuracy: measure it with `eval` before you switch.
+    Quantize(QuantizeArgs),
     /// Run the daemon: requests from MQTT (or JSON lines on stdin without --broker),
     /// results, traces, state, errors and stats published back, nothing lost.
     Serve(Box<ServeArgs>),
@@ -242,6 +247,18 @@ pub struct RankEvalArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub board: BoardArgs,
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub board: BoardArgs,
+    /// Weight type to write: q4_0, iq4_nl, q4_k_s, q4_k_m, q5_k_m or q8_0.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub ty: String,
+    /// Output file (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]

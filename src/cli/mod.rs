@@ -10,6 +10,7 @@ pub mod serve;
 pub use args::Cli;
 
 use crate::cmd::{self, AppError};
+use crate::model::quantize::QuantizeError;
 use crate::model::EngineError;
 use crate::react::ReactError;
 use crate::serve::worker::WorkerError;
@@ -39,6 +40,15 @@ pub fn exit_code(e: &AppError) -> u8 {
         },
         AppError::Mqtt(_) | AppError::Eval(_) => 2,
         AppError::Serve(e) => serve_code(e),
+        AppError::Quantize(e) => match e {
+            QuantizeError::Missing(_)
+            | QuantizeError::Exists(_)
+            | QuantizeError::SameFile(_)
+            | QuantizeError::Path(_) => 2,
+            QuantizeError::Backend(_) | QuantizeError::Io { .. } | QuantizeError::Failed { .. } => {
+                1
+            }
+        },
         AppError::Input { .. }
         | AppError::NoTexts
         | AppError::Output(_)

@@ -11,6 +11,7 @@ use super::args::*;
 use super::defaults;
 use crate::classify::features::Pooling;
 use crate::classify::ScorePath;
+use crate::cmd::quantize::QuantizeConfig;
 use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
 use crate::eval::learn::default_cache_dir;
 use crate::model::budget::KvCacheType;
@@ -28,6 +29,7 @@ pub fn command(c: Command) -> Result<cmd::Command, AppError> {
     Ok(match c {
         Command::Classify(a) => cmd::Command::Classify(classify(a)?),
         Command::Plan(b) => cmd::Command::Plan(b.engine_config()?),
+        Command::Quantize(a) => cmd::Command::Quantize(quantize(a)?),
         Command::Serve(a) => cmd::Command::Serve(Box::new(super::serve::config(*a)?)),
         Command::Eval(a) => cmd::Command::Eval(eval(a)?),
         Command::Tune(a) if a.head.head => cmd::Command::TuneHead(tune_head(a)?),
@@ -40,6 +42,19 @@ pub fn command(c: Command) -> Result<cmd::Command, AppError> {
         Command::Monitor(a) => cmd::Command::Monitor(monitor(a)?),
         Command::Rank(a) => cmd::Command::Rank(rank(a)?),
         Command::RankEval(a) => cmd::Command::RankEval(rank_eval(a)?),
+    })
+}
+
+fn quantize(a: QuantizeArgs) -> Result<QuantizeConfig, AppError> {
+    let engine = a.board.engine_config()?;
+    let ty =
+        a.ty.parse()
+            .map_err(|reason| invalid(command_line(), "--type", reason))?;
+    Ok(QuantizeConfig {
+        input: engine.model_path,
+        output: a.out,
+        ty,
+        threads: engine.threads,
     })
 }
 

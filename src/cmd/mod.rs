@@ -10,6 +10,7 @@ pub mod eval;
 pub mod monitor;
 pub mod plan;
 pub mod qa;
+pub mod quantize;
 pub mod rank;
 pub mod rank_eval;
 pub mod react;
@@ -57,6 +58,8 @@ pub enum AppError {
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
     #[error(transparent)]
+    Quantize(#[from] crate::model::quantize::QuantizeError),
+    #[error(transparent)]
     React(#[from] crate::react::ReactError),
     #[error("{failed} of {total} inputs were rejected (see their error records)")]
     SomeRecordsFailed { failed: usize, total: usize },
@@ -95,6 +98,7 @@ impl From<crate::monitor::MonitorError> for AppError {
 pub enum Command {
     Classify(ClassifyConfig),
     Plan(EngineConfig),
+    Quantize(quantize::QuantizeConfig),
     Serve(Box<crate::serve::ServeConfig>),
     Eval(eval::EvalConfig),
     Tune(tune::TuneConfig),
@@ -116,6 +120,7 @@ pub fn run(command: Command) -> Result<(), AppError> {
     match command {
         Command::Classify(c) => classify::run(c, &mut out),
         Command::Plan(c) => plan::run(&c, &mut out),
+        Command::Quantize(c) => quantize::run(c, &mut out),
         Command::Serve(c) => serve::run(*c, &mut out),
         Command::Eval(c) => eval::run(c, &mut out),
         Command::Tune(c) => tune::run(c, &mut out),

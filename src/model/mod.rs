@@ -10,6 +10,7 @@
 //! - `prefix`: prefix slots and the prefix state cache on disk.
 //! - `score`: label scoring; the batch plan is pure and tested without a model.
 //! - `generate`: generation under a GBNF grammar, sampling.
+//! - [`quantize`]: another weight type of a model file (`llama_model_quantize`).
 //! - `features`: a second, embeddings context for pooled hidden states.
 //! - [`budget`], [`config`], [`gguf`], [`scoring`]: pure parts (memory plan, board config,
 //!   GGUF header, label math).
@@ -22,6 +23,7 @@ mod generate;
 pub mod gguf;
 mod load;
 mod prefix;
+pub mod quantize;
 mod score;
 pub mod scoring;
 mod text;

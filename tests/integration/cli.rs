@@ -465,3 +465,58 @@ fn gpu_layers_on_a_cpu_build_falls_back_with_a_log_line() {
     assert_eq!(a["label"], b["label"]);
     assert_eq!(a["scores"], b["scores"]);
 }
+
+/// `quantize` writes a model of another type that loads and classifies, prints what a board
+/// config needs, and refuses to overwrite a file or take an unknown type (exit 2).
+#[test]
+fn quantize_writes_a_model_that_classifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q4_0.gguf");
+    let out_s = out.to_str().unwrap();
+    let o = edgeact(&["quantize", "--type", "q4_0", "--out", out_s], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["type"], "q4_0");
+    let bytes = std::fs::metadata(&out).unwrap().len();
+    assert_eq!(report["output_bytes"], bytes);
+    assert_eq!(report["output_sha256"].as_str().unwrap().len(), 64);
+    assert!(!dir.path().join("q4_0.gguf.part").exists());
+    let o = edgeact(
+        &[
+            "classify",
+            "--model",
+            out_s,
+            "The staff were kind and the food was great",
+            "Rude staff and cold food, never again",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Requantizing a 4-bit model costs accuracy (docs/benchmarks.md), so only that it
+    // loads and scores is checked here, not which label wins.
+    let r = lines(&o);
+    assert_eq!(r.len(), 2);
+    for x in &r {
+        let label = x["label"].as_str().unwrap();
+        assert!(["positive", "negative"].contains(&label), "{x}");
+        let p: f64 = ["positive", "negative"]
+            .iter()
+            .map(|l| x["labels"][*l]["prob"].as_f64().unwrap())
+            .sum();
+        assert!((p - 1.0).abs() < 1e-6, "{x}");
+    }
+    let again = edgeact(&["quantize", "--type", "q4_0", "--out", out_s], None);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    let bad = edgeact(&["quantize", "--type", "q3", "--out", "x.gguf"], None);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("unknown type `q3`"),
+        "{}",
+        stderr(&bad)
+    );
+}
