@@ -25,7 +25,7 @@ pub enum Command {
     /// prints one JSON result per input.
     Classify(ClassifyArgs),
     /// Check the model file and print the memory estimate for a board, loading nothing.
-    Plan(BoardArgs),
+    Plan(PlanArgs),
     /// Run the daemon: requests from MQTT (or JSON lines on stdin without --broker),
     /// results, traces, state, errors and stats published back, nothing lost.
     Serve(Box<ServeArgs>),
@@ -487,6 +487,16 @@ pub struct BenchArgs {
     pub naive_limit: Option<usize>,
     #[command(flatten)]
     pub board: BoardArgs,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub board: BoardArgs,
+    /// A task the estimate is for (repeatable; names as `serve --task`): a cached prefix
+    /// each, their LoRA adapter, a feature context per learned-head task.
+    #[arg(long, short)]
+    pub task: Vec<String>,
 }
 
 #[derive(Args)]

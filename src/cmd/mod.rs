@@ -94,7 +94,8 @@ impl From<crate::monitor::MonitorError> for AppError {
 #[derive(Debug)]
 pub enum Command {
     Classify(ClassifyConfig),
-    Plan(EngineConfig),
+    /// The engine config for the tasks, and how many there are (one prefix slot each).
+    Plan(EngineConfig, usize),
     Serve(Box<crate::serve::ServeConfig>),
     Eval(eval::EvalConfig),
     Tune(tune::TuneConfig),
@@ -115,7 +116,7 @@ pub fn run(command: Command) -> Result<(), AppError> {
     let mut out = stdout.lock();
     match command {
         Command::Classify(c) => classify::run(c, &mut out),
-        Command::Plan(c) => plan::run(&c, &mut out),
+        Command::Plan(c, n_tasks) => plan::run(&c, n_tasks, &mut out),
         Command::Serve(c) => serve::run(*c, &mut out),
         Command::Eval(c) => eval::run(c, &mut out),
         Command::Tune(c) => tune::run(c, &mut out),

@@ -198,6 +198,7 @@ fn fetch_model_refuses_a_manifest_it_cannot_read_with_one_line() {
         &root().join("scripts/fetch-model"),
         &clone.join("scripts/fetch-model"),
     );
+    std::fs::create_dir_all(clone.join("models")).unwrap();
     std::fs::write(
         clone.join("models/gemma-3-270m-q4_k_m.toml"),
         "file = \"m.gguf\"\nsha256 = { nested = 1 }\n",
