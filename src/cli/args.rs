@@ -25,7 +25,7 @@ pub enum Command {
     /// prints one JSON result per input.
     Classify(ClassifyArgs),
     /// Check the model file and print the memory estimate for a board, loading nothing.
-    Plan(BoardArgs),
+    Plan(PlanArgs),
     /// Write the board's model (or --model) with another weight type, e.g. q4_0, which
     /// llama.cpp repacks at load for the Arm dot-product and AVX2 kernels; prints the new
     /// file's size and sha256 for the board config. From an already quantized model this
@@ -504,6 +504,16 @@ pub struct BenchArgs {
     pub naive_limit: Option<usize>,
     #[command(flatten)]
     pub board: BoardArgs,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub board: BoardArgs,
+    /// A task the estimate is for (repeatable; names as `serve --task`): a cached prefix
+    /// each, their LoRA adapter, a feature context per learned-head task.
+    #[arg(long, short)]
+    pub task: Vec<String>,
 }
 
 #[derive(Args)]

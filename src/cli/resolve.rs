@@ -28,7 +28,10 @@ use crate::util::invalid::Invalid;
 pub fn command(c: Command) -> Result<cmd::Command, AppError> {
     Ok(match c {
         Command::Classify(a) => cmd::Command::Classify(classify(a)?),
-        Command::Plan(b) => cmd::Command::Plan(b.engine_config()?),
+        Command::Plan(a) => {
+            let (engine, n_tasks) = super::serve::plan_config(a)?;
+            cmd::Command::Plan(engine, n_tasks)
+        }
         Command::Quantize(a) => cmd::Command::Quantize(quantize(a)?),
         Command::Serve(a) => cmd::Command::Serve(Box::new(super::serve::config(*a)?)),
         Command::Eval(a) => cmd::Command::Eval(eval(a)?),

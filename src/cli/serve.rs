@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::args::{ServeArgs, ServeSettings};
+use super::args::{PlanArgs, ServeArgs, ServeSettings};
 use super::defaults::{self, serve as D};
 use super::resolve::{find_task, invalid, state_dir};
 use crate::cmd::AppError;
 use crate::model::config::{self, ConfigError};
+use crate::model::EngineError;
 use crate::monitor::MonitorConfig;
 use crate::rank::RankConfig;
 use crate::react::ReactError;
@@ -72,6 +73,7 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
     let (s, src) = settings(&a)?;
     let engine = a.board.engine_config()?;
     let (tasks, monitors) = tasks(&s, &src)?;
+    check_budget(&engine, &tasks)?;
     let device_id = device_id(&s, &src)?;
     let topics = mqtt::Topics {
         prefix: s
@@ -118,6 +120,45 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
         drain_timeout: Duration::from_secs(s.drain_timeout_s.unwrap_or(D::DRAIN_TIMEOUT_S)),
         redactor,
     })
+}
+
+/// Refuses, before connecting, a task set whose memory estimate (one model, a prefix slot
+/// per task, the tasks' adapter) is over the board's budget, with the numbers and the tasks.
+/// Other preflight failures (no model file, wrong checksum) are left to the daemon's start,
+/// which reports them as it always has.
+fn check_budget(engine: &config::EngineConfig, tasks: &[ServedTask]) -> Result<(), AppError> {
+    use crate::model::budget::BudgetError;
+    let cfg = crate::serve::worker::engine_config(engine, tasks)?;
+    let Err(EngineError::Budget { path, source }) = crate::model::preflight(&cfg, tasks.len())
+    else {
+        return Ok(());
+    };
+    let names: Vec<&str> = tasks.iter().map(ServedTask::name).collect();
+    let served = format!("serving {} tasks: {}", names.len(), names.join(", "));
+    let source = match source {
+        BudgetError::DoesNotFit {
+            need_mib,
+            budget_mib,
+            detail,
+        } => BudgetError::DoesNotFit {
+            need_mib,
+            budget_mib,
+            detail: format!("{detail}; {served}"),
+        },
+        BudgetError::CannotShrink {
+            min_ctx,
+            need_mib,
+            budget_mib,
+            detail,
+        } => BudgetError::CannotShrink {
+            min_ctx,
+            need_mib,
+            budget_mib,
+            detail: format!("{detail}; {served}"),
+        },
+        other => other,
+    };
+    Err(EngineError::Budget { path, source }.into())
 }
 
 /// The settings (the `--config` file's with the flags over them) and where they came from,
@@ -169,6 +210,24 @@ fn tasks(
         tasks.push(t);
     }
     Ok((tasks, monitors))
+}
+
+/// `plan`'s engine config for its `--task`s (label tasks' adapter and learned-head feature
+/// contexts) and how many tasks there are.
+pub fn plan_config(a: PlanArgs) -> Result<(config::EngineConfig, usize), AppError> {
+    let engine = a.board.engine_config()?;
+    let mut tasks = Vec::new();
+    for n in &a.task {
+        tasks.push(served_task(n)?);
+    }
+    let label_tasks = tasks.iter().filter_map(|t| match t {
+        ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
+        ServedTask::React(_) => None,
+    });
+    Ok((
+        crate::spec::config_for_tasks(&engine, label_tasks)?,
+        tasks.len(),
+    ))
 }
 
 /// A task to serve, by name or path: a ReAct task file (`type = "react"`), a ranking task

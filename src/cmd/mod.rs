@@ -97,7 +97,8 @@ impl From<crate::monitor::MonitorError> for AppError {
 #[derive(Debug)]
 pub enum Command {
     Classify(ClassifyConfig),
-    Plan(EngineConfig),
+    /// The engine config for the tasks, and how many there are (one prefix slot each).
+    Plan(EngineConfig, usize),
     Quantize(quantize::QuantizeConfig),
     Serve(Box<crate::serve::ServeConfig>),
     Eval(eval::EvalConfig),
@@ -119,7 +120,7 @@ pub fn run(command: Command) -> Result<(), AppError> {
     let mut out = stdout.lock();
     match command {
         Command::Classify(c) => classify::run(c, &mut out),
-        Command::Plan(c) => plan::run(&c, &mut out),
+        Command::Plan(c, n_tasks) => plan::run(&c, n_tasks, &mut out),
         Command::Quantize(c) => quantize::run(c, &mut out),
         Command::Serve(c) => serve::run(*c, &mut out),
         Command::Eval(c) => eval::run(c, &mut out),

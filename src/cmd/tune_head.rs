@@ -49,7 +49,12 @@ pub fn run(cfg: TuneHeadConfig, out: &mut dyn Write) -> Result<(), AppError> {
     eval::check_labels(&cfg.task, &dev, &cfg.data)?;
     let train = per_class(&cfg.task, &pool, cfg.per_class)?;
     let labels: Vec<String> = cfg.task.labels.iter().map(|l| l.name.clone()).collect();
-    let engine = Engine::load(&cfg.engine, 1)?;
+    // The feature context it creates is part of the memory estimate.
+    let engine_cfg = EngineConfig {
+        feature_batch_tokens: vec![cfg.features.n_batch_tokens],
+        ..cfg.engine.clone()
+    };
+    let engine = Engine::load(&engine_cfg, 1)?;
     let spec = FeatureSpec {
         prompt: cfg.prompt.clone(),
         pooling: Pooling::Last,

@@ -14,6 +14,44 @@ pub const OVERHEAD_BYTES: u64 = 64 * MIB;
 /// copies of the micro-batch's embeddings), not fitted yet.
 const HOST_COMPUTE_PER_UBATCH_TOKEN: u64 = 8;
 
+/// ggml type ids of the tensor types llama.cpp's CPU backend may repack.
+const Q4_0: u32 = 2;
+const Q8_0: u32 = 8;
+const Q4_K: u32 = 12;
+const Q6_K: u32 = 14;
+const IQ4_NL: u32 = 20;
+
+/// Tensor types llama.cpp's CPU backend (llama-cpp-sys-2 0.1.161) copies at load into its
+/// interleaved layout for matrix products, and the row-count multiple it needs, on this
+/// build's architecture. x86-64 with AVX2: Q4_0, Q4_K, IQ4_NL (measured: the Q4_K tensors'
+/// 12.66 MiB, `CPU_REPACK model buffer size = 12.66 MiB`). aarch64: also Q6_K and Q8_0 with
+/// the dot-product kernels (measured under qemu: 193.38 MiB = the tied output matrix and the
+/// other Q8_0, Q4_K and Q6_K tensors); counted on every aarch64 build (the safe side: the
+/// plain armv8-a build repacks nothing).
+fn repacked_types() -> (&'static [u32], u64) {
+    if cfg!(target_arch = "x86_64") {
+        (&[Q4_0, Q4_K, IQ4_NL], 8)
+    } else if cfg!(target_arch = "aarch64") {
+        (&[Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL], 4)
+    } else {
+        (&[], 1)
+    }
+}
+
+/// Bytes of the repacked copies: the mapped file pages they were read from stay resident
+/// too (both count in RSS). The token-embedding matrix is only repacked as the tied output
+/// projection (a lookup table is not repacked).
+pub fn repack_bytes(h: &Header, types: &[u32], row_multiple: u64) -> u64 {
+    let tied = !h.tensors.iter().any(|t| t.name == "output.weight");
+    h.tensors
+        .iter()
+        .filter(|t| types.contains(&t.ggml_type))
+        .filter(|t| t.dims.len() >= 2 && t.dims[1] % row_multiple == 0)
+        .filter(|t| t.name != "token_embd.weight" || tied)
+        .filter_map(|t| h.tensor_data_bytes(&t.name))
+        .sum()
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BudgetError {
     #[error("model metadata lacks `{key}`, needed to size the KV cache")]
@@ -72,6 +110,8 @@ pub struct ModelShape {
     /// (no `output.weight` tensor), else 0. Offloading the output layer makes llama.cpp load
     /// a second copy of it onto the GPU (the CPU keeps its own for the embedding lookup).
     pub tied_output_bytes: u64,
+    /// What the CPU backend's repacking adds at load on this build ([`repack_bytes`]).
+    pub repack_bytes: u64,
 }
 
 impl ModelShape {
@@ -113,6 +153,10 @@ impl ModelShape {
             } else {
                 h.tensor_data_bytes("token_embd.weight").unwrap_or(0)
             },
+            repack_bytes: {
+                let (types, rows) = repacked_types();
+                repack_bytes(h, types, rows)
+            },
             architecture: arch,
         })
     }
@@ -133,45 +177,89 @@ pub struct ContextPlan {
     pub gpu_layers: u32,
 }
 
+/// What the tasks add beside the scoring context, known before loading: the learned-head
+/// feature contexts and the LoRA adapter's tensors. (Label-trie branches need no memory of
+/// their own: they are sequences in the one KV cache, and their logits rows are the
+/// `logits` and `compute` terms, sized by `max_logit_rows` and `n_seq_max`.)
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Extras {
+    /// `n_batch_tokens` of each feature context the tasks create (one per learned-head task).
+    pub feature_batch_tokens: Vec<u32>,
+    /// Tensor bytes of the LoRA adapter (llama.cpp reads them into memory, F32 as stored).
+    pub lora_bytes: u64,
+}
+
+/// A feature context (`model::FeatureContext`): `n_batch` cells of KV cache (padded to 256),
+/// a compute buffer and an output buffer, each with `n_batch` rows of n_vocab logits (llama.cpp
+/// keeps logits for every token of an embeddings batch), plus the hidden states.
+pub fn feature_context_bytes(shape: &ModelShape, n_batch_tokens: u32) -> u64 {
+    let n = n_batch_tokens.max(8);
+    let plan = ContextPlan {
+        n_ctx: padded_ctx(n),
+        n_ubatch: n,
+        max_logit_rows: n,
+        n_seq_max: 1,
+        kv_cache_type: KvCacheType::F16,
+        gpu_layers: 0,
+    };
+    kv_bytes(shape, plan.n_ctx, KvCacheType::F16)
+        + compute_bytes(shape, &plan)
+        + n as u64 * (shape.n_vocab + shape.n_embd) * 4
+}
+
 /// The estimate, in bytes, itemised.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Estimate {
     pub weights_bytes: u64,
+    /// The CPU backend's repacked copies of weights ([`repack_bytes`]).
+    pub repack_bytes: u64,
     pub kv_bytes: u64,
     pub compute_bytes: u64,
     pub logits_bytes: u64,
     /// What offloading adds on a board whose GPU shares its memory (Jetson, integrated GPUs,
     /// lavapipe): see [`offload_bytes`].
     pub offload_bytes: u64,
+    /// Learned-head feature contexts ([`feature_context_bytes`]).
+    pub features_bytes: u64,
+    /// The LoRA adapter's tensors.
+    pub lora_bytes: u64,
     pub overhead_bytes: u64,
 }
 
 impl Estimate {
     pub fn total_bytes(&self) -> u64 {
         self.weights_bytes
+            + self.repack_bytes
             + self.kv_bytes
             + self.compute_bytes
             + self.logits_bytes
             + self.offload_bytes
+            + self.features_bytes
+            + self.lora_bytes
             + self.overhead_bytes
     }
     pub fn total_mib(&self) -> u64 {
         self.total_bytes().div_ceil(MIB)
     }
     pub fn detail(&self) -> String {
-        format!(
-            "weights {} + KV cache {} + compute {} + logits {} + {}overhead {} MiB",
-            self.weights_bytes.div_ceil(MIB),
-            self.kv_bytes.div_ceil(MIB),
-            self.compute_bytes.div_ceil(MIB),
-            self.logits_bytes.div_ceil(MIB),
-            if self.offload_bytes > 0 {
-                format!("GPU offload {} + ", self.offload_bytes.div_ceil(MIB))
-            } else {
-                String::new()
-            },
-            self.overhead_bytes.div_ceil(MIB)
-        )
+        // (name, bytes, shown when 0)
+        let terms = [
+            ("weights", self.weights_bytes, true),
+            ("CPU repack", self.repack_bytes, false),
+            ("KV cache", self.kv_bytes, true),
+            ("compute", self.compute_bytes, true),
+            ("logits", self.logits_bytes, true),
+            ("GPU offload", self.offload_bytes, false),
+            ("feature contexts", self.features_bytes, false),
+            ("LoRA", self.lora_bytes, false),
+            ("overhead", self.overhead_bytes, true),
+        ];
+        let shown: Vec<String> = terms
+            .iter()
+            .filter(|(_, bytes, always)| *always || *bytes > 0)
+            .map(|(name, bytes, _)| format!("{name} {}", bytes.div_ceil(MIB)))
+            .collect();
+        format!("{} MiB", shown.join(" + "))
     }
 }
 
@@ -222,13 +310,20 @@ pub fn offload_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
     output_copy + HOST_COMPUTE_PER_UBATCH_TOKEN * shape.n_embd * plan.n_ubatch as u64
 }
 
-pub fn estimate(shape: &ModelShape, plan: &ContextPlan) -> Estimate {
+pub fn estimate(shape: &ModelShape, plan: &ContextPlan, extras: &Extras) -> Estimate {
     Estimate {
         weights_bytes: shape.tensor_bytes,
+        repack_bytes: shape.repack_bytes,
         kv_bytes: kv_bytes(shape, plan.n_ctx, plan.kv_cache_type),
         compute_bytes: compute_bytes(shape, plan),
         logits_bytes: plan.max_logit_rows.max(plan.n_seq_max) as u64 * shape.n_vocab * 4,
         offload_bytes: offload_bytes(shape, plan),
+        features_bytes: extras
+            .feature_batch_tokens
+            .iter()
+            .map(|&n| feature_context_bytes(shape, n))
+            .sum(),
+        lora_bytes: extras.lora_bytes,
         overhead_bytes: OVERHEAD_BYTES,
     }
 }
@@ -246,12 +341,13 @@ pub struct Fitted {
 pub fn fit(
     shape: &ModelShape,
     wanted: ContextPlan,
+    extras: &Extras,
     budget_mib: u64,
     allow_shrink: bool,
     min_ctx: u32,
 ) -> Result<Fitted, BudgetError> {
     let budget_bytes = budget_mib * MIB;
-    let est = estimate(shape, &wanted);
+    let est = estimate(shape, &wanted, extras);
     if est.total_bytes() <= budget_bytes {
         return Ok(Fitted {
             plan: wanted,
@@ -271,7 +367,7 @@ pub fn fit(
     while n_ctx > min_ctx {
         n_ctx = padded_ctx((n_ctx / 2).max(min_ctx));
         let plan = ContextPlan { n_ctx, ..wanted };
-        let est = estimate(shape, &plan);
+        let est = estimate(shape, &plan, extras);
         if est.total_bytes() <= budget_bytes {
             return Ok(Fitted {
                 plan,
@@ -286,6 +382,7 @@ pub fn fit(
             n_ctx: min_ctx,
             ..wanted
         },
+        extras,
     );
     Err(BudgetError::CannotShrink {
         min_ctx,
@@ -312,6 +409,7 @@ mod tests {
             n_ctx_train: 32_768,
             tensor_bytes: 250 * MIB,
             tied_output_bytes: 170 * MIB,
+            repack_bytes: 0,
         }
     }
 
@@ -344,10 +442,17 @@ mod tests {
 
     #[test]
     fn fits_or_refuses_with_numbers() {
-        let est = estimate(&gemma(), &plan(2048));
+        let est = estimate(&gemma(), &plan(2048), &Extras::default());
         let need = est.total_mib();
-        assert!(fit(&gemma(), plan(2048), need, false, 256).is_ok());
-        match fit(&gemma(), plan(2048), need - 1, false, 256) {
+        assert!(fit(&gemma(), plan(2048), &Extras::default(), need, false, 256).is_ok());
+        match fit(
+            &gemma(),
+            plan(2048),
+            &Extras::default(),
+            need - 1,
+            false,
+            256,
+        ) {
             Err(BudgetError::DoesNotFit {
                 need_mib,
                 budget_mib,
@@ -362,21 +467,21 @@ mod tests {
 
     #[test]
     fn shrinks_context_when_allowed() {
-        let small = estimate(&gemma(), &plan(1024)).total_mib();
-        let fitted = fit(&gemma(), plan(8192), small, true, 256).unwrap();
+        let small = estimate(&gemma(), &plan(1024), &Extras::default()).total_mib();
+        let fitted = fit(&gemma(), plan(8192), &Extras::default(), small, true, 256).unwrap();
         assert_eq!(fitted.shrunk_from_ctx, Some(8192));
         assert!(fitted.plan.n_ctx <= 1024);
         assert!(fitted.estimate.total_mib() <= small);
         // Nothing can make weights fit into 100 MiB.
         assert!(matches!(
-            fit(&gemma(), plan(8192), 100, true, 256),
+            fit(&gemma(), plan(8192), &Extras::default(), 100, true, 256),
             Err(BudgetError::CannotShrink { .. })
         ));
     }
 
     #[test]
     fn offloading_the_output_layer_counts_a_second_tied_output_matrix() {
-        let cpu = estimate(&gemma(), &plan(1024));
+        let cpu = estimate(&gemma(), &plan(1024), &Extras::default());
         assert_eq!(cpu.offload_bytes, 0);
         let layers_only = estimate(
             &gemma(),
@@ -384,6 +489,7 @@ mod tests {
                 gpu_layers: 18,
                 ..plan(1024)
             },
+            &Extras::default(),
         );
         let all = estimate(
             &gemma(),
@@ -391,6 +497,7 @@ mod tests {
                 gpu_layers: 99,
                 ..plan(1024)
             },
+            &Extras::default(),
         );
         assert!(layers_only.offload_bytes > 0);
         assert!(layers_only.offload_bytes < 170 * MIB);
@@ -408,7 +515,111 @@ mod tests {
                 gpu_layers: 99,
                 ..plan(1024)
             },
+            &Extras::default(),
         );
         assert_eq!(untied_all.offload_bytes, layers_only.offload_bytes);
+    }
+
+    #[test]
+    fn extras_count_feature_contexts_and_lora_tensors() {
+        let base = estimate(&gemma(), &plan(2048), &Extras::default());
+        let extras = Extras {
+            feature_batch_tokens: vec![64, 64],
+            lora_bytes: 3 * MIB,
+        };
+        let with = estimate(&gemma(), &plan(2048), &extras);
+        let one = feature_context_bytes(&gemma(), 64);
+        // Two 64-token feature contexts: 64 rows of 1 MiB logits twice (output and compute
+        // buffers) each, so over 128 MiB apiece.
+        assert!(one > 128 * MIB, "{one}");
+        assert_eq!(with.features_bytes, 2 * one);
+        assert_eq!(with.total_bytes() - base.total_bytes(), 2 * one + 3 * MIB);
+        assert!(
+            with.detail().contains("feature contexts"),
+            "{}",
+            with.detail()
+        );
+        assert!(with.detail().contains("LoRA 3"), "{}", with.detail());
+        assert!(!base.detail().contains("LoRA"));
+        // The refusal counts them too.
+        assert!(fit(
+            &gemma(),
+            plan(2048),
+            &Extras::default(),
+            base.total_mib(),
+            false,
+            256
+        )
+        .is_ok());
+        assert!(matches!(
+            fit(&gemma(), plan(2048), &extras, base.total_mib(), false, 256),
+            Err(BudgetError::DoesNotFit { need_mib, .. }) if need_mib == with.total_mib()
+        ));
+    }
+
+    #[test]
+    fn repacked_weights_are_counted_once_more() {
+        let shape = ModelShape {
+            repack_bytes: 13 * MIB,
+            ..gemma()
+        };
+        let a = estimate(&gemma(), &plan(2048), &Extras::default());
+        let b = estimate(&shape, &plan(2048), &Extras::default());
+        assert_eq!(b.total_bytes() - a.total_bytes(), 13 * MIB);
+        assert!(b.detail().contains("CPU repack 13"), "{}", b.detail());
+    }
+
+    /// A header with Gemma 3's tensor types (tied output: no output.weight).
+    fn header(tensors: &[(&str, u32, [u64; 2], u64)]) -> Header {
+        let mut offset = 0;
+        let mut infos = Vec::new();
+        for &(name, ggml_type, dims, bytes) in tensors {
+            infos.push(crate::model::gguf::TensorInfo {
+                name: name.into(),
+                dims: dims.to_vec(),
+                ggml_type,
+                offset_bytes: offset,
+            });
+            offset += bytes;
+        }
+        Header {
+            version: 3,
+            metadata: Default::default(),
+            n_tensors: infos.len() as u64,
+            tensors: infos,
+            data_offset_bytes: 0,
+            file_size_bytes: offset,
+        }
+    }
+
+    #[test]
+    fn repack_counts_the_types_and_shapes_the_cpu_backend_repacks() {
+        let h = header(&[
+            ("token_embd.weight", Q8_0, [640, 262_144], 170 * MIB),
+            ("blk.0.attn_output.weight", Q4_K, [1024, 640], MIB),
+            ("blk.0.ffn_down.weight", Q6_K, [2048, 640], 2 * MIB),
+            ("blk.0.attn_q.weight", 6, [640, 1024], 4 * MIB),
+            ("blk.0.odd.weight", Q4_K, [256, 7], 8 * MIB),
+        ]);
+        // x86-64 (AVX2): Q4_K with rows in multiples of 8.
+        assert_eq!(repack_bytes(&h, &[Q4_0, Q4_K, IQ4_NL], 8), MIB);
+        // aarch64 dot-product kernels: also Q6_K and Q8_0, and the tied output matrix.
+        assert_eq!(
+            repack_bytes(&h, &[Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL], 4),
+            173 * MIB
+        );
+        // With its own output matrix, the embedding table is a lookup table: not repacked.
+        let mut untied = h.clone();
+        untied.tensors.push(crate::model::gguf::TensorInfo {
+            name: "output.weight".into(),
+            dims: vec![640, 262_144],
+            ggml_type: 1,
+            offset_bytes: 185 * MIB,
+        });
+        untied.file_size_bytes = 190 * MIB;
+        assert_eq!(
+            repack_bytes(&untied, &[Q4_0, Q4_K, Q6_K, Q8_0, IQ4_NL], 4),
+            3 * MIB
+        );
     }
 }

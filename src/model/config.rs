@@ -105,6 +105,9 @@ pub struct EngineConfig {
     pub prefix_cache_dir: Option<PathBuf>,
     /// A LoRA adapter applied when the model loads (from the task file, not the board).
     pub lora: Option<LoraAdapter>,
+    /// `n_batch_tokens` of each feature context the run creates (learned-head tasks; from
+    /// the task files, not the board): counted in the memory estimate.
+    pub feature_batch_tokens: Vec<u32>,
 }
 
 /// Where board profiles are looked for, in order.
@@ -249,6 +252,7 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
         model_sha256: b.model_sha256.map(|s| s.to_ascii_lowercase()),
         prefix_cache_dir: b.prefix_cache_dir,
         lora: None,
+        feature_batch_tokens: Vec::new(),
     })
 }
 

@@ -146,9 +146,18 @@ pub fn preflight(
         kv_cache_type: cfg.kv_cache_type,
         gpu_layers: cfg.gpu_layers,
     };
+    let extras = budget::Extras {
+        feature_batch_tokens: cfg.feature_batch_tokens.clone(),
+        // llama.cpp reads the adapter's tensors into memory (not mapped).
+        lora_bytes: match &cfg.lora {
+            Some(l) => gguf::read_header(&l.path)?.tensor_bytes(),
+            None => 0,
+        },
+    };
     let fitted = budget::fit(
         &shape,
         wanted,
+        &extras,
         cfg.memory_budget_mib,
         cfg.allow_ctx_shrink,
         256,

@@ -339,7 +339,11 @@ impl Topics {
     }
 }
 
-/// Home Assistant device discovery: one sensor per task showing its latest label.
+/// Home Assistant device discovery: one sensor per classification task (`tasks`: the ones
+/// that publish a retained `<task>/state`) showing its latest label. Availability is the
+/// daemon's `available` topic; Home Assistant ignores payloads other than
+/// `payload_available` / `payload_not_available`, so the template maps `stopped` (clean
+/// shutdown) to `offline` too.
 pub fn ha_discovery(device_id: &str, topics: &Topics, tasks: &[String]) -> (String, String) {
     let cmps: serde_json::Map<String, serde_json::Value> = tasks
         .iter()
@@ -363,6 +367,7 @@ pub fn ha_discovery(device_id: &str, topics: &Topics, tasks: &[String]) -> (Stri
         "availability_topic": topics.available(),
         "payload_available": "online",
         "payload_not_available": "offline",
+        "availability_template": "{{ 'online' if value == 'online' else 'offline' }}",
         "cmps": cmps,
     });
     (
@@ -606,5 +611,19 @@ mod tests {
             v["cmps"]["sentiment_label"]["state_topic"],
             "edgeact/kiosk1/sentiment/state"
         );
+    }
+
+    #[test]
+    fn discovery_maps_stopped_to_not_available() {
+        // Home Assistant ignores an availability payload that is neither payload_available
+        // nor payload_not_available: a clean shutdown's `stopped` would leave the sensors
+        // shown as available. The template maps everything but `online` to `offline`.
+        let (_, payload) = ha_discovery("kiosk1", &topics(), &["sentiment".into()]);
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(
+            v["availability_template"],
+            "{{ 'online' if value == 'online' else 'offline' }}"
+        );
+        assert_eq!(v["availability_topic"], "edgeact/kiosk1/available");
     }
 }

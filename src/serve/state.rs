@@ -329,8 +329,16 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             }
         }
         if self.cfg.ha_discovery {
+            // Only classification tasks publish the retained state a sensor reads.
+            let with_state: Vec<String> = self
+                .task_names
+                .iter()
+                .zip(&self.task_kinds)
+                .filter(|(_, k)| **k == TaskKind::Classify)
+                .map(|(n, _)| n.clone())
+                .collect();
             let (topic, payload) =
-                mqtt::ha_discovery(&self.cfg.device_id, &self.cfg.topics, &self.task_names);
+                mqtt::ha_discovery(&self.cfg.device_id, &self.cfg.topics, &with_state);
             let _ = self.publish(None, topic, QoS::AtLeastOnce, true, payload.into_bytes());
         }
     }

@@ -322,6 +322,22 @@ fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Ru
     })
 }
 
+/// The engine config for serving `tasks`: their LoRA adapter; no feature contexts (serve
+/// classifies learned-head tasks by their label scores). With `tasks.len()` prefix slots,
+/// this is what the memory estimate of the served set is made from.
+pub fn engine_config(
+    engine_cfg: &EngineConfig,
+    tasks: &[ServedTask],
+) -> Result<EngineConfig, EngineError> {
+    let label_tasks = tasks.iter().filter_map(|t| match t {
+        ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
+        ServedTask::React(_) => None,
+    });
+    let mut cfg = crate::spec::config_for_tasks(engine_cfg, label_tasks)?;
+    cfg.feature_batch_tokens.clear();
+    Ok(cfg)
+}
+
 /// Starts the inference thread: loads the model and prepares every task there, and returns
 /// once it is ready (or with the error that stopped it). Outcomes go to `on_done`.
 pub fn spawn(
@@ -340,14 +356,7 @@ pub fn spawn(
         .name("inference".into())
         .spawn(move || {
             let setup = || -> Result<(Engine, Vec<Runner>), WorkerError> {
-                let label_tasks: Vec<&Task> = tasks
-                    .iter()
-                    .filter_map(|t| match t {
-                        ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
-                        ServedTask::React(_) => None,
-                    })
-                    .collect();
-                let engine_cfg = crate::spec::config_for_tasks(&engine_cfg, label_tasks)?;
+                let engine_cfg = engine_config(&engine_cfg, &tasks)?;
                 let mut engine = Engine::load(&engine_cfg, tasks.len())?;
                 let mut runners = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {

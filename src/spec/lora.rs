@@ -6,7 +6,8 @@ use std::path::Path;
 use super::task::Task;
 use super::SpecError;
 use crate::model::config::{EngineConfig, LoraAdapter};
-use crate::model::EngineError;
+use crate::model::{EngineError, FeatureParams};
+use crate::spec::Method;
 
 impl LoraAdapter {
     /// Resolves the path against the folder of the task file at `task_path` and checks
@@ -86,12 +87,20 @@ pub fn lora_for_tasks<'a>(
     Ok(first.and_then(|t| t.lora.clone()))
 }
 
-/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]).
+/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]) and a feature
+/// context (default size) for each task classified by a learned head, so the memory
+/// estimate counts them.
 pub fn config_for_tasks<'a>(
     cfg: &EngineConfig,
     tasks: impl IntoIterator<Item = &'a Task>,
 ) -> Result<EngineConfig, EngineError> {
+    let tasks: Vec<&Task> = tasks.into_iter().collect();
     let mut cfg = cfg.clone();
-    cfg.lora = lora_for_tasks(tasks)?;
+    cfg.lora = lora_for_tasks(tasks.iter().copied())?;
+    cfg.feature_batch_tokens = tasks
+        .iter()
+        .filter(|t| t.head.as_ref().is_some_and(|h| h.method != Method::Prompt))
+        .map(|_| FeatureParams::default().n_batch_tokens)
+        .collect();
     Ok(cfg)
 }

@@ -10,7 +10,9 @@ mod testkit;
 
 mod bad_input;
 mod cli;
+mod home_assistant;
 mod lora;
+mod memory;
 mod model;
 mod monitor;
 mod packaging;
@@ -19,3 +21,4 @@ mod rank;
 mod react;
 mod security;
 mod serve;
+mod setup;

@@ -1,0 +1,318 @@
+//! The memory promise, measured: every shipped task (classify, rank, react) run by the
+//! `edgeact` binary on x86-dev peaks at or under the estimate `edgeact plan --task` prints
+//! for it, and that estimate is within the board's budget; a served set of tasks peaks under
+//! the set's estimate; and `serve` refuses a set whose estimate is over the budget, with the
+//! numbers, before it connects.
+//!
+//! Peak RSS of a child is the kernel's high-water mark of its resident set (`wait4`'s
+//! `ru_maxrss`, what `/proc/<pid>/status` shows as VmHWM), read when it exits; the daemon
+//! reports its own VmHWM in its stats.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::testkit;
+use crate::testkit::broker::Broker;
+use crate::testkit::daemon::{serve_until_exit, Daemon};
+use crate::testkit::probe::{wait_online, Probe};
+
+/// `struct rusage` on 64-bit Linux: two `timeval`s, then 14 longs, `ru_maxrss` (KiB) first.
+#[repr(C)]
+struct Rusage {
+    utime: [i64; 2],
+    stime: [i64; 2],
+    maxrss_kib: i64,
+    rest: [i64; 13],
+}
+
+extern "C" {
+    fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut Rusage) -> i32;
+}
+
+/// Runs `cmd` to its end: (success, stdout, stderr, peak RSS in MiB).
+// The child is reaped by wait4 (for its rusage), not by std's `wait`.
+#[allow(clippy::zombie_processes)]
+fn run_with_peak(cmd: &mut Command, dir: &Path) -> (bool, String, String, f64) {
+    let out_path = dir.join("stdout");
+    let err_path = dir.join("stderr");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn edgeact");
+    let mut status = 0i32;
+    let mut usage = Rusage {
+        utime: [0; 2],
+        stime: [0; 2],
+        maxrss_kib: 0,
+        rest: [0; 13],
+    };
+    // SAFETY: wait4 writes an int and a struct rusage, both live locals with the layout of
+    // 64-bit Linux; the pid is our own child, not yet reaped (std's Child is never waited).
+    let r = unsafe { wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, child.id() as i32, "wait4 failed");
+    // Exited normally with status 0.
+    let ok = status & 0x7f == 0 && (status >> 8) & 0xff == 0;
+    (
+        ok,
+        std::fs::read_to_string(out_path).unwrap_or_default(),
+        std::fs::read_to_string(err_path).unwrap_or_default(),
+        usage.maxrss_kib as f64 / 1024.0,
+    )
+}
+
+/// `edgeact plan --board x86-dev --task ...`: (estimate MiB, budget MiB, itemised).
+fn plan(tasks: &[&str]) -> (f64, f64, String) {
+    let mut cmd = Command::new(testkit::bin());
+    cmd.current_dir(testkit::root())
+        .args(["plan", "--board", "x86-dev"]);
+    for t in tasks {
+        cmd.args(["--task", t]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "plan {tasks:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v["estimate_mib"].as_f64().unwrap(),
+        v["memory_budget_mib"].as_f64().unwrap(),
+        v["estimate"].as_str().unwrap().to_string(),
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Classify,
+    Rank,
+    React,
+}
+
+/// The shipped tasks and their kinds, from the task files.
+fn shipped_tasks() -> Vec<(String, Kind)> {
+    let mut tasks = Vec::new();
+    for e in std::fs::read_dir(testkit::root().join("tasks")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        // Files that are not tasks (a learned head's weights) have neither labels nor a type.
+        let src = std::fs::read_to_string(&path).unwrap();
+        let doc: toml::Table = toml::from_str(&src).unwrap();
+        let kind = if edgeact::spec::is_react_file(&src) {
+            Kind::React
+        } else if doc.contains_key("rank") {
+            Kind::Rank
+        } else if doc.contains_key("labels") {
+            Kind::Classify
+        } else {
+            continue;
+        };
+        tasks.push((name, kind));
+    }
+    tasks.sort_by(|a, b| a.0.cmp(&b.0));
+    tasks
+}
+
+/// Four requests, so they are scored together in one micro-batch (batching raises the peak).
+const TEXTS: [&str; 4] = [
+    "I was charged twice for the same card payment yesterday",
+    "The staff were kind and the food was great",
+    "A fire broke out in a warehouse near the harbour this morning",
+    "服务很好，下次还来",
+];
+
+/// The command that runs one task the way a user would.
+fn task_command(name: &str, kind: Kind, dir: &Path) -> Command {
+    let mut cmd = Command::new(testkit::bin());
+    cmd.current_dir(testkit::root());
+    match kind {
+        Kind::Classify => {
+            let input = dir.join("input.jsonl");
+            let lines: String = TEXTS
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"id": format!("t{i}"), "text": t})
+                    )
+                })
+                .collect();
+            std::fs::write(&input, lines).unwrap();
+            cmd.args(["classify", "--board", "x86-dev", "--task", name, "--input"])
+                .arg(input);
+        }
+        Kind::Rank => {
+            let profile = dir.join("profile.txt");
+            std::fs::write(
+                &profile,
+                "Likes cooking Italian food: pasta, pizza, risotto.",
+            )
+            .unwrap();
+            let items = dir.join("items.jsonl");
+            let lines: String = [
+                (
+                    "a",
+                    "Fresh pasta course",
+                    "Make tagliatelle and ravioli by hand.",
+                ),
+                (
+                    "b",
+                    "Car maintenance",
+                    "Change the oil and check the brakes.",
+                ),
+                (
+                    "c",
+                    "Pizza night",
+                    "Neapolitan dough, tomato sauce, wood oven.",
+                ),
+                (
+                    "d",
+                    "Tax return help",
+                    "Fill in the annual forms before the deadline.",
+                ),
+            ]
+            .iter()
+            .map(|(id, title, d)| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"id": id, "title": title, "description": d})
+                )
+            })
+            .collect();
+            std::fs::write(&items, lines).unwrap();
+            cmd.args(["rank", "--board", "x86-dev", "--task", name, "--profile"])
+                .arg(profile)
+                .arg("--items")
+                .arg(items);
+        }
+        Kind::React => {
+            cmd.args([
+                "react",
+                "--board",
+                "x86-dev",
+                "--task",
+                name,
+                "--seed",
+                "7",
+                "--session-dir",
+            ])
+            .arg(dir.join("sessions"))
+            .arg("When does the market hall open on Sunday?");
+        }
+    }
+    cmd
+}
+
+#[test]
+fn each_shipped_task_peaks_under_its_estimate_within_the_board_budget() {
+    let tasks = shipped_tasks();
+    for kind in [Kind::Classify, Kind::Rank, Kind::React] {
+        assert!(
+            tasks.iter().any(|(_, k)| *k == kind),
+            "no shipped {kind:?} task found: {tasks:?}"
+        );
+    }
+    let mut rows = Vec::new();
+    for (name, kind) in &tasks {
+        let dir = tempfile::tempdir().unwrap();
+        let (estimate, budget, detail) = plan(&[name]);
+        let (ok, _out, err, peak) =
+            run_with_peak(&mut task_command(name, *kind, dir.path()), dir.path());
+        assert!(ok, "{name}: edgeact failed: {err}");
+        println!("{name:28} {kind:?}: peak RSS {peak:.1} MiB, estimate {estimate} MiB ({detail}), budget {budget} MiB");
+        rows.push((name.clone(), peak, estimate, budget, detail));
+    }
+    for (name, peak, estimate, budget, detail) in rows {
+        assert!(
+            peak <= estimate,
+            "{name}: peak RSS {peak:.1} MiB over the estimate {estimate} MiB ({detail})"
+        );
+        assert!(
+            estimate <= budget,
+            "{name}: estimate {estimate} MiB over the x86-dev budget {budget} MiB"
+        );
+    }
+}
+
+#[test]
+fn a_served_set_of_tasks_peaks_under_the_sets_estimate() {
+    let set = ["sentiment", "banking77", "city-event", "sentiment-zh"];
+    let (estimate, budget, detail) = plan(&set);
+    assert!(estimate <= budget, "{estimate} > {budget} ({detail})");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(broker.port, "probe-mem", &["edgeact/mem/#"]);
+    let mut extra = Vec::new();
+    for t in set {
+        extra.extend(["--task", t]);
+    }
+    let mut daemon = Daemon::start(&broker, "mem", dir.path(), &extra);
+    wait_online(&probe, "edgeact/mem");
+    for t in set {
+        for (i, text) in TEXTS.iter().enumerate() {
+            let req = serde_json::json!({"id": format!("{t}-{i}"), "text": text});
+            probe.publish(&format!("edgeact/mem/{t}/request"), req.to_string());
+        }
+    }
+    let n = (set.len() * TEXTS.len()) as u64;
+    probe.wait_for(600, "every result, then stats counting them", |g| {
+        g.iter().any(|m| {
+            m.topic == "edgeact/mem/stats" && m.json()["results_total"].as_u64().unwrap_or(0) >= n
+        })
+    });
+    let stats = probe
+        .on("edgeact/mem/stats")
+        .into_iter()
+        .rfind(|m| m.json()["results_total"].as_u64().unwrap_or(0) >= n)
+        .unwrap()
+        .json();
+    let peak = stats["peak_rss_mib"].as_f64().unwrap();
+    println!("served {set:?}: peak RSS {peak} MiB, estimate {estimate} MiB ({detail})");
+    assert!(peak > 100.0, "{stats}");
+    assert!(
+        peak <= estimate,
+        "served set: peak RSS {peak} MiB over the estimate {estimate} MiB ({detail})"
+    );
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
+#[test]
+fn serve_refuses_a_task_set_over_the_budget_with_the_numbers() {
+    let set = ["sentiment", "banking77"];
+    let (estimate, _, _) = plan(&set);
+    let budget = (estimate - 1.0) as u64;
+    let budget_flag = budget.to_string();
+    // Nothing listens on this port: the refusal must come before any connection attempt.
+    let (code, log) = serve_until_exit(
+        &[
+            "--broker",
+            "mqtt://127.0.0.1:9",
+            "--task",
+            "sentiment",
+            "--task",
+            "banking77",
+            "--memory-budget-mib",
+            &budget_flag,
+        ],
+        &[],
+        120,
+    );
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {log}");
+    for want in [
+        format!("needs {estimate} MiB"),
+        format!("memory_budget_mib is {budget}"),
+        "serving 2 tasks: sentiment, banking77".to_string(),
+        "weights".to_string(),
+    ] {
+        assert!(log.contains(&want), "no `{want}` in: {log}");
+    }
+    // One MiB more and the same set is accepted by the check (it then fails to connect).
+    let (estimate_one, _, _) = plan(&["sentiment"]);
+    assert!(estimate_one < estimate, "a second task adds a prefix slot");
+}
