@@ -95,7 +95,10 @@ impl SoftmaxLr {
         if (x.n_sparse > 0 && x.sparse.len() != n)
             || (x.n_dense > 0 && x.dense.len() != n)
             || x.dense.iter().any(|r| r.len() != x.n_dense)
-            || x.sparse.iter().flatten().any(|&(j, _)| j as usize >= x.n_sparse)
+            || x.sparse
+                .iter()
+                .flatten()
+                .any(|&(j, _)| j as usize >= x.n_sparse)
         {
             return Err(shape);
         }
@@ -216,7 +219,9 @@ pub fn lbfgs(
         let mut a = vec![0.0; hist.len()];
         for (h, (s, y, rho)) in hist.iter().enumerate().rev() {
             a[h] = rho * s.iter().zip(&q).map(|(&s, q)| s as f64 * q).sum::<f64>();
-            q.iter_mut().zip(y).for_each(|(q, &y)| *q -= a[h] * y as f64);
+            q.iter_mut()
+                .zip(y)
+                .for_each(|(q, &y)| *q -= a[h] * y as f64);
         }
         if let Some((s, y, _)) = hist.back() {
             let sy: f64 = s.iter().zip(y).map(|(&s, &y)| s as f64 * y as f64).sum();
@@ -225,7 +230,9 @@ pub fn lbfgs(
         }
         for (h, (s, y, rho)) in hist.iter().enumerate() {
             let b = rho * y.iter().zip(&q).map(|(&y, q)| y as f64 * q).sum::<f64>();
-            q.iter_mut().zip(s).for_each(|(q, &s)| *q += (a[h] - b) * s as f64);
+            q.iter_mut()
+                .zip(s)
+                .for_each(|(q, &s)| *q += (a[h] - b) * s as f64);
         }
         let mut d: Vec<f64> = q.into_iter().map(|v| -v).collect();
         let mut gd = dot(&g, &d);
@@ -254,7 +261,11 @@ pub fn lbfgs(
         if f_new > fx + 1e-4 * step * gd || !f_new.is_finite() {
             return it;
         }
-        let s: Vec<f32> = x_new.iter().zip(x.iter()).map(|(a, b)| (a - b) as f32).collect();
+        let s: Vec<f32> = x_new
+            .iter()
+            .zip(x.iter())
+            .map(|(a, b)| (a - b) as f32)
+            .collect();
         let y: Vec<f32> = g_new.iter().zip(&g).map(|(a, b)| (a - b) as f32).collect();
         let sy: f64 = s.iter().zip(&y).map(|(&s, &y)| s as f64 * y as f64).sum();
         if sy > 1e-12 {
@@ -287,7 +298,9 @@ mod f32_hex {
         let text = String::deserialize(d)?;
         let bytes = hex::decode(text).map_err(serde::de::Error::custom)?;
         if bytes.len() % 4 != 0 {
-            return Err(serde::de::Error::custom("weights: not a whole number of f32"));
+            return Err(serde::de::Error::custom(
+                "weights: not a whole number of f32",
+            ));
         }
         Ok(bytes
             .chunks_exact(4)

@@ -199,11 +199,13 @@ impl TaskRunner {
 
 /// The task's head or stack file, checked against the model and the task, and the task
 /// label -> file label index map.
-fn load_head(engine: &Engine, task: &Task, method: Method) -> Result<(Learned, Vec<usize>), HeadError> {
+fn load_head(
+    engine: &Engine,
+    task: &Task,
+    method: Method,
+) -> Result<(Learned, Vec<usize>), HeadError> {
     let file = task.head_path().ok_or_else(|| {
-        HeadError::Train(
-            "the task has no [head] file (train one with `edgeact tune`)".into(),
-        )
+        HeadError::Train("the task has no [head] file (train one with `edgeact tune`)".into())
     })?;
     let learned = Learned::load(&file, method)?;
     let (sha, n_embd) = learned.model();
@@ -244,7 +246,11 @@ fn load_head(engine: &Engine, task: &Task, method: Method) -> Result<(Learned, V
     if labels.len() != task.labels.len() {
         return Err(HeadError::Invalid {
             path: file,
-            reason: format!("has {} labels, the task {}", labels.len(), task.labels.len()),
+            reason: format!(
+                "has {} labels, the task {}",
+                labels.len(),
+                task.labels.len()
+            ),
         });
     }
     Ok((learned, order))
@@ -285,7 +291,9 @@ impl HeadClassifier {
         let t_decode = Instant::now();
         // TF-IDF alone needs no model pass.
         let states = match &mut self.features {
-            Some((fctx, _)) => fctx.hidden_states(&seqs, |_| {}).map(|v| v.into_iter().map(Some).collect()),
+            Some((fctx, _)) => fctx
+                .hidden_states(&seqs, |_| {})
+                .map(|v| v.into_iter().map(Some).collect()),
             None => Ok(vec![None; seqs.len()]),
         };
         let decode_ms = t_decode.elapsed().as_secs_f64() * 1e3;

@@ -179,7 +179,12 @@ pub struct StackFile {
 }
 
 impl StackFile {
-    pub fn new(labels: Vec<String>, model_sha256: Option<String>, n_embd: usize, stack: StackModel) -> StackFile {
+    pub fn new(
+        labels: Vec<String>,
+        model_sha256: Option<String>,
+        n_embd: usize,
+        stack: StackModel,
+    ) -> StackFile {
         StackFile {
             version: STACK_VERSION,
             labels,
@@ -276,7 +281,11 @@ mod tests {
         let mut y = Vec::new();
         for i in 0..4 {
             let e = i as f32 * 0.05;
-            t.extend(["card stolen today", "exchange rate wrong", "card stolen again"]);
+            t.extend([
+                "card stolen today",
+                "exchange rate wrong",
+                "card stolen again",
+            ]);
             s.extend([states(1.0 + e), states(1.0 - e), states(-1.0 + e)]);
             y.extend([0, 1, 2]);
         }
@@ -301,10 +310,21 @@ mod tests {
         let m = StackModel::fit(&t, &s, &y, 3, &p).unwrap();
         assert_eq!(m.kind(), "stack");
         let re = TextFeaturizer::regex();
-        assert_eq!(argmax(&m.predict(&re, "card stolen", Some(&states(1.0)))), 0);
-        assert_eq!(argmax(&m.predict(&re, "card stolen", Some(&states(-1.0)))), 2);
+        assert_eq!(
+            argmax(&m.predict(&re, "card stolen", Some(&states(1.0)))),
+            0
+        );
+        assert_eq!(
+            argmax(&m.predict(&re, "card stolen", Some(&states(-1.0)))),
+            2
+        );
         assert_eq!(argmax(&m.predict(&re, "rate wrong", Some(&states(1.0)))), 1);
-        let f = StackFile::new(vec!["a".into(), "b".into(), "c".into()], Some("00".into()), 3, m);
+        let f = StackFile::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            Some("00".into()),
+            3,
+            m,
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.stack.json");
         f.save(&path).unwrap();
@@ -316,7 +336,10 @@ mod tests {
         let mut bad = g.clone();
         bad.n_embd = 4;
         bad.save(&path).unwrap();
-        assert!(StackFile::load(&path).unwrap_err().to_string().contains("shapes"));
+        assert!(StackFile::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("shapes"));
     }
 
     #[test]

@@ -230,9 +230,15 @@ mod tests {
                 nc += v * v;
             }
         }
-        assert!((nw - 1.0).abs() < 1e-5 && (nc - 1.0).abs() < 1e-5, "{nw} {nc}");
+        assert!(
+            (nw - 1.0).abs() < 1e-5 && (nc - 1.0).abs() < 1e-5,
+            "{nw} {nc}"
+        );
         assert!(row.windows(2).all(|p| p[0].0 < p[1].0));
-        assert!(f.transform(&re, "zzz").iter().all(|(j, _)| *j as usize >= f.n_word));
+        assert!(f
+            .transform(&re, "zzz")
+            .iter()
+            .all(|(j, _)| *j as usize >= f.n_word));
         // A rarer n-gram weighs more: "stolen" (1 text) over "card" (2).
         let idf = |g: &str| f.vocab.iter().find(|(x, _)| x == g).unwrap().1;
         assert!(idf("stolen") > idf("card"));

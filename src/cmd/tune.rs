@@ -57,7 +57,6 @@ enum Tried {
     Learned(usize),
 }
 
-
 /// Scores every candidate on the dev split and writes the best as a task file.
 pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
@@ -153,6 +152,19 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         Tried::Learned(_) => 0,
     };
     let (winner, run) = (&cands[b], runs[b].as_ref().map(|r| &r.metrics));
+    write_prompt(&cfg, &engine, winner, run, tried.len())?;
+    writeln!(out, "best: {} -> {}", winner.label, cfg.out.display()).map_err(AppError::Output)?;
+    Ok(())
+}
+
+/// Writes a prompt winner as the task file, with its dev scores in `[measured]`.
+fn write_prompt(
+    cfg: &TuneConfig,
+    engine: &Engine,
+    winner: &crate::eval::tune::Candidate,
+    run: Option<&eval::metrics::Metrics>,
+    n_tried: usize,
+) -> Result<(), AppError> {
     let mut task = winner.task.clone();
     task.calibration.enabled = winner.calibrate;
     let mut measured = toml::Table::new();
@@ -172,13 +184,13 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         );
     }
     measured.insert("model_sha256".into(), engine.info.sha256.clone().into());
-    measured.insert("candidates_tried".into(), (tried.len() as i64).into());
+    measured.insert("candidates_tried".into(), (n_tried as i64).into());
     task.measured = Some(measured);
     let text = format!(
         "# Written by `edgeact tune` from {} (dev split `{}`): the best of {} candidates by macro-F1.\n{}",
         cfg.data.display(),
         cfg.dev_split,
-        tried.len(),
+        n_tried,
         task.to_toml()
     );
     if let Some(dir) = cfg.out.parent() {
@@ -191,7 +203,6 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         path: cfg.out.clone(),
         source,
     })?;
-    writeln!(out, "best: {} -> {}", winner.label, cfg.out.display()).map_err(AppError::Output)?;
     Ok(())
 }
 

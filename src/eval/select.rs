@@ -249,7 +249,11 @@ mod tests {
         assert_eq!(kinds[3..7], ["head"; 4]);
         assert_eq!(kinds[7..], ["stack"; 2]);
         // On its own training rows every candidate is right.
-        assert!(all.iter().all(|c| c.dev.accuracy == 1.0), "{:?}", all.iter().map(|c| c.dev.accuracy).collect::<Vec<_>>());
+        assert!(
+            all.iter().all(|c| c.dev.accuracy == 1.0),
+            "{:?}",
+            all.iter().map(|c| c.dev.accuracy).collect::<Vec<_>>()
+        );
         // Without features only the TF-IDF candidates run.
         let bare = Split {
             states: &[],

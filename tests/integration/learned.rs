@@ -86,11 +86,18 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
 
     // All learned methods: one row each on the same dev rows, the winner written.
     let report = tune(dir.path(), &data, "tfidf,head,stack", "all.toml");
-    for m in ["tfidf, words (the baseline", "head, last pooling", "stack, last pooling"] {
+    for m in [
+        "tfidf, words (the baseline",
+        "head, last pooling",
+        "stack, last pooling",
+    ] {
         assert!(report.contains(m), "{m} missing: {report}");
     }
     let written = std::fs::read_to_string(dir.path().join("all.toml")).unwrap();
-    assert!(written.contains("[head]") && written.contains("dev_macro_f1"), "{written}");
+    assert!(
+        written.contains("[head]") && written.contains("dev_macro_f1"),
+        "{written}"
+    );
     let eval_dir = dir.path().join("eval");
     let o = edgeact(
         &[
@@ -120,7 +127,13 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
         "Terrible service, cold food, never again.",
     ];
     let o = edgeact(
-        &["classify", "--task", task.to_str().unwrap(), texts[0], texts[1]],
+        &[
+            "classify",
+            "--task",
+            task.to_str().unwrap(),
+            texts[0],
+            texts[1],
+        ],
         dir.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -146,7 +159,11 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
         }
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let served = json_lines(&out.stdout);
     assert_eq!(served.len(), 2);
     for (s, c) in served.iter().zip(&classified) {
