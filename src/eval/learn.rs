@@ -198,6 +198,9 @@ pub fn per_class(task: &Task, pool: &[Example], k: usize) -> Result<Vec<Example>
     Ok(out)
 }
 
+/// A label with fewer than K training examples, and how many it has.
+pub type Shortfall = (String, usize);
+
 /// Up to K examples per label from `pool` (the first ones in file order; K = usize::MAX for
 /// the whole pool), and the labels that have fewer than K, with how many they have. Real
 /// label sets are imbalanced: a label short of K keeps what there is; only a label without
@@ -206,7 +209,7 @@ pub fn per_class_upto(
     task: &Task,
     pool: &[Example],
     k: usize,
-) -> Result<(Vec<Example>, Vec<(String, usize)>), EvalError> {
+) -> Result<(Vec<Example>, Vec<Shortfall>), EvalError> {
     let mut counts = vec![0usize; task.labels.len()];
     let mut out = Vec::new();
     for e in pool {
