@@ -5,7 +5,10 @@
 pub mod features;
 pub mod head;
 pub mod input;
+pub mod linear;
 pub mod runner;
+pub mod stack;
+pub mod tfidf;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -146,6 +149,8 @@ pub struct Provenance {
     pub task: String,
     pub template_sha256: String,
     pub board: String,
+    /// What decided: prompt (label scores), head, both, stack or tfidf.
+    pub method: crate::spec::Method,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -525,6 +530,7 @@ impl Classifier {
                 task: self.task.name.clone(),
                 template_sha256: self.template_sha256.clone(),
                 board: engine.info.board.clone(),
+                method: crate::spec::Method::Prompt,
             },
         }
     }

@@ -1,28 +1,89 @@
 //! Runs a task by its method: the prompt's label scores ([`Classifier`]), its learned head
-//! ([`super::head`]) on the feature prompt's hidden states, or both (the two distributions
-//! multiplied and renormalized).
+//! ([`super::head`]) on the feature prompt's hidden states, both (the two distributions
+//! multiplied and renormalized), or its stacked scorer ([`super::stack`]: model features and
+//! TF-IDF n-grams, or TF-IDF alone without a model pass). `classify`, `eval`, `serve` and
+//! `monitor` all run a task through [`TaskRunner`], so a method scores the same everywhere.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::features::FeatureTokenizer;
+use regex::Regex;
+
+use super::features::{FeatureSpec, FeatureTokenizer};
 use super::head::{HeadError, HeadFile};
+use super::stack::StackFile;
+use super::tfidf::TextFeaturizer;
 use crate::classify::{
     fail_batch, CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance,
     RecordError, Request, ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
 use crate::model::scoring::{decide, softmax, AbstainRule};
-use crate::model::{Engine, EngineError, FeatureContext, FeatureParams};
+use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
 use crate::spec::{Method, Task, TRUNCATED_FIELD};
 
-/// A task run through its head (alone or with the prompt's scores).
+/// A learned scorer read from the file of a task's `[head]`.
+pub enum Learned {
+    Head(HeadFile),
+    Stack(StackFile),
+}
+
+impl Learned {
+    fn load(path: &std::path::Path, method: Method) -> Result<Learned, HeadError> {
+        Ok(if method.uses_stack_file() {
+            Learned::Stack(StackFile::load(path)?)
+        } else {
+            Learned::Head(HeadFile::load(path)?)
+        })
+    }
+
+    /// The feature prompt, when the scorer reads the model's hidden states.
+    pub fn feature(&self) -> Option<&FeatureSpec> {
+        match self {
+            Learned::Head(h) => Some(&h.feature),
+            Learned::Stack(s) => s.stack.needs_features(),
+        }
+    }
+
+    pub fn labels(&self) -> &[String] {
+        match self {
+            Learned::Head(h) => &h.labels,
+            Learned::Stack(s) => &s.labels,
+        }
+    }
+
+    fn model(&self) -> (Option<&str>, usize) {
+        match self {
+            Learned::Head(h) => (Some(&h.model_sha256), h.n_embd),
+            Learned::Stack(s) => (s.model_sha256.as_deref(), s.n_embd),
+        }
+    }
+
+    /// Probabilities in the file's label order.
+    pub fn predict(&self, re: &Regex, text: &str, states: Option<&PooledStates>) -> Vec<f64> {
+        match (self, states) {
+            (Learned::Head(h), Some(st)) => h.head.predict(&h.feature.pooling.apply(st)),
+            (Learned::Head(h), None) => vec![1.0 / h.labels.len() as f64; h.labels.len()],
+            (Learned::Stack(s), st) => s.stack.predict(re, text, st),
+        }
+    }
+
+    pub fn sha256(&self) -> String {
+        match self {
+            Learned::Head(h) => h.sha256(),
+            Learned::Stack(s) => s.sha256(),
+        }
+    }
+}
+
+/// A task run through its learned scorer (alone or with the prompt's scores).
 pub struct HeadClassifier {
     pub task: Task,
-    pub head: HeadFile,
+    pub learned: Learned,
     method: Method,
-    fctx: FeatureContext,
-    tok: FeatureTokenizer,
-    /// Task label index -> head label index.
+    /// The model pass, when the scorer reads hidden states.
+    features: Option<(FeatureContext, FeatureTokenizer)>,
+    re: Regex,
+    /// Task label index -> scorer label index.
     order: Vec<usize>,
     prompt: Option<Classifier>,
     abstain: AbstainRule,
@@ -58,11 +119,17 @@ impl TaskRunner {
             task: name.clone(),
             source,
         };
-        let (head, order) = load_head(engine, &task).map_err(err)?;
-        let fctx = engine
-            .feature_context(features)
-            .map_err(|e| err(HeadError::Engine(e)))?;
-        let tok = FeatureTokenizer::new(engine, &head.feature, fctx.max_tokens()).map_err(err)?;
+        let (learned, order) = load_head(engine, &task, method).map_err(err)?;
+        let features = match learned.feature() {
+            Some(spec) => {
+                let fctx = engine
+                    .feature_context(features)
+                    .map_err(|e| err(HeadError::Engine(e)))?;
+                let tok = FeatureTokenizer::new(engine, spec, fctx.max_tokens()).map_err(err)?;
+                Some((fctx, tok))
+            }
+            None => None,
+        };
         let prompt = if method == Method::Both {
             Some(Classifier::new(
                 engine,
@@ -76,12 +143,12 @@ impl TaskRunner {
         };
         Ok(TaskRunner::Head(Box::new(HeadClassifier {
             abstain: abstain.unwrap_or(task.abstain),
-            head_sha256: head.sha256(),
+            head_sha256: learned.sha256(),
             task,
-            head,
+            learned,
             method,
-            fctx,
-            tok,
+            features,
+            re: TextFeaturizer::regex(),
             order,
             prompt,
         })))
@@ -130,37 +197,43 @@ impl TaskRunner {
     }
 }
 
-/// The task's head file, checked against the model and the task, and the task label ->
-/// head label index map.
-fn load_head(engine: &Engine, task: &Task) -> Result<(HeadFile, Vec<usize>), HeadError> {
+/// The task's head or stack file, checked against the model and the task, and the task
+/// label -> file label index map.
+fn load_head(
+    engine: &Engine,
+    task: &Task,
+    method: Method,
+) -> Result<(Learned, Vec<usize>), HeadError> {
     let file = task.head_path().ok_or_else(|| {
-        HeadError::Train(
-            "the task has no [head] file (train one with `edgeact tune --head`)".into(),
-        )
+        HeadError::Train("the task has no [head] file (train one with `edgeact tune`)".into())
     })?;
-    let head = HeadFile::load(&file)?;
-    if head.model_sha256 != engine.info.sha256 {
-        return Err(HeadError::Invalid {
-            path: file,
-            reason: format!(
-                "trained on the hidden states of model {}, this model is {}",
-                head.model_sha256, engine.info.sha256
-            ),
-        });
+    let learned = Learned::load(&file, method)?;
+    let (sha, n_embd) = learned.model();
+    if learned.feature().is_some() {
+        if sha != Some(engine.info.sha256.as_str()) {
+            return Err(HeadError::Invalid {
+                path: file,
+                reason: format!(
+                    "trained on the hidden states of model {}, this model is {}",
+                    sha.unwrap_or("(none)"),
+                    engine.info.sha256
+                ),
+            });
+        }
+        if n_embd != engine.n_embd() {
+            return Err(HeadError::Invalid {
+                path: file,
+                reason: format!(
+                    "built for hidden states of width {n_embd}, the model's are {}",
+                    engine.n_embd()
+                ),
+            });
+        }
     }
-    if head.n_embd != engine.n_embd() {
-        return Err(HeadError::Invalid {
-            path: file,
-            reason: format!(
-                "built for hidden states of width {}, the model's are {}",
-                head.n_embd,
-                engine.n_embd()
-            ),
-        });
-    }
+    let labels = learned.labels();
     let mut order = Vec::new();
     for l in &task.labels {
-        match head.labels.iter().position(|h| h == &l.name) {
+        match labels.iter().position(|h| h == &l.name) {
             Some(i) => order.push(i),
             None => {
                 return Err(HeadError::Invalid {
@@ -170,17 +243,17 @@ fn load_head(engine: &Engine, task: &Task) -> Result<(HeadFile, Vec<usize>), Hea
             }
         }
     }
-    if head.labels.len() != task.labels.len() {
+    if labels.len() != task.labels.len() {
         return Err(HeadError::Invalid {
             path: file,
             reason: format!(
                 "has {} labels, the task {}",
-                head.labels.len(),
+                labels.len(),
                 task.labels.len()
             ),
         });
     }
-    Ok((head, order))
+    Ok((learned, order))
 }
 
 impl HeadClassifier {
@@ -197,28 +270,39 @@ impl HeadClassifier {
             .map(|c| c.classify_many(engine, reqs, path).into_iter());
         let mut seqs = Vec::new();
         let mut cuts = Vec::new();
+        let mut texts = Vec::new();
         let mut checked: Vec<Result<(), RecordError>> = Vec::new();
         for r in reqs {
             let text = r.fields.get(TRUNCATED_FIELD).map(String::as_str);
             match text {
                 Some(t) if !t.trim().is_empty() => {
-                    let (tokens, cut) = self.tok.tokens(engine, t);
+                    let (tokens, cut) = match &self.features {
+                        Some((_, tok)) => tok.tokens(engine, t),
+                        None => (Vec::new(), None),
+                    };
                     seqs.push(tokens);
                     cuts.push(cut);
+                    texts.push(t);
                     checked.push(Ok(()));
                 }
                 _ => checked.push(Err(RecordError::EmptyText)),
             }
         }
         let t_decode = Instant::now();
-        let states = self.fctx.hidden_states(&seqs, |_| {});
+        // TF-IDF alone needs no model pass.
+        let states = match &mut self.features {
+            Some((fctx, _)) => fctx
+                .hidden_states(&seqs, |_| {})
+                .map(|v| v.into_iter().map(Some).collect()),
+            None => Ok(vec![None; seqs.len()]),
+        };
         let decode_ms = t_decode.elapsed().as_secs_f64() * 1e3;
-        let states = match states {
+        let states: Vec<Option<PooledStates>> = match states {
             Ok(s) => s,
             Err(e) => return fail_batch(checked, &e),
         };
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut states = states.into_iter().zip(seqs.iter().zip(cuts));
+        let mut states = states.into_iter().zip(seqs.iter().zip(cuts).zip(texts));
         let mut out = Vec::with_capacity(reqs.len());
         for (req, c) in reqs.iter().zip(checked) {
             let prompt_res = prompt_results.as_mut().and_then(|it| it.next());
@@ -226,16 +310,13 @@ impl HeadClassifier {
                 out.push(Err(e));
                 continue;
             }
-            let Some((st, (tokens, cut))) = states.next() else {
+            let Some((st, ((tokens, cut), text))) = states.next() else {
                 out.push(Err(RecordError::Engine(EngineError::Decode(
                     "feature extraction returned too few results".into(),
                 ))));
                 continue;
             };
-            let hp = self
-                .head
-                .head
-                .predict(&self.head.feature.pooling.apply(&st));
+            let hp = self.learned.predict(&self.re, text, st.as_ref());
             // In task label order.
             let head_probs: Vec<f64> = self.order.iter().map(|&i| hp[i]).collect();
             let res = match prompt_res {
@@ -306,6 +387,7 @@ impl HeadClassifier {
         p.tokens.decoded += n_tokens;
         p.provenance.template_sha256 =
             format!("{}+{}", p.provenance.template_sha256, self.head_sha256);
+        p.provenance.method = self.method;
         p
     }
 
@@ -375,6 +457,7 @@ impl HeadClassifier {
                 task: self.task.name.clone(),
                 template_sha256: self.head_sha256.clone(),
                 board: engine.info.board.clone(),
+                method: self.method,
             },
         }
     }

@@ -448,6 +448,10 @@ pub struct TuneArgs {
     /// Requests per micro-batch.
     #[arg(long, default_value_t = D::BATCH_SIZE)]
     pub batch_size: usize,
+    /// Methods to choose among on dev: prompt (templates x shots x calibration), tfidf,
+    /// head, stack (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = D::tune::METHODS)]
+    pub methods: Vec<String>,
     #[command(flatten)]
     pub head: HeadArgs,
     #[command(flatten)]
@@ -461,9 +465,10 @@ pub struct HeadArgs {
     /// a template.
     #[arg(long)]
     pub head: bool,
-    /// Training examples per label (the first ones of the train split).
-    #[arg(long, default_value_t = D::tune::HEAD_PER_CLASS)]
-    pub per_class: usize,
+    /// Training examples per label for the learned methods (the first ones of the train
+    /// split; a label with fewer keeps what it has), or `all` for the whole train split.
+    #[arg(long, default_value = D::tune::HEAD_PER_CLASS)]
+    pub per_class: String,
     /// Feature prompt with one {text} (default: PromptEOL).
     #[arg(long, default_value = crate::classify::features::PROMPT_EOL)]
     pub feature_prompt: String,
@@ -592,8 +597,9 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub pretty: bool,
     /// How to classify: prompt (label scores), head (the task's learned head), both
-    /// (combined). Default: the task file's `[head] method`, else prompt.
-    #[arg(long, value_parser = ["prompt", "head", "both"])]
+    /// (combined), stack or tfidf (the task's stack file). Default: the task file's
+    /// `[head] method`, else prompt.
+    #[arg(long, value_parser = ["prompt", "head", "both", "stack", "tfidf"])]
     pub method: Option<String>,
     #[command(flatten)]
     pub board: BoardArgs,

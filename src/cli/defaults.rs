@@ -61,8 +61,14 @@ pub mod tune {
     pub const SHOTS: &str = "0,4,8";
     /// Dev examples at most.
     pub const DEV_LIMIT: usize = 200;
-    /// Training examples per label of the learned head.
-    pub const HEAD_PER_CLASS: usize = 8;
+    /// Training examples per label of the learned methods (`all`: the whole train split).
+    pub const HEAD_PER_CLASS: &str = "8";
+    /// Methods `tune` chooses among.
+    pub const METHODS: &str = "prompt,tfidf,head,stack";
+    /// Weights of the model-feature block against the TF-IDF blocks tried for the stack.
+    pub const STACK_WEIGHTS: [f64; 2] = [1.0, 3.0];
+    /// L-BFGS iterations of the learned methods.
+    pub const LEARN_MAX_ITERATIONS: usize = 150;
     /// Poolings tried for the head.
     pub const HEAD_POOLINGS: &str = "last,mean,last+mean";
     /// L2 strengths tried for the head.

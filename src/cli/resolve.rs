@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use super::args::*;
 use super::defaults;
-use crate::classify::features::Pooling;
+use crate::classify::features::{FeatureSpec, Pooling};
 use crate::classify::ScorePath;
 use crate::cmd::quantize::QuantizeConfig;
 use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
 use crate::eval::learn::default_cache_dir;
+use crate::eval::select::LearnGrid;
 use crate::model::budget::KvCacheType;
 use crate::model::config::{self, BoardFile, ConfigError, EngineConfig};
 use crate::model::scoring::AbstainRule;
@@ -21,7 +22,7 @@ use crate::model::FeatureParams;
 use crate::rank::RankConfig;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
-use crate::spec::Task;
+use crate::spec::{Method, Task};
 use crate::util::invalid::Invalid;
 
 /// The command with its validated config.
@@ -194,8 +195,48 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
     for t in &a.task {
         templates.push(find_task(t)?);
     }
+    let engine = a.board.engine_config()?;
+    let mut prompt_candidates = false;
+    let mut methods = Vec::new();
+    for m in &a.methods {
+        match m.trim() {
+            "prompt" => prompt_candidates = true,
+            "tfidf" => methods.push(Method::Tfidf),
+            "head" => methods.push(Method::Head),
+            "stack" => methods.push(Method::Stack),
+            other => {
+                return Err(invalid(
+                    command_line(),
+                    "methods",
+                    format!("`{other}` is not prompt, tfidf, head or stack"),
+                ))
+            }
+        }
+    }
+    let learn = cmd::tune::LearnConfig {
+        grid: LearnGrid {
+            methods,
+            feature: FeatureSpec {
+                prompt: a.head.feature_prompt.clone(),
+                pooling: Pooling::Last,
+                max_text_tokens: a.head.max_text_tokens,
+            },
+            poolings: a.head.poolings()?,
+            alphas: a.head.alpha.clone(),
+            stack_weights: defaults::tune::STACK_WEIGHTS.to_vec(),
+            max_iterations: defaults::tune::LEARN_MAX_ITERATIONS,
+        },
+        per_class: a.head.per_class()?,
+        features: FeatureParams {
+            n_batch_tokens: a.head.feature_batch,
+            ..FeatureParams::for_config(&engine)
+        },
+        cache_dir: feature_cache(a.head.no_feature_cache),
+    };
     Ok(cmd::tune::TuneConfig {
-        engine: a.board.engine_config()?,
+        prompt_candidates,
+        learn,
+        engine,
         out: a
             .out
             .unwrap_or_else(|| PathBuf::from(format!("tasks/{}-tuned.toml", templates[0].name))),
@@ -210,6 +251,20 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
 }
 
 impl HeadArgs {
+    /// `--per-class`: a count, or `all` (usize::MAX).
+    fn per_class(&self) -> Result<usize, AppError> {
+        match self.per_class.trim() {
+            "all" => Ok(usize::MAX),
+            n => n.parse::<usize>().ok().filter(|&k| k > 0).ok_or_else(|| {
+                invalid(
+                    command_line(),
+                    "per-class",
+                    format!("`{n}` is not a positive count or `all`"),
+                )
+            }),
+        }
+    }
+
     fn poolings(&self) -> Result<Vec<Pooling>, AppError> {
         self.pooling
             .iter()
@@ -245,7 +300,7 @@ fn tune_head(a: TuneArgs) -> Result<cmd::tune_head::TuneHeadConfig, AppError> {
         data: a.data,
         train_split: a.train_split,
         dev_split: a.dev_split,
-        per_class: a.head.per_class,
+        per_class: a.head.per_class()?,
         limit: a.limit,
         prompt: a.head.feature_prompt.clone(),
         poolings: a.head.poolings()?,

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 
 use super::AppError;
 use crate::classify::input;
-use crate::classify::{Classifier, Request, ScorePath};
+use crate::classify::runner::TaskRunner;
+use crate::classify::{Request, ScorePath};
 use crate::model::config::EngineConfig;
 use crate::model::Engine;
+use crate::model::FeatureParams;
 use crate::monitor::replay::{event_line, event_time_ms, observation};
 use crate::monitor::{EventType, Monitor, MonitorConfig, MonitorEvent, Restored};
 use crate::spec::Task;
@@ -70,7 +72,16 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
         Labels::Field(_) => None,
         Labels::Model(e) => {
             let mut engine = Engine::load(e, 1)?;
-            let c = Classifier::new(&mut engine, cfg.task.clone(), 0, None, None)?;
+            // The task's own method, as `classify` and `serve` run it.
+            let c = TaskRunner::new(
+                &mut engine,
+                cfg.task.clone(),
+                0,
+                None,
+                None,
+                None,
+                FeatureParams::default(),
+            )?;
             Some((engine, c))
         }
     };
@@ -140,7 +151,7 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
 /// The label and confidence of each pending message: from its field, or classified (a
 /// message the model fails on gets no label).
 fn label(
-    model: &mut Option<(Engine, Classifier)>,
+    model: &mut Option<(Engine, TaskRunner)>,
     labels: &Labels,
     pending: &[(Request, i64)],
 ) -> Vec<(Option<String>, f64)> {

@@ -1,16 +1,35 @@
 //! `edgeact tune`: the evaluate-and-feed-back step. Tries candidate templates, K-shot
-//! example sets and calibration on/off on a dev split, and writes the winner (by macro-F1)
-//! as a task file with its examples and the measured dev score in it.
+//! example sets and calibration on/off, and the learned methods (TF-IDF, the head on model
+//! features, the stack of both; [`crate::eval::select`]) trained on K examples per label or
+//! the whole train split, all on the same dev rows, and writes the winner (by macro-F1) as a
+//! task file with the measured dev score in it (and its head or stack file beside it).
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use super::AppError;
+use crate::classify::features::FeatureTokenizer;
+use crate::classify::head::{HeadError, HeadFile, TrainParams};
+use crate::classify::stack::StackFile;
+use crate::classify::SetupError;
+use crate::eval::learn::{per_class_upto, xy, FeatureStore};
+use crate::eval::select::{learned_candidates, LearnGrid, LearnedCandidate, Split};
 use crate::eval::tune::{candidates, pick_best};
-use crate::eval::{self, EvalError};
+use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
-use crate::model::Engine;
-use crate::spec::Task;
+use crate::model::{Engine, FeatureParams, PooledStates};
+use crate::spec::{HeadRef, Method, Task};
+
+/// The learned side of `edgeact tune`.
+#[derive(Debug, Clone)]
+pub struct LearnConfig {
+    /// Methods tried: head, stack, tfidf (an empty list tries none).
+    pub grid: LearnGrid,
+    /// Training examples per label (usize::MAX: the whole train split).
+    pub per_class: usize,
+    pub features: FeatureParams,
+    pub cache_dir: Option<PathBuf>,
+}
 
 /// Settings of `edgeact tune`.
 #[derive(Debug, Clone)]
@@ -27,12 +46,21 @@ pub struct TuneConfig {
     pub limit: usize,
     pub out: PathBuf,
     pub batch_size: usize,
+    /// Whether the prompt candidates (templates x shots x calibration) are tried.
+    pub prompt_candidates: bool,
+    pub learn: LearnConfig,
+}
+
+/// What a dev row came from.
+enum Tried {
+    Prompt(usize),
+    Learned(usize),
 }
 
 /// Scores every candidate on the dev split and writes the best as a task file.
 pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
-    let needs_pool = cfg.shots.iter().any(|&k| k > 0);
+    let needs_pool = cfg.shots.iter().any(|&k| k > 0) || !cfg.learn.grid.methods.is_empty();
     let pool = if needs_pool {
         eval::read_labeled(&cfg.data, Some(&cfg.train_split), usize::MAX)?
     } else {
@@ -41,21 +69,32 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     for t in &cfg.templates {
         eval::check_labels(t, &dev, &cfg.data)?;
     }
-    let cands = candidates(&cfg.templates, &cfg.shots, &pool)?;
-    let mut engine = Engine::load(
-        &crate::spec::config_for_tasks(&cfg.engine, &cfg.templates)?,
-        1,
-    )?;
+    let cands = if cfg.prompt_candidates {
+        candidates(&cfg.templates, &cfg.shots, &pool)?
+    } else {
+        Vec::new()
+    };
+    let mut engine = if !cands.is_empty() || cfg.learn.grid.needs_features() {
+        Some(Engine::load(
+            &crate::spec::config_for_tasks(&cfg.engine, &cfg.templates)?,
+            1,
+        )?)
+    } else {
+        None
+    };
     let mut scores = Vec::with_capacity(cands.len());
     let mut runs = Vec::with_capacity(cands.len());
+    let mut tried = Vec::new();
     writeln!(
         out,
         "| candidate | dev n | accuracy | macro-F1 | ECE |\n|---|---|---|---|---|"
     )
     .map_err(AppError::Output)?;
-    for c in &cands {
+    for (i, c) in cands.iter().enumerate() {
+        let Some(engine) = engine.as_mut() else { break };
+        tried.push(Tried::Prompt(i));
         match eval::run(
-            &mut engine,
+            engine,
             c.task.clone(),
             0,
             Some(c.calibrate),
@@ -64,16 +103,7 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
             true,
         ) {
             Ok((run, _)) => {
-                writeln!(
-                    out,
-                    "| {} | {} | {:.3} | {:.3} | {:.3} |",
-                    c.label,
-                    run.metrics.n,
-                    run.metrics.accuracy,
-                    run.metrics.macro_f1,
-                    run.metrics.ece
-                )
-                .map_err(AppError::Output)?;
+                row(out, &c.label, &run.metrics)?;
                 scores.push(Some(run.metrics.macro_f1));
                 runs.push(Some(run));
             }
@@ -86,13 +116,55 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
             }
         }
     }
+    let (learned, n_train) = learn(&cfg, engine.as_ref(), &pool, &dev, out)?;
+    for (i, c) in learned.iter().enumerate() {
+        tried.push(Tried::Learned(i));
+        scores.push(Some(c.dev.macro_f1));
+    }
     let Some(b) = pick_best(&scores) else {
         return Err(AppError::Eval(EvalError::Empty {
             path: cfg.data.clone(),
             split: " (every candidate failed)".into(),
         }));
     };
+    if let Tried::Learned(i) = tried[b] {
+        let c = &learned[i];
+        write_learned(&cfg, engine.as_ref(), c, n_train, (dev.len(), tried.len()))?;
+        writeln!(
+            out,
+            "best: {} (dev macro-F1 {:.3}, accuracy {:.3}) -> {}",
+            c.label,
+            c.dev.macro_f1,
+            c.dev.accuracy,
+            cfg.out.display()
+        )
+        .map_err(AppError::Output)?;
+        return Ok(());
+    }
+    let Some(engine) = engine else {
+        return Err(AppError::Eval(EvalError::Empty {
+            path: cfg.data.clone(),
+            split: " (no candidate)".into(),
+        }));
+    };
+    let b = match tried[b] {
+        Tried::Prompt(i) => i,
+        Tried::Learned(_) => 0,
+    };
     let (winner, run) = (&cands[b], runs[b].as_ref().map(|r| &r.metrics));
+    write_prompt(&cfg, &engine, winner, run, tried.len())?;
+    writeln!(out, "best: {} -> {}", winner.label, cfg.out.display()).map_err(AppError::Output)?;
+    Ok(())
+}
+
+/// Writes a prompt winner as the task file, with its dev scores in `[measured]`.
+fn write_prompt(
+    cfg: &TuneConfig,
+    engine: &Engine,
+    winner: &crate::eval::tune::Candidate,
+    run: Option<&eval::metrics::Metrics>,
+    n_tried: usize,
+) -> Result<(), AppError> {
     let mut task = winner.task.clone();
     task.calibration.enabled = winner.calibrate;
     let mut measured = toml::Table::new();
@@ -112,13 +184,13 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         );
     }
     measured.insert("model_sha256".into(), engine.info.sha256.clone().into());
-    measured.insert("candidates_tried".into(), (cands.len() as i64).into());
+    measured.insert("candidates_tried".into(), (n_tried as i64).into());
     task.measured = Some(measured);
     let text = format!(
         "# Written by `edgeact tune` from {} (dev split `{}`): the best of {} candidates by macro-F1.\n{}",
         cfg.data.display(),
         cfg.dev_split,
-        cands.len(),
+        n_tried,
         task.to_toml()
     );
     if let Some(dir) = cfg.out.parent() {
@@ -131,6 +203,211 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         path: cfg.out.clone(),
         source,
     })?;
-    writeln!(out, "best: {} -> {}", winner.label, cfg.out.display()).map_err(AppError::Output)?;
     Ok(())
+}
+
+fn row(out: &mut dyn Write, label: &str, m: &eval::metrics::Metrics) -> Result<(), AppError> {
+    writeln!(
+        out,
+        "| {} | {} | {:.3} | {:.3} | {:.3} |",
+        label, m.n, m.accuracy, m.macro_f1, m.ece
+    )
+    .map_err(AppError::Output)
+}
+
+fn head_err(task: &Task) -> impl Fn(HeadError) -> AppError + '_ {
+    move |e| {
+        AppError::Setup(SetupError::Head {
+            task: task.name.clone(),
+            source: e,
+        })
+    }
+}
+
+/// Fits the learned candidates (features extracted or read from the cache first) and prints
+/// one row each; returns them and the number of training examples.
+fn learn(
+    cfg: &TuneConfig,
+    engine: Option<&Engine>,
+    pool: &[Example],
+    dev: &[Example],
+    out: &mut dyn Write,
+) -> Result<(Vec<LearnedCandidate>, usize), AppError> {
+    let grid = &cfg.learn.grid;
+    if grid.methods.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let task = &cfg.templates[0];
+    let (train, short) = per_class_upto(task, pool, cfg.learn.per_class)?;
+    if !short.is_empty() {
+        let list: Vec<String> = short.iter().map(|(l, n)| format!("{l} ({n})")).collect();
+        writeln!(
+            out,
+            "note: {} of {} labels have fewer than {} train examples; using what there is: {}",
+            short.len(),
+            task.labels.len(),
+            cfg.learn.per_class,
+            list.join(", ")
+        )
+        .map_err(AppError::Output)?;
+    }
+    let labels: Vec<String> = task.labels.iter().map(|l| l.name.clone()).collect();
+    let (tx, ty) = xy(task, &train);
+    let (dx, dy) = xy(task, dev);
+    let (ts, ds) = match engine.filter(|_| grid.needs_features()) {
+        Some(engine) => features(cfg, engine, (&tx, &dx))?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let mut failed = None;
+    let all = learned_candidates(
+        &labels,
+        Split {
+            texts: &tx,
+            states: &ts,
+            y: &ty,
+        },
+        Split {
+            texts: &dx,
+            states: &ds,
+            y: &dy,
+        },
+        grid,
+        |c| {
+            if let Err(e) = row(out, &format!("{} ({} train)", c.label, tx.len()), &c.dev) {
+                failed = Some(e);
+            }
+        },
+    )
+    .map_err(head_err(task))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok((all, train.len()))
+}
+
+/// Pooled states of the train and dev texts, through the feature cache.
+fn features(
+    cfg: &TuneConfig,
+    engine: &Engine,
+    (tx, dx): (&[&str], &[&str]),
+) -> Result<(Vec<PooledStates>, Vec<PooledStates>), AppError> {
+    let err = head_err(&cfg.templates[0]);
+    let spec = &cfg.learn.grid.feature;
+    let mut fctx = engine
+        .feature_context(cfg.learn.features)
+        .map_err(|e| err(e.into()))?;
+    let tok = FeatureTokenizer::new(engine, spec, fctx.max_tokens()).map_err(&err)?;
+    let mut store = FeatureStore::open(cfg.learn.cache_dir.as_deref(), engine, spec, &tok);
+    let ts = store
+        .states(engine, &mut fctx, spec, tx, true, "train features")
+        .map_err(&err)?;
+    let ds = store
+        .states(engine, &mut fctx, spec, dx, true, "dev features")
+        .map_err(&err)?;
+    Ok((ts, ds))
+}
+
+fn r4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+/// Writes a learned winner: its head file (method head) or stack file (stack, tfidf) beside
+/// `cfg.out`, and the task file pointing at it.
+fn write_learned(
+    cfg: &TuneConfig,
+    engine: Option<&Engine>,
+    c: &LearnedCandidate,
+    n_train: usize,
+    (dev_n, n_tried): (usize, usize),
+) -> Result<(), AppError> {
+    let task0 = &cfg.templates[0];
+    let stem = cfg
+        .out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| task0.name.clone());
+    let per_class = if cfg.learn.per_class == usize::MAX {
+        "all".to_string()
+    } else {
+        cfg.learn.per_class.to_string()
+    };
+    let mut measured = std::collections::BTreeMap::new();
+    measured.insert("by".into(), "edgeact tune".into());
+    measured.insert("candidate".into(), c.label.clone().into());
+    measured.insert("data".into(), cfg.data.display().to_string().into());
+    measured.insert("per_class".into(), per_class.clone().into());
+    measured.insert("n_train".into(), n_train.into());
+    measured.insert("dev_n".into(), dev_n.into());
+    measured.insert("dev_accuracy".into(), r4(c.dev.accuracy).into());
+    measured.insert("dev_macro_f1".into(), r4(c.dev.macro_f1).into());
+    let labels: Vec<String> = task0.labels.iter().map(|l| l.name.clone()).collect();
+    let (sha, n_embd) = engine.map_or((String::new(), 0), |e| (e.info.sha256.clone(), e.n_embd()));
+    let file_name = match (c.method, c.model.to_linear_head()) {
+        (Method::Head, Some((feature, head))) => {
+            let name = format!("{stem}.head.json");
+            let f = HeadFile {
+                version: 1,
+                labels,
+                feature,
+                model_sha256: sha.clone(),
+                n_embd,
+                train: TrainParams {
+                    alpha: c.model.lr.alpha,
+                    ..TrainParams::default()
+                },
+                measured,
+                head,
+            };
+            f.save(&sibling(&cfg.out, &name)).map_err(head_err(task0))?;
+            name
+        }
+        _ => {
+            let name = format!("{stem}.stack.json");
+            let model_sha = c.model.needs_features().map(|_| sha.clone());
+            let mut f = StackFile::new(labels, model_sha, n_embd, c.model.clone());
+            f.measured = measured;
+            f.save(&sibling(&cfg.out, &name)).map_err(head_err(task0))?;
+            name
+        }
+    };
+    let mut task = task0.clone();
+    task.head = Some(HeadRef {
+        file: PathBuf::from(&file_name),
+        method: c.method,
+    });
+    let mut m = toml::Table::new();
+    m.insert("by".into(), "edgeact tune".into());
+    m.insert("candidate".into(), c.label.clone().into());
+    m.insert("method".into(), c.method.name().into());
+    m.insert("data".into(), cfg.data.display().to_string().into());
+    m.insert("per_class".into(), per_class.into());
+    m.insert("n_train".into(), (n_train as i64).into());
+    m.insert("dev_split".into(), cfg.dev_split.clone().into());
+    m.insert("dev_n".into(), (dev_n as i64).into());
+    m.insert("dev_macro_f1".into(), r4(c.dev.macro_f1).into());
+    m.insert("dev_accuracy".into(), r4(c.dev.accuracy).into());
+    if !sha.is_empty() {
+        m.insert("model_sha256".into(), sha.into());
+    }
+    m.insert("candidates_tried".into(), (n_tried as i64).into());
+    task.measured = Some(m);
+    let text = format!(
+        "# Written by `edgeact tune` from {} (dev split `{}`): the best of {} candidates by macro-F1.\n{}",
+        cfg.data.display(),
+        cfg.dev_split,
+        n_tried,
+        task.to_toml()
+    );
+    std::fs::write(&cfg.out, text).map_err(|source| EvalError::Write {
+        path: cfg.out.clone(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// `name` in the folder of `path`.
+fn sibling(path: &std::path::Path, name: &str) -> PathBuf {
+    path.parent()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
 }

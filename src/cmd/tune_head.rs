@@ -11,7 +11,7 @@ use super::AppError;
 use crate::classify::features::{FeatureSpec, FeatureTokenizer, Pooling};
 use crate::classify::head::{HeadError, HeadFile, TrainParams};
 use crate::classify::SetupError;
-use crate::eval::learn::{fit_candidates, per_class, xy, FeatureStore, Fitted};
+use crate::eval::learn::{fit_candidates, per_class_upto, xy, FeatureStore, Fitted};
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, FeatureParams};
@@ -47,7 +47,18 @@ pub fn run(cfg: TuneHeadConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let pool = eval::read_labeled(&cfg.data, Some(&cfg.train_split), usize::MAX)?;
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
     eval::check_labels(&cfg.task, &dev, &cfg.data)?;
-    let train = per_class(&cfg.task, &pool, cfg.per_class)?;
+    let (train, short) = per_class_upto(&cfg.task, &pool, cfg.per_class)?;
+    if !short.is_empty() {
+        let list: Vec<String> = short.iter().map(|(l, n)| format!("{l} ({n})")).collect();
+        writeln!(
+            out,
+            "note: {} labels have fewer than {} train examples; using what there is: {}",
+            short.len(),
+            cfg.per_class,
+            list.join(", ")
+        )
+        .map_err(AppError::Output)?;
+    }
     let labels: Vec<String> = cfg.task.labels.iter().map(|l| l.name.clone()).collect();
     // The feature context it creates is part of the memory estimate.
     let engine_cfg = EngineConfig {

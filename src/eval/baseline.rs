@@ -1,58 +1,42 @@
 //! The plain baseline users would otherwise reach for: TF-IDF over word 1-2 grams (single
 //! CJK characters count as words, so Chinese gets character 1-2 grams) into a multinomial
-//! logistic regression. Vocabulary and n-grams from linfa-preprocessing's CountVectorizer,
-//! the classifier from linfa-logistic; no language model involved.
+//! logistic regression with scikit-learn's defaults (C = 1, no class weights). The same
+//! featurizer and learner the stacked scorer uses ([`crate::classify::tfidf`],
+//! [`crate::classify::linear`]), with the baseline's settings; no language model involved.
 
-use linfa::prelude::*;
-use linfa_logistic::MultiLogisticRegression;
-use linfa_preprocessing::{CountVectorizer, Tokenizer};
-use ndarray::{Array1, Array2};
-
-use crate::model::scoring::softmax;
-
-/// Words (runs of letters, digits, underscore) and single CJK ideographs.
-pub const TOKEN_REGEX: &str = r"\p{Han}|[^\W\p{Han}]+";
+use crate::classify::linear::{Design, LrParams, SoftmaxLr};
+use crate::classify::tfidf::{TextFeaturizer, TextParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaselineError {
-    #[error("TF-IDF: {0}")]
-    Vectorize(String),
     #[error("logistic regression: {0}")]
     Fit(String),
-    #[error("{0}")]
-    Data(String),
 }
 
 /// Settings of the baseline.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BaselineParams {
-    /// L2 penalty (alpha = 1 is scikit-learn's C = 1).
-    pub alpha: f32,
-    pub max_iterations: u64,
-    /// Bytes the dense training matrix may take; the vocabulary is cut to the most
-    /// frequent n-grams to stay under it.
-    pub max_matrix_bytes: usize,
+    pub text: TextParams,
+    pub lr: LrParams,
 }
 
 impl Default for BaselineParams {
     fn default() -> Self {
         BaselineParams {
-            alpha: 1.0,
-            max_iterations: 200,
-            max_matrix_bytes: 256 << 20,
+            text: TextParams::words(),
+            lr: LrParams {
+                alpha: 1.0,
+                max_iterations: 200,
+                balanced: false,
+            },
         }
     }
 }
 
 /// A fitted TF-IDF + logistic regression classifier.
 pub struct TfIdfLr {
-    vectorizer: CountVectorizer,
-    /// Inverse document frequency of each vocabulary entry, from the training texts.
-    idf: Vec<f32>,
-    /// Features x labels.
-    weights: Array2<f32>,
-    bias: Array1<f32>,
-    n_labels: usize,
+    text: TextFeaturizer,
+    model: SoftmaxLr,
 }
 
 impl TfIdfLr {
@@ -63,120 +47,31 @@ impl TfIdfLr {
         n_labels: usize,
         params: BaselineParams,
     ) -> Result<TfIdfLr, BaselineError> {
-        if texts.is_empty() || texts.len() != y.len() {
-            return Err(BaselineError::Data(format!(
-                "{} texts for {} labels",
-                texts.len(),
-                y.len()
-            )));
-        }
-        let mut seen = vec![false; n_labels];
-        for &c in y {
-            if c >= n_labels {
-                return Err(BaselineError::Data(format!(
-                    "label index {c} >= {n_labels}"
-                )));
-            }
-            seen[c] = true;
-        }
-        if let Some(m) = seen.iter().position(|s| !s) {
-            return Err(BaselineError::Data(format!(
-                "label index {m} has no training text"
-            )));
-        }
-        let n = texts.len();
-        let cap = (params.max_matrix_bytes / (4 * n)).max(16);
-        let docs = Array1::from(texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
-        let vectorizer = CountVectorizer::params()
-            .tokenizer(Tokenizer::Regex(TOKEN_REGEX.into()))
-            .n_gram_range(1, 2)
-            .convert_to_lowercase(true)
-            .max_features(Some(cap))
-            .fit(&docs)
-            .map_err(|e| BaselineError::Vectorize(e.to_string()))?;
-        let counts = vectorizer
-            .transform(&docs)
-            .map_err(|e| BaselineError::Vectorize(e.to_string()))?;
-        let v = vectorizer.nentries();
-        // linfa's TfIdfVectorizer takes document frequencies from the texts it transforms;
-        // the baseline needs the training set's (as scikit-learn does): smooth idf,
-        // ln((1 + n) / (1 + df)) + 1.
-        let mut df = vec![0usize; v];
-        for row in counts.outer_iterator() {
-            for (j, _) in row.iter() {
-                df[j] += 1;
-            }
-        }
-        let idf: Vec<f32> = df
-            .iter()
-            .map(|&d| (((1 + n) as f64 / (1 + d) as f64).ln() + 1.0) as f32)
-            .collect();
-        let mut model = TfIdfLr {
-            vectorizer,
-            idf,
-            weights: Array2::zeros((v, n_labels)),
-            bias: Array1::zeros(n_labels),
-            n_labels,
+        let text = TextFeaturizer::fit(texts, params.text);
+        let rows = text.transform_all(texts);
+        let x = Design {
+            sparse: &rows,
+            dense: &[],
+            n_sparse: text.width(),
+            n_dense: 0,
         };
-        let x = model.features(texts)?;
-        let ds = Dataset::new(x, Array1::from(y.to_vec()));
-        let fitted = MultiLogisticRegression::default()
-            .alpha(params.alpha)
-            .max_iterations(params.max_iterations)
-            .fit(&ds)
+        let model = SoftmaxLr::fit(x, y, n_labels, params.lr)
             .map_err(|e| BaselineError::Fit(e.to_string()))?;
-        for (k, &c) in fitted.classes().iter().enumerate() {
-            model
-                .weights
-                .column_mut(c)
-                .assign(&fitted.params().column(k));
-            model.bias[c] = fitted.intercept()[k];
-        }
-        Ok(model)
+        Ok(TfIdfLr { text, model })
     }
 
     /// Vocabulary size (n-grams kept).
     pub fn n_features(&self) -> usize {
-        self.idf.len()
-    }
-
-    /// L2-normalized TF-IDF rows (dense).
-    fn features(&self, texts: &[&str]) -> Result<Array2<f32>, BaselineError> {
-        let docs = Array1::from(texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
-        let counts = self
-            .vectorizer
-            .transform(&docs)
-            .map_err(|e| BaselineError::Vectorize(e.to_string()))?;
-        let mut x = Array2::<f32>::zeros((texts.len(), self.idf.len()));
-        for (i, row) in counts.outer_iterator().enumerate() {
-            let mut norm = 0.0f32;
-            for (j, &c) in row.iter() {
-                let v = c as f32 * self.idf[j];
-                x[[i, j]] = v;
-                norm += v * v;
-            }
-            if norm > 0.0 {
-                let inv = 1.0 / norm.sqrt();
-                for (j, _) in row.iter() {
-                    x[[i, j]] *= inv;
-                }
-            }
-        }
-        Ok(x)
+        self.text.width()
     }
 
     /// Label probabilities for each text.
     pub fn predict(&self, texts: &[&str]) -> Result<Vec<Vec<f64>>, BaselineError> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(512) {
-            let scores = self.features(chunk)?.dot(&self.weights) + &self.bias;
-            for row in scores.rows() {
-                let s: Vec<f64> = row.iter().map(|&v| v as f64).collect();
-                out.push(softmax(&s));
-            }
-        }
-        debug_assert!(out.iter().all(|p| p.len() == self.n_labels));
-        Ok(out)
+        let re = TextFeaturizer::regex();
+        Ok(texts
+            .iter()
+            .map(|t| self.model.predict(&self.text.transform(&re, t), &[]))
+            .collect())
     }
 }
 

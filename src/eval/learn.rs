@@ -198,6 +198,49 @@ pub fn per_class(task: &Task, pool: &[Example], k: usize) -> Result<Vec<Example>
     Ok(out)
 }
 
+/// A label with fewer than K training examples, and how many it has.
+pub type Shortfall = (String, usize);
+
+/// Up to K examples per label from `pool` (the first ones in file order; K = usize::MAX for
+/// the whole pool), and the labels that have fewer than K, with how many they have. Real
+/// label sets are imbalanced: a label short of K keeps what there is; only a label without
+/// any example is an error.
+pub fn per_class_upto(
+    task: &Task,
+    pool: &[Example],
+    k: usize,
+) -> Result<(Vec<Example>, Vec<Shortfall>), EvalError> {
+    let mut counts = vec![0usize; task.labels.len()];
+    let mut out = Vec::new();
+    for e in pool {
+        if let Some(i) = task.label_index(&e.label) {
+            if counts[i] < k {
+                counts[i] += 1;
+                out.push(e.clone());
+            }
+        }
+    }
+    if let Some(i) = counts.iter().position(|&c| c == 0) {
+        return Err(EvalError::Shots {
+            task: task.name.clone(),
+            shots: 1,
+            label: task.labels[i].name.clone(),
+            found: 0,
+        });
+    }
+    let short = if k == usize::MAX {
+        Vec::new()
+    } else {
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c < k)
+            .map(|(i, &c)| (task.labels[i].name.clone(), c))
+            .collect()
+    };
+    Ok((out, short))
+}
+
 /// Metrics of label-probability rows against gold label indices.
 pub fn score_probs(labels: &[String], gold: &[usize], probs: &[Vec<f64>]) -> Metrics {
     let outcomes: Vec<Outcome> = gold

@@ -7,6 +7,7 @@ pub mod baseline;
 pub mod learn;
 pub mod metrics;
 pub mod plots;
+pub mod select;
 pub mod tune;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -258,6 +258,7 @@ fn classified(id: &str) -> Output {
             task: "greet".into(),
             template_sha256: "0".into(),
             board: "b".into(),
+            method: crate::spec::Method::Prompt,
         },
     }))
 }

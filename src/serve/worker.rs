@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::classify::{Classifier, ClassifyResult, RecordError, Request, ScorePath, SetupError};
+use crate::classify::runner::TaskRunner;
+use crate::classify::{ClassifyResult, RecordError, Request, ScorePath, SetupError};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, EngineError, GenCache, ModelInfo};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
@@ -269,25 +270,23 @@ struct ReactRunner {
 }
 
 enum Runner {
-    Classify(Box<Classifier>),
+    Classify(Box<TaskRunner>),
     Rank(Box<RankRunner>),
     React(Box<ReactRunner>),
 }
 
 fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Runner, WorkerError> {
     Ok(match task {
-        ServedTask::Classify(t) => {
-            if t.head
-                .as_ref()
-                .is_some_and(|h| h.method != crate::spec::Method::Prompt)
-            {
-                tracing::warn!(
-                    task = %t.name,
-                    "serve does not run learned heads yet: this task is classified by its label scores"
-                );
-            }
-            Runner::Classify(Box::new(Classifier::new(engine, t, slot, None, None)?))
-        }
+        // The task's own method (prompt, head, both, stack, tfidf), as `classify` runs it.
+        ServedTask::Classify(t) => Runner::Classify(Box::new(TaskRunner::new(
+            engine,
+            t,
+            slot,
+            None,
+            None,
+            None,
+            crate::model::FeatureParams::default(),
+        )?)),
         ServedTask::Rank(task, cfg) => Runner::Rank(Box::new(RankRunner {
             task,
             cfg,

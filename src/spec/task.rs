@@ -190,8 +190,9 @@ impl RawTask {
 pub struct HeadRef {
     /// The head file, relative to the task file.
     pub file: PathBuf,
-    /// `head` (the head alone), `both` (head and label scores combined) or `prompt`
-    /// (label scores only: the head is ignored).
+    /// `head` (the head alone), `both` (head and label scores combined), `stack` or
+    /// `tfidf` (the file is a stack file, see `classify::stack`) or `prompt` (label scores
+    /// only: the file is ignored).
     #[serde(default = "default_head_method")]
     pub method: Method,
 }
@@ -470,14 +471,44 @@ pub enum Method {
     Head,
     /// Head and prompt: their log-probabilities summed (a product of the two).
     Both,
+    /// The stacked scorer (`<stem>.stack.json`): one logistic regression over model features
+    /// and TF-IDF n-grams.
+    Stack,
+    /// TF-IDF n-grams alone through the stack file's regression (no model pass).
+    Tfidf,
 }
 
 impl Method {
+    pub const ALL: [Method; 5] = [
+        Method::Prompt,
+        Method::Head,
+        Method::Both,
+        Method::Stack,
+        Method::Tfidf,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Prompt => "prompt",
+            Method::Head => "head",
+            Method::Both => "both",
+            Method::Stack => "stack",
+            Method::Tfidf => "tfidf",
+        }
+    }
+
+    /// Whether the method reads a stack file (else a head file).
+    pub fn uses_stack_file(self) -> bool {
+        matches!(self, Method::Stack | Method::Tfidf)
+    }
+
     pub fn parse(s: &str) -> Option<Method> {
         match s {
             "prompt" => Some(Method::Prompt),
             "head" => Some(Method::Head),
             "both" => Some(Method::Both),
+            "stack" => Some(Method::Stack),
+            "tfidf" => Some(Method::Tfidf),
             _ => None,
         }
     }

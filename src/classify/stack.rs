@@ -1,0 +1,382 @@
+//! The stacked scorer: one class-balanced, L2-regularized logistic regression
+//! ([`super::linear`]) over the model's frozen features (standardized, see
+//! [`super::features`]) and TF-IDF word and character n-grams ([`super::tfidf`]). Either
+//! block may be absent: without the model block it is plain TF-IDF (method `tfidf`, no model
+//! pass at all). Its file is saved beside the task, like a head file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::features::FeatureSpec;
+use super::head::{HeadError, LinearHead, Standardizer};
+use super::linear::{Design, LrParams, SoftmaxLr, SparseRow};
+use super::tfidf::{TextFeaturizer, TextParams};
+use crate::model::PooledStates;
+
+/// Stack file format version.
+const STACK_VERSION: u32 = 1;
+
+/// The model-feature block: which features, their standardization, and the block's weight
+/// (each standardized value is multiplied by `scale`; `1/sqrt(width)` gives the block about
+/// unit norm, like one TF-IDF block).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DenseBlock {
+    pub feature: FeatureSpec,
+    pub standardizer: Standardizer,
+    pub scale: f64,
+}
+
+impl DenseBlock {
+    fn row(&self, states: &PooledStates) -> Vec<f32> {
+        self.standardizer
+            .apply(&self.feature.pooling.apply(states))
+            .into_iter()
+            .map(|v| (v * self.scale) as f32)
+            .collect()
+    }
+}
+
+/// The learned parts: either block and the regression over both.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StackModel {
+    pub dense: Option<DenseBlock>,
+    pub text: Option<TextFeaturizer>,
+    pub lr: LrParams,
+    pub model: SoftmaxLr,
+}
+
+/// What to fit: the blocks and the regression's settings.
+#[derive(Debug, Clone)]
+pub struct StackParams {
+    /// Model features, with the block weight relative to unit norm (None: no model block).
+    pub dense: Option<(FeatureSpec, f64)>,
+    pub text: Option<TextParams>,
+    pub lr: LrParams,
+}
+
+impl StackModel {
+    /// Fits on `texts` (with their pooled `states` when there is a model block) and label
+    /// indices `y`.
+    pub fn fit(
+        texts: &[&str],
+        states: &[PooledStates],
+        y: &[usize],
+        n_labels: usize,
+        p: &StackParams,
+    ) -> Result<StackModel, HeadError> {
+        let text = p.text.map(|tp| TextFeaturizer::fit(texts, tp));
+        let sparse: Vec<SparseRow> = text
+            .as_ref()
+            .map(|t| t.transform_all(texts))
+            .unwrap_or_default();
+        let dense = match &p.dense {
+            Some((feature, weight)) => {
+                if states.len() != texts.len() {
+                    return Err(HeadError::Train(format!(
+                        "{} feature rows for {} texts",
+                        states.len(),
+                        texts.len()
+                    )));
+                }
+                let raw: Vec<Vec<f32>> = states.iter().map(|s| feature.pooling.apply(s)).collect();
+                let standardizer = Standardizer::fit(&raw);
+                let width = standardizer.mean.len().max(1);
+                Some(DenseBlock {
+                    feature: feature.clone(),
+                    standardizer,
+                    scale: weight / (width as f64).sqrt(),
+                })
+            }
+            None => None,
+        };
+        let dense_rows: Vec<Vec<f32>> = dense
+            .as_ref()
+            .map(|d| states.iter().map(|s| d.row(s)).collect())
+            .unwrap_or_default();
+        let x = Design {
+            sparse: &sparse,
+            dense: &dense_rows,
+            n_sparse: text.as_ref().map_or(0, TextFeaturizer::width),
+            n_dense: dense.as_ref().map_or(0, |d| d.standardizer.mean.len()),
+        };
+        let model =
+            SoftmaxLr::fit(x, y, n_labels, p.lr).map_err(|e| HeadError::Train(e.to_string()))?;
+        Ok(StackModel {
+            dense,
+            text,
+            lr: p.lr,
+            model,
+        })
+    }
+
+    /// Whether the model's hidden states are needed.
+    pub fn needs_features(&self) -> Option<&FeatureSpec> {
+        self.dense.as_ref().map(|d| &d.feature)
+    }
+
+    /// Label probabilities of one text (`states` when [`Self::needs_features`]).
+    pub fn predict(&self, re: &Regex, text: &str, states: Option<&PooledStates>) -> Vec<f64> {
+        let sparse = self
+            .text
+            .as_ref()
+            .map(|t| t.transform(re, text))
+            .unwrap_or_default();
+        let dense = match (&self.dense, states) {
+            (Some(d), Some(s)) => d.row(s),
+            _ => Vec::new(),
+        };
+        self.model.predict(&sparse, &dense)
+    }
+
+    /// The model block alone as a [`LinearHead`] (the head file's form), when there is no
+    /// TF-IDF block: the block's scale folded into the weights.
+    pub fn to_linear_head(&self) -> Option<(FeatureSpec, LinearHead)> {
+        let d = self.dense.as_ref().filter(|_| self.text.is_none())?;
+        let k = self.model.n_labels;
+        let weights = (0..k)
+            .map(|c| {
+                (0..self.model.n_dense)
+                    .map(|j| self.model.weights[j * k + c] as f64 * d.scale)
+                    .collect()
+            })
+            .collect();
+        Some((
+            d.feature.clone(),
+            LinearHead {
+                standardizer: d.standardizer.clone(),
+                weights,
+                bias: self.model.bias.iter().map(|&b| b as f64).collect(),
+            },
+        ))
+    }
+
+    /// A short name of the blocks: `stack`, `tfidf` or `head`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.dense, &self.text) {
+            (Some(_), Some(_)) => "stack",
+            (None, _) => "tfidf",
+            (Some(_), None) => "head",
+        }
+    }
+}
+
+/// The stack file saved next to a task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StackFile {
+    pub version: u32,
+    /// Label names in the model's order.
+    pub labels: Vec<String>,
+    /// The model whose hidden states the model block reads (None without one).
+    pub model_sha256: Option<String>,
+    pub n_embd: usize,
+    /// Free-form record of the data and the measured scores.
+    pub measured: BTreeMap<String, serde_json::Value>,
+    pub stack: StackModel,
+}
+
+impl StackFile {
+    pub fn new(
+        labels: Vec<String>,
+        model_sha256: Option<String>,
+        n_embd: usize,
+        stack: StackModel,
+    ) -> StackFile {
+        StackFile {
+            version: STACK_VERSION,
+            labels,
+            model_sha256,
+            n_embd,
+            measured: BTreeMap::new(),
+            stack,
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), HeadError> {
+        let io = |source| HeadError::Io {
+            path: path.into(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let text = serde_json::to_string(self).map_err(|e| HeadError::Invalid {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(path, text).map_err(io)
+    }
+
+    pub fn load(path: &Path) -> Result<StackFile, HeadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HeadError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |reason: String| HeadError::Invalid {
+            path: PathBuf::from(path),
+            reason,
+        };
+        let mut f: StackFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if f.version != STACK_VERSION {
+            return Err(invalid(format!(
+                "version {} (this edgeact reads {STACK_VERSION})",
+                f.version
+            )));
+        }
+        let s = &mut f.stack;
+        let n_sparse = s.text.as_ref().map_or(0, TextFeaturizer::width);
+        let n_dense = s.dense.as_ref().map_or(0, |d| d.standardizer.mean.len());
+        let dense_ok = s.dense.as_ref().is_none_or(|d| {
+            let width = match d.feature.pooling {
+                super::features::Pooling::LastMean => 2 * f.n_embd,
+                _ => f.n_embd,
+            };
+            d.standardizer.scale.len() == n_dense && n_dense == width && d.feature.split().is_ok()
+        });
+        if !s.model.consistent()
+            || s.model.n_labels != f.labels.len()
+            || s.model.n_sparse != n_sparse
+            || s.model.n_dense != n_dense
+            || !dense_ok
+            || (s.dense.is_some() && f.model_sha256.is_none())
+        {
+            return Err(invalid(format!(
+                "shapes do not agree ({} labels, {n_sparse} n-grams, {n_dense} features)",
+                f.labels.len()
+            )));
+        }
+        if let Some(t) = s.text.as_mut() {
+            t.build_index();
+        }
+        Ok(f)
+    }
+
+    /// Short hash of the file's content, for provenance.
+    pub fn sha256(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(text.as_bytes())[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::features::Pooling;
+
+    fn states(v: f32) -> PooledStates {
+        PooledStates {
+            last: vec![v, -v, 1.0],
+            mean: vec![0.0, v, 0.0],
+        }
+    }
+
+    /// Texts separate labels 0/1 by words; label 2 shares words with 0 but its features
+    /// differ: only the stack gets all three.
+    fn data() -> (Vec<&'static str>, Vec<PooledStates>, Vec<usize>) {
+        let mut t = Vec::new();
+        let mut s = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..4 {
+            let e = i as f32 * 0.05;
+            t.extend([
+                "card stolen today",
+                "exchange rate wrong",
+                "card stolen again",
+            ]);
+            s.extend([states(1.0 + e), states(1.0 - e), states(-1.0 + e)]);
+            y.extend([0, 1, 2]);
+        }
+        (t, s, y)
+    }
+
+    fn argmax(p: &[f64]) -> usize {
+        (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap()
+    }
+
+    #[test]
+    fn stack_uses_both_blocks_and_round_trips() {
+        let (t, s, y) = data();
+        let p = StackParams {
+            dense: Some((FeatureSpec::prompt_eol(Pooling::Last), 1.0)),
+            text: Some(TextParams::words_and_chars()),
+            lr: LrParams {
+                alpha: 0.1,
+                ..LrParams::default()
+            },
+        };
+        let m = StackModel::fit(&t, &s, &y, 3, &p).unwrap();
+        assert_eq!(m.kind(), "stack");
+        let re = TextFeaturizer::regex();
+        assert_eq!(
+            argmax(&m.predict(&re, "card stolen", Some(&states(1.0)))),
+            0
+        );
+        assert_eq!(
+            argmax(&m.predict(&re, "card stolen", Some(&states(-1.0)))),
+            2
+        );
+        assert_eq!(argmax(&m.predict(&re, "rate wrong", Some(&states(1.0)))), 1);
+        let f = StackFile::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            Some("00".into()),
+            3,
+            m,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.stack.json");
+        f.save(&path).unwrap();
+        let g = StackFile::load(&path).unwrap();
+        let a = f.stack.predict(&re, "card stolen", Some(&states(0.5)));
+        let b = g.stack.predict(&re, "card stolen", Some(&states(0.5)));
+        assert_eq!(a, b);
+        // A file claiming another feature width is refused.
+        let mut bad = g.clone();
+        bad.n_embd = 4;
+        bad.save(&path).unwrap();
+        assert!(StackFile::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("shapes"));
+    }
+
+    #[test]
+    fn a_model_block_alone_becomes_the_same_linear_head() {
+        let (t, s, y) = data();
+        let p = StackParams {
+            dense: Some((FeatureSpec::prompt_eol(Pooling::Mean), 2.0)),
+            text: None,
+            lr: LrParams::default(),
+        };
+        let m = StackModel::fit(&t, &s, &y, 3, &p).unwrap();
+        assert_eq!(m.kind(), "head");
+        let (f, head) = m.to_linear_head().unwrap();
+        assert_eq!(f.pooling, Pooling::Mean);
+        let re = TextFeaturizer::regex();
+        let st = states(0.3);
+        let a = m.predict(&re, "", Some(&st));
+        let b = head.predict(&Pooling::Mean.apply(&st));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn tfidf_alone_needs_no_features() {
+        let (t, _, y) = data();
+        let y: Vec<usize> = y.iter().map(|&c| usize::from(c == 1)).collect();
+        let p = StackParams {
+            dense: None,
+            text: Some(TextParams::words_and_chars()),
+            lr: LrParams::default(),
+        };
+        let m = StackModel::fit(&t, &[], &y, 2, &p).unwrap();
+        assert_eq!(m.kind(), "tfidf");
+        assert!(m.needs_features().is_none());
+        let re = TextFeaturizer::regex();
+        assert_eq!(argmax(&m.predict(&re, "the exchange rate", None)), 1);
+        assert_eq!(argmax(&m.predict(&re, "my card", None)), 0);
+    }
+}

@@ -1,0 +1,265 @@
+//! The learned candidates of `edgeact tune` (besides its prompt candidates,
+//! [`super::tune`]): plain TF-IDF (the baseline's own settings first, so a tuned task is
+//! never worse on dev than the baseline), TF-IDF with character n-grams, the head on model
+//! features (each pooling), and the stack of both, each over a few L2 strengths; all scored
+//! on the same dev rows by macro-F1. Pure: features come in, fitted models go out.
+
+use std::time::Instant;
+
+use crate::classify::features::{FeatureSpec, Pooling};
+use crate::classify::head::HeadError;
+use crate::classify::linear::LrParams;
+use crate::classify::stack::{StackModel, StackParams};
+use crate::classify::tfidf::{TextFeaturizer, TextParams};
+use crate::eval::learn::score_probs;
+use crate::eval::metrics::Metrics;
+use crate::model::PooledStates;
+use crate::spec::Method;
+
+/// What to try.
+#[derive(Debug, Clone)]
+pub struct LearnGrid {
+    /// Which of head, stack, tfidf (others are ignored).
+    pub methods: Vec<Method>,
+    /// The feature prompt (its pooling is replaced by each of `poolings`).
+    pub feature: FeatureSpec,
+    pub poolings: Vec<Pooling>,
+    pub alphas: Vec<f64>,
+    /// Weights of the model block against the TF-IDF blocks in the stack.
+    pub stack_weights: Vec<f64>,
+    pub max_iterations: usize,
+}
+
+impl LearnGrid {
+    pub fn needs_features(&self) -> bool {
+        self.methods
+            .iter()
+            .any(|m| matches!(m, Method::Head | Method::Stack))
+    }
+}
+
+/// One labeled split: texts, their pooled states (empty when no model block is tried) and
+/// label indices.
+#[derive(Debug, Clone, Copy)]
+pub struct Split<'a> {
+    pub texts: &'a [&'a str],
+    pub states: &'a [PooledStates],
+    pub y: &'a [usize],
+}
+
+/// One fitted candidate with its dev figures.
+pub struct LearnedCandidate {
+    pub method: Method,
+    /// e.g. `stack, last pooling, weight 1, alpha 0.1`.
+    pub label: String,
+    pub model: StackModel,
+    pub dev: Metrics,
+    pub fit_ms: f64,
+}
+
+fn lr(alpha: f64, max_iterations: usize) -> LrParams {
+    LrParams {
+        alpha,
+        max_iterations,
+        balanced: true,
+    }
+}
+
+/// The baseline's TF-IDF settings (word 1-2 grams, C = 1, no class weights).
+fn baseline(max_iterations: usize) -> StackParams {
+    StackParams {
+        dense: None,
+        text: Some(TextParams::words()),
+        lr: LrParams {
+            alpha: 1.0,
+            max_iterations,
+            balanced: false,
+        },
+    }
+}
+
+/// The parameter sets to fit, in order (simpler first: ties go to the earlier), each with its
+/// method and label. The stack's pooling is filled in after the heads (`None` here).
+fn plan(grid: &LearnGrid) -> Vec<(Method, String, StackParams)> {
+    let mut out = Vec::new();
+    let has = |m| grid.methods.contains(&m);
+    if has(Method::Tfidf) {
+        out.push((
+            Method::Tfidf,
+            "tfidf, words (the baseline: alpha 1, unweighted)".into(),
+            baseline(grid.max_iterations),
+        ));
+        for &a in &grid.alphas {
+            out.push((
+                Method::Tfidf,
+                format!("tfidf, words+chars, alpha {a}"),
+                StackParams {
+                    dense: None,
+                    text: Some(TextParams::words_and_chars()),
+                    lr: lr(a, grid.max_iterations),
+                },
+            ));
+        }
+    }
+    if has(Method::Head) {
+        for &p in &grid.poolings {
+            for &a in &grid.alphas {
+                let feature = FeatureSpec {
+                    pooling: p,
+                    ..grid.feature.clone()
+                };
+                // Weight -1: unscaled standardized features (see `fit_one`), as `tune --head`.
+                out.push((
+                    Method::Head,
+                    format!("head, {} pooling, alpha {a}", p.name()),
+                    StackParams {
+                        dense: Some((feature, -1.0)),
+                        text: None,
+                        lr: lr(a, grid.max_iterations),
+                    },
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Fits one parameter set and scores it on dev. A negative dense weight means "unscaled"
+/// (weight sqrt(width): each standardized feature as is).
+fn fit_one(
+    labels: &[String],
+    train: Split<'_>,
+    dev: Split<'_>,
+    (method, label, mut p): (Method, String, StackParams),
+) -> Result<LearnedCandidate, HeadError> {
+    if let Some((f, w)) = p.dense.as_mut() {
+        if *w < 0.0 {
+            let width = train.states.first().map_or(1, |s| f.pooling.apply(s).len());
+            *w = (width as f64).sqrt();
+        }
+    }
+    let t0 = Instant::now();
+    let model = StackModel::fit(train.texts, train.states, train.y, labels.len(), &p)?;
+    let fit_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let re = TextFeaturizer::regex();
+    let probs: Vec<Vec<f64>> = dev
+        .texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| model.predict(&re, t, dev.states.get(i)))
+        .collect();
+    Ok(LearnedCandidate {
+        method,
+        label,
+        model,
+        dev: score_probs(labels, dev.y, &probs),
+        fit_ms,
+    })
+}
+
+/// Fits every candidate of `grid` (the stack on the best head's pooling, or on the first
+/// pooling without head candidates), calling `on_fit` after each; in plan order.
+pub fn learned_candidates(
+    labels: &[String],
+    train: Split<'_>,
+    dev: Split<'_>,
+    grid: &LearnGrid,
+    mut on_fit: impl FnMut(&LearnedCandidate),
+) -> Result<Vec<LearnedCandidate>, HeadError> {
+    let features = !train.states.is_empty() && !dev.states.is_empty();
+    let mut out: Vec<LearnedCandidate> = Vec::new();
+    for step in plan(grid) {
+        if step.2.dense.is_some() && !features {
+            continue;
+        }
+        let c = fit_one(labels, train, dev, step)?;
+        on_fit(&c);
+        out.push(c);
+    }
+    if grid.methods.contains(&Method::Stack) && features {
+        let pooling = out
+            .iter()
+            .filter(|c| c.method == Method::Head)
+            .max_by(|a, b| a.dev.macro_f1.total_cmp(&b.dev.macro_f1))
+            .and_then(|c| c.model.needs_features().map(|f| f.pooling))
+            .or(grid.poolings.first().copied())
+            .unwrap_or(Pooling::Last);
+        let feature = FeatureSpec {
+            pooling,
+            ..grid.feature.clone()
+        };
+        for &w in &grid.stack_weights {
+            for &a in &grid.alphas {
+                let step = (
+                    Method::Stack,
+                    format!("stack, {} pooling, weight {w}, alpha {a}", pooling.name()),
+                    StackParams {
+                        dense: Some((feature.clone(), w)),
+                        text: Some(TextParams::words_and_chars()),
+                        lr: lr(a, grid.max_iterations),
+                    },
+                );
+                let c = fit_one(labels, train, dev, step)?;
+                on_fit(&c);
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(v: f32) -> PooledStates {
+        PooledStates {
+            last: vec![v, 0.5],
+            mean: vec![-v, 0.1],
+        }
+    }
+
+    #[test]
+    fn every_method_is_fitted_and_scored_on_dev_in_plan_order() {
+        let texts = ["good film", "bad film", "great plot", "awful plot"];
+        let states = [st(1.0), st(-1.0), st(0.8), st(-0.9)];
+        let y = [0, 1, 0, 1];
+        let train = Split {
+            texts: &texts,
+            states: &states,
+            y: &y,
+        };
+        let labels = vec!["pos".to_string(), "neg".to_string()];
+        let grid = LearnGrid {
+            methods: vec![Method::Tfidf, Method::Head, Method::Stack],
+            feature: FeatureSpec::prompt_eol(Pooling::Last),
+            poolings: vec![Pooling::Last, Pooling::Mean],
+            alphas: vec![0.1, 1.0],
+            stack_weights: vec![1.0],
+            max_iterations: 100,
+        };
+        let mut seen = 0;
+        let all = learned_candidates(&labels, train, train, &grid, |_| seen += 1).unwrap();
+        // tfidf: baseline + 2 alphas; head: 2 poolings x 2 alphas; stack: 1 weight x 2 alphas.
+        assert_eq!(all.len(), 3 + 4 + 2);
+        assert_eq!(seen, all.len());
+        assert!(all[0].label.contains("baseline"));
+        let kinds: Vec<&str> = all.iter().map(|c| c.model.kind()).collect();
+        assert_eq!(kinds[..3], ["tfidf"; 3]);
+        assert_eq!(kinds[3..7], ["head"; 4]);
+        assert_eq!(kinds[7..], ["stack"; 2]);
+        // On its own training rows every candidate is right.
+        assert!(
+            all.iter().all(|c| c.dev.accuracy == 1.0),
+            "{:?}",
+            all.iter().map(|c| c.dev.accuracy).collect::<Vec<_>>()
+        );
+        // Without features only the TF-IDF candidates run.
+        let bare = Split {
+            states: &[],
+            ..train
+        };
+        let all = learned_candidates(&labels, bare, bare, &grid, |_| {}).unwrap();
+        assert!(all.iter().all(|c| c.method == Method::Tfidf));
+    }
+}
