@@ -88,7 +88,8 @@ pub fn lora_for_tasks<'a>(
 }
 
 /// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]) and a feature
-/// context (default size) for each task classified by a learned head, so the memory
+/// context (default size) for each task classified from model features (head, both,
+/// stack), so the memory
 /// estimate counts them.
 pub fn config_for_tasks<'a>(
     cfg: &EngineConfig,
@@ -99,7 +100,12 @@ pub fn config_for_tasks<'a>(
     cfg.lora = lora_for_tasks(tasks.iter().copied())?;
     cfg.feature_batch_tokens = tasks
         .iter()
-        .filter(|t| t.head.as_ref().is_some_and(|h| h.method != Method::Prompt))
+        // TF-IDF alone needs no model pass, so no feature context.
+        .filter(|t| {
+            t.head
+                .as_ref()
+                .is_some_and(|h| !matches!(h.method, Method::Prompt | Method::Tfidf))
+        })
         .map(|_| FeatureParams::default().n_batch_tokens)
         .collect();
     Ok(cfg)
