@@ -96,6 +96,10 @@ impl ServeConfig {
             context_topics: self.context_topics.clone(),
             ha_discovery: self.ha_discovery,
             max_request_bytes: self.max_request_bytes,
+            max_packet_bytes: self
+                .broker
+                .as_ref()
+                .map_or(usize::MAX, |b| b.max_packet_bytes),
             queue_capacity: self.queue_capacity,
             drain_timeout: self.drain_timeout,
             redactor: self.redactor.clone(),

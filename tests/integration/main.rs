@@ -13,6 +13,7 @@ mod cli;
 mod lora;
 mod model;
 mod monitor;
+mod netedge;
 mod packaging;
 mod powerloss;
 mod rank;
