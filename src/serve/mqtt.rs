@@ -493,6 +493,26 @@ mod tests {
             .contains("ca_file"));
     }
 
+    #[test]
+    fn the_connect_announces_the_packet_limit_and_keeps_the_session() {
+        let o = BrokerConfig {
+            max_packet_bytes: 300_000,
+            ..plain()
+        }
+        .options(&topics())
+        .unwrap();
+        // The broker must drop bigger messages for us rather than send them (MQTT 5).
+        assert_eq!(o.max_packet_size(), Some(300_000));
+        // Unacknowledged requests wait for us across disconnects and restarts.
+        assert!(!o.clean_start());
+        assert_eq!(o.session_expiry_interval(), Some(u32::MAX));
+        assert_eq!(o.receive_maximum(), Some(INFLIGHT));
+        assert_eq!(
+            publish_packet_bytes("a/b", 100),
+            3 + 100 + PUBLISH_OVERHEAD_BYTES
+        );
+    }
+
     fn plain() -> BrokerConfig {
         BrokerConfig {
             host: "127.0.0.1".into(),
