@@ -338,6 +338,10 @@ pub struct ServeSettings {
     /// Largest request payload accepted, in bytes.
     #[arg(long)]
     pub max_request_bytes: Option<usize>,
+    /// Largest MQTT packet, both ways, in bytes (default 1 MiB): the broker drops bigger
+    /// messages for this client; results over it become error records.
+    #[arg(long)]
+    pub max_packet_bytes: Option<usize>,
     /// CA certificate (PEM) for mqtts://.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,

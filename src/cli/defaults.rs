@@ -45,10 +45,10 @@ pub mod serve {
     pub const DEVICE_ID: &str = "edgeact";
     /// Personal data redacted when `--redact` is not given.
     pub const REDACT: [&str; 3] = ["email", "phone", "card"];
-    /// Largest MQTT packet taken from the broker (16 MiB).
-    pub const MAX_INCOMING_PACKET_BYTES: usize = 16 * 1024 * 1024;
-    /// Largest MQTT packet sent (1 MiB).
-    pub const MAX_OUTGOING_PACKET_BYTES: usize = 1024 * 1024;
+    /// Largest MQTT packet, both ways (1 MiB): announced to the broker, which drops bigger
+    /// messages for the daemon; results over it are replaced by an error record. Requests
+    /// between `MAX_REQUEST_BYTES` and this get a `too_large` error record.
+    pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
 }
 
 /// `edgeact eval`, `tune` and `tune --head`.

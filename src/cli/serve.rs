@@ -43,6 +43,7 @@ impl ServeSettings {
             stats_interval_s,
             ha_discovery,
             max_request_bytes,
+            max_packet_bytes,
             ca_file,
             client_cert,
             client_key,
@@ -92,6 +93,10 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
     let fsync = fsync(&s, &src)?;
     let broker = broker(&s, &src, &device_id)?;
     let redactor = redactor(&s, &src)?;
+    let max_request_bytes = s.max_request_bytes.unwrap_or(D::MAX_REQUEST_BYTES);
+    if let Some(b) = &broker {
+        packet_limits(&src, max_request_bytes, b.max_packet_bytes)?;
+    }
     let queue_capacity = s.queue_capacity.unwrap_or(D::QUEUE_CAPACITY);
     if queue_capacity == 0 {
         return Err(invalid(&src, "queue_capacity", "must be at least 1".into()));
@@ -116,7 +121,7 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
             s.stats_interval_s.unwrap_or(D::STATS_INTERVAL_S).max(1),
         ),
         ha_discovery: s.ha_discovery.unwrap_or(false),
-        max_request_bytes: s.max_request_bytes.unwrap_or(D::MAX_REQUEST_BYTES),
+        max_request_bytes,
         drain_timeout: Duration::from_secs(s.drain_timeout_s.unwrap_or(D::DRAIN_TIMEOUT_S)),
         redactor,
     })
@@ -377,9 +382,49 @@ fn broker(
             .clone()
             .unwrap_or_else(|| format!("{}-{device_id}", D::TOPIC_ROOT)),
         keep_alive_s,
-        max_incoming_packet_bytes: D::MAX_INCOMING_PACKET_BYTES,
-        max_outgoing_packet_bytes: D::MAX_OUTGOING_PACKET_BYTES,
+        max_packet_bytes: s.max_packet_bytes.unwrap_or(D::MAX_PACKET_BYTES),
     }))
+}
+
+/// Smallest `max_packet_bytes`: a result with its topic and a compact trace fit.
+const MIN_PACKET_BYTES: usize = 16 * 1024;
+
+/// The size limits must fit inside each other: a request the daemon accepts must fit in a
+/// packet it can receive (with its topic), a packet in an outbox record, and a packet in
+/// MQTT's own limit. An inconsistent pair is refused here, naming both settings, rather
+/// than found later as messages that can never be delivered.
+fn packet_limits(
+    src: &Path,
+    max_request_bytes: usize,
+    max_packet_bytes: usize,
+) -> Result<(), AppError> {
+    // MQTT's Remaining Length tops out just under 256 MiB.
+    const MQTT_MAX: usize = 268_435_455;
+    let limit = outbox::MAX_RECORD_BYTES.min(MQTT_MAX);
+    if !(MIN_PACKET_BYTES..=limit).contains(&max_packet_bytes) {
+        return Err(invalid(
+            src,
+            "max_packet_bytes",
+            format!(
+                "{max_packet_bytes} must be from {MIN_PACKET_BYTES} to {limit} (the outbox's \
+                 record limit)"
+            ),
+        ));
+    }
+    // Room for the topic and the packet's headers.
+    let headroom = 1024;
+    if max_request_bytes == 0 || max_request_bytes + headroom > max_packet_bytes {
+        return Err(invalid(
+            src,
+            "max_request_bytes",
+            format!(
+                "{max_request_bytes} does not fit in max_packet_bytes = {max_packet_bytes} \
+                 (a request needs {headroom} bytes of room for its topic and headers); raise \
+                 max_packet_bytes or lower max_request_bytes"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn redactor(s: &ServeSettings, src: &Path) -> Result<Redactor, AppError> {
@@ -411,6 +456,31 @@ mod tests {
 
     use super::super::args::Cli;
     use super::D;
+
+    #[test]
+    fn inconsistent_size_limits_are_refused_naming_both_settings() {
+        let src = std::path::Path::new("serve.toml");
+        assert!(super::packet_limits(src, D::MAX_REQUEST_BYTES, D::MAX_PACKET_BYTES).is_ok());
+        let e = super::packet_limits(src, 2 << 20, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "max_request_bytes",
+            "max_packet_bytes",
+            "serve.toml",
+            "2097152",
+        ] {
+            assert!(e.contains(needle), "`{needle}` not in: {e}");
+        }
+        let e = super::packet_limits(src, 1024, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_packet_bytes") && e.contains("67108864"),
+            "{e}"
+        );
+        assert!(super::packet_limits(src, 0, 1 << 20).is_err());
+    }
 
     /// The serve flags' help quotes some defaults in prose; they must match the constants.
     #[test]

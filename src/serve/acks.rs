@@ -9,37 +9,63 @@
 
 use std::collections::{HashMap, VecDeque};
 
+/// Why a publish was not handed over.
+#[derive(Debug, PartialEq)]
+pub enum HandOver<E> {
+    /// No connection: nothing is handed to the client (it would send it on the next
+    /// connection, where its packet id would pair with another publish).
+    Disconnected,
+    /// The client refused it.
+    Refused(E),
+}
+
 /// Publishes handed to rumqttc and waiting for their packet id, then outbox entries
-/// waiting for their PUBACK.
+/// waiting for their PUBACK, for the current connection.
 ///
-/// Invariant: `handed` has exactly one entry per publish rumqttc accepted in this
-/// connection and has not yet reported written, oldest first (`None`: a publish that is
-/// not from the outbox: availability, stats, discovery, or a fallback when the outbox
-/// could not be written). [`PendingAcks::hand_over`] is the only way to add one, and it
-/// adds one exactly when the client accepted the publish.
+/// Invariant: while connected, `handed` has exactly one entry per publish rumqttc accepted
+/// in this connection and has not yet reported written, oldest first (`None`: a publish
+/// that is not from the outbox: availability, stats, discovery), and `by_pkid` maps packet
+/// ids written in this connection to their outbox entries; while disconnected both are
+/// empty and nothing is recorded. [`PendingAcks::hand_over`] is the only way to add to
+/// `handed`, and it adds one exactly when connected and the client accepted the publish.
+///
+/// The event loop keeps its side: on every connection loss it empties rumqttc's request
+/// queue, in-flight list and buffered events, so every write reported after
+/// [`PendingAcks::connected`] is of a publish handed over after it.
 #[derive(Debug, Default)]
 pub struct PendingAcks {
+    connected: bool,
     handed: VecDeque<Option<u64>>,
     by_pkid: HashMap<u16, u64>,
+    /// Writes or acks reported that matched nothing of this connection (logged, counted).
+    pub stale_events: u64,
 }
 
 impl PendingAcks {
-    /// Hands one publish to the client through `send`; records it (as outbox entry `seq`)
-    /// only when `send` succeeds.
+    /// Hands one publish to the client through `send`, only while connected; records it
+    /// (as outbox entry `seq`) only when `send` succeeds.
     pub fn hand_over<E>(
         &mut self,
         seq: Option<u64>,
         send: impl FnOnce() -> Result<(), E>,
-    ) -> Result<(), E> {
-        send()?;
+    ) -> Result<(), HandOver<E>> {
+        if !self.connected {
+            return Err(HandOver::Disconnected);
+        }
+        send().map_err(HandOver::Refused)?;
         self.handed.push_back(seq);
         Ok(())
     }
 
-    /// rumqttc wrote the oldest publish handed over, with packet id `pkid`.
+    /// rumqttc wrote the oldest publish handed over, with packet id `pkid`. A write with
+    /// nothing handed over (or while disconnected) is stale: it pairs with nothing.
     pub fn written(&mut self, pkid: u16) {
-        if let Some(Some(seq)) = self.handed.pop_front() {
-            self.by_pkid.insert(pkid, seq);
+        match self.handed.pop_front() {
+            Some(Some(seq)) => {
+                self.by_pkid.insert(pkid, seq);
+            }
+            Some(None) => {}
+            None => self.stale_events += 1,
         }
     }
 
@@ -53,9 +79,24 @@ impl PendingAcks {
         self.handed.len()
     }
 
-    /// A new connection (or none): rumqttc's in-flight state is dropped with the old one
-    /// and the outbox replays what was not acknowledged, so nothing here holds any more.
-    pub fn reset(&mut self) {
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// A new connection: nothing of an earlier one holds (the outbox replays what was not
+    /// acknowledged); hand-overs are recorded from now on.
+    pub fn connected(&mut self) {
+        self.forget();
+        self.connected = true;
+    }
+
+    /// The connection is lost: forget it all and record nothing until the next one.
+    pub fn disconnected(&mut self) {
+        self.forget();
+        self.connected = false;
+    }
+
+    fn forget(&mut self) {
         self.handed.clear();
         self.by_pkid.clear();
     }
@@ -69,9 +110,15 @@ mod tests {
         Ok(())
     }
 
+    fn connected() -> PendingAcks {
+        let mut a = PendingAcks::default();
+        a.connected();
+        a
+    }
+
     #[test]
     fn packet_ids_pair_with_publishes_in_hand_over_order() {
-        let mut a = PendingAcks::default();
+        let mut a = connected();
         a.hand_over(Some(10), ok).unwrap();
         a.hand_over(None, ok).unwrap(); // stats, QoS 0
         a.hand_over(Some(11), ok).unwrap();
@@ -91,9 +138,27 @@ mod tests {
     }
 
     #[test]
+    fn acks_out_of_order_take_their_own_entries() {
+        let mut a = connected();
+        for seq in 1..=4 {
+            a.hand_over(Some(seq), ok).unwrap();
+        }
+        for pkid in [7, 8, 9, 10] {
+            a.written(pkid);
+        }
+        assert_eq!(a.acked(9), Some(3));
+        assert_eq!(a.acked(7), Some(1));
+        assert_eq!(a.acked(10), Some(4));
+        assert_eq!(a.acked(8), Some(2));
+    }
+
+    #[test]
     fn a_refused_hand_over_leaves_no_entry_to_shift_later_ids() {
-        let mut a = PendingAcks::default();
-        assert_eq!(a.hand_over(Some(1), || Err("full")), Err("full"));
+        let mut a = connected();
+        assert_eq!(
+            a.hand_over(Some(1), || Err("full")),
+            Err(HandOver::Refused("full"))
+        );
         assert_eq!(a.unwritten(), 0);
         a.hand_over(Some(2), ok).unwrap();
         a.written(7);
@@ -101,22 +166,50 @@ mod tests {
     }
 
     #[test]
-    fn reset_forgets_everything_of_the_old_connection() {
+    fn nothing_is_handed_over_or_recorded_while_disconnected() {
         let mut a = PendingAcks::default();
+        let mut sent = false;
+        let r = a.hand_over(Some(1), || {
+            sent = true;
+            ok()
+        });
+        assert_eq!(r, Err(HandOver::Disconnected));
+        assert!(!sent, "the client is not even asked");
+        a.connected();
+        a.hand_over(Some(2), ok).unwrap();
+        a.disconnected();
+        assert_eq!(a.hand_over(Some(3), ok), Err(HandOver::Disconnected));
+        assert_eq!(a.unwritten(), 0);
+        // The next connection starts clean: its first write is its first hand-over's.
+        a.connected();
+        a.hand_over(Some(4), ok).unwrap();
+        a.written(1);
+        assert_eq!(a.acked(1), Some(4));
+    }
+
+    #[test]
+    fn a_stale_write_or_ack_from_an_old_connection_takes_nothing() {
+        let mut a = connected();
         a.hand_over(Some(1), ok).unwrap();
         a.hand_over(Some(2), ok).unwrap();
         a.written(1);
-        a.reset();
-        assert_eq!(a.unwritten(), 0);
-        assert_eq!(a.acked(1), None);
-        // A write reported after the reset pairs with nothing.
+        a.disconnected();
+        // Reported after the loss (a failed flush left them buffered): they pair with
+        // nothing, while disconnected and after the next connection alike.
         a.written(2);
-        assert_eq!(a.acked(2), None);
+        assert_eq!(a.acked(1), None);
+        a.connected();
+        a.written(3);
+        assert_eq!(a.acked(3), None);
+        assert_eq!(a.stale_events, 2);
+        a.hand_over(Some(5), ok).unwrap();
+        a.written(1);
+        assert_eq!(a.acked(1), Some(5), "the new connection's own pairing");
     }
 
     #[test]
     fn a_packet_id_reused_after_its_ack_maps_to_the_new_entry() {
-        let mut a = PendingAcks::default();
+        let mut a = connected();
         a.hand_over(Some(1), ok).unwrap();
         a.written(5);
         assert_eq!(a.acked(5), Some(1));

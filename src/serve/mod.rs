@@ -19,7 +19,7 @@
 //! - [`state`]: the daemon as a state machine (events in, client and inference requests
 //!   out), tested without a broker.
 //! - [`acks`]: which outbox entry a PUBACK acknowledges ([`acks::PendingAcks`]);
-//!   [`inbox`]: incoming redeliveries.
+//!   [`inbox`]: incoming redeliveries; [`limits`]: id, context and packet size limits.
 //! - [`message`]: what is published (typed messages, records, compact traces); redaction
 //!   by message kind with [`redact`].
 //! - [`outbox`]: the durable log of messages until the broker has them.
@@ -28,6 +28,7 @@
 
 pub mod acks;
 pub mod inbox;
+pub mod limits;
 pub mod message;
 pub mod monitors;
 pub mod mqtt;
@@ -96,6 +97,10 @@ impl ServeConfig {
             context_topics: self.context_topics.clone(),
             ha_discovery: self.ha_discovery,
             max_request_bytes: self.max_request_bytes,
+            max_packet_bytes: self
+                .broker
+                .as_ref()
+                .map_or(usize::MAX, |b| b.max_packet_bytes),
             queue_capacity: self.queue_capacity,
             drain_timeout: self.drain_timeout,
             redactor: self.redactor.clone(),

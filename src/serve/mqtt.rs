@@ -2,11 +2,33 @@
 //! URL, TLS and credentials validated into rumqttc options, which connection errors are a
 //! configuration mistake (refused credentials, an untrusted certificate), and the reconnect
 //! backoff.
+//!
+//! The daemon speaks MQTT 5 for one reason: its CONNECT carries a Maximum Packet Size, and a
+//! v5 broker must then drop (not send) anything larger for this client and treat it as
+//! delivered. With MQTT 3.1.1 an oversized QoS 1 request breaks the connection, the broker
+//! redelivers it on every reconnect, and the daemon answers nothing else again.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rumqttc::{LastWill, MqttOptions, QoS, Transport};
+use rumqttc::v5::mqttbytes::v5::LastWill;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::MqttOptions;
+use rumqttc::{NetworkOptions, Transport};
+
+/// Outgoing publishes in flight (sent, PUBACK not yet in) at most; also the receive maximum
+/// announced to the broker, so at most this many requests are buffered at once.
+pub const INFLIGHT: u16 = 64;
+
+/// Bytes an MQTT 5 PUBLISH adds to its topic and payload, at most, as this daemon sends it:
+/// fixed header (5), topic length (2), packet id (2), property length (1), with room to
+/// spare.
+pub const PUBLISH_OVERHEAD_BYTES: usize = 16;
+
+/// The size of the PUBLISH packet carrying `payload_len` bytes on `topic`, at most.
+pub fn publish_packet_bytes(topic: &str, payload_len: usize) -> usize {
+    topic.len() + payload_len + PUBLISH_OVERHEAD_BYTES
+}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MqttConfigError {
@@ -92,10 +114,10 @@ pub struct BrokerConfig {
     pub password: Option<Secret>,
     pub client_id: String,
     pub keep_alive_s: u64,
-    /// Largest packet accepted from the broker; bigger ones break the connection, so this
-    /// sits far above the request size limit, which is enforced per message.
-    pub max_incoming_packet_bytes: usize,
-    pub max_outgoing_packet_bytes: usize,
+    /// Largest packet, both ways: announced to the broker in CONNECT (it drops bigger
+    /// messages for us instead of sending them), and checked on every message before it is
+    /// recorded for publishing.
+    pub max_packet_bytes: usize,
 }
 
 /// Parses `mqtt://host:port` or `mqtts://host:port` (port defaults 1883 / 8883).
@@ -130,8 +152,9 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), MqttConfigErro
 }
 
 impl BrokerConfig {
-    /// rumqttc options: persistent session (the broker keeps unacknowledged requests for
-    /// us across restarts), manual acks, last will `offline` on `available`.
+    /// rumqttc options (MQTT 5): persistent session that never expires (the broker keeps
+    /// unacknowledged requests for us across restarts), manual acks, the packet limit
+    /// announced, last will `offline` on `available`.
     pub fn options(&self, topics: &Topics) -> Result<MqttOptions, MqttConfigError> {
         if self.keep_alive_s < 1 {
             return Err(MqttConfigError::Invalid {
@@ -141,19 +164,24 @@ impl BrokerConfig {
         }
         let mut o = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
         o.set_keep_alive(Duration::from_secs(self.keep_alive_s));
-        o.set_clean_session(false);
+        o.set_clean_start(false);
+        // MQTT 5 ends a session at disconnect unless told otherwise; u32::MAX: never.
+        o.set_session_expiry_interval(Some(u32::MAX));
         o.set_manual_acks(true);
-        o.set_max_packet_size(
-            self.max_incoming_packet_bytes,
-            self.max_outgoing_packet_bytes,
-        );
-        o.set_request_channel_capacity(1024);
-        o.set_inflight(64);
+        let max = u32::try_from(self.max_packet_bytes).unwrap_or(u32::MAX);
+        o.set_max_packet_size(Some(max));
+        o.set_receive_maximum(Some(INFLIGHT));
+        o.set_outgoing_inflight_upper_limit(INFLIGHT);
+        let mut net = NetworkOptions::new();
+        // Small messages, latency matters: no Nagle delay.
+        net.set_tcp_nodelay(true);
+        o.set_network_options(net);
         o.set_last_will(LastWill::new(
             topics.available(),
             "offline",
             QoS::AtLeastOnce,
             true,
+            None,
         ));
         match (&self.username, &self.password) {
             (Some(u), p) => {
@@ -228,20 +256,25 @@ impl BrokerConfig {
 /// Why a failed connection attempt is a configuration mistake that retrying will not fix
 /// (bad credentials, not authorized, an untrusted or mismatched server certificate), in
 /// words; `None` for errors worth retrying (broker down, network, timeouts).
-pub fn refusal_reason(e: &rumqttc::ConnectionError) -> Option<String> {
-    use rumqttc::{ConnectReturnCode as C, ConnectionError as E};
+pub fn refusal_reason(e: &rumqttc::v5::ConnectionError) -> Option<String> {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    use rumqttc::v5::ConnectionError as E;
     match e {
         E::ConnectionRefused(code) => match code {
-            C::BadUserNamePassword => {
+            C::BadUserNamePassword | C::BadAuthenticationMethod => {
                 Some("bad user name or password (check username and password_file)".into())
             }
-            C::NotAuthorized => Some(
+            C::NotAuthorized | C::Banned => Some(
                 "not authorized: missing or wrong user name / password, or this client is not allowed \
                  (check username, password_file or EDGEACT_MQTT_PASSWORD)"
                     .into(),
             ),
-            C::BadClientId => Some("the client id was rejected (client_id)".into()),
-            C::RefusedProtocolVersion => Some("the broker does not speak MQTT 3.1.1".into()),
+            C::BadClientId | C::ClientIdentifierNotValid => {
+                Some("the client id was rejected (client_id)".into())
+            }
+            C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => Some(
+                "the broker does not speak MQTT 5 (Mosquitto 1.6 or later does)".into(),
+            ),
             _ => None,
         },
         E::Tls(t) => match t {
@@ -258,9 +291,9 @@ pub fn refusal_reason(e: &rumqttc::ConnectionError) -> Option<String> {
 
 /// A hint for connection errors that are retried but may be a mismatch of plain text and
 /// TLS between client and listener.
-pub fn connect_hint(e: &rumqttc::ConnectionError, tls: bool) -> &'static str {
+pub fn connect_hint(e: &rumqttc::v5::ConnectionError, tls: bool) -> &'static str {
     match e {
-        rumqttc::ConnectionError::Io(io)
+        rumqttc::v5::ConnectionError::Io(io)
             if matches!(
                 io.kind(),
                 std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
@@ -465,6 +498,26 @@ mod tests {
             .contains("ca_file"));
     }
 
+    #[test]
+    fn the_connect_announces_the_packet_limit_and_keeps_the_session() {
+        let o = BrokerConfig {
+            max_packet_bytes: 300_000,
+            ..plain()
+        }
+        .options(&topics())
+        .unwrap();
+        // The broker must drop bigger messages for us rather than send them (MQTT 5).
+        assert_eq!(o.max_packet_size(), Some(300_000));
+        // Unacknowledged requests wait for us across disconnects and restarts.
+        assert!(!o.clean_start());
+        assert_eq!(o.session_expiry_interval(), Some(u32::MAX));
+        assert_eq!(o.receive_maximum(), Some(INFLIGHT));
+        assert_eq!(
+            publish_packet_bytes("a/b", 100),
+            3 + 100 + PUBLISH_OVERHEAD_BYTES
+        );
+    }
+
     fn plain() -> BrokerConfig {
         BrokerConfig {
             host: "127.0.0.1".into(),
@@ -477,8 +530,7 @@ mod tests {
             password: None,
             client_id: "c".into(),
             keep_alive_s: 5,
-            max_incoming_packet_bytes: 1 << 20,
-            max_outgoing_packet_bytes: 1 << 20,
+            max_packet_bytes: 1 << 20,
         }
     }
 
@@ -568,7 +620,8 @@ mod tests {
 
     #[test]
     fn refusals_that_retrying_cannot_fix() {
-        use rumqttc::{ConnectReturnCode as C, ConnectionError as E};
+        use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+        use rumqttc::v5::ConnectionError as E;
         let auth = refusal_reason(&E::ConnectionRefused(C::BadUserNamePassword)).unwrap();
         assert!(auth.contains("user name or password"), "{auth}");
         assert!(refusal_reason(&E::ConnectionRefused(C::NotAuthorized)).is_some());

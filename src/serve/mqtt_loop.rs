@@ -5,8 +5,11 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, Incoming, Outgoing};
-use rumqttc::{Publish, QoS, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::{v5::Publish as V5Publish, QoS as V5QoS};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, Incoming};
+use rumqttc::v5::{MqttState, StateError};
+use rumqttc::{Outgoing, Publish, QoS};
 use tokio::sync::mpsc;
 
 use crate::serve::monitors::Monitors;
@@ -19,6 +22,33 @@ use crate::util::time::now_ms;
 
 /// rumqttc's request queue: publishes, acks and subscriptions waiting for the event loop.
 const CLIENT_QUEUE: usize = 1024;
+
+/// The daemon keeps rumqttc's MQTT 3 types for what it handles; the wire speaks MQTT 5.
+fn v5_qos(q: QoS) -> V5QoS {
+    match q {
+        QoS::AtMostOnce => V5QoS::AtMostOnce,
+        QoS::AtLeastOnce => V5QoS::AtLeastOnce,
+        QoS::ExactlyOnce => V5QoS::ExactlyOnce,
+    }
+}
+
+fn v4_qos(q: V5QoS) -> QoS {
+    match q {
+        V5QoS::AtMostOnce => QoS::AtMostOnce,
+        V5QoS::AtLeastOnce => QoS::AtLeastOnce,
+        V5QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+/// An incoming MQTT 5 publish as the daemon handles it.
+fn incoming(p: V5Publish) -> Publish {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let mut q = Publish::from_bytes(topic, v4_qos(p.qos), p.payload);
+    q.pkid = p.pkid;
+    q.dup = p.dup;
+    q.retain = p.retain;
+    q
+}
 
 impl Link for AsyncClient {
     fn publish(
@@ -36,14 +66,16 @@ impl Link for AsyncClient {
                 "`{topic}` is not a valid topic to publish on"
             )));
         }
-        self.try_publish(topic, qos, retain, payload)
+        self.try_publish(topic, v5_qos(qos), retain, payload)
             .map_err(|_| NotQueued::Full)
     }
     fn ack(&mut self, p: &Publish) -> Result<(), NotQueued> {
-        self.try_ack(p).map_err(|_| NotQueued::Full)
+        let mut ack = V5Publish::new("", v5_qos(p.qos), Vec::new(), None);
+        ack.pkid = p.pkid;
+        self.try_ack(&ack).map_err(|_| NotQueued::Full)
     }
     fn subscribe(&mut self, topic: String) -> Result<(), NotQueued> {
-        self.try_subscribe(topic, QoS::AtLeastOnce)
+        self.try_subscribe(topic, V5QoS::AtLeastOnce)
             .map_err(|_| NotQueued::Full)
     }
     fn disconnect(&mut self) -> Result<(), NotQueued> {
@@ -72,9 +104,7 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         },
     )?;
     let monitors = Monitors::open(&cfg.monitors, &cfg.outbox_dir, |n| worker.task_index(n))?;
-    let (client, mut eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
-    // Small messages, latency matters: no Nagle delay.
-    eventloop.network_options.set_tcp_nodelay(true);
+    let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
     let tasks = worker
         .task_names
         .iter()
@@ -118,9 +148,14 @@ async fn drive(
             (mut eventloop, ev) = &mut poll => {
                 let mut next_at = tokio::time::Instant::now();
                 match ev {
-                    Ok(MqttEvent::Incoming(Incoming::ConnAck(_))) => {
+                    Ok(MqttEvent::Incoming(Incoming::ConnAck(c))) => {
                         attempt = 0;
                         ever_connected = true;
+                        let limit = c.properties.as_ref().and_then(|p| p.max_packet_size);
+                        if let Some(max) = limit {
+                            tracing::info!(max_packet_bytes = max, "the broker's packet limit");
+                        }
+                        d.set_broker_packet_limit(limit);
                         d.handle(Event::Connected)?;
                     }
                     Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) if d.is_stopping() => {
@@ -171,13 +206,23 @@ async fn drive(
 /// The daemon's view of a rumqttc event, for those it reacts to.
 fn daemon_event(ev: MqttEvent) -> Option<Event> {
     Some(match ev {
-        MqttEvent::Incoming(Incoming::Publish(p)) => Event::Incoming(p),
-        MqttEvent::Incoming(Incoming::PubAck(a)) => Event::PubAck(a.pkid),
+        MqttEvent::Incoming(Incoming::Publish(p)) => Event::Incoming(incoming(p)),
+        MqttEvent::Incoming(Incoming::PubAck(a)) => {
+            if !matches!(
+                a.reason,
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+            ) {
+                // The broker has it and will not deliver it (an ACL, a quota): retrying
+                // would get the same answer, so the entry leaves the outbox like the rest.
+                tracing::warn!(pkid = a.pkid, reason = ?a.reason, "the broker refused a publish");
+            }
+            Event::PubAck(a.pkid)
+        }
         MqttEvent::Incoming(Incoming::SubAck(a)) => Event::SubAck {
             refused: a
                 .return_codes
                 .iter()
-                .any(|c| matches!(c, SubscribeReasonCode::Failure)),
+                .any(|c| !matches!(c, SubscribeReasonCode::Success(_))),
         },
         MqttEvent::Outgoing(Outgoing::Publish(pkid)) => Event::Written(pkid),
         _ => return None,
@@ -197,11 +242,30 @@ fn connection_failed(
     } else {
         tracing::warn!("cannot reach the broker: {e}{hint}");
     }
+    if let ConnectionError::MqttState(StateError::Deserialization(
+        rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, max },
+    )) = e
+    {
+        // A broker that ignores the packet limit announced in CONNECT.
+        tracing::error!(
+            "the broker sent a packet of {pkt_size} bytes, over the limit of {max} it was \
+             told; set max_packet_size in the broker so it refuses such messages"
+        );
+    }
     d.handle(Event::Disconnected)?;
-    // rumqttc keeps unacknowledged publishes in memory to resend; the outbox replays them
-    // instead, so drop its copies to keep packet ids in step.
-    eventloop.pending.clear();
+    forget_session(eventloop);
     Ok(())
+}
+
+/// Empties rumqttc's side of the lost connection: the requests still in its queue, its
+/// in-flight publishes (the outbox replays them instead) and the events it buffered but did
+/// not yet report (a failed flush leaves `Outgoing::Publish` events behind). Reported
+/// after the next CONNACK, any of them would pair a packet id with the wrong outbox entry.
+fn forget_session(eventloop: &mut EventLoop) {
+    // Moves queued requests and in-flight publishes into `pending`, which is dropped.
+    eventloop.clean();
+    eventloop.pending.clear();
+    eventloop.state = MqttState::new(mqtt::INFLIGHT, true);
 }
 
 /// One poll of the event loop, after `not_before`; owns the loop and gives it back.
@@ -215,4 +279,39 @@ async fn poll_owned(
         tracing::trace!(event = ?e, "mqtt");
     }
     (eventloop, ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::MqttOptions;
+
+    #[test]
+    fn a_lost_connection_leaves_no_queued_request_or_buffered_event_behind() {
+        let (client, mut eventloop) =
+            AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), CLIENT_QUEUE);
+        // Publishes queued in the client (handed over before the loss) ...
+        for i in 0..3 {
+            client
+                .try_publish(format!("t/{i}"), V5QoS::AtLeastOnce, false, "x")
+                .unwrap();
+        }
+        // ... and events buffered by a flush that failed.
+        for pkid in [1, 2] {
+            eventloop
+                .state
+                .events
+                .push_back(MqttEvent::Outgoing(Outgoing::Publish(pkid)));
+        }
+        forget_session(&mut eventloop);
+        assert!(
+            eventloop.state.events.is_empty(),
+            "no stale event is reported"
+        );
+        assert!(eventloop.pending.is_empty());
+        // The request queue is empty too: cleaning again brings nothing back.
+        eventloop.clean();
+        assert!(eventloop.pending.is_empty(), "{:?}", eventloop.pending);
+        assert_eq!(eventloop.state.inflight(), 0);
+    }
 }

@@ -13,8 +13,9 @@ use rumqttc::{Publish, QoS};
 use serde_json::Value;
 
 use crate::classify::input;
-use crate::serve::acks::PendingAcks;
+use crate::serve::acks::{HandOver, PendingAcks};
 use crate::serve::inbox::Redeliveries;
+use crate::serve::limits::{check_id_lengths, context_value, too_large_record};
 use crate::serve::message::{error_record, messages_for, MessageKind, OutMessage};
 use crate::serve::monitors::Monitors;
 use crate::serve::mqtt::{self, Topics};
@@ -29,9 +30,7 @@ use crate::util::time::now_ms;
 /// the rest is kept for acks and subscriptions.
 pub const PUBLISH_QUEUE_LIMIT: usize = 768;
 
-/// Largest context-topic value kept, in bytes: a sensor reading, not a document (it goes
-/// into every prompt of the task).
-pub const MAX_CONTEXT_VALUE_BYTES: usize = 1024;
+pub use crate::serve::limits::{MAX_CONTEXT_VALUE_BYTES, MAX_ID_BYTES};
 
 /// Why the MQTT client did not take a request.
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -44,6 +43,10 @@ pub enum NotQueued {
     /// is gone): retrying it would only block what waits behind it.
     #[error("the MQTT client refused it: {0}")]
     Refused(String),
+    /// There is no connection: nothing is handed to the client until the next one (the
+    /// outbox replays, the broker redelivers).
+    #[error("not connected to the broker")]
+    Disconnected,
 }
 
 /// The non-blocking half of an MQTT client: requests are queued for the event loop.
@@ -124,6 +127,8 @@ pub struct DaemonConfig {
     pub context_topics: BTreeMap<String, String>,
     pub ha_discovery: bool,
     pub max_request_bytes: usize,
+    /// Largest MQTT packet this daemon sends (and announces it takes).
+    pub max_packet_bytes: usize,
     pub queue_capacity: usize,
     pub drain_timeout: Duration,
     pub redactor: Redactor,
@@ -148,9 +153,11 @@ pub struct Daemon<L: Link, I: Inference> {
     outbox: Outbox,
     monitors: Monitors,
     stats: Stats,
-    connected: bool,
-    /// Which outbox entry each publish handed to rumqttc carries, until its PUBACK.
+    /// Whether connected, and which outbox entry each publish handed to rumqttc carries,
+    /// until its PUBACK.
     acks: PendingAcks,
+    /// The broker's own packet limit (from its CONNACK), when it announced one.
+    broker_max_packet_bytes: Option<usize>,
     /// Outbox seqs not yet handed to rumqttc in this connection, oldest first.
     to_send: VecDeque<u64>,
     tickets: HashMap<u64, Ticket>,
@@ -190,8 +197,8 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             outbox,
             monitors,
             stats: Stats::new(),
-            connected: false,
             acks: PendingAcks::default(),
+            broker_max_packet_bytes: None,
             to_send: VecDeque::new(),
             tickets: HashMap::new(),
             next_ticket: 1,
@@ -207,7 +214,21 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected
+        self.acks.is_connected()
+    }
+
+    /// The packet limit the broker announced in its CONNACK (None: none), for the next
+    /// [`Event::Connected`]: messages over it are replaced like those over our own.
+    pub fn set_broker_packet_limit(&mut self, max_packet_bytes: Option<u32>) {
+        self.broker_max_packet_bytes = max_packet_bytes.map(|m| m as usize);
+    }
+
+    /// The largest packet that can be published now: ours, or the broker's if smaller.
+    fn packet_limit(&self) -> usize {
+        self.broker_max_packet_bytes
+            .map_or(self.cfg.max_packet_bytes, |b| {
+                b.min(self.cfg.max_packet_bytes)
+            })
     }
 
     /// `stopped` was published and the disconnect requested: the loop ends with the
@@ -250,7 +271,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         let idle = self.worker_died || (self.tickets.is_empty() && self.worker.depth() == 0);
         let flushed = self.outbox.is_empty();
         let late = self.drain_deadline.is_some_and(|t| now >= t);
-        if !(idle && (flushed || late || !self.connected)) {
+        if !(idle && (flushed || late || !self.is_connected())) {
             return false;
         }
         if late && !flushed {
@@ -269,7 +290,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         let _ = self.publish(None, available, QoS::AtLeastOnce, true, state.into());
         let _ = self.link.disconnect();
         self.stopped_sent = true;
-        !self.connected
+        !self.is_connected()
     }
 
     /// When the loop must send [`Event::FsyncDue`] (None: no timer needed).
@@ -307,12 +328,15 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         let link = &mut self.link;
         self.acks
             .hand_over(seq, || link.publish(topic, qos, retain, payload))
+            .map_err(|e| match e {
+                HandOver::Disconnected => NotQueued::Disconnected,
+                HandOver::Refused(e) => e,
+            })
     }
 
     fn on_connected(&mut self) {
-        self.connected = true;
         tracing::info!("connected to the broker");
-        self.acks.reset();
+        self.acks.connected();
         // Replay everything still in the outbox, oldest first.
         self.to_send = self.outbox.pending().map(|m| m.seq).collect();
         let t = &self.cfg.topics;
@@ -351,7 +375,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             );
         }
         self.subacks_pending = self.subacks_pending.saturating_sub(1);
-        if self.subacks_pending == 0 && self.connected {
+        if self.subacks_pending == 0 && self.is_connected() {
             let available = self.cfg.topics.available();
             let _ = self.publish(None, available, QoS::AtLeastOnce, true, "online".into());
             tracing::info!("subscribed: serving");
@@ -359,11 +383,10 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     }
 
     fn on_disconnected(&mut self) {
-        self.connected = false;
         // The broker redelivers what this session did not acknowledge (DUP), and the
         // redelivery is acknowledged then.
         self.unsent_acks.clear();
-        self.acks.reset();
+        self.acks.disconnected();
         self.to_send.clear();
     }
 
@@ -433,7 +456,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     /// queue has room; publishes stop short of filling the queue, so acks always find a
     /// place.
     pub fn pump(&mut self) {
-        if !self.connected {
+        if !self.is_connected() {
             return;
         }
         while let Some(p) = self.unsent_acks.front() {
@@ -450,13 +473,28 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 self.to_send.pop_front();
                 continue;
             };
+            let limit = self.packet_limit();
+            if mqtt::publish_packet_bytes(&m.topic, m.payload.len()) > limit {
+                // Recorded under a larger limit (the broker's is smaller, or the settings
+                // changed): it would be refused on every try and block what follows.
+                self.to_send.pop_front();
+                let rec = too_large_record(&self.cfg.topics, &m.topic, &m.payload, limit);
+                if let Err(e) = self.outbox.ack(seq) {
+                    tracing::error!("{e}");
+                }
+                if let Err(e) = self.record(vec![rec], None) {
+                    tracing::error!("cannot record an error record: {e}");
+                }
+                continue;
+            }
             let payload = m.payload.into_bytes();
             let topic = m.topic.clone();
             match self.publish(Some(seq), m.topic, QoS::AtLeastOnce, m.retain, payload) {
                 Ok(()) => {
                     self.to_send.pop_front();
                 }
-                Err(NotQueued::Full) => break, // the next event frees room
+                // The next event frees room; or the connection is gone.
+                Err(NotQueued::Full | NotQueued::Disconnected) => break,
                 Err(NotQueued::Refused(reason)) => {
                     // Never publishable: kept, it would be refused again on every pump and
                     // reconnect, and hold the drain until its timeout.
@@ -481,8 +519,14 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         mut msgs: Vec<OutMessage>,
         ack: Option<&Publish>,
     ) -> Result<(), ServeError> {
+        let limit = self.packet_limit();
         for m in msgs.iter_mut() {
             m.redact_with(&self.cfg.redactor);
+            if mqtt::publish_packet_bytes(&m.topic, m.payload.len()) > limit {
+                // Never publishable: recorded, it would block the outbox behind it.
+                self.stats.too_large_results += 1;
+                *m = too_large_record(&self.cfg.topics, &m.topic, &m.payload, limit);
+            }
         }
         let records = msgs.iter().cloned().map(OutMessage::into_outbox).collect();
         match self.outbox.put_all(records) {
@@ -517,7 +561,9 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     /// broker's in-flight slots for good, and with all of them held no request would
     /// arrive).
     fn ack_now(&mut self, p: &Publish) {
-        if p.qos == QoS::AtMostOnce {
+        // Without a connection the broker redelivers it, and the redelivery is acked then
+        // (a PUBACK queued now would go out on a later connection, for a stale packet id).
+        if p.qos == QoS::AtMostOnce || !self.is_connected() {
             return;
         }
         if !self.unsent_acks.is_empty() || self.link.ack(p).is_err() {
@@ -619,10 +665,15 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             Ok(j) => j,
             Err(e) => {
                 let (kind, msg) = (e.kind(), e.to_string());
-                self.reject(&p, given_id.as_deref(), Some(&task_name), kind, msg);
+                let id = given_id.filter(|i| i.len() <= MAX_ID_BYTES);
+                self.reject(&p, id.as_deref(), Some(&task_name), kind, msg);
                 return;
             }
         };
+        if let Err(msg) = check_id_lengths(&job) {
+            self.reject(&p, None, Some(&task_name), "too_long", msg);
+            return;
+        }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         match &mut job {
@@ -745,7 +796,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     fn publish_stats(&mut self) {
         let s = self.stats.snapshot(self.worker.depth(), &self.outbox);
         tracing::debug!(stats = %s, "stats");
-        if self.connected {
+        if self.is_connected() {
             let topic = self.cfg.topics.stats();
             let _ = self.publish(
                 None,
@@ -758,17 +809,6 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         // Acks are written without fsync; settle them now and then.
         let _ = self.outbox.sync(false);
     }
-}
-
-/// A context value as it goes into prompts: text with control characters (newlines
-/// included, which could forge a line of the prompt) turned into spaces, trimmed.
-fn context_value(payload: &[u8]) -> String {
-    String::from_utf8_lossy(payload)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .to_string()
 }
 
 #[cfg(test)]

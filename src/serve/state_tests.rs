@@ -118,6 +118,7 @@ fn config() -> DaemonConfig {
         context_topics: BTreeMap::from([("room".to_string(), "home/room".to_string())]),
         ha_discovery: false,
         max_request_bytes: 4096,
+        max_packet_bytes: 1 << 20,
         queue_capacity: 8,
         drain_timeout: Duration::from_secs(5),
         redactor: Redactor::all_kinds(),
@@ -627,3 +628,6 @@ fn without_a_connection_the_drain_ends_at_once() {
 
 #[path = "state_fault_tests.rs"]
 mod faults;
+
+#[path = "state_net_tests.rs"]
+mod net;

@@ -25,6 +25,8 @@ pub struct Stats {
     pub outbox_write_errors: u64,
     /// Outbox messages the MQTT client refused for good (dropped, each logged).
     pub publish_refused: u64,
+    /// Messages over the MQTT packet limit, replaced by an error record.
+    pub too_large_results: u64,
     decoded_tokens: u64,
     latencies_ms: HistoryBuffer<f64, LATENCY_WINDOW>,
     /// When the last snapshot was taken, with the result and token counts then.
@@ -46,6 +48,7 @@ impl Stats {
             overloaded: 0,
             outbox_write_errors: 0,
             publish_refused: 0,
+            too_large_results: 0,
             decoded_tokens: 0,
             latencies_ms: HistoryBuffer::new(),
             last: (Instant::now(), 0, 0),
@@ -86,6 +89,7 @@ impl Stats {
             "outbox_torn_records": outbox.counters.torn_records,
             "outbox_write_errors": self.outbox_write_errors,
             "publish_refused": self.publish_refused,
+            "too_large_results": self.too_large_results,
             "results_total": self.results,
             "errors_total": self.errors,
             "overloaded_total": self.overloaded,

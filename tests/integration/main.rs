@@ -16,6 +16,7 @@ mod lora;
 mod memory;
 mod model;
 mod monitor;
+mod netedge;
 mod packaging;
 mod powerloss;
 mod rank;

@@ -92,7 +92,7 @@ fn bad_payloads_get_error_records_and_serving_goes_on() {
         (req, br#"{"id":"no-text"}"#.to_vec(), "invalid_request"),
         (
             req,
-            format!("{{\"id\":\"huge\",\"text\":\"{}\"}}", "a".repeat(1 << 20)).into_bytes(),
+            format!("{{\"id\":\"huge\",\"text\":\"{}\"}}", "a".repeat(600 << 10)).into_bytes(),
             "too_large",
         ),
         (req, b"{\"text\":\"caf\xff\"}".to_vec(), "invalid_utf8"),
