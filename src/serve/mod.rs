@@ -39,6 +39,9 @@ pub mod stats;
 pub mod stdio;
 pub mod worker;
 
+#[cfg(test)]
+mod decode_tests;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
