@@ -80,8 +80,8 @@ impl Sessions {
         Sessions { dir, limits }
     }
 
-    /// The session's turns, oldest first; none for a new session or one idle for longer
-    /// than `max_age` (its file is removed).
+    /// The session's turns, oldest first; none for a new session, one idle for longer than
+    /// `max_age` or one over `max_bytes` (its file is removed).
     pub fn load(&self, id: &str) -> Result<Vec<Turn>, SessionError> {
         let p = path(&self.dir, id, self.limits.min_id_chars)?;
         let meta = match std::fs::metadata(&p) {
@@ -94,8 +94,11 @@ impl Sessions {
             return Ok(Vec::new());
         }
         if meta.len() > self.limits.max_bytes as u64 {
-            // Not written by us (we never write more): refuse rather than read it whole.
-            return Err(file_error(&p, "over the session size limit"));
+            // Written under a larger limit (we never write more than the limit): not read
+            // whole into memory; the session starts afresh.
+            tracing::warn!(path = %p.display(), bytes = meta.len(), "session file over session_max_kib: dropped");
+            let _ = std::fs::remove_file(&p);
+            return Ok(Vec::new());
         }
         let s = std::fs::read_to_string(&p).map_err(|e| file_error(&p, e))?;
         serde_json::from_str(&s).map_err(|e| file_error(&p, e))
@@ -235,6 +238,10 @@ mod tests {
             answer: String::new(),
         };
         assert!(s.append(ID, huge).unwrap().is_empty());
+        // A file over the limit (written under a larger one) is dropped, not read whole.
+        std::fs::write(dir.path().join(format!("{ID}.json")), "x".repeat(3000)).unwrap();
+        assert!(s.load(ID).unwrap().is_empty());
+        assert!(!dir.path().join(format!("{ID}.json")).exists());
     }
 
     #[test]

@@ -403,4 +403,20 @@ mod tests {
         m.redact_with(&r);
         assert_eq!(m.payload, "to [email]");
     }
+
+    /// The trace log names a packet, never its payload (request text is not redacted there).
+    #[test]
+    fn the_trace_log_summary_of_a_publish_has_no_payload() {
+        let p = rumqttc::Publish::new(
+            "edgeact/d/greet/request",
+            rumqttc::QoS::AtLeastOnce,
+            br#"{"text":"call me on 0770 0900123, jane@example.com"}"#.to_vec(),
+        );
+        let s = log_summary(&rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)));
+        assert!(
+            s.contains("edgeact/d/greet/request") && s.contains("bytes=52"),
+            "{s}"
+        );
+        assert!(!s.contains("jane") && !s.contains("0770"), "{s}");
+    }
 }

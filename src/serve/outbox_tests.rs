@@ -32,6 +32,14 @@ fn survives_reopen_and_forgets_acked() {
     // Sequence numbers keep growing after a restart.
     let m = ob.put_all(vec![msg("d", Priority::Low)]).unwrap();
     assert_eq!(m[0].seq, 4);
+    // Results quote requests: the log is owner-only, after a compaction too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        ob.compact().unwrap();
+        let meta = std::fs::metadata(dir.path().join("outbox.log")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
 }
 
 #[test]
