@@ -1,7 +1,10 @@
-//! Soak benchmark of `edgeact serve` through a real Mosquitto on loopback (figures printed,
-//! nothing asserted): N requests (default 20 000) with a bounded number in flight, the
-//! daemon's RSS printed every `every` answers; at the end, how many were answered and how
-//! far RSS moved after warm-up.
+//! Soak run of `edgeact serve` through a real Mosquitto on loopback: N requests (default
+//! 20 000) with a bounded number in flight, the daemon's RSS printed every `every` answers.
+//! In the middle, faults: the broker is stopped for 5 s at 1/3 and at 2/3 of the run, and
+//! the daemon is killed with SIGKILL at 1/2 and started again on the same outbox. At the
+//! end: every request id must have a result or an error record (nothing lost; the exit
+//! status is 1 otherwise), how far RSS moved after warm-up, and the peak RSS (VmHWM) of
+//! each daemon process.
 //!
 //! scripts/soak [N] [EVERY]   (builds, then runs this with nice)
 //! cargo run --release --example soak -- [N] [EVERY] [IN_FLIGHT] [serve flags...]
@@ -40,13 +43,24 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 #[derive(Default)]
 struct Seen {
     results: HashSet<String>,
+    /// Ids of the requests that got an error record.
+    error_ids: HashSet<String>,
     errors: Vec<String>,
+}
+
+impl Seen {
+    /// Requests answered (a result or an error record), each id once.
+    fn answered(&self) -> usize {
+        self.results.union(&self.error_ids).count()
+    }
 }
 
 /// The probe's connection: results and error records collected into `seen` by id.
 fn connect_probe(port: u16, seen: Arc<Mutex<Seen>>) -> Client {
+    // A persistent session on a persistent broker: results published while the probe is
+    // reconnecting after a broker outage are kept for it.
     let mut o = MqttOptions::new("soak-probe", "127.0.0.1", port);
-    o.set_clean_session(true);
+    o.set_clean_session(false);
     o.set_max_packet_size(1 << 22, 1 << 22);
     o.set_inflight(500);
     o.set_keep_alive(Duration::from_secs(30));
@@ -68,6 +82,7 @@ fn connect_probe(port: u16, seen: Arc<Mutex<Seen>>) -> Client {
                     let mut g = s.lock().unwrap();
                     if p.topic.ends_with("/errors") {
                         g.errors.push(format!("{id}: {}", v["error"]));
+                        g.error_ids.insert(id);
                     } else {
                         g.results.insert(id);
                     }
@@ -82,9 +97,13 @@ fn connect_probe(port: u16, seen: Arc<Mutex<Seen>>) -> Client {
 
 /// Waits for the daemon to be serving (retained `available` = online).
 fn wait_online(port: u16, dir: &Path) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static WAITS: AtomicUsize = AtomicUsize::new(0);
     let avail = Arc::new(Mutex::new(false));
     {
-        let mut o = MqttOptions::new("soak-avail", "127.0.0.1", port);
+        // Its own client id each time: an earlier waiter's connection is still alive.
+        let id = format!("soak-avail-{}", WAITS.fetch_add(1, Ordering::Relaxed));
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
         o.set_clean_session(true);
         let (c, mut conn) = Client::new(o, 10);
         let a = avail.clone();
@@ -135,15 +154,16 @@ fn request_body(sent: usize) -> String {
 }
 
 /// Sends `n` requests, at most `in_flight` unanswered, printing a line every `every`
-/// answers; stops early after 300 s without progress. Returns the start time and the
-/// (answered, RSS MiB) samples.
+/// answers; `fault(answered)` runs on every round and returns the daemon's pid (a new one
+/// after a restart). Stops early after 300 s without progress. Returns the start time and
+/// the (answered, RSS MiB) samples.
 fn drive(
     client: &Client,
     seen: &Mutex<Seen>,
-    pid: u32,
     n: usize,
     every: usize,
     in_flight: usize,
+    fault: &mut dyn FnMut(usize) -> u32,
 ) -> (Instant, Vec<(usize, f64)>) {
     let start = Instant::now();
     let mut sent = 0usize;
@@ -151,10 +171,8 @@ fn drive(
     let mut samples: Vec<(usize, f64)> = Vec::new();
     let mut last_progress = (0usize, Instant::now());
     loop {
-        let (done, errs) = {
-            let g = seen.lock().unwrap();
-            (g.results.len() + g.errors.len(), g.errors.len())
-        };
+        let done = seen.lock().unwrap().answered();
+        let pid = fault(done);
         while sent < n && sent < done + in_flight {
             client
                 .publish(
@@ -177,7 +195,6 @@ fn drive(
             next_report += every;
         }
         if done >= n {
-            let _ = errs;
             break;
         }
         if done > last_progress.0 {
@@ -191,8 +208,16 @@ fn drive(
     (start, samples)
 }
 
-/// The closing figures: answered, errors, rate, and how far RSS moved after warm-up.
-fn summarize(seen: &Seen, pid: u32, n: usize, start: Instant, samples: &[(usize, f64)]) {
+/// The closing figures: answered, errors, rate, how far RSS moved after warm-up, the peak
+/// RSS; the ids that got nothing. False when any did.
+fn summarize(
+    seen: &Seen,
+    pid: u32,
+    n: usize,
+    start: Instant,
+    samples: &[(usize, f64)],
+    peak_before_kill: f64,
+) -> bool {
     let answered = seen.results.len();
     let (rss_end, hwm) = rss_mib(pid);
     // Warm-up: the first 10 % of the run.
@@ -220,6 +245,44 @@ fn summarize(seen: &Seen, pid: u32, n: usize, start: Instant, samples: &[(usize,
             (hi - lo) / lo * 100.0
         );
     }
+    println!(
+        "peak RSS (VmHWM): {peak_before_kill:.1} MiB before the SIGKILL, {hwm:.1} MiB after the restart"
+    );
+    let missing: Vec<String> = (0..n)
+        .map(|i| format!("s{i}"))
+        .filter(|id| !seen.results.contains(id) && !seen.error_ids.contains(id))
+        .collect();
+    println!(
+        "lost: {} of {n} request ids got neither a result nor an error record{}",
+        missing.len(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(", e.g. {:?}", &missing[..missing.len().min(10)])
+        }
+    );
+    missing.is_empty()
+}
+
+/// Starts `edgeact serve` on the soak's broker and outbox; its log is appended to.
+fn spawn_daemon(bin: &Path, root: &Path, url: &str, dir: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    Command::new(bin)
+        .current_dir(root)
+        .args(["serve", "--broker", url, "--device-id", "soak"])
+        .arg("--outbox-dir")
+        .arg(dir.join("outbox"))
+        .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
+        // Anything after N EVERY IN_FLIGHT goes to `edgeact serve` (e.g. --threads 1).
+        .args(std::env::args().skip(4))
+        .env("RUST_LOG", "edgeact=warn")
+        .stderr(log)
+        .spawn()
+        .expect("edgeact binary (cargo build --release)")
 }
 
 fn main() {
@@ -235,36 +298,62 @@ fn main() {
     let (root, bin) = repo_and_binary();
     let dir = std::env::temp_dir().join(format!("edgeact-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut broker = Broker::start_volatile(&dir, "allow_anonymous true\n");
+    // Persistent: the daemon's session (its subscriptions and unacknowledged requests)
+    // and the probe's survive the outages.
+    let mut broker = Broker::start(&dir);
     let port = broker.port;
-    let mut daemon = Command::new(&bin)
-        .current_dir(&root)
-        .args(["serve", "--broker", &broker.url(), "--device-id", "soak"])
-        .arg("--outbox-dir")
-        .arg(dir.join("outbox"))
-        .args(["--queue-capacity", "256", "--stats-interval-s", "5"])
-        // Anything after N EVERY IN_FLIGHT goes to `edgeact serve` (e.g. --threads 1).
-        .args(std::env::args().skip(4))
-        .env("RUST_LOG", "edgeact=warn")
-        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
-        .spawn()
-        .expect("edgeact binary (cargo build --release)");
-    let pid = daemon.id();
-
+    let url = broker.url();
+    let mut daemon = spawn_daemon(&bin, &root, &url, &dir);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let client = connect_probe(port, seen.clone());
     wait_online(port, &dir);
-    let (rss0, _) = rss_mib(pid);
+    let (rss0, _) = rss_mib(daemon.id());
     println!(
-        "soak: {n} requests, at most {in_flight} in flight, daemon pid {pid}, RSS {rss0:.1} MiB after load"
+        "soak: {n} requests, at most {in_flight} in flight, daemon pid {}, RSS {rss0:.1} MiB after load",
+        daemon.id()
     );
     println!(
         "{:>8} {:>9} {:>10} {:>10} {:>10}",
         "answered", "elapsed_s", "req_per_s", "rss_mib", "hwm_mib"
     );
-    let (start, samples) = drive(&client, &seen, pid, n, every, in_flight);
-    summarize(&seen.lock().unwrap(), pid, n, start, &samples);
+    // Faults, by answers so far: broker outages at 1/3 and 2/3, a SIGKILL at 1/2.
+    let (mut outages, mut killed, mut peak_before_kill) = (0, false, 0.0);
+    let mut fault = |done: usize| {
+        if outages < 2 && done >= n * (outages + 1) / 3 && n >= 3 {
+            outages += 1;
+            println!("-- fault: broker stopped for 5 s at {done} answered");
+            broker.stop();
+            std::thread::sleep(Duration::from_secs(5));
+            broker.restart();
+        }
+        if !killed && done >= n / 2 {
+            killed = true;
+            peak_before_kill = rss_mib(daemon.id()).1;
+            println!("-- fault: daemon killed (SIGKILL) at {done} answered, started again");
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            std::thread::sleep(Duration::from_secs(1));
+            daemon = spawn_daemon(&bin, &root, &url, &dir);
+            wait_online(port, &dir);
+        }
+        daemon.id()
+    };
+    let (start, samples) = drive(&client, &seen, n, every, in_flight, &mut fault);
+    let pid = fault(0);
+    let ok = summarize(
+        &seen.lock().unwrap(),
+        pid,
+        n,
+        start,
+        &samples,
+        peak_before_kill,
+    );
     terminate(&mut daemon);
     broker.stop();
-    let _ = std::fs::remove_dir_all(&dir);
+    if ok {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("kept for a look: {}", dir.display());
+        std::process::exit(1);
+    }
 }

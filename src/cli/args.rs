@@ -342,6 +342,15 @@ pub struct ServeSettings {
     /// messages for this client; results over it become error records.
     #[arg(long)]
     pub max_packet_bytes: Option<usize>,
+    /// ReAct sessions kept at most (least recently used removed first).
+    #[arg(long)]
+    pub session_max_count: Option<usize>,
+    /// Largest ReAct session file in KiB (oldest turns dropped first).
+    #[arg(long)]
+    pub session_max_kib: Option<usize>,
+    /// Hours a ReAct session may stay unused before it is forgotten.
+    #[arg(long)]
+    pub session_max_age_h: Option<u64>,
     /// CA certificate (PEM) for mqtts://.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,

@@ -49,6 +49,30 @@ pub mod serve {
     /// messages for the daemon; results over it are replaced by an error record. Requests
     /// between `MAX_REQUEST_BYTES` and this get a `too_large` error record.
     pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
+    /// ReAct sessions kept at most; the least recently used go first.
+    pub const SESSION_MAX_COUNT: usize = 1000;
+    /// Largest session file in KiB; its oldest turns go first.
+    pub const SESSION_MAX_KIB: usize = 64;
+    /// Hours a session may stay unused before it is forgotten.
+    pub const SESSION_MAX_AGE_H: u64 = 24;
+    /// Shortest session id over MQTT: the id is the session's secret (16 random letters
+    /// and digits are about 95 bits).
+    pub const SESSION_MIN_ID_CHARS: usize = 16;
+}
+
+/// The session bounds: `serve`'s (ids are secrets, as clients share the device) and, for
+/// `react` and `qa` on the command line (the local user's own dialogues), any id.
+pub fn session_limits(serve: bool) -> crate::react::session::SessionLimits {
+    crate::react::session::SessionLimits {
+        max_sessions: serve::SESSION_MAX_COUNT,
+        max_bytes: serve::SESSION_MAX_KIB * 1024,
+        max_age: std::time::Duration::from_secs(serve::SESSION_MAX_AGE_H * 3600),
+        min_id_chars: if serve {
+            serve::SESSION_MIN_ID_CHARS
+        } else {
+            1
+        },
+    }
 }
 
 /// `edgeact eval`, `tune` and `tune --head`.

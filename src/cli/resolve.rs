@@ -20,6 +20,7 @@ use crate::model::config::{self, BoardFile, ConfigError, EngineConfig};
 use crate::model::scoring::AbstainRule;
 use crate::model::FeatureParams;
 use crate::rank::RankConfig;
+use crate::react::session::Sessions;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
 use crate::spec::{Method, Task};
@@ -379,10 +380,12 @@ impl ReactArgs {
             spec,
             questions: self.questions.clone(),
             session: self.session.clone(),
-            session_dir: self
-                .session_dir
-                .clone()
-                .unwrap_or_else(|| state_dir().join("sessions")),
+            sessions: Sessions::new(
+                self.session_dir
+                    .clone()
+                    .unwrap_or_else(|| state_dir().join("sessions")),
+                defaults::session_limits(false),
+            ),
             grammar: !self.no_grammar,
             pretty: self.pretty,
         })

@@ -44,6 +44,9 @@ impl ServeSettings {
             ha_discovery,
             max_request_bytes,
             max_packet_bytes,
+            session_max_count,
+            session_max_kib,
+            session_max_age_h,
             ca_file,
             client_cert,
             client_key,
@@ -122,6 +125,7 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
         ),
         ha_discovery: s.ha_discovery.unwrap_or(false),
         max_request_bytes,
+        sessions: session_limits(&s),
         drain_timeout: Duration::from_secs(s.drain_timeout_s.unwrap_or(D::DRAIN_TIMEOUT_S)),
         redactor,
     })
@@ -164,6 +168,21 @@ fn check_budget(engine: &config::EngineConfig, tasks: &[ServedTask]) -> Result<(
         other => other,
     };
     Err(EngineError::Budget { path, source }.into())
+}
+
+/// The ReAct session bounds: the settings over the defaults.
+fn session_limits(s: &ServeSettings) -> crate::react::session::SessionLimits {
+    let d = defaults::session_limits(true);
+    crate::react::session::SessionLimits {
+        max_sessions: s.session_max_count.unwrap_or(d.max_sessions),
+        max_bytes: s
+            .session_max_kib
+            .map_or(d.max_bytes, |k| k.saturating_mul(1024)),
+        max_age: s
+            .session_max_age_h
+            .map_or(d.max_age, |h| Duration::from_secs(h.saturating_mul(3600))),
+        min_id_chars: d.min_id_chars,
+    }
 }
 
 /// The settings (the `--config` file's with the flags over them) and where they came from,

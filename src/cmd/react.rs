@@ -3,7 +3,6 @@
 //! as JSON.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::model::config::EngineConfig;
@@ -11,7 +10,7 @@ use crate::model::Engine;
 use crate::react::agent::{self, RunOptions};
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
-use crate::react::session;
+use crate::react::session::Sessions;
 use crate::react::tools::Toolbox;
 use crate::react::trace::Turn;
 use crate::react::ReactError;
@@ -25,7 +24,7 @@ pub struct ReactConfig {
     pub questions: Vec<String>,
     /// Carry earlier turns of this session (and record this one).
     pub session: Option<String>,
-    pub session_dir: PathBuf,
+    pub sessions: Sessions,
     pub grammar: bool,
     pub pretty: bool,
 }
@@ -65,7 +64,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
     tracing::info!(?source, "task prefix ready");
     for q in &cfg.questions {
         let history = match &cfg.session {
-            Some(id) => session::load(&cfg.session_dir, id)?,
+            Some(id) => cfg.sessions.load(id)?,
             None => Vec::new(),
         };
         let trace = agent::run(
@@ -81,8 +80,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         writeln!(out, "{}", trace.answer).map_err(ReactError::Output)?;
         write_json(out, &trace, cfg.pretty)?;
         if let Some(id) = &cfg.session {
-            session::append(
-                &cfg.session_dir,
+            cfg.sessions.append(
                 id,
                 Turn {
                     question: q.clone(),

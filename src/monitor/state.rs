@@ -112,13 +112,14 @@ impl Monitor {
         };
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
         if let Some(d) = dir {
-            std::fs::create_dir_all(d).map_err(io)?;
+            crate::util::private::create_dir(d).map_err(io)?;
         }
         let tmp = path.with_extension("tmp");
         // Plain structs, maps and JSON values: serializing cannot fail.
         let bytes = serde_json::to_vec(&self.state).unwrap_or_default();
         {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            // Owner-only: the state quotes request ids and fields.
+            let mut f = crate::util::private::open(&tmp, true).map_err(io)?;
             f.write_all(&bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
         }

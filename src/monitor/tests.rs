@@ -477,3 +477,27 @@ fn a_saved_stream_time_far_ahead_of_the_clock_is_discarded_on_restore() {
     assert!(matches!(restored, Restored::Loaded { .. }), "{restored:?}");
     assert_eq!(m.watermark_ms(), Some(1_799_999_000_000));
 }
+
+/// The saved state quotes request ids and fields: owner-only (0600, in a 0700 folder), and
+/// a file left with wider permissions is narrowed when saved again.
+#[cfg(unix)]
+#[test]
+fn the_state_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("monitor.json");
+    let a = Monitor::new(&cfg(vec![rule("floods", ThresholdKind::Count, 5.0)]));
+    a.save(&path).unwrap();
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(path.with_extension("tmp"), "old").unwrap();
+    std::fs::set_permissions(
+        path.with_extension("tmp"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    a.save(&path).unwrap();
+    assert_eq!(mode(&path), 0o600);
+}

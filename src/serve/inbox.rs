@@ -48,6 +48,12 @@ impl Redeliveries {
         }
     }
 
+    /// `p`'s outcome could not be recorded: no longer in work, and not answered, so its
+    /// redelivery is run again.
+    pub fn abandoned(&mut self, p: &Publish) {
+        self.working.remove(&p.pkid);
+    }
+
     /// `p` was answered (its outcome recorded).
     pub fn finished(&mut self, p: &Publish) {
         self.working.remove(&p.pkid);

@@ -33,12 +33,30 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
-    /// Traces and error records quote request text (questions, fields, parse errors):
-    /// personal data in them is masked before they leave the device. Results are the
-    /// caller's own answer and stay as they are.
+    /// Whether personal data in this kind's payload is masked before it leaves the device.
+    /// Every kind can carry it: traces and error records quote request text, incidents
+    /// their example texts, ReAct answers and `notify` payloads what the model read or
+    /// was told, results and state the fields echoed back. One match with no wildcard, so
+    /// a new kind has to decide.
     pub fn redacted(self) -> bool {
-        matches!(self, MessageKind::Trace | MessageKind::Error)
+        match self {
+            MessageKind::Result
+            | MessageKind::Trace
+            | MessageKind::State
+            | MessageKind::Notify
+            | MessageKind::Error
+            | MessageKind::Incident => true,
+        }
     }
+
+    pub const ALL: [MessageKind; 6] = [
+        MessageKind::Result,
+        MessageKind::Trace,
+        MessageKind::State,
+        MessageKind::Notify,
+        MessageKind::Error,
+        MessageKind::Incident,
+    ];
 
     /// Side effects, errors and incidents go first; traces are dropped first when the
     /// outbox is over its caps.
@@ -88,6 +106,23 @@ impl OutMessage {
     /// The outbox's record of it (the kind is not stored: it is only needed before).
     pub fn into_outbox(self) -> (String, String, bool, Priority) {
         (self.topic, self.payload, self.retain, self.priority)
+    }
+}
+
+/// An MQTT event for the trace log: what it is, never a payload (a request's text would
+/// reach the log unredacted).
+pub fn log_summary(e: &rumqttc::v5::Event) -> String {
+    use rumqttc::v5::{mqttbytes::v5::Packet, Event};
+    match e {
+        Event::Incoming(Packet::Publish(p)) => format!(
+            "Incoming(Publish topic={} pkid={} qos={:?} dup={} bytes={})",
+            String::from_utf8_lossy(&p.topic),
+            p.pkid,
+            p.qos,
+            p.dup,
+            p.payload.len()
+        ),
+        other => format!("{other:?}"),
     }
 }
 
@@ -310,12 +345,12 @@ mod tests {
     fn kinds_keep_the_priorities_retain_flags_and_redaction_of_their_topics() {
         use MessageKind as K;
         let table = [
-            (K::Result, Priority::Normal, false, false),
+            (K::Result, Priority::Normal, false, true),
             (K::Trace, Priority::Low, false, true),
-            (K::State, Priority::Normal, true, false),
-            (K::Notify, Priority::High, false, false),
+            (K::State, Priority::Normal, true, true),
+            (K::Notify, Priority::High, false, true),
             (K::Error, Priority::High, false, true),
-            (K::Incident, Priority::High, false, false),
+            (K::Incident, Priority::High, false, true),
         ];
         for (kind, priority, retain, redacted) in table {
             let m = OutMessage::new(kind, "t".into(), "p".into());
@@ -346,15 +381,44 @@ mod tests {
         assert_eq!(v["error"]["kind"], "invalid_request");
     }
 
+    /// Whatever leaves the device is redacted by its kind, whatever its topic: a ReAct
+    /// answer, a `notify` payload, an incident's examples as much as a trace; the id stays.
     #[test]
-    fn only_traces_and_error_records_are_redacted() {
+    fn every_kind_of_message_is_redacted_ids_kept() {
         let r = Redactor::all_kinds();
-        let text = r#"{"text":"mail me at jane.doe@example.com"}"#;
-        let mut trace = OutMessage::new(MessageKind::Trace, "a/trace".into(), text.into());
-        let mut result = OutMessage::new(MessageKind::Result, "a/result".into(), text.into());
-        trace.redact_with(&r);
-        result.redact_with(&r);
-        assert!(!trace.payload.contains("jane.doe@example.com"));
-        assert_eq!(result.payload, text);
+        let text = r#"{"id":"r-4111111111111111","answer":"call ０７７００９００１２３ or mail jane.doe@example.com"}"#;
+        for kind in MessageKind::ALL {
+            let mut m = OutMessage::new(kind, "any/topic".into(), text.into());
+            m.redact_with(&r);
+            let v: Value = serde_json::from_str(&m.payload).unwrap();
+            assert_eq!(v["id"], "r-4111111111111111", "{kind:?}");
+            assert_eq!(v["answer"], "call [phone] or mail [email]", "{kind:?}");
+        }
+        // Not JSON (a notify payload can be plain text): redacted as text.
+        let mut m = OutMessage::new(
+            MessageKind::Notify,
+            "n".into(),
+            "to jane@example.com".into(),
+        );
+        m.redact_with(&r);
+        assert_eq!(m.payload, "to [email]");
+    }
+
+    /// The trace log names a packet, never its payload (request text is not redacted there).
+    #[test]
+    fn the_trace_log_summary_of_a_publish_has_no_payload() {
+        use rumqttc::v5::mqttbytes::{v5::Packet, v5::Publish, QoS};
+        let p = Publish::new(
+            "edgeact/d/greet/request",
+            QoS::AtLeastOnce,
+            br#"{"text":"call me on 0770 0900123, jane@example.com"}"#.to_vec(),
+            None,
+        );
+        let s = log_summary(&rumqttc::v5::Event::Incoming(Packet::Publish(p)));
+        assert!(
+            s.contains("edgeact/d/greet/request") && s.contains("bytes=52"),
+            "{s}"
+        );
+        assert!(!s.contains("jane") && !s.contains("0770"), "{s}");
     }
 }

@@ -40,6 +40,9 @@ pub mod stats;
 pub mod stdio;
 pub mod worker;
 
+#[cfg(test)]
+mod decode_tests;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -47,6 +50,7 @@ use std::time::Duration;
 
 use crate::model::config::EngineConfig;
 use crate::monitor::{MonitorConfig, MonitorError};
+use crate::react::session::Sessions;
 use crate::serve::mqtt::{BrokerConfig, MqttConfigError, Topics};
 use crate::serve::outbox::{OutboxError, OutboxLimits};
 use crate::serve::worker::{ServedTask, WorkerError, WorkerOptions};
@@ -75,6 +79,8 @@ pub struct ServeConfig {
     pub ha_discovery: bool,
     /// Largest request payload accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Bounds on the ReAct sessions kept under `<outbox_dir>/sessions`.
+    pub sessions: crate::react::session::SessionLimits,
     /// How long shutdown waits for PUBACKs before leaving the rest in the outbox.
     pub drain_timeout: Duration,
     /// Masks personal data in trace and error payloads and in log lines.
@@ -86,7 +92,7 @@ impl ServeConfig {
         WorkerOptions {
             queue_capacity: self.queue_capacity,
             batch_size: self.batch_size,
-            session_dir: self.outbox_dir.join("sessions"),
+            sessions: Sessions::new(self.outbox_dir.join("sessions"), self.sessions),
         }
     }
 

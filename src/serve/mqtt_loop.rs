@@ -276,7 +276,7 @@ async fn poll_owned(
     tokio::time::sleep_until(not_before).await;
     let ev = eventloop.poll().await;
     if let Ok(e) = &ev {
-        tracing::trace!(event = ?e, "mqtt");
+        tracing::trace!(event = %super::message::log_summary(e), "mqtt");
     }
     (eventloop, ev)
 }

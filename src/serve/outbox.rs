@@ -10,14 +10,15 @@
 //! acked, it is compacted by writing the live messages to a new file and renaming it over
 //! the old one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::util::private;
 use crate::util::time::now_ms;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,13 @@ pub struct Outbox {
     path: PathBuf,
     file: File,
     file_bytes: u64,
+    /// The log's length right after the last compaction: the next one waits until the
+    /// log has at least doubled, so compaction costs O(1) a record however large the
+    /// live set.
+    compacted_bytes: u64,
     live: BTreeMap<u64, Message>,
+    /// (priority, seq) of every live message: the next one to drop at the cap is the first.
+    drop_order: BTreeSet<(Priority, u64)>,
     live_bytes: u64,
     next_seq: u64,
     limits: OutboxLimits,
@@ -120,8 +127,13 @@ pub struct Outbox {
     dirty: bool,
     /// Puts were written since the last sync (acks alone need no timely sync).
     puts_unsynced: bool,
+    /// Tests: every write fails as on a full disk.
+    fail_writes: bool,
     pub counters: OutboxCounters,
 }
+
+/// Below this the log is never compacted (a small log costs nothing to read).
+const COMPACT_MIN_BYTES: u64 = 1024 * 1024;
 
 const HEADER: usize = 8;
 /// Largest record body written or read: a bigger length field is a corrupt one.
@@ -130,8 +142,20 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 /// looking for the next record after a damaged region.
 const BODY_START: &[u8] = b"{\"op\":\"";
 
+/// A [`Record`] by reference: encodes the same bytes without copying the message.
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum RecordRef<'a> {
+    Put(&'a Message),
+    Ack { seq: u64 },
+}
+
 /// The bytes of one record: `[len: u32 LE][crc32: u32 LE][JSON body]`.
 pub fn encode_record(rec: &Record) -> Vec<u8> {
+    encode(rec)
+}
+
+fn encode(rec: &impl Serialize) -> Vec<u8> {
     // Serializing these plain structs to JSON cannot fail.
     let body = serde_json::to_vec(rec).unwrap_or_default();
     let mut out = Vec::with_capacity(HEADER + body.len());
@@ -139,6 +163,85 @@ pub fn encode_record(rec: &Record) -> Vec<u8> {
     out.extend(crc32fast::hash(&body).to_le_bytes());
     out.extend(body);
     out
+}
+
+/// Bytes read from the log at a time when opening it.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A forward-only window on a log being read: at most one record (plus a chunk) is held,
+/// whatever the log's length, so opening a long log needs no memory in proportion to it.
+struct Window<R: Read> {
+    r: R,
+    buf: Vec<u8>,
+    /// Where the unread part of `buf` starts.
+    start: usize,
+    eof: bool,
+}
+
+impl<R: Read> Window<R> {
+    /// The next `n` bytes (fewer at the end of the log), without consuming them.
+    fn peek(&mut self, n: usize) -> io::Result<&[u8]> {
+        while self.buf.len() - self.start < n && !self.eof {
+            // Drop what was consumed once it is at least what is left (amortised O(1) a
+            // byte), so the buffer holds about the longest record asked for.
+            if self.start > 0 && self.start >= self.buf.len() - self.start {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let have = self.buf.len();
+            let want = (n - (have - self.start)).max(READ_CHUNK);
+            self.buf.resize(have + want, 0);
+            let got = loop {
+                match self.r.read(&mut self.buf[have..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            self.buf.truncate(have + *got.as_ref().unwrap_or(&0));
+            if got? == 0 {
+                self.eof = true;
+            }
+        }
+        let end = (self.start + n).min(self.buf.len());
+        Ok(&self.buf[self.start..end])
+    }
+
+    /// Consumes `n` bytes that [`Window::peek`] showed.
+    fn advance(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.buf.len());
+    }
+}
+
+/// The record at the start of the window and its length, if it holds a whole, intact one.
+fn record_at<R: Read>(w: &mut Window<R>) -> io::Result<Option<(Record, usize)>> {
+    let header = w.peek(HEADER)?;
+    if header.len() < HEADER {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > MAX_RECORD_BYTES {
+        return Ok(None);
+    }
+    let bytes = w.peek(HEADER + len)?;
+    let Some(body) = bytes.get(HEADER..HEADER + len) else {
+        return Ok(None);
+    };
+    if !body.starts_with(BODY_START) || crc32fast::hash(body) != crc {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<Record>(body)
+        .ok()
+        .map(|rec| (rec, HEADER + len)))
+}
+
+/// Damaged regions a read of a log skipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Damage {
+    /// Damaged regions skipped (a torn tail is one).
+    pub regions: u64,
+    /// Bytes in them.
+    pub bytes: u64,
 }
 
 /// What reading a log found.
@@ -152,156 +255,195 @@ pub struct LogScan {
     pub torn_bytes: u64,
 }
 
-/// The record at `pos` and where the next one starts, if `pos` holds a whole, intact one.
-fn record_at(bytes: &[u8], pos: usize) -> Option<(Record, usize)> {
-    let header = bytes.get(pos..pos.checked_add(HEADER)?)?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > MAX_RECORD_BYTES {
-        return None;
+/// Reads a whole log held in memory ([`scan_stream`] on a slice).
+pub fn scan_log(bytes: &[u8]) -> LogScan {
+    let mut records = Vec::new();
+    // Reading a slice cannot fail.
+    let damage = scan_stream(bytes, bytes.len() as u64, |r| records.push(r)).unwrap_or_default();
+    LogScan {
+        records,
+        torn_records: damage.regions,
+        torn_bytes: damage.bytes,
     }
-    let end = pos + HEADER + len;
-    let body = bytes.get(pos + HEADER..end)?;
-    if !body.starts_with(BODY_START) || crc32fast::hash(body) != crc {
-        return None;
-    }
-    let rec = serde_json::from_slice::<Record>(body).ok()?;
-    Some((rec, end))
 }
 
-/// Reads a log. Each stretch of bytes that is not a whole record with a good CRC (a torn
-/// tail, a flipped bit, a zeroed block) is skipped and counted, up to the next good record;
-/// every good record before and after it is kept.
+/// Reads a log of `total_bytes` from `r` as a stream, handing each good record to
+/// `on_record` in file order; memory is one record and a read buffer. Each stretch of bytes
+/// that is not a whole record with a good CRC (a torn tail, a flipped bit, a zeroed block)
+/// is skipped and counted, up to the next good record; every good record before and after
+/// it is kept.
 ///
 /// After a damaged region, a put is kept only if its seq is above every seq before it (puts
 /// are written in seq order): stale bytes of an older log generation that a filesystem
 /// shows in a torn tail are not brought back. A JSON body cannot hold a record header (a
 /// length below 16 MiB has a zero byte, which JSON escapes), so payloads never resync.
-/// Looking for the next record costs at most a few passes over the file; past that budget
+/// Looking for the next record costs at most a few passes over the log; past that budget
 /// (only adversarial bytes reach it) the rest counts as damaged.
-pub fn scan_log(bytes: &[u8]) -> LogScan {
-    let mut scan = LogScan::default();
-    let mut pos = 0;
+pub fn scan_stream<R: Read>(
+    r: R,
+    total_bytes: u64,
+    mut on_record: impl FnMut(Record),
+) -> io::Result<Damage> {
+    let mut w = Window {
+        r,
+        buf: Vec::new(),
+        start: 0,
+        eof: false,
+    };
+    let mut damage = Damage::default();
     // The highest seq of a put or ack so far (compaction ends a log with an ack of the last
     // seq used).
     let mut max_seq: Option<u64> = None;
-    let mut budget = bytes.len().saturating_mul(4).saturating_add(1 << 20);
-    while pos < bytes.len() {
-        if let Some((rec, next)) = record_at(bytes, pos) {
+    let total = usize::try_from(total_bytes).unwrap_or(usize::MAX);
+    let mut budget = total.saturating_mul(4).saturating_add(1 << 20);
+    let mut pos = 0usize;
+    while !w.peek(1)?.is_empty() {
+        if let Some((rec, len)) = record_at(&mut w)? {
             let seq = match &rec {
                 Record::Put(m) => m.seq,
                 Record::Ack { seq } => *seq,
             };
             max_seq = max_seq.max(Some(seq));
-            scan.records.push(rec);
-            pos = next;
+            on_record(rec);
+            w.advance(len);
+            pos += len;
             continue;
         }
         // A damaged region starts here: find the next good record that continues the log.
-        let start = pos;
-        pos += 1;
-        while pos < bytes.len() {
-            let candidate = bytes
-                .get(pos + HEADER..)
-                .is_some_and(|b| b.starts_with(BODY_START));
-            if candidate {
-                let len = u32::from_le_bytes([
-                    bytes[pos],
-                    bytes[pos + 1],
-                    bytes[pos + 2],
-                    bytes[pos + 3],
-                ]) as usize;
-                budget = budget.saturating_sub(len.min(bytes.len() - pos));
+        let mut skipped = 1usize;
+        w.advance(1);
+        loop {
+            let head = w.peek(HEADER + BODY_START.len())?;
+            if head.is_empty() {
+                break;
+            }
+            if head.get(HEADER..).is_some_and(|b| b == BODY_START) {
+                let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                let left = total.saturating_sub(pos + skipped).max(1);
+                budget = budget.saturating_sub(len.min(left));
                 if budget == 0 {
-                    pos = bytes.len();
+                    // The rest counts as damaged.
+                    loop {
+                        let n = w.peek(READ_CHUNK)?.len();
+                        if n == 0 {
+                            break;
+                        }
+                        w.advance(n);
+                        skipped += n;
+                    }
                     break;
                 }
-                match record_at(bytes, pos) {
+                match record_at(&mut w)? {
                     Some((Record::Put(m), _)) if max_seq.is_some_and(|mx| m.seq <= mx) => {}
                     Some(_) => break,
                     None => {}
                 }
             }
-            pos += 1;
+            w.advance(1);
+            skipped += 1;
         }
-        scan.torn_records += 1;
-        scan.torn_bytes += (pos - start) as u64;
+        pos += skipped;
+        damage.regions += 1;
+        damage.bytes += skipped as u64;
     }
-    scan
+    Ok(damage)
 }
 
 impl Outbox {
-    /// Opens (or creates) the outbox in `dir`, replaying its log.
+    /// Opens (or creates) the outbox in `dir`, replaying its log as a stream: memory is
+    /// the live messages (at most the byte cap, applied while replaying) and one record,
+    /// whatever the log's length.
     pub fn open(dir: &Path, limits: OutboxLimits) -> Result<Outbox, OutboxError> {
         let path = dir.join("outbox.log");
         let io = |source| OutboxError::Io {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut bytes = Vec::new();
-        if path.exists() {
-            BufReader::new(File::open(&path).map_err(io)?)
-                .read_to_end(&mut bytes)
-                .map_err(io)?;
-        }
-        let scan = scan_log(&bytes);
-        let counters = OutboxCounters {
-            torn_records: scan.torn_records,
-            torn_bytes: scan.torn_bytes,
-            ..Default::default()
-        };
-        if scan.torn_records > 0 {
-            tracing::warn!(
-                path = %path.display(),
-                torn_regions = counters.torn_records,
-                torn_bytes = counters.torn_bytes,
-                "outbox log had torn or corrupt bytes (power loss?); they were skipped, every intact record is kept"
-            );
-        }
-        let mut live = BTreeMap::new();
-        let mut next_seq = 1;
-        for r in scan.records {
-            match r {
-                Record::Put(m) => {
-                    next_seq = next_seq.max(m.seq.saturating_add(1));
-                    live.insert(m.seq, m);
-                }
-                Record::Ack { seq } => {
-                    // Compaction leaves an ack of the last seq used, so seqs are not reused.
-                    next_seq = next_seq.max(seq.saturating_add(1));
-                    live.remove(&seq);
-                }
-            }
-        }
+        // Owner-only: results quote requests.
+        private::create_dir(dir).map_err(io)?;
         // Not truncated here: the compaction below replaces the file (atomically), so a
         // crash before it leaves the same log to read again.
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
+        let file = private::open(&path, false).map_err(io)?;
         let mut ob = Outbox {
-            live_bytes: live.values().map(Self::msg_bytes).sum(),
-            path,
+            path: path.clone(),
             file,
-            file_bytes: bytes.len() as u64,
-            live,
-            next_seq,
+            file_bytes: 0,
+            compacted_bytes: 0,
+            live: BTreeMap::new(),
+            drop_order: BTreeSet::new(),
+            live_bytes: 0,
+            next_seq: 1,
             limits,
             last_sync: Instant::now(),
             dirty: false,
             puts_unsynced: false,
-            counters,
+            fail_writes: false,
+            counters: OutboxCounters::default(),
         };
+        let reader = File::open(&path).map_err(io)?;
+        let total = reader.metadata().map_err(io)?.len();
+        let damage = scan_stream(reader, total, |r| ob.replay(r)).map_err(io)?;
+        ob.file_bytes = total;
+        ob.counters.torn_records = damage.regions;
+        ob.counters.torn_bytes = damage.bytes;
+        if damage.regions > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                torn_regions = damage.regions,
+                torn_bytes = damage.bytes,
+                "outbox log had torn or corrupt bytes (power loss?); they were skipped, every intact record is kept"
+            );
+        }
+        if ob.counters.dropped_for_size > 0 {
+            tracing::warn!(
+                dropped = ob.counters.dropped_for_size,
+                "outbox log over its cap: the oldest lowest-priority messages were dropped"
+            );
+        }
         ob.enforce_caps()?;
         ob.compact()?;
         Ok(ob)
     }
 
+    /// One record of the log being opened; the byte cap holds while replaying, so a log
+    /// far over it (an old build's) never fills memory.
+    fn replay(&mut self, rec: Record) {
+        match rec {
+            Record::Put(m) => {
+                self.next_seq = self.next_seq.max(m.seq.saturating_add(1));
+                self.remove_live(m.seq);
+                self.insert_live(m);
+                while self.live_bytes > self.limits.max_bytes {
+                    let Some(&(_, seq)) = self.drop_order.first() else {
+                        break;
+                    };
+                    self.remove_live(seq);
+                    self.counters.dropped_for_size += 1;
+                }
+            }
+            Record::Ack { seq } => {
+                // Compaction leaves an ack of the last seq used, so seqs are not reused.
+                self.next_seq = self.next_seq.max(seq.saturating_add(1));
+                self.remove_live(seq);
+            }
+        }
+    }
+
     fn msg_bytes(m: &Message) -> u64 {
         (m.topic.len() + m.payload.len() + 64) as u64
+    }
+
+    fn insert_live(&mut self, m: Message) {
+        self.live_bytes += Self::msg_bytes(&m);
+        self.drop_order.insert((m.priority, m.seq));
+        self.live.insert(m.seq, m);
+    }
+
+    fn remove_live(&mut self, seq: u64) -> Option<Message> {
+        let m = self.live.remove(&seq)?;
+        self.live_bytes -= Self::msg_bytes(&m);
+        self.drop_order.remove(&(m.priority, m.seq));
+        Some(m)
     }
 
     fn io(&self, source: io::Error) -> OutboxError {
@@ -311,9 +453,15 @@ impl Outbox {
         }
     }
 
-    fn append(&mut self, rec: &Record) -> Result<(), OutboxError> {
+    /// Tests: makes every write fail (or succeed again), as a full disk does.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&mut self, fail: bool) {
+        self.fail_writes = fail;
+    }
+
+    fn append(&mut self, rec: &RecordRef) -> Result<(), OutboxError> {
         use std::io::Seek;
-        let bytes = encode_record(rec);
+        let bytes = encode(rec);
         if bytes.len() - HEADER > MAX_RECORD_BYTES {
             // The reader would take it for a corrupt length: refuse it instead.
             return Err(OutboxError::TooLarge {
@@ -321,6 +469,9 @@ impl Outbox {
                 bytes: bytes.len() - HEADER,
                 max_bytes: MAX_RECORD_BYTES,
             });
+        }
+        if self.fail_writes {
+            return Err(self.io(io::Error::from(io::ErrorKind::StorageFull)));
         }
         self.file
             .seek(io::SeekFrom::Start(self.file_bytes))
@@ -345,6 +496,9 @@ impl Outbox {
             // A failed sync also restarts the interval, so a timer on
             // [`Outbox::sync_deadline`] retries it one interval later instead of at once.
             self.last_sync = Instant::now();
+            if self.fail_writes {
+                return Err(self.io(io::Error::from(io::ErrorKind::StorageFull)));
+            }
             self.file.sync_data().map_err(|e| self.io(e))?;
             self.dirty = false;
             self.puts_unsynced = false;
@@ -363,13 +517,17 @@ impl Outbox {
     }
 
     /// Records messages (durably, per the fsync policy) and returns them with their
-    /// sequence numbers. Callers acknowledge their input only after this returns.
+    /// sequence numbers. Callers acknowledge their input only after this returns. All or
+    /// nothing: on an error (a full disk) none of them is recorded, and the log is as
+    /// before.
     pub fn put_all(
         &mut self,
         msgs: Vec<(String, String, bool, Priority)>,
     ) -> Result<Vec<Message>, OutboxError> {
-        let mut out = Vec::with_capacity(msgs.len());
+        let mut seqs = Vec::with_capacity(msgs.len());
         let created_ms = now_ms();
+        let batch_start = self.file_bytes;
+        let mut written = Ok(());
         for (topic, payload, retain, priority) in msgs {
             let m = Message {
                 seq: self.next_seq,
@@ -379,28 +537,43 @@ impl Outbox {
                 priority,
                 created_ms,
             };
+            // Seqs are never reused, even those of a batch that failed.
             self.next_seq += 1;
-            self.append(&Record::Put(m.clone()))?;
+            written = self.append(&RecordRef::Put(&m));
+            if written.is_err() {
+                break;
+            }
             self.puts_unsynced = true;
-            self.live_bytes += Self::msg_bytes(&m);
-            self.live.insert(m.seq, m.clone());
-            out.push(m);
+            seqs.push(m.seq);
+            self.insert_live(m);
         }
-        self.sync(false)?;
-        self.enforce_caps()?;
-        out.retain(|m| self.live.contains_key(&m.seq));
-        Ok(out)
+        if let Err(e) = written.and_then(|()| self.sync(false)) {
+            for seq in seqs {
+                self.remove_live(seq);
+            }
+            // The next append writes over what this batch left; a crash before it leaves
+            // puts whose requests were not acknowledged: delivered again, answered twice
+            // at worst, never lost.
+            self.file_bytes = batch_start;
+            let _ = self.file.set_len(batch_start);
+            return Err(e);
+        }
+        // The puts are recorded: a failure to drop or compact now only delays that.
+        if let Err(e) = self.enforce_caps().and_then(|()| self.maybe_compact()) {
+            tracing::error!("{e}");
+        }
+        Ok(seqs
+            .into_iter()
+            .filter_map(|s| self.live.get(&s).cloned())
+            .collect())
     }
 
     /// The broker has the message: forget it.
     pub fn ack(&mut self, seq: u64) -> Result<(), OutboxError> {
-        if let Some(m) = self.live.remove(&seq) {
-            self.live_bytes -= Self::msg_bytes(&m);
-            self.append(&Record::Ack { seq })?;
+        if self.remove_live(seq).is_some() {
+            self.append(&RecordRef::Ack { seq })?;
             // An ack lost in a crash only means one more publish: no fsync needed here.
-            if self.file_bytes > 1024 * 1024 && self.file_bytes > 4 * self.live_bytes {
-                self.compact()?;
-            }
+            self.maybe_compact()?;
         }
         Ok(())
     }
@@ -445,10 +618,12 @@ impl Outbox {
     /// max_bytes. Every drop is counted and logged.
     fn enforce_caps(&mut self) -> Result<(), OutboxError> {
         let cutoff = now_ms().saturating_sub(self.limits.max_age.as_millis() as u64);
+        // Seq order is put order, so the old ones come first (a clock set back only delays
+        // a drop to a later put); stopping at the first young one keeps a put O(log n).
         let old: Vec<u64> = self
             .live
             .values()
-            .filter(|m| m.created_ms < cutoff)
+            .take_while(|m| m.created_ms < cutoff)
             .map(|m| m.seq)
             .collect();
         for seq in old {
@@ -457,12 +632,7 @@ impl Outbox {
         }
         while self.live_bytes > self.limits.max_bytes {
             // The oldest message of the lowest priority present.
-            let Some(seq) = self
-                .live
-                .values()
-                .min_by_key(|m| (m.priority, m.seq))
-                .map(|m| m.seq)
-            else {
+            let Some(&(_, seq)) = self.drop_order.first() else {
                 break;
             };
             self.drop_seq(seq)?;
@@ -472,10 +642,23 @@ impl Outbox {
     }
 
     fn drop_seq(&mut self, seq: u64) -> Result<(), OutboxError> {
-        if let Some(m) = self.live.remove(&seq) {
+        if let Some(m) = self.remove_live(seq) {
             tracing::warn!(seq, topic = %m.topic, "outbox over its cap: message dropped");
-            self.live_bytes -= Self::msg_bytes(&m);
-            self.append(&Record::Ack { seq })?;
+            self.append(&RecordRef::Ack { seq })?;
+        }
+        Ok(())
+    }
+
+    /// Compacts when the log is mostly acked (and drop) records: over 1 MiB, over 4 times
+    /// the live bytes, and at least twice its length after the last compaction. So at the
+    /// cap, with the broker gone, the log stays within about 4 x max_bytes, and each
+    /// compaction is paid for by as many appended bytes.
+    fn maybe_compact(&mut self) -> Result<(), OutboxError> {
+        let bound = COMPACT_MIN_BYTES
+            .max(self.live_bytes.saturating_mul(4))
+            .max(self.compacted_bytes.saturating_mul(2));
+        if self.file_bytes > bound {
+            self.compact()?;
         }
         Ok(())
     }
@@ -483,24 +666,17 @@ impl Outbox {
     /// Rewrites the log with only the live messages (atomic rename).
     pub fn compact(&mut self) -> Result<(), OutboxError> {
         let tmp = self.path.with_extension("log.tmp");
-        let io = |source| OutboxError::Io {
-            path: tmp.clone(),
-            source,
+        let written = self.write_live(&tmp);
+        let bytes = match written {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(OutboxError::Io {
+                    path: tmp,
+                    source: e,
+                });
+            }
         };
-        let mut f = File::create(&tmp).map_err(io)?;
-        let mut bytes = 0u64;
-        let mut recs: Vec<Record> = self.live.values().cloned().map(Record::Put).collect();
-        let last = self.next_seq.saturating_sub(1);
-        if last > 0 && !self.live.contains_key(&last) {
-            // The high-water mark: reopening continues after `last`, never reusing a seq.
-            recs.push(Record::Ack { seq: last });
-        }
-        for r in &recs {
-            let rec = encode_record(r);
-            f.write_all(&rec).map_err(io)?;
-            bytes += rec.len() as u64;
-        }
-        f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
         if let Some(dir) = self.path.parent() {
             if let Ok(d) = File::open(dir) {
@@ -512,277 +688,38 @@ impl Outbox {
             .open(&self.path)
             .map_err(|e| self.io(e))?;
         self.file_bytes = bytes;
+        self.compacted_bytes = bytes;
         self.dirty = false;
         self.puts_unsynced = false;
         self.counters.compactions += 1;
         Ok(())
     }
+
+    /// Writes the live messages (and the high-water mark) to `tmp`, synced; its length.
+    fn write_live(&self, tmp: &Path) -> io::Result<u64> {
+        if self.fail_writes {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        let mut f = BufWriter::new(private::open(tmp, true)?);
+        let mut bytes = 0u64;
+        let mut write = |rec: &RecordRef| -> io::Result<()> {
+            let b = encode(rec);
+            bytes += b.len() as u64;
+            f.write_all(&b)
+        };
+        for m in self.live.values() {
+            write(&RecordRef::Put(m))?;
+        }
+        let last = self.next_seq.saturating_sub(1);
+        if last > 0 && !self.live.contains_key(&last) {
+            // The high-water mark: reopening continues after `last`, never reusing a seq.
+            write(&RecordRef::Ack { seq: last })?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(bytes)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(topic: &str, p: Priority) -> (String, String, bool, Priority) {
-        (
-            topic.to_string(),
-            format!("{{\"t\":\"{topic}\"}}"),
-            false,
-            p,
-        )
-    }
-
-    #[test]
-    fn survives_reopen_and_forgets_acked() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        let put = ob
-            .put_all(vec![
-                msg("a", Priority::Normal),
-                msg("b", Priority::Normal),
-                msg("c", Priority::High),
-            ])
-            .unwrap();
-        assert_eq!(put.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-        ob.ack(2).unwrap();
-        drop(ob);
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        let topics: Vec<&str> = ob.pending().map(|m| m.topic.as_str()).collect();
-        assert_eq!(topics, vec!["a", "c"]);
-        // Sequence numbers keep growing after a restart.
-        let m = ob.put_all(vec![msg("d", Priority::Low)]).unwrap();
-        assert_eq!(m[0].seq, 4);
-    }
-
-    #[test]
-    fn torn_tail_is_cut_and_counted_records_before_it_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        ob.put_all(vec![msg("a", Priority::Normal), msg("b", Priority::Normal)])
-            .unwrap();
-        drop(ob);
-        let path = dir.path().join("outbox.log");
-        let full = std::fs::read(&path).unwrap();
-        // A half-written third record.
-        let mut torn = full.clone();
-        let third = encode_record(&Record::Put(Message {
-            seq: 3,
-            topic: "c".into(),
-            payload: "x".into(),
-            retain: false,
-            priority: Priority::Normal,
-            created_ms: now_ms(),
-        }));
-        torn.extend(&third[..third.len() / 2]);
-        std::fs::write(&path, &torn).unwrap();
-        let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        assert_eq!(ob.len(), 2);
-        assert_eq!(ob.counters.torn_records, 1);
-        assert_eq!(ob.counters.torn_bytes, (third.len() / 2) as u64);
-        drop(ob);
-        // A flipped bit in the second record: the first is kept.
-        let mut bad = full.clone();
-        let last = bad.len() - 3;
-        bad[last] ^= 0x40;
-        std::fs::write(&path, &bad).unwrap();
-        let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        assert_eq!(
-            ob.pending().map(|m| m.topic.clone()).collect::<Vec<_>>(),
-            vec!["a"]
-        );
-        assert_eq!(ob.counters.torn_records, 1);
-        // Garbage lengths do not allocate or crash.
-        std::fs::write(&path, [0xff; 64]).unwrap();
-        let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        assert!(ob.is_empty());
-    }
-
-    #[test]
-    fn byte_cap_drops_low_priority_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let one = Outbox::msg_bytes(&Message {
-            seq: 0,
-            topic: "t1".into(),
-            payload: "{\"t\":\"t1\"}".into(),
-            retain: false,
-            priority: Priority::Low,
-            created_ms: 0,
-        });
-        let limits = OutboxLimits {
-            max_bytes: one * 3,
-            ..Default::default()
-        };
-        let mut ob = Outbox::open(dir.path(), limits).unwrap();
-        ob.put_all(vec![
-            msg("e1", Priority::High),
-            msg("l1", Priority::Low),
-            msg("n1", Priority::Normal),
-            msg("l2", Priority::Low),
-            msg("n2", Priority::Normal),
-        ])
-        .unwrap();
-        let topics: Vec<String> = ob.pending().map(|m| m.topic.clone()).collect();
-        assert_eq!(topics, vec!["e1", "n1", "n2"]);
-        assert_eq!(ob.counters.dropped_for_size, 2);
-        // The drops are durable.
-        drop(ob);
-        let ob = Outbox::open(dir.path(), limits).unwrap();
-        assert_eq!(ob.len(), 3);
-    }
-
-    #[test]
-    fn compaction_keeps_live_and_shrinks_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        for i in 0..200 {
-            let m = ob
-                .put_all(vec![msg(&format!("t{i}"), Priority::Normal)])
-                .unwrap();
-            if i % 10 != 0 {
-                ob.ack(m[0].seq).unwrap();
-            }
-        }
-        let before = ob.file_bytes();
-        ob.compact().unwrap();
-        assert!(ob.file_bytes() < before / 4);
-        drop(ob);
-        let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        assert_eq!(ob.len(), 20);
-        assert_eq!(ob.pending().next().unwrap().topic, "t0");
-    }
-
-    fn put_rec(seq: u64) -> Record {
-        Record::Put(Message {
-            seq,
-            topic: format!("t/{seq}"),
-            payload: format!("{{\"seq\":{seq}}}"),
-            retain: false,
-            priority: Priority::Normal,
-            created_ms: 1,
-        })
-    }
-
-    fn log_of(recs: &[Record]) -> (Vec<u8>, Vec<usize>) {
-        let mut bytes = Vec::new();
-        let mut ends = Vec::new();
-        for r in recs {
-            bytes.extend(encode_record(r));
-            ends.push(bytes.len());
-        }
-        (bytes, ends)
-    }
-
-    #[test]
-    fn damage_in_the_middle_is_skipped_and_later_records_kept() {
-        let recs: Vec<Record> = (1..=5).map(put_rec).collect();
-        let (clean, ends) = log_of(&recs);
-        assert_eq!(scan_log(&clean).records, recs);
-        // A flipped bit in the body of record 3, a huge length field in record 3, and
-        // record 3 zeroed (a block the disk never wrote): 1, 2, 4, 5 are kept each time,
-        // and exactly record 3's bytes are counted as one damaged region.
-        let r3 = ends[1]..ends[2];
-        let mut flipped = clean.clone();
-        flipped[r3.start + HEADER + 20] ^= 0x01;
-        let mut huge = clean.clone();
-        huge[r3.start..r3.start + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let mut zeroed = clean.clone();
-        zeroed[r3.clone()].fill(0);
-        for bad in [flipped, huge, zeroed] {
-            let scan = scan_log(&bad);
-            let seqs: Vec<u64> = scan
-                .records
-                .iter()
-                .map(|r| match r {
-                    Record::Put(m) => m.seq,
-                    Record::Ack { seq } => *seq,
-                })
-                .collect();
-            assert_eq!(seqs, vec![1, 2, 4, 5]);
-            assert_eq!(scan.records[2], recs[3]);
-            assert_eq!(scan.torn_records, 1);
-            assert_eq!(scan.torn_bytes, r3.len() as u64);
-        }
-        // Through open: the same, and the log is rewritten clean. (The records are dated
-        // 1970: no age cap here.)
-        let limits = OutboxLimits {
-            max_age: Duration::from_secs(100 * 365 * 24 * 3600),
-            ..Default::default()
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let mut bad = clean.clone();
-        bad[r3.start + HEADER + 20] ^= 0x01;
-        std::fs::write(dir.path().join("outbox.log"), &bad).unwrap();
-        let ob = Outbox::open(dir.path(), limits).unwrap();
-        assert_eq!(
-            ob.pending().map(|m| m.seq).collect::<Vec<_>>(),
-            [1, 2, 4, 5]
-        );
-        assert_eq!(ob.counters.torn_records, 1);
-        drop(ob);
-        let ob = Outbox::open(dir.path(), limits).unwrap();
-        assert_eq!(ob.len(), 4);
-        assert_eq!(ob.counters.torn_records, 0);
-    }
-
-    #[test]
-    fn stale_puts_after_a_damaged_region_are_not_brought_back() {
-        // A torn tail that shows bytes of an older log (seqs 1, 2) after seq 7.
-        let (mut bytes, _) = log_of(&[put_rec(6), put_rec(7)]);
-        bytes.extend([0u8; 13]);
-        let (old, _) = log_of(&[put_rec(1), put_rec(2)]);
-        bytes.extend(&old);
-        let scan = scan_log(&bytes);
-        assert_eq!(scan.records, vec![put_rec(6), put_rec(7)]);
-        assert_eq!(scan.torn_records, 1);
-        assert_eq!(scan.torn_bytes, (13 + old.len()) as u64);
-        // A later put and an ack after the damage are kept.
-        let (newer, _) = log_of(&[put_rec(8), Record::Ack { seq: 6 }]);
-        bytes.extend(&newer);
-        let scan = scan_log(&bytes);
-        assert_eq!(
-            scan.records,
-            vec![put_rec(6), put_rec(7), put_rec(8), Record::Ack { seq: 6 }]
-        );
-    }
-
-    #[test]
-    fn seqs_are_not_reused_after_everything_was_acked() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        let m = ob
-            .put_all(vec![msg("a", Priority::Normal), msg("b", Priority::Normal)])
-            .unwrap();
-        ob.ack(m[0].seq).unwrap();
-        ob.ack(m[1].seq).unwrap();
-        drop(ob);
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        assert!(ob.is_empty());
-        assert_eq!(ob.next_seq(), 3);
-        assert_eq!(
-            ob.put_all(vec![msg("c", Priority::Normal)]).unwrap()[0].seq,
-            3
-        );
-    }
-
-    #[test]
-    fn a_record_too_large_to_read_back_is_refused_when_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        ob.put_all(vec![msg("a", Priority::Normal)]).unwrap();
-        let huge = "x".repeat(MAX_RECORD_BYTES);
-        let e = ob
-            .put_all(vec![("t".into(), huge, false, Priority::High)])
-            .unwrap_err();
-        assert!(matches!(e, OutboxError::TooLarge { .. }), "{e}");
-        assert!(e.to_string().contains("over the limit"), "{e}");
-        // Still usable, and the earlier message and a later one survive a reopen.
-        ob.put_all(vec![msg("b", Priority::Normal)]).unwrap();
-        drop(ob);
-        let ob = Outbox::open(dir.path(), OutboxLimits::default()).unwrap();
-        assert_eq!(
-            ob.pending().map(|m| m.topic.clone()).collect::<Vec<_>>(),
-            vec!["a", "b"]
-        );
-        assert_eq!(ob.counters.torn_records, 0);
-    }
-}
+#[path = "outbox_tests.rs"]
+mod tests;

@@ -131,18 +131,22 @@ impl Redactor {
             return Cow::Borrowed(s);
         }
         let mut out = Cow::Borrowed(s);
-        // E-mail first (addresses may hold digits), then cards (Luhn), then phones.
+        // E-mail first (addresses may hold digits), then cards (Luhn), then phones. Each
+        // looks at the text with every script's digits folded to ASCII (０７７, ٠٧٧, ०७७),
+        // and masks the matching span of the text itself.
         if self.kinds.contains(&Kind::Email) {
-            out = replace_cow(out, |t| {
-                self.email.replace_all(t, Kind::Email.mask()).into_owned()
+            out = mask_spans(out, Kind::Email.mask(), |t| {
+                self.email.find_iter(t).map(|m| m.range()).collect()
             });
         }
         if self.kinds.contains(&Kind::Card) {
-            out = replace_cow(out, |t| replace_checked(t, &self.card, card_span, "[card]"));
+            out = mask_spans(out, Kind::Card.mask(), |t| {
+                spans_checked(t, &self.card, card_span)
+            });
         }
         if self.kinds.contains(&Kind::Phone) {
-            out = replace_cow(out, |t| {
-                replace_checked(t, &self.phone, phone_span, "[phone]")
+            out = mask_spans(out, Kind::Phone.mask(), |t| {
+                spans_checked(t, &self.phone, phone_span)
             });
         }
         for p in &self.patterns {
@@ -204,11 +208,96 @@ fn replace_cow<'a>(s: Cow<'a, str>, f: impl Fn(&str) -> String) -> Cow<'a, str> 
     }
 }
 
-/// Replaces the part of each candidate match that `check` accepts (a byte range within the
-/// candidate), provided the match is not glued to letters or digits on either side.
-fn replace_checked(s: &str, re: &Regex, check: fn(&str) -> Option<usize>, mask: &str) -> String {
+/// The value of a decimal digit of any script (Unicode `Nd`: ASCII, fullwidth, Arabic-Indic,
+/// Devanagari, ...). Unicode keeps each script's digits 0 to 9 in a run of ten
+/// consecutive code points, and adjacent runs are whole, so a digit's value is the count
+/// of digits just before it, mod 10.
+fn digit_value(c: char) -> Option<u32> {
+    if c.is_ascii() {
+        return c.to_digit(10);
+    }
+    if !c.is_numeric() || !is_decimal_digit(c) {
+        return None;
+    }
+    let mut k = 0;
+    let mut cp = c as u32;
+    while let Some(prev) = cp.checked_sub(1).and_then(char::from_u32) {
+        if !is_decimal_digit(prev) {
+            break;
+        }
+        k += 1;
+        cp -= 1;
+    }
+    Some(k % 10)
+}
+
+/// A Unicode decimal digit (`Nd`), as the regex crate's `\d` knows it.
+fn is_decimal_digit(c: char) -> bool {
+    use std::sync::OnceLock;
+    static ND: OnceLock<Regex> = OnceLock::new();
+    // A constant expression: compiling it cannot fail.
+    let re = ND.get_or_init(|| Regex::new(r"^\d$").expect("digit regex"));
+    let mut buf = [0u8; 4];
+    re.is_match(c.encode_utf8(&mut buf))
+}
+
+/// `s` with every non-ASCII decimal digit as its ASCII digit, and, when any was folded,
+/// for each byte offset of the folded text the byte offset in `s` it came from (plus the
+/// end).
+fn fold_digits(s: &str) -> (Cow<'_, str>, Option<Vec<usize>>) {
+    if s.is_ascii() || !s.chars().any(|c| !c.is_ascii() && c.is_numeric()) {
+        return (Cow::Borrowed(s), None);
+    }
+    let mut folded = String::with_capacity(s.len());
+    let mut map = Vec::with_capacity(s.len() + 1);
+    for (i, c) in s.char_indices() {
+        match digit_value(c).filter(|_| !c.is_ascii()) {
+            Some(d) => {
+                folded.push(char::from(b'0' + d as u8));
+                map.push(i);
+            }
+            None => {
+                folded.push(c);
+                map.extend(i..i + c.len_utf8());
+            }
+        }
+    }
+    map.push(s.len());
+    (Cow::Owned(folded), Some(map))
+}
+
+/// Replaces with `mask` each span that `find` reports in the digit-folded text.
+fn mask_spans<'a>(
+    s: Cow<'a, str>,
+    mask: &str,
+    find: impl Fn(&str) -> Vec<std::ops::Range<usize>>,
+) -> Cow<'a, str> {
+    let (folded, map) = fold_digits(&s);
+    let spans = find(&folded);
+    if spans.is_empty() {
+        return s;
+    }
+    let at = |i: usize| map.as_ref().map_or(i, |m| m[i]);
     let mut out = String::with_capacity(s.len());
     let mut last = 0;
+    for r in spans {
+        let (a, b) = (at(r.start), at(r.end));
+        out.push_str(&s[last..a]);
+        out.push_str(mask);
+        last = b;
+    }
+    out.push_str(&s[last..]);
+    Cow::Owned(out)
+}
+
+/// The part of each candidate match that `check` accepts (a byte range within the
+/// candidate), provided the match is not glued to letters or digits on either side.
+fn spans_checked(
+    s: &str,
+    re: &Regex,
+    check: fn(&str) -> Option<usize>,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
     for m in re.find_iter(s) {
         let before = s[..m.start()].chars().next_back();
         if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
@@ -222,11 +311,8 @@ fn replace_checked(s: &str, re: &Regex, check: fn(&str) -> Option<usize>, mask: 
         if after.is_some_and(|c| c.is_alphanumeric() || c == '_') {
             continue;
         }
-        out.push_str(&s[last..m.start()]);
-        out.push_str(mask);
-        last = end;
+        out.push(m.start()..end);
     }
-    out.push_str(&s[last..]);
     out
 }
 
@@ -420,5 +506,80 @@ mod tests {
         let s = "café ☕ 电话 13812345678 über";
         assert_eq!(r().redact(s), "café ☕ 电话 [phone] über");
         assert_eq!(r().redact("ß+4915112345678ß"), "ß+4915112345678ß");
+    }
+
+    /// Digits of other scripts: the same numbers written with fullwidth, Arabic-Indic,
+    /// Devanagari or Eastern Arabic digits are masked too.
+    #[test]
+    fn digits_of_any_script_are_masked() {
+        for (text, want) in [
+            ("call ０７７００９００１２３ now", "call [phone] now"),
+            ("call +٤٤ ٢٠ ٧٩٤٦ ٠٩٥٨ now", "call [phone] now"),
+            ("फ़ोन ०७७००९००१२३", "फ़ोन [phone]"),
+            ("card ۴۱۱۱ ۱۱۱۱ ۱۱۱۱ ۱۱۱۱ ok", "card [card] ok"),
+            ("card ４１１１-１１１１-１１１１-１１１１", "card [card]"),
+            ("mixed 0770０９００１２3", "mixed [phone]"),
+        ] {
+            assert_eq!(r().redact(text), want, "{text}");
+        }
+        // A wrong check digit is still no card, in any script.
+        let t = "ticket ４１１１ １１１１ １１１１ １１１２";
+        assert_eq!(r().redact(t), t);
+    }
+
+    /// Seeded random strings with a phone, a card or an e-mail address embedded, in
+    /// random digit scripts and between random words: never left in the output, and the
+    /// text around it is kept.
+    #[test]
+    fn embedded_personal_data_never_survives_random_surroundings() {
+        use crate::util::rng::SplitMix64;
+        const ZEROS: [u32; 6] = [0x30, 0xFF10, 0x660, 0x6F0, 0x966, 0x9E6];
+        const WORDS: [&str; 10] = [
+            "hello", "the room", "é", "电话", "ok,", "(note)", "at", "-", "x", "Zimmer",
+        ];
+        let mut rng = SplitMix64::new(16);
+        let mut pick = |n: usize| (rng.next_u64() % n as u64) as usize;
+        let cards = ["4111111111111111", "5500005555555559", "378282246310005"];
+        for case in 0..3000 {
+            let zero = ZEROS[pick(ZEROS.len())];
+            let script = |ascii: &str| -> String {
+                ascii
+                    .chars()
+                    .map(|c| match c.to_digit(10) {
+                        Some(d) => char::from_u32(zero + d).unwrap(),
+                        None => c,
+                    })
+                    .collect()
+            };
+            let (secret, mask) = match pick(3) {
+                0 => {
+                    let mut n = String::from("07");
+                    for _ in 0..9 {
+                        n.push(char::from(b'0' + pick(10) as u8));
+                    }
+                    (script(&n), "[phone]")
+                }
+                1 => {
+                    let c = cards[pick(cards.len())];
+                    let sep = [" ", "-", ""][pick(3)];
+                    let grouped: Vec<String> = c
+                        .as_bytes()
+                        .chunks(4)
+                        .map(|g| String::from_utf8(g.to_vec()).unwrap())
+                        .collect();
+                    (script(&grouped.join(sep)), "[card]")
+                }
+                _ => (format!("user{}@example.org", pick(1000)), "[email]"),
+            };
+            let before = WORDS[pick(WORDS.len())];
+            let after = WORDS[pick(WORDS.len())];
+            let text = format!("{before} {secret} {after}");
+            let out = r().redact(&text);
+            assert_eq!(
+                out,
+                format!("{before} {mask} {after}"),
+                "case {case}: {text}"
+            );
+        }
     }
 }

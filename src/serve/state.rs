@@ -446,9 +446,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             self.cfg.topics.errors(),
             rec.to_string(),
         );
-        if let Err(e) = self.record(vec![rec], None) {
-            tracing::error!("cannot record or publish an error record: {e}");
-        }
+        self.record(vec![rec], None);
         self.start_drain();
     }
 
@@ -482,9 +480,8 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 if let Err(e) = self.outbox.ack(seq) {
                     tracing::error!("{e}");
                 }
-                if let Err(e) = self.record(vec![rec], None) {
-                    tracing::error!("cannot record an error record: {e}");
-                }
+                // Not recorded: logged and counted by `record`.
+                self.record(vec![rec], None);
                 continue;
             }
             let payload = m.payload.into_bytes();
@@ -509,16 +506,15 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         }
     }
 
-    /// Records messages durably, queues them to publish, then acknowledges `ack`. Payloads
-    /// whose kind calls for it are redacted first. When the outbox cannot be written (disk
-    /// full, I/O error) the messages are published directly instead, without the crash
-    /// guarantee, so the daemon keeps answering; each such write error is logged and
-    /// counted.
-    fn record(
-        &mut self,
-        mut msgs: Vec<OutMessage>,
-        ack: Option<&Publish>,
-    ) -> Result<(), ServeError> {
+    /// Records messages durably, queues them to publish, then acknowledges `ack`; true when
+    /// recorded. Payloads whose kind calls for it are redacted first.
+    ///
+    /// When the outbox cannot be written (disk full, I/O error) nothing is published and
+    /// `ack` is not acknowledged: an outcome that is not durable must not stand for its
+    /// request, so the broker delivers the request again (on the next connection) and it
+    /// is run then. An `outbox_write_failed` error record goes out directly (best effort,
+    /// not durable), the failure is logged and counted, and the daemon keeps running.
+    fn record(&mut self, mut msgs: Vec<OutMessage>, ack: Option<&Publish>) -> bool {
         let limit = self.packet_limit();
         for m in msgs.iter_mut() {
             m.redact_with(&self.cfg.redactor);
@@ -528,32 +524,48 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 *m = too_large_record(&self.cfg.topics, &m.topic, &m.payload, limit);
             }
         }
-        let records = msgs.iter().cloned().map(OutMessage::into_outbox).collect();
+        // The request id the outcome carries, for the error record if it cannot be kept.
+        let id = msgs.iter().find_map(|m| {
+            let v: Value = serde_json::from_str(&m.payload).ok()?;
+            v.get("id")?.as_str().map(str::to_string)
+        });
+        let records = msgs.into_iter().map(OutMessage::into_outbox).collect();
         match self.outbox.put_all(records) {
             Ok(put) => self.to_send.extend(put.iter().map(|m| m.seq)),
             Err(e) => {
-                self.stats.outbox_write_errors += 1;
-                tracing::error!(
-                    "{e}; publishing {} message(s) without the outbox (not crash-safe until it can be written again)",
-                    msgs.len()
-                );
-                for m in msgs {
-                    let payload = m.payload.into_bytes();
-                    if self
-                        .publish(None, m.topic, QoS::AtLeastOnce, m.retain, payload)
-                        .is_err()
-                    {
-                        // Neither recorded nor queued: leave the request unacknowledged so
-                        // the broker delivers it again.
-                        return Err(ServeError::Outbox(e));
-                    }
-                }
+                self.not_recorded(&e.to_string(), id.as_deref(), ack);
+                return false;
             }
         }
         if let Some(p) = ack {
             self.ack_now(p);
         }
-        Ok(())
+        true
+    }
+
+    /// The outbox refused an outcome: logged, counted, and said on `<prefix>/errors`
+    /// directly when connected; its request is left unacknowledged.
+    fn not_recorded(&mut self, reason: &str, id: Option<&str>, request: Option<&Publish>) {
+        self.stats.outbox_write_errors += 1;
+        let message = format!(
+            "{reason}; the outcome is not kept, its request is left to the broker to deliver again"
+        );
+        tracing::error!("{message}");
+        if !self.is_connected() {
+            return;
+        }
+        let topic = request.map(|p| p.topic.as_str());
+        let rec = error_record(id, None, topic, "outbox_write_failed", &message);
+        let mut msg = OutMessage::new(
+            MessageKind::Error,
+            self.cfg.topics.errors(),
+            rec.to_string(),
+        );
+        msg.redact_with(&self.cfg.redactor);
+        let payload = msg.payload.into_bytes();
+        if let Err(e) = self.publish(None, msg.topic, QoS::AtLeastOnce, false, payload) {
+            tracing::error!("cannot publish the outbox_write_failed record: {e}");
+        }
     }
 
     /// Acknowledges `p` to the broker; when the client's request queue is full the ack
@@ -587,10 +599,8 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             self.cfg.topics.errors(),
             rec.to_string(),
         );
-        if let Err(e) = self.record(vec![msg], Some(p)) {
-            // Not acknowledged: the broker will deliver it again.
-            tracing::error!("cannot record or publish an error record: {e}");
-        }
+        // Not recorded: not acknowledged, the broker will deliver it again.
+        self.record(vec![msg], Some(p));
     }
 
     /// A context topic's message: kept (control characters as spaces) as the latest value
@@ -777,20 +787,26 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             }
         }
         let publish = ticket.and_then(|t| t.publish);
+        let recorded = self.record(msgs, publish.as_ref());
         if let Some(p) = &publish {
-            self.redeliveries.finished(p);
+            if recorded {
+                self.redeliveries.finished(p);
+            } else {
+                // Its redelivery must be run again, not taken for one answered.
+                self.redeliveries.abandoned(p);
+            }
         }
-        self.record(msgs, publish.as_ref())
+        Ok(())
     }
 
     /// On the stats tick: moves idle monitors' time on (quiet incidents end) and saves
     /// window state that changed.
     fn tick_monitors(&mut self) -> Result<(), ServeError> {
         let msgs = self.monitors.advance(&self.cfg.topics.prefix);
-        if msgs.is_empty() {
-            return Ok(());
+        if !msgs.is_empty() {
+            self.record(msgs, None);
         }
-        self.record(msgs, None)
+        Ok(())
     }
 
     fn publish_stats(&mut self) {

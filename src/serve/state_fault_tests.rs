@@ -107,7 +107,7 @@ fn with_fsync_always_no_timer_is_asked_for() {
         "a".into(),
         "{}".into(),
     )];
-    f.d.record(msgs, None).unwrap();
+    assert!(f.d.record(msgs, None));
     assert!(!f.d.outbox.has_unsynced_puts());
     assert_eq!(f.d.fsync_deadline(), None);
 }
@@ -121,7 +121,7 @@ fn a_full_queue_is_retried_a_refused_publish_is_counted_and_skipped() {
     let msgs = ["bad/+/topic", "good"]
         .map(|t| OutMessage::new(MessageKind::Result, t.into(), "{}".into()))
         .to_vec();
-    f.d.record(msgs, None).unwrap();
+    assert!(f.d.record(msgs, None));
     f.d.pump();
     // The fake refuses the wildcard topic before it looks at the queue (as rumqttc does).
     assert_eq!(f.d.stats.publish_refused, 1);
@@ -260,4 +260,57 @@ fn context_values_are_bounded_stripped_and_win_over_the_request() {
     );
     flush_and_drain(&mut f);
     assert_eq!(error_kinds(&f.d), ["context_too_large"]);
+}
+
+/// A full disk: the outcome cannot be recorded, so it is neither published nor its request
+/// acknowledged (the broker delivers it again); an error record goes out directly, and the
+/// daemon keeps running. Once the disk takes writes, the redelivered request is run again
+/// (not taken for one already answered) and answered.
+#[test]
+fn a_full_disk_leaves_the_request_unacknowledged_and_the_daemon_running() {
+    let mut f = online();
+    f.d.outbox.fail_writes(true);
+    let p = request("edgeact/d1/greet/request", 7, r#"{"id":"r1","text":"hi"}"#);
+    f.d.handle(Event::Incoming(p.clone())).unwrap();
+    let ticket = f.d.worker.queued.borrow()[0].ticket;
+    f.d.handle(Event::Done(done(ticket, Ok(classified("r1")))))
+        .expect("a full disk never stops the daemon");
+    assert!(
+        !f.d.link.sent.contains(&Sent::Ack(7)),
+        "not durable: not acked"
+    );
+    let sent = publishes(&f.d);
+    assert!(
+        sent.iter()
+            .all(|(t, _)| !t.starts_with("edgeact/d1/greet/")),
+        "not durable: not published: {sent:?}"
+    );
+    assert_eq!(error_kinds(&f.d), ["outbox_write_failed"]);
+    let e: Value = serde_json::from_str(&sent[0].1).unwrap();
+    assert_eq!(e["id"], "r1");
+    assert!(f.d.outbox.is_empty());
+    assert_eq!(f.d.stats.outbox_write_errors, 1);
+    // A request refused on a full disk (bad JSON) is not acknowledged either.
+    let bad = request("edgeact/d1/greet/request", 8, "not json");
+    f.d.handle(Event::Incoming(bad)).unwrap();
+    assert!(!f.d.link.sent.contains(&Sent::Ack(8)));
+    assert_eq!(f.d.stats.outbox_write_errors, 2);
+
+    // The disk takes writes again; the broker redelivers after the next connection.
+    f.d.outbox.fail_writes(false);
+    f.d.handle(Event::Disconnected).unwrap();
+    go_online(&mut f);
+    let mut again = p.clone();
+    again.dup = true;
+    f.d.handle(Event::Incoming(again)).unwrap();
+    assert_eq!(f.d.worker.queued.borrow().len(), 2, "run again");
+    let ticket = f.d.worker.queued.borrow()[1].ticket;
+    f.d.handle(Event::Done(done(ticket, Ok(classified("r1")))))
+        .unwrap();
+    assert!(f.d.link.sent.contains(&Sent::Ack(7)));
+    let topics: Vec<String> = publishes(&f.d).into_iter().map(|(t, _)| t).collect();
+    assert!(
+        topics.contains(&"edgeact/d1/greet/result".to_string()),
+        "{topics:?}"
+    );
 }

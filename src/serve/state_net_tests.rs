@@ -27,8 +27,7 @@ fn a_result_over_the_packet_limit_is_replaced_by_an_error_record_naming_id_and_s
     let mut f = online();
     f.d.cfg.max_packet_bytes = 4096;
     let small = OutMessage::new(MessageKind::Result, "edgeact/d1/x".into(), "{}".into());
-    f.d.record(vec![big_result("r7", 10_000), small], None)
-        .unwrap();
+    assert!(f.d.record(vec![big_result("r7", 10_000), small], None));
     f.d.pump();
     let sent = publishes(&f.d);
     assert!(
@@ -53,8 +52,7 @@ fn an_entry_over_the_brokers_smaller_limit_is_replaced_at_replay_and_blocks_noth
     let mut f = daemon_with(FakeWorker::default());
     let after = OutMessage::new(MessageKind::Result, "edgeact/d1/x".into(), "{}".into());
     // Recorded while disconnected under our own limit (1 MiB) ...
-    f.d.record(vec![big_result("r8", 6000), after], None)
-        .unwrap();
+    assert!(f.d.record(vec![big_result("r8", 6000), after], None));
     assert_eq!(f.d.outbox.len(), 2);
     // ... and the broker takes at most 4 KiB.
     f.d.set_broker_packet_limit(Some(4096));
@@ -140,7 +138,7 @@ fn back_to_back_reconnects_with_stale_writes_ack_each_entry_on_its_own_puback() 
     let msgs = ["a", "b", "c"]
         .map(|t| OutMessage::new(MessageKind::Result, t.into(), "{}".into()))
         .to_vec();
-    f.d.record(msgs, None).unwrap();
+    assert!(f.d.record(msgs, None));
     f.d.pump();
     // First connection: a and b written, then the connection drops before any PUBACK.
     f.d.handle(Event::Written(1)).unwrap();

@@ -518,7 +518,7 @@ fn publishes_stop_short_of_filling_the_client_queue() {
     let msgs = (0..PUBLISH_QUEUE_LIMIT + 10)
         .map(|i| OutMessage::new(MessageKind::Result, format!("t/{i}"), "{}".into()))
         .collect();
-    f.d.record(msgs, None).unwrap();
+    assert!(f.d.record(msgs, None));
     f.d.pump();
     assert_eq!(publishes(&f.d).len(), PUBLISH_QUEUE_LIMIT);
     f.d.handle(Event::Written(1)).unwrap();
@@ -531,7 +531,7 @@ fn after_a_reconnect_the_outbox_is_replayed_oldest_first() {
     let msgs = ["a", "b"]
         .map(|t| OutMessage::new(MessageKind::Result, t.into(), "{}".into()))
         .to_vec();
-    f.d.record(msgs, None).unwrap();
+    assert!(f.d.record(msgs, None));
     f.d.pump();
     f.d.handle(Event::Written(1)).unwrap();
     f.d.handle(Event::PubAck(1)).unwrap();
@@ -605,7 +605,7 @@ fn a_drain_that_times_out_leaves_the_rest_in_the_outbox() {
         "a".into(),
         "{}".into(),
     )];
-    f.d.record(msgs, None).unwrap();
+    assert!(f.d.record(msgs, None));
     f.d.handle(Event::Connected).unwrap();
     f.d.handle(Event::Shutdown).unwrap();
     assert!(!f.d.drain_step(Instant::now()));

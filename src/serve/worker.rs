@@ -22,7 +22,7 @@ use crate::react::agent::{self, RunOptions};
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
 use crate::react::request::{ReactRequest, ReactResult};
-use crate::react::session;
+use crate::react::session::Sessions;
 use crate::react::tools::Toolbox;
 use crate::react::trace::Turn;
 use crate::react::ReactError;
@@ -248,7 +248,7 @@ pub struct WorkerOptions {
     /// Classifications scored together when several wait for the same task.
     pub batch_size: usize,
     /// Where ReAct sessions (earlier turns by session id) are kept.
-    pub session_dir: PathBuf,
+    pub sessions: Sessions,
 }
 
 /// A ranking task: the profile of the last request stays decoded in the task's slot, so
@@ -418,7 +418,7 @@ fn run(
             }
         }
         let task = batch[0].task;
-        let outcomes = run_batch(engine, runners.get_mut(task), &batch, &opts.session_dir);
+        let outcomes = run_batch(engine, runners.get_mut(task), &batch, &opts.sessions);
         for (w, outcome) in batch.into_iter().zip(outcomes) {
             depth.fetch_sub(1, Ordering::SeqCst);
             on_done(Done {
@@ -437,7 +437,7 @@ fn run_batch(
     engine: &mut Engine,
     runner: Option<&mut Runner>,
     batch: &[Work],
-    session_dir: &std::path::Path,
+    sessions: &Sessions,
 ) -> Vec<Result<Output, JobError>> {
     let wrong = |task: String, reason: &str| {
         batch
@@ -468,7 +468,7 @@ fn run_batch(
                 .collect()
         }
         (Some(Runner::Rank(r)), Job::Rank(req)) => vec![rank(engine, r, req)],
-        (Some(Runner::React(r)), Job::React(req)) => vec![react(engine, r, req, session_dir)],
+        (Some(Runner::React(r)), Job::React(req)) => vec![react(engine, r, req, sessions)],
         (Some(_), _) => wrong(
             format!("#{}", batch[0].task),
             "the request's kind does not match the task's",
@@ -527,10 +527,10 @@ fn react(
     engine: &mut Engine,
     r: &mut ReactRunner,
     req: &ReactRequest,
-    session_dir: &std::path::Path,
+    sessions: &Sessions,
 ) -> Result<Output, JobError> {
     let history = match &req.session {
-        Some(id) => session::load(session_dir, id).map_err(ReactError::from)?,
+        Some(id) => sessions.load(id).map_err(ReactError::from)?,
         None => Vec::new(),
     };
     match &req.sensors {
@@ -555,15 +555,15 @@ fn react(
     let trace = trace.map_err(ReactError::from)?;
     let notify = r.tools.take_notifications();
     if let Some(id) = &req.session {
-        session::append(
-            session_dir,
-            id,
-            Turn {
-                question: req.question.clone(),
-                answer: trace.answer.clone(),
-            },
-        )
-        .map_err(ReactError::from)?;
+        sessions
+            .append(
+                id,
+                Turn {
+                    question: req.question.clone(),
+                    answer: trace.answer.clone(),
+                },
+            )
+            .map_err(ReactError::from)?;
     }
     Ok(Output::Reacted(Box::new(ReactResult::new(
         &req.id,

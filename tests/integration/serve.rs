@@ -507,7 +507,7 @@ fn react_over_mqtt_publishes_answer_and_compact_trace() {
     wait_online(&probe, "edgeact/rx");
     probe.publish(
         "edgeact/rx/kiosk/request",
-        r#"{"id":"k1","question":"When do you close on Saturday?","session":"s-1"}"#,
+        r#"{"id":"k1","question":"When do you close on Saturday?","session":"kiosk-7f3a9c2e41d8b6"}"#,
     );
     // A classification task served beside it is not held up for long.
     probe.publish("edgeact/rx/sentiment/request", request(0));
@@ -524,7 +524,7 @@ fn react_over_mqtt_publishes_answer_and_compact_trace() {
     assert_eq!(r["finished"], true);
     assert!(!r["answer"].as_str().unwrap().trim().is_empty());
     assert_eq!(r["unparsable_steps"], 0);
-    assert_eq!(r["session"], "s-1");
+    assert_eq!(r["session"], "kiosk-7f3a9c2e41d8b6");
     let t = probe.on("edgeact/rx/kiosk/trace")[0].json();
     let steps = t["steps"].as_array().unwrap();
     assert_eq!(steps.len() as u64, r["steps"].as_u64().unwrap());
