@@ -175,6 +175,25 @@ fn default_max_future_s() -> f64 {
     300.0
 }
 
+/// A rule's memory settings within their limits and its context condition usable; else the
+/// key and why.
+fn bounds_and_context(r: &RuleConfig) -> Result<(), (&'static str, String)> {
+    for (f, v, max) in [
+        ("max_keys", r.max_keys, LIMIT_MAX_KEYS),
+        ("max_trigger_ids", r.max_trigger_ids, LIMIT_MAX_TRIGGER_IDS),
+        ("max_examples", r.max_examples, LIMIT_MAX_EXAMPLES),
+    ] {
+        let min = usize::from(f == "max_keys");
+        if !(min..=max).contains(&v) {
+            return Err((f, format!("{v} is not within {min}..={max}")));
+        }
+    }
+    if let Some(c) = &r.context {
+        c.check().map_err(|reason| ("context", reason))?;
+    }
+    Ok(())
+}
+
 /// A validated rule, times in ms.
 #[derive(Debug, Clone)]
 pub(super) struct Rule {
@@ -317,19 +336,7 @@ impl MonitorConfig {
                     format!("{} is not within 0..=1", r.min_confidence),
                 ));
             }
-            for (f, v, max) in [
-                ("max_keys", r.max_keys, LIMIT_MAX_KEYS),
-                ("max_trigger_ids", r.max_trigger_ids, LIMIT_MAX_TRIGGER_IDS),
-                ("max_examples", r.max_examples, LIMIT_MAX_EXAMPLES),
-            ] {
-                let min = usize::from(f == "max_keys");
-                if !(min..=max).contains(&v) {
-                    return Err(invalid(k(f), format!("{v} is not within {min}..={max}")));
-                }
-            }
-            if let Some(c) = &r.context {
-                c.check().map_err(|reason| invalid(k("context"), reason))?;
-            }
+            bounds_and_context(r).map_err(|(f, reason)| invalid(k(f), reason))?;
         }
         Ok(())
     }
