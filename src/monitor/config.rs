@@ -6,6 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::entities::EntityConfig;
+use super::fusion::ContextCondition;
 use super::MonitorError;
 use crate::spec::Task;
 
@@ -92,6 +94,9 @@ pub struct RuleConfig {
     /// Ids of triggering messages kept per incident (and recent hits kept per key).
     #[serde(default = "default_max_trigger_ids")]
     pub max_trigger_ids: usize,
+    /// Fusion with a sensor: the rule fires only while this context reading holds (fresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextCondition>,
 }
 
 fn default_window_slots() -> u32 {
@@ -125,6 +130,14 @@ fn default_max_trigger_ids() -> usize {
     10
 }
 
+/// Upper limits of the per-rule memory settings, so the worst case stays small and stated
+/// (docs/monitor.md).
+pub const LIMIT_MAX_KEYS: usize = 65_536;
+pub const LIMIT_MAX_TRIGGER_IDS: usize = 100;
+pub const LIMIT_MAX_EXAMPLES: usize = 20;
+/// Upper limit of `max_key_bytes` and `max_id_bytes`.
+pub const LIMIT_ID_BYTES: usize = 1024;
+
 /// The `[monitor]` section of a task file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +151,16 @@ pub struct MonitorConfig {
     /// and every later message would count as late.
     #[serde(default = "default_max_future_s")]
     pub max_future_s: f64,
+    /// A key value (such as a district or a ticker) longer than this is refused with an
+    /// error record: keys are held in several copies per key, up to `max_keys` of them.
+    #[serde(default = "default_id_bytes")]
+    pub max_key_bytes: usize,
+    /// A message id longer than this is refused likewise (ids are kept as evidence).
+    #[serde(default = "default_id_bytes")]
+    pub max_id_bytes: usize,
+    /// Entities (companies, tickers) found in the text, for rules keyed by them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<EntityConfig>,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
 }
@@ -145,8 +168,30 @@ pub struct MonitorConfig {
 fn default_ts_field() -> String {
     "ts".into()
 }
+fn default_id_bytes() -> usize {
+    128
+}
 fn default_max_future_s() -> f64 {
     300.0
+}
+
+/// A rule's memory settings within their limits and its context condition usable; else the
+/// key and why.
+fn bounds_and_context(r: &RuleConfig) -> Result<(), (&'static str, String)> {
+    for (f, v, max) in [
+        ("max_keys", r.max_keys, LIMIT_MAX_KEYS),
+        ("max_trigger_ids", r.max_trigger_ids, LIMIT_MAX_TRIGGER_IDS),
+        ("max_examples", r.max_examples, LIMIT_MAX_EXAMPLES),
+    ] {
+        let min = usize::from(f == "max_keys");
+        if !(min..=max).contains(&v) {
+            return Err((f, format!("{v} is not within {min}..={max}")));
+        }
+    }
+    if let Some(c) = &r.context {
+        c.check().map_err(|reason| ("context", reason))?;
+    }
+    Ok(())
 }
 
 /// A validated rule, times in ms.
@@ -195,6 +240,20 @@ impl MonitorConfig {
                 "monitor.max_future_s".into(),
                 format!("{} must be a finite number >= 0", self.max_future_s),
             ));
+        }
+        for (key, v) in [
+            ("max_key_bytes", self.max_key_bytes),
+            ("max_id_bytes", self.max_id_bytes),
+        ] {
+            if !(1..=LIMIT_ID_BYTES).contains(&v) {
+                return Err(invalid(
+                    format!("monitor.{key}"),
+                    format!("{v} is not within 1..={LIMIT_ID_BYTES}"),
+                ));
+            }
+        }
+        if let Some(e) = &self.entities {
+            self.validate_entities(e, &invalid)?;
         }
         for (i, r) in self.rules.iter().enumerate() {
             let k = |f: &str| format!("monitor.rules[{i}].{f}");
@@ -277,8 +336,34 @@ impl MonitorConfig {
                     format!("{} is not within 0..=1", r.min_confidence),
                 ));
             }
-            if r.max_keys == 0 {
-                return Err(invalid(k("max_keys"), "must be at least 1".into()));
+            bounds_and_context(r).map_err(|(f, reason)| invalid(k(f), reason))?;
+        }
+        Ok(())
+    }
+
+    fn validate_entities(
+        &self,
+        e: &EntityConfig,
+        invalid: &dyn Fn(String, String) -> MonitorError,
+    ) -> Result<(), MonitorError> {
+        if !(1..=16).contains(&e.max_per_message) {
+            return Err(invalid(
+                "monitor.entities.max_per_message".into(),
+                format!("{} is not within 1..=16", e.max_per_message),
+            ));
+        }
+        for (key, names) in &e.names {
+            if key.is_empty() || key.len() > self.max_key_bytes {
+                return Err(invalid(
+                    format!("monitor.entities.names.{key}"),
+                    format!("a key must have 1..={} bytes", self.max_key_bytes),
+                ));
+            }
+            if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
+                return Err(invalid(
+                    format!("monitor.entities.names.{key}"),
+                    "needs at least one non-empty name".into(),
+                ));
             }
         }
         Ok(())

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::config::{Rule, RuleConfig};
+use super::fusion;
 use super::state::RuleState;
 use super::window::{measure, KeyState, Measure};
 use super::{EventType, MonitorEvent, Observation};
@@ -19,7 +20,18 @@ pub(super) struct Example {
     pub(super) text: String,
 }
 
-const EXAMPLE_CHARS: usize = 160;
+/// Longest example text kept, in bytes (cut at a character boundary): texts are the bulk of
+/// what a key holds.
+pub(super) const EXAMPLE_BYTES: usize = 160;
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
 
 /// An open incident.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,32 +53,29 @@ pub(super) struct Incident {
     pub(super) last_published: Value,
 }
 
-/// Feeds one observation to one rule: finds (or makes room for) its key, counts it in the
-/// key's window, and opens or updates the key's incident.
+/// Feeds one observation to one rule under one of its keys: finds (or makes room for) the
+/// key, counts it in the key's window, and opens or updates the key's incident.
 pub(super) fn observe_rule(
     rule: &Rule,
     rs: &mut RuleState,
     obs: &Observation,
+    key: &str,
     now: i64,
     out: &mut Vec<MonitorEvent>,
 ) {
     let c = &rule.cfg;
-    let key = match &c.key {
-        None => "*".to_string(),
-        Some(f) => match obs.fields.get(f) {
-            Some(v) => v.clone(),
-            None => {
-                rs.counters.missing_key += 1;
-                return;
-            }
-        },
-    };
     rs.counters.observations += 1;
-    rs.touch(rule, &key, now, out);
+    rs.touch(rule, key, now, out);
     // Inserted by `touch` when it was missing.
-    let Some(ks) = rs.keys.get_mut(&key) else {
+    let Some(ks) = rs.keys.get_mut(key) else {
         return;
     };
+    if let Some(cond) = &c.context {
+        // The newest reading the key's messages carried (a message without one keeps it).
+        if obs.fields.contains_key(&cond.field) && ks.context.is_none_or(|r| r.at_ms <= obs.ts_ms) {
+            ks.context = Some(fusion::read(cond, &obs.fields, obs.ts_ms));
+        }
+    }
 
     let hit = obs.label.as_deref() == Some(c.label.as_str()) && obs.confidence >= c.min_confidence;
     if !ks.add(rule, now, obs.ts_ms, hit) {
@@ -81,12 +90,12 @@ pub(super) fn observe_rule(
     match ks.incident.as_mut() {
         None => {
             if m.firing && now >= ks.cooldown_until_ms {
-                out.push(open_incident(rule, &key, ks, &m, now));
-                rs.open.insert(key.clone());
+                out.push(open_incident(rule, key, ks, &m, now));
+                rs.open.insert(key.to_string());
                 rs.counters.incidents += 1;
             }
         }
-        Some(inc) => out.extend(update_incident(rule, &key, inc, &m, now)),
+        Some(inc) => out.extend(update_incident(rule, key, inc, &m, now)),
     }
 }
 
@@ -99,7 +108,7 @@ fn record_hit(c: &RuleConfig, ks: &mut KeyState, obs: &Observation) {
         text: obs
             .fields
             .get("text")
-            .map(|t| t.chars().take(EXAMPLE_CHARS).collect())
+            .map(|t| cut(t, EXAMPLE_BYTES))
             .unwrap_or_default(),
     };
     ks.recent.push_back(ex.clone());
@@ -269,6 +278,7 @@ fn snapshot(
             "windows": m.windows,
         },
         "z": m.z.map(round4),
+        "context": c.context.as_ref().zip(m.context.as_ref()).map(|(cond, s)| s.to_json(cond)),
         "hits": inc.hits,
         "updates": inc.updates,
         "trigger_ids": inc.trigger_ids,

@@ -5,17 +5,24 @@
 //! `new` / `update` / `end` with its evidence. Pure logic: no I/O except [`Monitor::save`]
 //! and [`Monitor::restore`], which persist the state atomically.
 //!
-//! Memory is bounded whatever the key cardinality: each rule keeps at most `max_keys` keys
+//! Memory is bounded in bytes whatever the stream: each rule keeps at most `max_keys` keys
 //! and evicts the least recently seen one (counted); each key keeps `window_slots` counters
-//! and a ring of `max_trigger_ids` recent hits.
+//! and a ring of `max_trigger_ids` recent hits; keys and message ids longer than
+//! `max_key_bytes` / `max_id_bytes` are refused. [`MonitorConfig::worst_case_bytes`] states
+//! the bound (docs/monitor.md).
 //!
-//! The pieces: `config` (the `[monitor]` section and its validation), `window` (per key:
-//! the sliding window, the baseline, what a rule measures), `incident` (the `new` /
-//! `update` / `end` lifecycle and its messages), `state` (what survives a restart,
-//! LRU-bounded keys, save and restore), and [`replay`] (a stream through it).
+//! The pieces: `config` (the `[monitor]` section and its validation), [`entities`] (the
+//! companies or tickers a text is about, as keys), [`fusion`] (a sensor reading a rule also
+//! requires), `window` (per key: the sliding window, the baseline, what a rule measures),
+//! `incident` (the `new` / `update` / `end` lifecycle and its messages), `state` (what
+//! survives a restart, LRU-bounded keys, save and restore), `memory` (the bound), and
+//! [`replay`] (a stream through it).
 
 mod config;
+pub mod entities;
+pub mod fusion;
 mod incident;
+mod memory;
 pub mod replay;
 mod state;
 mod window;
@@ -27,6 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use config::{BaselineKind, MonitorConfig, RuleConfig, ThresholdKind};
+pub use entities::EntityConfig;
+pub use fusion::ContextCondition;
 pub use state::{Restored, RuleCounters};
 
 use config::Rule;
@@ -61,6 +70,38 @@ pub struct FutureEvent {
     pub ts_field: String,
     pub ahead_s: f64,
     pub max_future_s: f64,
+}
+
+/// Why the alert rules did not count a message (the classification itself stands).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    FutureTs(#[from] FutureEvent),
+    #[error(
+        "message id of {len} bytes is longer than max_id_bytes = {max}; it is not counted by \
+         the alert rules"
+    )]
+    IdTooLong { len: usize, max: usize },
+    #[error(
+        "key `{field}` of {len} bytes is longer than max_key_bytes = {max}; the message is not \
+         counted by the alert rules"
+    )]
+    KeyTooLong {
+        field: String,
+        len: usize,
+        max: usize,
+    },
+}
+
+impl Refused {
+    /// The `error.kind` of its error record.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refused::FutureTs(_) => "future_ts",
+            Refused::IdTooLong { .. } => "monitor_id_too_long",
+            Refused::KeyTooLong { .. } => "monitor_key_too_long",
+        }
+    }
 }
 
 /// One classified message, as the monitor sees it.
@@ -127,6 +168,9 @@ pub struct Monitor {
     state: State,
     ts_field: String,
     max_future_s: f64,
+    max_key_bytes: usize,
+    max_id_bytes: usize,
+    entities: Option<EntityConfig>,
 }
 
 impl Monitor {
@@ -150,6 +194,9 @@ impl Monitor {
             state,
             ts_field: cfg.ts_field.clone(),
             max_future_s: cfg.max_future_s,
+            max_key_bytes: cfg.max_key_bytes,
+            max_id_bytes: cfg.max_id_bytes,
+            entities: cfg.entities.clone(),
         }
     }
 
@@ -192,27 +239,74 @@ impl Monitor {
         })
     }
 
+    /// The keys of `obs` for each rule (None: the rule's key field is missing): the field's
+    /// value, else for the entity key the entities found in the text.
+    fn keys_of(&self, obs: &Observation) -> Vec<Option<Vec<String>>> {
+        let mut found: Option<Vec<String>> = None;
+        self.rules
+            .iter()
+            .map(|rule| {
+                let Some(f) = &rule.cfg.key else {
+                    return Some(vec!["*".to_string()]);
+                };
+                if let Some(v) = obs.fields.get(f) {
+                    return Some(vec![v.clone()]);
+                }
+                let e = self.entities.as_ref().filter(|e| e.key == *f)?;
+                let keys = found.get_or_insert_with(|| {
+                    obs.fields
+                        .get(&e.from)
+                        .map_or_else(Vec::new, |t| entities::extract(e, t))
+                });
+                (!keys.is_empty()).then(|| keys.clone())
+            })
+            .collect()
+    }
+
     /// Feeds one classification, unless its event time is too far ahead of `clock_ms` (see
-    /// [`Monitor::check_time`]); returns the incident messages it caused (and those of
-    /// incidents elsewhere that went quiet by its time).
+    /// [`Monitor::check_time`]) or its id or a key is too long; returns the incident
+    /// messages it caused (and those of incidents elsewhere that went quiet by its time).
+    /// A refused message changes nothing.
     pub fn observe(
         &mut self,
         obs: &Observation,
         clock_ms: i64,
-    ) -> Result<Vec<MonitorEvent>, FutureEvent> {
+    ) -> Result<Vec<MonitorEvent>, Refused> {
         self.check_time(obs.ts_ms, clock_ms)?;
+        if obs.id.len() > self.max_id_bytes {
+            return Err(Refused::IdTooLong {
+                len: obs.id.len(),
+                max: self.max_id_bytes,
+            });
+        }
+        let keys = self.keys_of(obs);
+        for (rule, ks) in self.rules.iter().zip(&keys) {
+            if let Some(long) = ks.iter().flatten().find(|k| k.len() > self.max_key_bytes) {
+                return Err(Refused::KeyTooLong {
+                    field: rule.cfg.key.clone().unwrap_or_default(),
+                    len: long.len(),
+                    max: self.max_key_bytes,
+                });
+            }
+        }
         let now = self
             .state
             .watermark_ms
             .map_or(obs.ts_ms, |w| w.max(obs.ts_ms));
         self.state.watermark_ms = Some(now);
         let mut out = Vec::new();
-        for rule in &self.rules {
+        for (rule, keys) in self.rules.iter().zip(keys) {
             // Created in `new` / `restore` for every rule.
             let Some(rs) = self.state.rules.get_mut(&rule.cfg.name) else {
                 continue;
             };
-            observe_rule(rule, rs, obs, now, &mut out);
+            let Some(keys) = keys else {
+                rs.counters.missing_key += 1;
+                continue;
+            };
+            for key in keys {
+                observe_rule(rule, rs, obs, &key, now, &mut out);
+            }
         }
         out.extend(self.advance_to(now));
         Ok(out)

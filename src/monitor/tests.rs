@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::spec::Task;
 
-fn rule(name: &str, kind: ThresholdKind, threshold: f64) -> RuleConfig {
+pub(super) fn rule(name: &str, kind: ThresholdKind, threshold: f64) -> RuleConfig {
     RuleConfig {
         name: name.into(),
         label: "flood".into(),
@@ -26,13 +26,17 @@ fn rule(name: &str, kind: ThresholdKind, threshold: f64) -> RuleConfig {
         max_keys: 100,
         max_examples: 2,
         max_trigger_ids: 5,
+        context: None,
     }
 }
 
-fn cfg(rules: Vec<RuleConfig>) -> MonitorConfig {
+pub(super) fn cfg(rules: Vec<RuleConfig>) -> MonitorConfig {
     MonitorConfig {
         ts_field: "ts".into(),
         max_future_s: 300.0,
+        max_key_bytes: 128,
+        max_id_bytes: 128,
+        entities: None,
         rules,
     }
 }
@@ -500,4 +504,190 @@ fn the_state_file_is_owner_only() {
     .unwrap();
     a.save(&path).unwrap();
     assert_eq!(mode(&path), 0o600);
+}
+
+/// An observation with the given fields (and a text) at `ts_s`.
+fn obs_with(id: &str, ts_s: f64, label: &str, fields: &[(&str, &str)]) -> Observation {
+    Observation {
+        id: id.into(),
+        ts_ms: (ts_s * 1000.0) as i64,
+        label: Some(label.into()),
+        confidence: 0.9,
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn entity_cfg() -> MonitorConfig {
+    let mut r = rule("neg", ThresholdKind::Count, 2.0);
+    r.label = "negative".into();
+    r.key = Some("entity".into());
+    let mut c = cfg(vec![r]);
+    let mut names = BTreeMap::new();
+    names.insert("NOKIA".to_string(), vec!["Nokia".to_string()]);
+    c.entities = Some(EntityConfig {
+        key: "entity".into(),
+        from: "text".into(),
+        cashtags: true,
+        names,
+        max_per_message: 4,
+    });
+    c
+}
+
+#[test]
+fn entity_rules_count_each_company_a_text_names() {
+    let mut m = Monitor::new(&entity_cfg());
+    let t = |id, ts, text| obs_with(id, ts, "negative", &[("text", text)]);
+    assert!(m
+        .observe(&t("a", 1.0, "$TSLA and Nokia fall"), CLOCK_MS)
+        .unwrap()
+        .is_empty());
+    let ev = m
+        .observe(&t("b", 2.0, "Nokia warns again"), CLOCK_MS)
+        .unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].after["key"], "NOKIA");
+    assert_eq!(ev[0].after["trigger_ids"], serde_json::json!(["a", "b"]));
+    assert_eq!(m.keys("neg"), 2, "TSLA and NOKIA");
+    // A message's own `entity` field wins over the text; a text naming nobody is missing.
+    let own = obs_with(
+        "c",
+        3.0,
+        "negative",
+        &[("text", "$TSLA"), ("entity", "ACME")],
+    );
+    m.observe(&own, CLOCK_MS).unwrap();
+    m.observe(&t("d", 4.0, "markets were calm"), CLOCK_MS)
+        .unwrap();
+    assert_eq!(m.keys("neg"), 3, "ACME, not a second TSLA");
+    assert_eq!(m.counters("neg").unwrap().missing_key, 1);
+}
+
+#[test]
+fn ids_and_keys_over_their_limits_are_refused_and_change_nothing() {
+    let mut c = cfg(vec![rule("count", ThresholdKind::Count, 1.0)]);
+    c.max_key_bytes = 8;
+    c.max_id_bytes = 8;
+    let mut m = Monitor::new(&c);
+    let long_id = obs_with("123456789", 1.0, "flood", &[("district", "4")]);
+    let e = m.observe(&long_id, CLOCK_MS).unwrap_err();
+    assert_eq!(e.kind(), "monitor_id_too_long");
+    assert!(e.to_string().contains("max_id_bytes = 8"), "{e}");
+    let long_key = obs_with("x", 1.0, "flood", &[("district", "district-4")]);
+    let e = m.observe(&long_key, CLOCK_MS).unwrap_err();
+    assert_eq!(e.kind(), "monitor_key_too_long");
+    assert!(e.to_string().contains("`district` of 10 bytes"), "{e}");
+    assert_eq!(m.keys("count"), 0);
+    assert_eq!(m.watermark_ms(), None);
+    assert_eq!(m.counters("count").unwrap().observations, 0);
+    // At the limit: counted.
+    let ok = obs_with("12345678", 1.0, "flood", &[("district", "12345678")]);
+    assert_eq!(m.observe(&ok, CLOCK_MS).unwrap().len(), 1);
+}
+
+#[test]
+fn memory_settings_are_capped_by_validation() {
+    let path = Path::new("t.toml");
+    let mut c = cfg(vec![rule("r", ThresholdKind::Count, 1.0)]);
+    c.max_id_bytes = 1 << 20;
+    assert!(c.validate(path, None).is_err());
+    let mut c = cfg(vec![rule("r", ThresholdKind::Count, 1.0)]);
+    c.rules[0].max_trigger_ids = 100_000;
+    let e = c.validate(path, None).unwrap_err().to_string();
+    assert!(e.contains("max_trigger_ids"), "{e}");
+    let mut c = entity_cfg();
+    c.entities
+        .as_mut()
+        .unwrap()
+        .names
+        .insert("X".repeat(200), vec!["x".into()]);
+    assert!(c.validate(path, None).is_err());
+}
+
+/// Fire reports in a district AND a smoke reading above 300, fresh within 60 s.
+fn fusion_cfg() -> MonitorConfig {
+    let mut r = rule("fire-smoke", ThresholdKind::Count, 3.0);
+    r.label = "fire".into();
+    r.context = Some(ContextCondition {
+        field: "context.smoke".into(),
+        above: Some(300.0),
+        below: None,
+        max_age_s: 60.0,
+    });
+    cfg(vec![r])
+}
+
+/// Three fire reports in district 4 carrying a smoke reading `smoke` of age `age_s`.
+fn fires_with_smoke(smoke: &str, age_s: &str) -> Vec<MonitorEvent> {
+    let mut m = Monitor::new(&fusion_cfg());
+    (0..3)
+        .flat_map(|i| {
+            let o = obs_with(
+                &format!("f{i}"),
+                100.0 + i as f64,
+                "fire",
+                &[
+                    ("district", "4"),
+                    ("context.smoke", smoke),
+                    ("context.smoke.age_s", age_s),
+                ],
+            );
+            m.observe(&o, CLOCK_MS).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_sensor_reading_decides_whether_reports_become_an_incident() {
+    let high = fires_with_smoke("412", "5");
+    assert_eq!(high.len(), 1, "{high:?}");
+    let ctx = &high[0].after["context"];
+    assert_eq!(ctx["value"], 412.0);
+    assert_eq!(ctx["holds"], true);
+    assert_eq!(ctx["stale"], false);
+    // The same reports with a low reading: no incident.
+    assert!(fires_with_smoke("120", "5").is_empty());
+    // No reading at all: no incident either.
+    let mut m = Monitor::new(&fusion_cfg());
+    for i in 0..3 {
+        let o = obs_with(
+            &format!("n{i}"),
+            100.0 + i as f64,
+            "fire",
+            &[("district", "4")],
+        );
+        assert!(m.observe(&o, CLOCK_MS).unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_stale_reading_is_not_used_and_an_incident_shows_it_went_stale() {
+    // Over the threshold but 90 s old: not used.
+    assert!(fires_with_smoke("900", "90").is_empty());
+    // Fresh at first: an incident; the reading then goes stale as the stream moves on
+    // without a new one, and the incident ends showing why.
+    let mut m = Monitor::new(&fusion_cfg());
+    let mut events = Vec::new();
+    for i in 0..3 {
+        let o = obs_with(
+            &format!("f{i}"),
+            100.0 + i as f64,
+            "fire",
+            &[
+                ("district", "4"),
+                ("context.smoke", "900"),
+                ("context.smoke.age_s", "0"),
+            ],
+        );
+        events.extend(m.observe(&o, CLOCK_MS).unwrap());
+    }
+    assert_eq!(events.len(), 1);
+    events.extend(m.advance_to(102_000 + 61_000 + 60_000));
+    let end = events.last().unwrap();
+    assert_eq!(end.kind, EventType::End, "{events:?}");
+    assert_eq!(end.after["context"]["stale"], true);
+    assert_eq!(end.after["context"]["holds"], false);
 }

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::config::{BaselineKind, Rule, RuleConfig, ThresholdKind};
+use super::fusion::{self, ContextState, Reading};
 use super::incident::{Example, Incident};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -99,6 +100,9 @@ pub(super) struct KeyState {
     pub(super) recent: VecDeque<Example>,
     pub(super) incident: Option<Incident>,
     pub(super) cooldown_until_ms: i64,
+    /// The last sensor reading of a rule with a context condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) context: Option<Reading>,
 }
 
 impl KeyState {
@@ -110,6 +114,7 @@ impl KeyState {
             recent: VecDeque::new(),
             incident: None,
             cooldown_until_ms: i64::MIN,
+            context: None,
         }
     }
 
@@ -170,7 +175,7 @@ impl KeyState {
 }
 
 /// What a rule measured for one key at one time.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct Measure {
     pub(super) count: u64,
     pub(super) total: u64,
@@ -179,6 +184,8 @@ pub(super) struct Measure {
     pub(super) std: f64,
     pub(super) windows: u64,
     pub(super) z: Option<f64>,
+    /// The rule's context condition now (None: it has none).
+    pub(super) context: Option<ContextState>,
     pub(super) firing: bool,
 }
 
@@ -206,6 +213,11 @@ pub(super) fn measure(rule: &Rule, ks: &mut KeyState, now_ms: i64) -> Measure {
         ThresholdKind::Jump => z.unwrap_or(0.0),
     };
     let warm = c.kind != ThresholdKind::Jump || b.windows >= c.min_baseline_windows as u64;
+    let context = c
+        .context
+        .as_ref()
+        .map(|cond| fusion::evaluate(cond, ks.context.as_ref(), now_ms));
+    let sensor_ok = context.as_ref().is_none_or(|s| s.holds);
     Measure {
         count,
         total,
@@ -214,6 +226,7 @@ pub(super) fn measure(rule: &Rule, ks: &mut KeyState, now_ms: i64) -> Measure {
         std,
         windows: b.windows,
         z,
-        firing: warm && count >= c.min_count && value >= c.threshold,
+        context,
+        firing: warm && sensor_ok && count >= c.min_count && value >= c.threshold,
     }
 }

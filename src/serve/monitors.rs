@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::classify::ClassifyResult;
-use crate::monitor::{replay, FutureEvent, Monitor, MonitorConfig, Observation, Restored};
+use crate::monitor::{replay, Monitor, MonitorConfig, Observation, Refused, Restored};
 use crate::serve::message::{incident_message, OutMessage};
 use crate::serve::ServeError;
 use crate::util::time::now_ms;
@@ -81,15 +81,15 @@ impl Monitors {
     }
 
     /// Feeds a classification to its task's monitor; the incident messages it caused. An
-    /// event time too far ahead of the clock is refused (the caller answers with an error
-    /// record) and changes nothing.
+    /// event time too far ahead of the clock, or an id or key over its length limit, is
+    /// refused (the caller answers with an error record) and changes nothing.
     pub fn observe(
         &mut self,
         prefix: &str,
         task: usize,
         r: &ClassifyResult,
         fields: &BTreeMap<String, String>,
-    ) -> Result<Vec<OutMessage>, FutureEvent> {
+    ) -> Result<Vec<OutMessage>, Refused> {
         let Some(m) = self.by_task.get_mut(&task) else {
             return Ok(Vec::new());
         };

@@ -164,7 +164,8 @@ pub struct Daemon<L: Link, I: Inference> {
     next_ticket: u64,
     /// Requests in work and recently answered, so a redelivery is not run twice.
     redeliveries: Redeliveries,
-    context: BTreeMap<String, String>,
+    /// `context.<name>` -> the latest value and when it arrived.
+    context: BTreeMap<String, (String, Instant)>,
     subacks_pending: usize,
     /// Requests to acknowledge once rumqttc's request queue has room, oldest first.
     unsent_acks: VecDeque<Publish>,
@@ -615,9 +616,26 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             self.reject(p, None, None, "context_too_large", message);
             return;
         }
-        self.context
-            .insert(format!("context.{name}"), context_value(&p.payload));
+        self.context.insert(
+            format!("context.{name}"),
+            (context_value(&p.payload), Instant::now()),
+        );
         self.ack_now(p);
+    }
+
+    /// The context readings into a request's fields, each with its age in seconds
+    /// (`context.<name>.age_s`, for rules that must not use a stale one). A configured
+    /// context is the sensor's alone: a request's own value or age for it is dropped.
+    fn add_context(&self, fields: &mut BTreeMap<String, String>) {
+        for name in self.cfg.context_topics.keys() {
+            fields.remove(&format!("context.{name}"));
+            fields.remove(&format!("context.{name}.age_s"));
+        }
+        for (k, (v, at)) in &self.context {
+            fields.insert(k.clone(), v.clone());
+            let age_s = at.elapsed().as_secs_f64();
+            fields.insert(format!("{k}.age_s"), format!("{age_s:.1}"));
+        }
     }
 
     fn on_publish(&mut self, p: Publish) {
@@ -687,13 +705,14 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         match &mut job {
-            Job::Classify(request) => {
-                // The sensor's value wins over a request's own `context.<name>` field.
-                for (k, v) in &self.context {
-                    request.fields.insert(k.clone(), v.clone());
-                }
+            Job::Classify(request) => self.add_context(&mut request.fields),
+            Job::React(r) => {
+                let values = self
+                    .context
+                    .iter()
+                    .map(|(k, (v, _))| (k.clone(), v.clone()));
+                r.sensors = Some(worker::sensors_from_context(&values.collect()));
             }
-            Job::React(r) => r.sensors = Some(worker::sensors_from_context(&self.context)),
             Job::Rank(_) => {}
         }
         let fields = match &job {
@@ -766,16 +785,16 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 .observe(&self.cfg.topics.prefix, d.task, r, fields)
             {
                 Ok(incidents) => msgs.extend(incidents),
-                Err(e) => {
+                Err(refused) => {
                     // The result stands; only the alert rules refuse it, and say so.
-                    let e = e.to_string();
+                    let e = refused.to_string();
                     tracing::warn!(id = %d.request_id, route = %route, "{e}");
                     let topic = self.cfg.topics.request(&route);
                     let rec = error_record(
                         Some(&d.request_id),
                         Some(&route),
                         Some(&topic),
-                        "future_ts",
+                        refused.kind(),
                         &e,
                     );
                     msgs.push(OutMessage::new(

@@ -314,3 +314,24 @@ fn a_full_disk_leaves_the_request_unacknowledged_and_the_daemon_running() {
         "{topics:?}"
     );
 }
+
+/// A context reading carries its age (`context.<name>.age_s`, seconds since it arrived) for
+/// rules that must not use a stale one; a request can neither claim an age nor supply a
+/// configured context value the sensor has not sent.
+#[test]
+fn context_readings_carry_their_age_and_requests_cannot_forge_them() {
+    let mut f = online();
+    let forged = r#"{"text":"hi","context.room":"attic","context.room.age_s":"0"}"#;
+    let fields = classify_after(&mut f, 5, forged);
+    assert_eq!(fields.get("context.room"), None, "{fields:?}");
+    assert_eq!(fields.get("context.room.age_s"), None, "{fields:?}");
+    f.d.handle(Event::Incoming(request("home/room", 6, "kitchen")))
+        .unwrap();
+    let fields = classify_after(&mut f, 7, forged);
+    assert_eq!(
+        fields.get("context.room").map(String::as_str),
+        Some("kitchen")
+    );
+    let age: f64 = fields["context.room.age_s"].parse().unwrap();
+    assert!((0.0..60.0).contains(&age), "{age}");
+}
