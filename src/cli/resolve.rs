@@ -311,6 +311,7 @@ impl ReactArgs {
                 .clone()
                 .unwrap_or_else(|| state_dir().join("sessions")),
             grammar: !self.no_grammar,
+            generate: self.generate,
             pretty: self.pretty,
         })
     }
