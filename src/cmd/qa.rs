@@ -8,7 +8,6 @@ use std::io::Write;
 use super::react::{load_kb, write_json, ReactConfig};
 use crate::model::Engine;
 use crate::react::generator::EngineGenerator;
-use crate::react::ground::GroundConfig;
 use crate::react::policy::follow_up_context;
 use crate::react::qa;
 use crate::react::session;
@@ -43,7 +42,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         let r = if cfg.generate {
             qa::answer_generated(&cfg.spec, &qa_spec, &kb, q, &mut gen)?
         } else {
-            let ground = GroundConfig::default();
+            let ground = super::react_eval::policy_config()?.ground;
             qa::answer(&cfg.spec, &qa_spec, &kb, q, context.as_deref(), &mut gen, &ground)?
         };
         let line = match &r.cited {

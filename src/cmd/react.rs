@@ -12,7 +12,7 @@ use crate::model::Engine;
 use crate::react::agent::{self, RunOptions};
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
-use crate::react::policy::{self, PolicyConfig};
+use crate::react::policy;
 use crate::react::session;
 use crate::react::tools::Toolbox;
 use crate::react::trace::Turn;
@@ -84,7 +84,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
                 },
             )?
         } else {
-            let pc = PolicyConfig::default();
+            let pc = super::react_eval::policy_config()?;
             policy::run(&cfg.spec, kb.as_deref(), q, &history, &mut gen, &mut tools, &pc)?
         };
         writeln!(out, "{}", trace.answer).map_err(ReactError::Output)?;

@@ -148,7 +148,7 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
 }
 
 /// The policy's defaults, with `EDGEACT_POLICY`'s fields over them.
-fn policy_config() -> Result<PolicyConfig, ReactError> {
+pub(super) fn policy_config() -> Result<PolicyConfig, ReactError> {
     let Ok(text) = std::env::var("EDGEACT_POLICY") else {
         return Ok(PolicyConfig::default());
     };

@@ -328,17 +328,12 @@ pub fn select(
     }
     let passage = passages[b].0;
     let sentences = split_sentences(&passage.text);
-    // Sentences are scored by the question's coverage; the title counts for every
-    // sentence (it names the topic), a small position prior breaks ties to the first.
-    let title = kb.terms(&passage.title);
+    // Sentences are scored by the question's coverage (the title, shared by all, does not
+    // tell them apart); a small position prior breaks ties to the first.
     let mut s_scores: Vec<f64> = sentences
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            let mut t = kb.terms(s);
-            t.extend(title.iter().cloned());
-            coverage(&q_terms, &t) - 1e-3 * i as f64
-        })
+        .map(|(i, s)| coverage(&q_terms, &kb.terms(s)) - 1e-3 * i as f64)
         .collect();
     if let (true, Some(sc)) = (cfg.w_model > 0.0 && sentences.len() > 1, scorer) {
         let m = min_max(&model_scores(sc, &sentences, query.question)?);

@@ -20,6 +20,7 @@ use super::tools::Toolbox;
 use super::trace::{StepRecord, StepTokens, StopReason, Trace, Turn};
 use crate::model::EngineError;
 use crate::spec::react::ReactSpec;
+use crate::spec::step::split_trajectory;
 use crate::spec::tool::{ArgSchema, ToolName};
 
 /// A model that both generates and scores.
@@ -33,14 +34,26 @@ pub struct PolicyConfig {
     pub think: bool,
     /// Subtract each action's score after a content-free question (contextual calibration).
     pub calibrate: bool,
+    /// Action score = w_model * model (min-max over the tools) + w_lex * the question's
+    /// coverage by the tool's words (description, choice values, few-shot questions that
+    /// start with it) + w_kb * the best passage's coverage (kb_search only) + w_numbers
+    /// when an expression tool meets a question with two numbers or more.
+    pub w_model: f64,
+    pub w_lex: f64,
+    pub w_kb: f64,
+    pub w_numbers: f64,
     pub ground: GroundConfig,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
-            think: true,
-            calibrate: true,
+            think: false,
+            calibrate: false,
+            w_model: 1.0,
+            w_lex: 1.0,
+            w_kb: 1.0,
+            w_numbers: 1.0,
             ground: GroundConfig::default(),
         }
     }
@@ -162,7 +175,8 @@ pub fn run(
     let prefix = render_prefix(spec);
     let context = follow_up_context(kb, history, question);
     let mut rec = StepRecord::default();
-    let (tool, arg) = choose_action(spec, &prefix, history, question, context.as_deref(), model, cfg, &mut rec, deadline)?;
+    let ask = Ask { question, context: context.as_deref(), history };
+    let (tool, arg) = choose_action(spec, kb, &prefix, ask, model, cfg, &mut rec, deadline)?;
     trace.generated_tokens += rec.tokens.generated;
     let t = Instant::now();
     let result = tools.call(tool.as_str(), &arg);
@@ -258,18 +272,92 @@ fn grounded(
 }
 
 /// Step one: the thought (when `cfg.think`), the scored action and its argument.
+/// The question, the follow-up's context and the earlier turns.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    question: &'a str,
+    context: Option<&'a str>,
+    history: &'a [Turn],
+}
+
+/// The words that describe a tool: its description, its choice values, and the few-shot
+/// questions whose first action calls it.
+pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
+    let mut out = String::new();
+    if let Some(t) = spec.tool(tool) {
+        out.push_str(&t.description);
+        if let ArgSchema::Choice { values } = &t.arg {
+            for v in values {
+                out.push(' ');
+                out.push_str(&v.replace('_', " "));
+            }
+        }
+    }
+    let call = format!("Action: {tool}[");
+    for ex in &spec.examples {
+        let first = split_trajectory(&ex.steps).unwrap_or_default().into_iter().next();
+        if first.is_some_and(|(step, _)| step.contains(&call)) {
+            out.push(' ');
+            out.push_str(&ex.question);
+        }
+    }
+    out
+}
+
+/// Fuses each allowed action's model score with lexical evidence (weights in `cfg`).
+pub fn fuse_actions(
+    spec: &ReactSpec,
+    kb: Option<&Kb>,
+    question: &str,
+    model: &[f64],
+    cfg: &PolicyConfig,
+) -> Vec<f64> {
+    let model = ground::min_max(model);
+    let labels = action_labels(spec);
+    let n_numbers = ground::numbers(question).len();
+    let q_terms = kb.map(|k| ground::weighted_terms(k, question, None, 0.0));
+    let kb_cover = match (kb, &q_terms) {
+        (Some(k), Some(q)) => k
+            .search(question, 3)
+            .iter()
+            .map(|h| {
+                let p = &k.passages[h.index];
+                ground::coverage(q, &k.terms(&format!("{} {}", p.title, p.text)))
+            })
+            .fold(0.0, f64::max),
+        _ => 0.0,
+    };
+    labels
+        .iter()
+        .zip(model)
+        .map(|((tool, _), m)| {
+            let lex = match (kb, &q_terms) {
+                (Some(k), Some(q)) => ground::coverage(q, &k.terms(&tool_words(spec, *tool))),
+                _ => 0.0,
+            };
+            let schema = spec.tool(*tool).map(|t| &t.arg);
+            let kb_part = if *tool == ToolName::KbSearch { kb_cover } else { 0.0 };
+            let numbers = matches!(schema, Some(ArgSchema::Expr { .. })) && n_numbers >= 2;
+            cfg.w_model * m
+                + cfg.w_lex * lex
+                + cfg.w_kb * kb_part
+                + cfg.w_numbers * f64::from(u8::from(numbers))
+        })
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn choose_action(
     spec: &ReactSpec,
+    kb: Option<&Kb>,
     prefix: &str,
-    history: &[Turn],
-    question: &str,
-    context: Option<&str>,
+    ask: Ask,
     model: &mut dyn Model,
     cfg: &PolicyConfig,
     rec: &mut StepRecord,
     deadline: Instant,
 ) -> Result<(ToolName, String), EngineError> {
+    let Ask { question, context, history } = ask;
     let mut prompt = render_prompt(prefix, history, question, &[], 0);
     let thought_for = |model: &mut dyn Model, prompt: &mut String, rec: &mut StepRecord| -> Result<(), EngineError> {
         prompt.push_str("Thought:");
@@ -319,6 +407,7 @@ fn choose_action(
         }
     }
     rec.gen_ms += t.elapsed().as_secs_f64() * 1e3;
+    let scores = fuse_actions(spec, kb, question, &scores, cfg);
     let Some(b) = ground::best(&scores) else {
         return Err(EngineError::Decode("the task allows no tools".into()));
     };
