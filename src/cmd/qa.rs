@@ -43,7 +43,15 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
             qa::answer_generated(&cfg.spec, &qa_spec, &kb, q, &mut gen)?
         } else {
             let ground = super::react_eval::policy_config()?.ground;
-            qa::answer(&cfg.spec, &qa_spec, &kb, q, context.as_deref(), &mut gen, &ground)?
+            qa::answer(
+                &cfg.spec,
+                &qa_spec,
+                &kb,
+                q,
+                context.as_deref(),
+                &mut gen,
+                &ground,
+            )?
         };
         let line = match &r.cited {
             Some(id) => format!("{} [{id}]", r.answer),

@@ -265,7 +265,8 @@ fn family(
     let model = ndcg_at(&model_order, &grades, cfg.k);
     // The hybrid: the lexical stage, then fused with the model's P(yes) (unscored items 0).
     let texts: Vec<&str> = cands.iter().map(|(_, (_, t))| t.as_str()).collect();
-    let lexical_scores = hybrid::lexical_scores(lex.tfidf, lex.expander, &f.profile, &texts, &lex.cfg);
+    let lexical_scores =
+        hybrid::lexical_scores(lex.tfidf, lex.expander, &f.profile, &texts, &lex.cfg);
     let mut p_yes = vec![0.0; cands.len()];
     for r in &ranked {
         if let Ok(i) = r.id.parse::<usize>() {

@@ -85,7 +85,15 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
             )?
         } else {
             let pc = super::react_eval::policy_config()?;
-            policy::run(&cfg.spec, kb.as_deref(), q, &history, &mut gen, &mut tools, &pc)?
+            policy::run(
+                &cfg.spec,
+                kb.as_deref(),
+                q,
+                &history,
+                &mut gen,
+                &mut tools,
+                &pc,
+            )?
         };
         writeln!(out, "{}", trace.answer).map_err(ReactError::Output)?;
         write_json(out, &trace, cfg.pretty)?;

@@ -158,7 +158,10 @@ pub(super) fn policy_config() -> Result<PolicyConfig, ReactError> {
     if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
         for (k, v) in o {
             if k == "ground" {
-                if let (Some(g), Some(vo)) = (b.get_mut("ground").and_then(|g| g.as_object_mut()), v.as_object()) {
+                if let (Some(g), Some(vo)) = (
+                    b.get_mut("ground").and_then(|g| g.as_object_mut()),
+                    v.as_object(),
+                ) {
                     g.extend(vo.clone());
                 }
             } else {
@@ -200,7 +203,15 @@ fn loop_mode(
         let t = match how {
             Mode::Scored => {
                 let kb: &Kb = ctx.kb;
-                policy::run(ctx.spec, Some(kb), &s.question, &[], gen, &mut tools, &ctx.policy)?
+                policy::run(
+                    ctx.spec,
+                    Some(kb),
+                    &s.question,
+                    &[],
+                    gen,
+                    &mut tools,
+                    &ctx.policy,
+                )?
             }
             Mode::Generated { grammar } => agent::run(
                 ctx.spec,
@@ -256,12 +267,21 @@ fn qa_mode(
         let r = if generated {
             qa::answer_generated(ctx.spec, qa_spec, ctx.kb, &s.question, gen)?
         } else {
-            qa::answer(ctx.spec, qa_spec, ctx.kb, &s.question, None, gen, &ctx.policy.ground)?
+            qa::answer(
+                ctx.spec,
+                qa_spec,
+                ctx.kb,
+                &s.question,
+                None,
+                gen,
+                &ctx.policy.ground,
+            )?
         };
         if let Some(c) = &r.cited {
             match ctx.kb.get(c) {
                 Some(p) if r.passages.iter().any(|x| &x.id == c) => {
-                    ungrounded += crate::react::ground::ungrounded_numbers(&r.answer, &p.text).len();
+                    ungrounded +=
+                        crate::react::ground::ungrounded_numbers(&r.answer, &p.text).len();
                 }
                 _ => not_retrieved += 1,
             }

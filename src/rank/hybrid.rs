@@ -34,7 +34,7 @@ impl Default for HybridConfig {
             candidate_docs: 20,
             candidate_beta: 1.0,
             candidate_mix: 0.5,
-            w_model: 0.0,
+            w_model: 0.25,
         }
     }
 }
@@ -152,7 +152,10 @@ pub fn learn_w_model(events: &[(Vec<f64>, Vec<f64>, Vec<bool>)], weights: &[f64]
             let s = fuse(lex, model, w);
             let mut order: Vec<usize> = (0..s.len()).collect();
             order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-            if let Some(r) = order.iter().position(|&i| clicked.get(i).copied().unwrap_or(false)) {
+            if let Some(r) = order
+                .iter()
+                .position(|&i| clicked.get(i).copied().unwrap_or(false))
+            {
                 mrr += 1.0 / (r + 1) as f64;
             }
         }
@@ -190,8 +193,18 @@ mod tests {
         assert!(x.contains_key("new") || x.contains_key("arrived"), "{x:?}");
         assert!((x.values().map(|a| a * a).sum::<f64>() - 1.0).abs() < 1e-9);
         // An expanded profile reaches a candidate that shares no word with it.
-        let cfg = HybridConfig { profile_docs: 3, candidate_mix: 0.0, ..Default::default() };
-        let s = lexical_scores(&t, &e, "card delivered", &["has not arrived yet", "exchange rate"], &cfg);
+        let cfg = HybridConfig {
+            profile_docs: 3,
+            candidate_mix: 0.0,
+            ..Default::default()
+        };
+        let s = lexical_scores(
+            &t,
+            &e,
+            "card delivered",
+            &["has not arrived yet", "exchange rate"],
+            &cfg,
+        );
         assert!(s[0] > s[1], "{s:?}");
     }
 
@@ -207,9 +220,17 @@ mod tests {
     #[test]
     fn feedback_picks_the_weight_that_ranks_clicks_first() {
         // The model is right, the lexical score wrong: a positive weight wins.
-        let ev = vec![(vec![1.0, 0.0, 0.5], vec![0.0, 1.0, 0.2], vec![false, true, false])];
+        let ev = vec![(
+            vec![1.0, 0.0, 0.5],
+            vec![0.0, 1.0, 0.2],
+            vec![false, true, false],
+        )];
         assert_eq!(learn_w_model(&ev, &[0.0, 2.0]), Some(2.0));
-        let ev = vec![(vec![1.0, 0.0, 0.5], vec![0.0, 1.0, 0.2], vec![true, false, false])];
+        let ev = vec![(
+            vec![1.0, 0.0, 0.5],
+            vec![0.0, 1.0, 0.2],
+            vec![true, false, false],
+        )];
         assert_eq!(learn_w_model(&ev, &[0.0, 2.0]), Some(0.0));
         assert_eq!(learn_w_model(&ev, &[]), None);
     }

@@ -191,11 +191,7 @@ impl TextScorer for EngineGenerator<'_> {
             .engine
             .score(&jobs)?
             .into_iter()
-            .map(|o| {
-                o.labels
-                    .first()
-                    .map_or((0.0, 0), |l| (l.total, l.n_tokens))
-            })
+            .map(|o| o.labels.first().map_or((0.0, 0), |l| (l.total, l.n_tokens)))
             .collect())
     }
 

@@ -33,7 +33,7 @@ pub struct GroundConfig {
 impl Default for GroundConfig {
     fn default() -> Self {
         GroundConfig {
-            w_bm25: 1.0,
+            w_bm25: 0.5,
             w_cover: 1.0,
             w_model: 0.0,
             min_coverage: 0.2,
@@ -110,7 +110,12 @@ pub fn coverage(question: &[(String, f64)], terms: &[String]) -> f64 {
 /// Sentences of a passage: cut after `.`, `!`, `?` or `;` followed by a space, so decimal
 /// numbers (`6.90`) and times stay whole.
 pub fn split_sentences(text: &str) -> Vec<String> {
-    let chars: Vec<char> = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().collect();
+    let chars: Vec<char> = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .collect();
     let mut out = Vec::new();
     let mut cur = String::new();
     for (i, &c) in chars.iter().enumerate() {
@@ -193,7 +198,11 @@ pub fn fuse(cands: &mut [Candidate], cfg: &GroundConfig) {
     let model: Vec<f64> = cands.iter().map(|c| c.model.unwrap_or(0.0)).collect();
     let model = min_max(&model);
     for (c, m) in cands.iter_mut().zip(model) {
-        let bm25 = if best_bm25 > 0.0 { c.bm25 / best_bm25 } else { 0.0 };
+        let bm25 = if best_bm25 > 0.0 {
+            c.bm25 / best_bm25
+        } else {
+            0.0
+        };
         c.score = cfg.w_bm25 * bm25 + cfg.w_cover * c.coverage + cfg.w_model * m;
     }
 }
@@ -211,7 +220,12 @@ pub fn best(scores: &[f64]) -> Option<usize> {
 
 /// The answer from scored sentences: the best one, and the runner-up when it scores within
 /// `margin` of it and both fit `max_chars`; kept in passage order.
-pub fn pick_sentences(sentences: &[String], scores: &[f64], margin: f64, max_chars: usize) -> String {
+pub fn pick_sentences(
+    sentences: &[String],
+    scores: &[f64],
+    margin: f64,
+    max_chars: usize,
+) -> String {
     let Some(b) = best(scores) else {
         return String::new();
     };
@@ -275,7 +289,10 @@ fn model_scores(
     texts: &[String],
     question: &str,
 ) -> Result<Vec<f64>, EngineError> {
-    let q = format!(" {}", question.split_whitespace().collect::<Vec<_>>().join(" "));
+    let q = format!(
+        " {}",
+        question.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     let pairs: Vec<(String, String)> = texts.iter().map(|t| (model_prompt(t), q.clone())).collect();
     Ok(scorer
         .continuation_logprobs(&pairs)?
@@ -294,7 +311,10 @@ pub fn select(
     cfg: &GroundConfig,
 ) -> Result<Grounded, EngineError> {
     let q_terms = weighted_terms(kb, query.question, query.context, CONTEXT_WEIGHT);
-    let passages: Vec<_> = hits.iter().filter_map(|(id, s)| kb.get(id).map(|p| (p, *s))).collect();
+    let passages: Vec<_> = hits
+        .iter()
+        .filter_map(|(id, s)| kb.get(id).map(|p| (p, *s)))
+        .collect();
     let mut cands: Vec<Candidate> = passages
         .iter()
         .map(|(p, s)| Candidate {
@@ -308,7 +328,10 @@ pub fn select(
     let use_model = cfg.w_model > 0.0 && cands.len() > 1;
     if let (true, Some(sc)) = (use_model, scorer.as_deref_mut()) {
         let texts: Vec<String> = passages.iter().map(|(p, _)| p.one_line()).collect();
-        for (c, m) in cands.iter_mut().zip(model_scores(sc, &texts, query.question)?) {
+        for (c, m) in cands
+            .iter_mut()
+            .zip(model_scores(sc, &texts, query.question)?)
+        {
             c.model = Some(m);
         }
     }
@@ -341,7 +364,12 @@ pub fn select(
             *s += cfg.w_model * m;
         }
     }
-    let answer = pick_sentences(&sentences, &s_scores, cfg.second_margin, cfg.max_answer_chars);
+    let answer = pick_sentences(
+        &sentences,
+        &s_scores,
+        cfg.second_margin,
+        cfg.max_answer_chars,
+    );
     // By construction the answer is copied from the passage; the check keeps it so.
     if answer.is_empty() || !ungrounded_numbers(&answer, &passage.text).is_empty() {
         return Ok(not_found(cands));

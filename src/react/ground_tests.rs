@@ -12,9 +12,21 @@ fn kb() -> Kb {
     Kb::from_passages(
         Path::new("kb"),
         vec![
-            p("hours-saturday", "Opening hours on Saturday", "On Saturday the hall opens at 08:00 and closes at 18:00."),
-            p("hours-sunday", "Opening hours on Sunday", "On Sunday the hall is open from 10:00 to 16:00. The bakery always opens."),
-            p("delivery", "Home delivery", "Home delivery costs 6.90 euro. Order before 15:00 for delivery the same evening."),
+            p(
+                "hours-saturday",
+                "Opening hours on Saturday",
+                "On Saturday the hall opens at 08:00 and closes at 18:00.",
+            ),
+            p(
+                "hours-sunday",
+                "Opening hours on Sunday",
+                "On Sunday the hall is open from 10:00 to 16:00. The bakery always opens.",
+            ),
+            p(
+                "delivery",
+                "Home delivery",
+                "Home delivery costs 6.90 euro. Order before 15:00 for delivery the same evening.",
+            ),
             p("pets", "Dogs", "Dogs on a lead are welcome."),
         ],
     )
@@ -25,16 +37,27 @@ fn kb() -> Kb {
 fn sentences_keep_decimals_and_times_whole() {
     assert_eq!(
         split_sentences("Costs 6.90 euro. Open 10:00 to 16:00; closed on Monday!  Ask?"),
-        vec!["Costs 6.90 euro.", "Open 10:00 to 16:00", "closed on Monday!", "Ask?"]
+        vec![
+            "Costs 6.90 euro.",
+            "Open 10:00 to 16:00",
+            "closed on Monday!",
+            "Ask?"
+        ]
     );
     assert_eq!(split_sentences("no end"), vec!["no end"]);
 }
 
 #[test]
 fn numbers_are_found_and_checked_against_the_passage() {
-    assert_eq!(numbers("at 16:00, 6.90 euro or 12."), vec!["16:00", "6.90", "12"]);
+    assert_eq!(
+        numbers("at 16:00, 6.90 euro or 12."),
+        vec!["16:00", "6.90", "12"]
+    );
     assert!(ungrounded_numbers("open until 16:00", "from 10:00 to 16:00").is_empty());
-    assert_eq!(ungrounded_numbers("open until 17:00", "from 10:00 to 16:00"), vec!["17:00"]);
+    assert_eq!(
+        ungrounded_numbers("open until 17:00", "from 10:00 to 16:00"),
+        vec!["17:00"]
+    );
 }
 
 #[test]
@@ -54,8 +77,20 @@ fn fusion_and_best_prefer_earlier_on_ties() {
     assert_eq!(best(&[]), None);
     assert_eq!(min_max(&[1.0, 1.0]), vec![0.0, 0.0]);
     let mut c = vec![
-        Candidate { id: "a".into(), bm25: 4.0, coverage: 0.2, model: None, score: 0.0 },
-        Candidate { id: "b".into(), bm25: 2.0, coverage: 0.9, model: None, score: 0.0 },
+        Candidate {
+            id: "a".into(),
+            bm25: 4.0,
+            coverage: 0.2,
+            model: None,
+            score: 0.0,
+        },
+        Candidate {
+            id: "b".into(),
+            bm25: 2.0,
+            coverage: 0.9,
+            model: None,
+            score: 0.0,
+        },
     ];
     fuse(&mut c, &GroundConfig::default());
     assert!(c[1].score > c[0].score, "{c:?}");
@@ -72,14 +107,23 @@ fn second_sentence_joins_only_within_the_margin() {
 #[test]
 fn selection_cites_a_given_passage_and_copies_its_sentence() {
     let kb = kb();
-    let hits = vec![("hours-saturday".to_string(), 3.0), ("hours-sunday".to_string(), 2.5)];
-    let q = Query { question: "How late are you open on Sunday?", context: None };
+    let hits = vec![
+        ("hours-saturday".to_string(), 3.0),
+        ("hours-sunday".to_string(), 2.5),
+    ];
+    let q = Query {
+        question: "How late are you open on Sunday?",
+        context: None,
+    };
     let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
     assert_eq!(g.cited.as_deref(), Some("hours-sunday"));
     assert_eq!(g.answer, "On Sunday the hall is open from 10:00 to 16:00.");
     assert!(ungrounded_numbers(&g.answer, &kb.get("hours-sunday").unwrap().text).is_empty());
     // An id that was not retrieved is never cited, whatever the question.
-    let q = Query { question: "home delivery price", context: None };
+    let q = Query {
+        question: "home delivery price",
+        context: None,
+    };
     let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
     assert_ne!(g.cited.as_deref(), Some("delivery"));
 }
@@ -88,8 +132,21 @@ fn selection_cites_a_given_passage_and_copies_its_sentence() {
 fn a_question_the_passages_do_not_cover_gets_no_answer() {
     let kb = kb();
     let hits = vec![("pets".to_string(), 0.5)];
-    let q = Query { question: "Can my parrot and hamster and lizard come in with the dogs?", context: None };
-    let g = select(&kb, q, &hits, None, &GroundConfig { min_coverage: 0.5, ..Default::default() }).unwrap();
+    let q = Query {
+        question: "Can my parrot and hamster and lizard come in with the dogs?",
+        context: None,
+    };
+    let g = select(
+        &kb,
+        q,
+        &hits,
+        None,
+        &GroundConfig {
+            min_coverage: 0.5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!((g.cited, g.answer.as_str()), (None, NOT_FOUND));
     let g = select(&kb, q, &[], None, &GroundConfig::default()).unwrap();
     assert_eq!(g.cited, None);
@@ -101,8 +158,14 @@ fn a_follow_up_takes_the_earlier_question_as_context() {
     assert!(is_follow_up("and on Saturday?"));
     assert!(is_follow_up("Saturday?"));
     assert!(!is_follow_up("How late are you open on Sunday?"));
-    let hits = vec![("hours-sunday".to_string(), 2.0), ("hours-saturday".to_string(), 2.0)];
-    let q = Query { question: "and on Saturday?", context: Some("How late are you open on Sunday?") };
+    let hits = vec![
+        ("hours-sunday".to_string(), 2.0),
+        ("hours-saturday".to_string(), 2.0),
+    ];
+    let q = Query {
+        question: "and on Saturday?",
+        context: Some("How late are you open on Sunday?"),
+    };
     let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
     assert_eq!(g.cited.as_deref(), Some("hours-saturday"));
 }

@@ -52,7 +52,7 @@ impl Default for PolicyConfig {
             calibrate: false,
             w_model: 1.0,
             w_lex: 1.0,
-            w_kb: 1.0,
+            w_kb: 0.5,
             w_numbers: 1.0,
             ground: GroundConfig::default(),
         }
@@ -68,7 +68,11 @@ pub fn action_labels(spec: &ReactSpec) -> Vec<(ToolName, String)> {
     spec.tools
         .iter()
         .map(|t| {
-            let close = if matches!(t.arg, ArgSchema::None) { "]" } else { "" };
+            let close = if matches!(t.arg, ArgSchema::None) {
+                "]"
+            } else {
+                ""
+            };
             (t.name, format!("Action: {}[{close}", t.name))
         })
         .collect()
@@ -107,7 +111,13 @@ pub fn search_query(question: &str, context: Option<&str>, max_chars: usize) -> 
     };
     let words: String = q
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '\'' || c == '-' || c == ':' || c == '.' { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '\'' || c == '-' || c == ':' || c == '.' {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     clean_arg(&words, max_chars)
 }
@@ -175,7 +185,11 @@ pub fn run(
     let prefix = render_prefix(spec);
     let context = follow_up_context(kb, history, question);
     let mut rec = StepRecord::default();
-    let ask = Ask { question, context: context.as_deref(), history };
+    let ask = Ask {
+        question,
+        context: context.as_deref(),
+        history,
+    };
     let (tool, arg) = choose_action(spec, kb, &prefix, ask, model, cfg, &mut rec, deadline)?;
     trace.generated_tokens += rec.tokens.generated;
     let t = Instant::now();
@@ -188,7 +202,15 @@ pub fn run(
             rec.observation = Some(out.text.clone());
             rec.passage_ids = out.passage_ids.clone();
             if tool == ToolName::KbSearch {
-                let g = grounded(kb, question, context.as_deref(), &arg, &out.passage_ids, model, cfg)?;
+                let g = grounded(
+                    kb,
+                    question,
+                    context.as_deref(),
+                    &arg,
+                    &out.passage_ids,
+                    model,
+                    cfg,
+                )?;
                 trace.steps.push(rec);
                 trace.steps.push(StepRecord {
                     thought: Some(evidence(&g)),
@@ -268,7 +290,13 @@ fn grounded(
         })
         .collect();
     let scorer: &mut dyn TextScorer = model;
-    ground::select(kb, Query { question, context }, &hits, Some(scorer), &cfg.ground)
+    ground::select(
+        kb,
+        Query { question, context },
+        &hits,
+        Some(scorer),
+        &cfg.ground,
+    )
 }
 
 /// Step one: the thought (when `cfg.think`), the scored action and its argument.
@@ -280,10 +308,16 @@ struct Ask<'a> {
     history: &'a [Turn],
 }
 
-/// The words that describe a tool: its description, its choice values, and the few-shot
-/// questions whose first action calls it.
+/// The words that describe a tool: its description, its choice values, the sentences of
+/// the instruction that name it, and the few-shot questions whose first action calls it.
 pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
     let mut out = String::new();
+    for sentence in ground::split_sentences(&spec.instruction) {
+        if sentence.contains(tool.as_str()) {
+            out.push_str(&sentence);
+            out.push(' ');
+        }
+    }
     if let Some(t) = spec.tool(tool) {
         out.push_str(&t.description);
         if let ArgSchema::Choice { values } = &t.arg {
@@ -295,7 +329,10 @@ pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
     }
     let call = format!("Action: {tool}[");
     for ex in &spec.examples {
-        let first = split_trajectory(&ex.steps).unwrap_or_default().into_iter().next();
+        let first = split_trajectory(&ex.steps)
+            .unwrap_or_default()
+            .into_iter()
+            .next();
         if first.is_some_and(|(step, _)| step.contains(&call)) {
             out.push(' ');
             out.push_str(&ex.question);
@@ -336,7 +373,11 @@ pub fn fuse_actions(
                 _ => 0.0,
             };
             let schema = spec.tool(*tool).map(|t| &t.arg);
-            let kb_part = if *tool == ToolName::KbSearch { kb_cover } else { 0.0 };
+            let kb_part = if *tool == ToolName::KbSearch {
+                kb_cover
+            } else {
+                0.0
+            };
             let numbers = matches!(schema, Some(ArgSchema::Expr { .. })) && n_numbers >= 2;
             cfg.w_model * m
                 + cfg.w_lex * lex
@@ -357,9 +398,16 @@ fn choose_action(
     rec: &mut StepRecord,
     deadline: Instant,
 ) -> Result<(ToolName, String), EngineError> {
-    let Ask { question, context, history } = ask;
+    let Ask {
+        question,
+        context,
+        history,
+    } = ask;
     let mut prompt = render_prompt(prefix, history, question, &[], 0);
-    let thought_for = |model: &mut dyn Model, prompt: &mut String, rec: &mut StepRecord| -> Result<(), EngineError> {
+    let thought_for = |model: &mut dyn Model,
+                       prompt: &mut String,
+                       rec: &mut StepRecord|
+     -> Result<(), EngineError> {
         prompt.push_str("Thought:");
         if cfg.think {
             let g = model.generate(
@@ -379,7 +427,11 @@ fn choose_action(
             };
             rec.gen_ms += g.ms;
             rec.prefill_ms += g.prefill_ms;
-            let text = if g.end == GenEnd::Complete { g.text } else { format!("{}\n", g.text.trim_end()) };
+            let text = if g.end == GenEnd::Complete {
+                g.text
+            } else {
+                format!("{}\n", g.text.trim_end())
+            };
             prompt.push_str(&text);
             rec.thought = Some(text.trim().to_string());
         } else {
@@ -408,6 +460,15 @@ fn choose_action(
     }
     rec.gen_ms += t.elapsed().as_secs_f64() * 1e3;
     let scores = fuse_actions(spec, kb, question, &scores, cfg);
+    if rec.thought.is_none() {
+        // The choice, explained: each action's fused score.
+        let shown: Vec<String> = labels
+            .iter()
+            .zip(&scores)
+            .map(|((t, _), s)| format!("{t} {s:.2}"))
+            .collect();
+        rec.thought = Some(format!("action scores: {}", shown.join(", ")));
+    }
     let Some(b) = ground::best(&scores) else {
         return Err(EngineError::Decode("the task allows no tools".into()));
     };
@@ -416,7 +477,10 @@ fn choose_action(
     let arg = match &schema {
         ArgSchema::None => String::new(),
         ArgSchema::Text { max_chars } => search_query(question, context, *max_chars),
-        ArgSchema::Json { keys, max_value_chars } => {
+        ArgSchema::Json {
+            keys,
+            max_value_chars,
+        } => {
             // clean_arg leaves no quote, backslash or bracket: the value needs no escaping.
             let v = clean_arg(question, *max_value_chars);
             let key = keys.first().map_or("reason", String::as_str);
@@ -424,12 +488,25 @@ fn choose_action(
         }
         ArgSchema::Choice { values } => {
             let p = format!("{prompt}{label}");
-            let s: Vec<f64> = model.label_logprobs(&p, values)?.into_iter().map(|(l, _)| l).collect();
+            let s: Vec<f64> = model
+                .label_logprobs(&p, values)?
+                .into_iter()
+                .map(|(l, _)| l)
+                .collect();
             values[ground::best(&s).unwrap_or(0)].clone()
         }
         ArgSchema::Expr { .. } => {
             let p = format!("{prompt}{label}");
-            let g = model.generate(&p, GenMode::Grammar { gbnf: &arg_grammar(&schema), lines: 1 }, spec.max_step_tokens, spec.seed, deadline)?;
+            let g = model.generate(
+                &p,
+                GenMode::Grammar {
+                    gbnf: &arg_grammar(&schema),
+                    lines: 1,
+                },
+                spec.max_step_tokens,
+                spec.seed,
+                deadline,
+            )?;
             rec.tokens.generated += g.generated_tokens;
             rec.gen_ms += g.ms;
             g.text.trim_end().trim_end_matches(']').trim().to_string()

@@ -10,6 +10,7 @@ mod testkit;
 
 mod bad_input;
 mod cli;
+mod kiosk;
 mod lora;
 mod model;
 mod monitor;

@@ -178,7 +178,16 @@ fn qa_cites_one_of_the_retrieved_passages() {
     let mut gen = EngineGenerator::new(&mut engine, 0.0);
     let qa_spec = spec.qa.clone().unwrap();
     let g = GroundConfig::default();
-    let r = qa::answer(&spec, &qa_spec, &kb, "Can I bring my dog inside?", None, &mut gen, &g).unwrap();
+    let r = qa::answer(
+        &spec,
+        &qa_spec,
+        &kb,
+        "Can I bring my dog inside?",
+        None,
+        &mut gen,
+        &g,
+    )
+    .unwrap();
     eprintln!("{}", serde_json::to_string(&r).unwrap());
     assert!(r.finished, "{r:?}");
     let cited = r.cited.clone().unwrap();
