@@ -63,7 +63,7 @@ fn numbers_are_found_and_checked_against_the_passage() {
 #[test]
 fn coverage_weighs_rare_terms_most() {
     let kb = kb();
-    let q = weighted_terms(&kb, "Do you deliver to my home?", None, 0.5);
+    let q = weighted_terms(&kb, "Is there home delivery?", None, 0.5);
     let full = coverage(&q, &kb.terms("home delivery"));
     let none = coverage(&q, &kb.terms("dogs"));
     assert!(full > 0.99 && none == 0.0, "{full} {none}");
