@@ -174,7 +174,8 @@ pub fn ungrounded_numbers(answer: &str, passage: &str) -> Vec<String> {
 pub fn min_max(v: &[f64]) -> Vec<f64> {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !(hi > lo) {
+    // Equal values (or NaN) carry no ranking information.
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return vec![0.0; v.len()];
     }
     v.iter().map(|x| (x - lo) / (hi - lo)).collect()
