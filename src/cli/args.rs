@@ -86,6 +86,10 @@ pub struct ReactArgs {
     /// Generate steps without the grammar and parse them with regexes (the baseline).
     #[arg(long)]
     pub no_grammar: bool,
+    /// Generate each step (and the qa answer) under the grammar, for larger models; the
+    /// default scores the actions and selects the answer from the retrieved passage.
+    #[arg(long)]
+    pub generate: bool,
     /// Seed (overrides the task file's).
     #[arg(long)]
     pub seed: Option<u64>,

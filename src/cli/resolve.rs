@@ -387,6 +387,7 @@ impl ReactArgs {
                 defaults::session_limits(false),
             ),
             grammar: !self.no_grammar,
+            generate: self.generate,
             pretty: self.pretty,
         })
     }

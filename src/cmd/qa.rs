@@ -1,12 +1,16 @@
-//! `edgeact qa`: retrieve from the task's knowledge base, then one grammar-constrained
-//! answer citing a retrieved passage; the answer on one line, then the result as JSON.
+//! `edgeact qa`: retrieve from the task's knowledge base, then the answer selected from a
+//! retrieved passage with its id (or "not found" and an offer of staff); the answer on one
+//! line, then the result as JSON. With a session, a follow-up ("and on Saturday?")
+//! continues the session's last question and passage, and the turn is recorded.
 
 use std::io::Write;
 
 use super::react::{load_kb, write_json, ReactConfig};
 use crate::model::Engine;
 use crate::react::generator::EngineGenerator;
+use crate::react::policy::follow_up_context;
 use crate::react::qa;
+use crate::react::trace::Turn;
 use crate::react::ReactError;
 
 /// Each question through retrieve-then-answer: the answer on one line, then the result.
@@ -29,13 +33,38 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         .with_prefix(0, &qa::render_prefix(&qa_spec, &kb, max_chars))?;
     tracing::info!(?source, "qa prefix ready");
     for q in &cfg.questions {
-        let r = qa::answer(&cfg.spec, &qa_spec, &kb, q, &mut gen)?;
-        match &r.cited {
-            Some(id) => writeln!(out, "{} [{id}]", r.answer),
-            None => writeln!(out, "{}", r.answer),
-        }
-        .map_err(ReactError::Output)?;
+        let history = match &cfg.session {
+            Some(id) => cfg.sessions.load(id)?,
+            None => Vec::new(),
+        };
+        let context = follow_up_context(Some(&kb), &history, q);
+        let r = if cfg.generate {
+            qa::answer_generated(&cfg.spec, &qa_spec, &kb, q, &mut gen)?
+        } else {
+            let ground = super::react_eval::policy_config()?.ground;
+            qa::answer(
+                &cfg.spec,
+                &qa_spec,
+                &kb,
+                q,
+                context.as_deref(),
+                &mut gen,
+                &ground,
+            )?
+        };
+        let line = match &r.cited {
+            Some(id) => format!("{} [{id}]", r.answer),
+            None => r.answer.clone(),
+        };
+        writeln!(out, "{line}").map_err(ReactError::Output)?;
         write_json(out, &r, cfg.pretty)?;
+        if let Some(id) = &cfg.session {
+            let turn = Turn {
+                question: q.clone(),
+                answer: line,
+            };
+            cfg.sessions.append(id, turn)?;
+        }
     }
     Ok(())
 }

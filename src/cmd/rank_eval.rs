@@ -1,8 +1,10 @@
 //! `edgeact rank-eval`: ranking quality on a labelled set. Each family (a profile text and
 //! the intents it covers, from a TOML file) gets candidates drawn from the data: some
 //! utterances of its intents (relevant) and more of other intents; the model's ranking,
-//! a TF-IDF cosine ranking (profile vs candidate) and random orderings are scored by
-//! NDCG@k in the same run.
+//! a TF-IDF cosine ranking (profile vs candidate), the hybrid ranker's lexical stage
+//! (TF-IDF with corpus expansion) and its fusion with the model, and random orderings are
+//! scored by NDCG@k in the same run. The fusion is also scored at several model weights
+//! (`ndcg_hybrid_by_w_model` in metrics.json), the figures its weight is chosen from on dev.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +17,7 @@ use super::AppError;
 use crate::model::config::{ConfigError, EngineConfig};
 use crate::model::Engine;
 use crate::rank::eval::{ndcg_at, Family, Tfidf};
+use crate::rank::hybrid::{self, Expander, HybridConfig};
 use crate::rank::{Item, RankConfig, Ranked, Ranker};
 use crate::spec::Task;
 use crate::util::invalid::Invalid;
@@ -96,6 +99,9 @@ fn read_data(cfg: &RankEvalConfig) -> Result<Data, AppError> {
 struct FamilyScore {
     model: f64,
     tfidf: f64,
+    lexical: f64,
+    hybrid: f64,
+    by_w: Vec<f64>,
     random: f64,
     scored: usize,
     reused: Vec<f64>,
@@ -123,22 +129,35 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         }
     }
     let tfidf = Tfidf::fit(fit_docs.iter().map(String::as_str));
+    let expander = Expander::new(&tfidf, fit_docs.iter().map(String::as_str));
+    let lex = Lexical {
+        tfidf: &tfidf,
+        expander: &expander,
+        cfg: HybridConfig::default(),
+    };
     let mut engine = Engine::load(&cfg.engine, 1)?;
     let mut rng = SplitMix64(cfg.seed);
     let mut rows = Vec::new();
     let (mut model_all, mut tfidf_all, mut random_all) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lexical_all, mut hybrid_all) = (Vec::new(), Vec::new());
+    let mut by_w_all: Vec<Vec<f64>> = vec![Vec::new(); W_MODEL_GRID.len()];
     let mut reused = Vec::new();
     let started = std::time::Instant::now();
     let mut scored_items = 0usize;
     writeln!(
         out,
-        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>8}",
-        "family", "cands", "model", "tfidf", "random", "prefix"
+        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "family", "cands", "model", "tfidf", "lexical", "hybrid", "random", "prefix"
     )
     .map_err(AppError::Output)?;
     for f in &families.families {
-        let s = family(&cfg, &mut engine, &tfidf, &mut rng, &pool, f, out)?;
+        let s = family(&cfg, &mut engine, &lex, &mut rng, &pool, f, out)?;
         scored_items += s.scored;
+        lexical_all.push(s.lexical);
+        hybrid_all.push(s.hybrid);
+        for (all, x) in by_w_all.iter_mut().zip(&s.by_w) {
+            all.push(*x);
+        }
         reused.extend(s.reused);
         model_all.push(s.model);
         tfidf_all.push(s.tfidf);
@@ -148,8 +167,8 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let secs = started.elapsed().as_secs_f64();
     writeln!(
         out,
-        "{:<14} {:>5} {:>9.3} {:>9.3} {:>9.3}\nNDCG@{} over {} families; {} items scored in {:.1} s ({:.1} items/s, profile prefix reused: {:.0} tokens per item on average)",
-        "mean", "", mean(&model_all), mean(&tfidf_all), mean(&random_all),
+        "{:<14} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\nNDCG@{} over {} families; {} items scored in {:.1} s ({:.1} items/s, profile prefix reused: {:.0} tokens per item on average)",
+        "mean", "", mean(&model_all), mean(&tfidf_all), mean(&lexical_all), mean(&hybrid_all), mean(&random_all),
         cfg.k, rows.len(), scored_items, secs, scored_items as f64 / secs.max(1e-9), mean(&reused)
     )
     .map_err(AppError::Output)?;
@@ -160,6 +179,8 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
             "task": cfg.task.name, "template_sha256": cfg.task.template_sha256(),
             "calibrate": cfg.calibrate.unwrap_or(cfg.task.calibration.enabled),
             "ndcg_model": mean(&model_all), "ndcg_tfidf": mean(&tfidf_all), "ndcg_random": mean(&random_all),
+            "ndcg_lexical": mean(&lexical_all), "ndcg_hybrid": mean(&hybrid_all), "hybrid": lex.cfg,
+            "ndcg_hybrid_by_w_model": W_MODEL_GRID.iter().zip(&by_w_all).map(|(w, x)| json!({"w_model": w, "ndcg": mean(x)})).collect::<Vec<_>>(),
             "items_scored": scored_items, "seconds": secs, "families": rows,
         });
         std::fs::write(dir.join("metrics.json"), format!("{metrics:#}\n"))
@@ -168,12 +189,30 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     Ok(())
 }
 
-/// One family: candidates drawn, ranked by the model, by TF-IDF and at random; its line
-/// printed.
+/// Model weights the fusion is also scored at (to choose the weight on dev).
+const W_MODEL_GRID: [f64; 5] = [0.0, 0.1, 0.25, 0.5, 1.0];
+
+/// The lexical side: TF-IDF, the corpus expander and the hybrid's settings.
+struct Lexical<'a> {
+    tfidf: &'a Tfidf,
+    expander: &'a Expander,
+    cfg: HybridConfig,
+}
+
+/// NDCG@k of the order that sorts `scores` high first (ties to the earlier candidate).
+fn ndcg_of(scores: &[f64], grades: &[f64], k: usize) -> f64 {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let g: Vec<f64> = order.iter().map(|&i| grades[i]).collect();
+    ndcg_at(&g, grades, k)
+}
+
+/// One family: candidates drawn, ranked by the model, by TF-IDF, by the hybrid's stages
+/// and at random; its line printed.
 fn family(
     cfg: &RankEvalConfig,
     engine: &mut Engine,
-    tfidf: &Tfidf,
+    lex: &Lexical,
     rng: &mut SplitMix64,
     pool: &[(String, String)],
     f: &Family,
@@ -224,6 +263,24 @@ fn family(
         .map(|i| grades[i])
         .collect();
     let model = ndcg_at(&model_order, &grades, cfg.k);
+    // The hybrid: the lexical stage, then fused with the model's P(yes) (unscored items 0).
+    let texts: Vec<&str> = cands.iter().map(|(_, (_, t))| t.as_str()).collect();
+    let lexical_scores =
+        hybrid::lexical_scores(lex.tfidf, lex.expander, &f.profile, &texts, &lex.cfg);
+    let mut p_yes = vec![0.0; cands.len()];
+    for r in &ranked {
+        if let Ok(i) = r.id.parse::<usize>() {
+            p_yes[i] = r.score;
+        }
+    }
+    let lexical = ndcg_of(&lexical_scores, &grades, cfg.k);
+    let fused = hybrid::fuse(&lexical_scores, &p_yes, lex.cfg.w_model);
+    let hybrid_ndcg = ndcg_of(&fused, &grades, cfg.k);
+    let by_w: Vec<f64> = W_MODEL_GRID
+        .iter()
+        .map(|&w| ndcg_of(&hybrid::fuse(&lexical_scores, &p_yes, w), &grades, cfg.k))
+        .collect();
+    let tfidf = lex.tfidf;
     // TF-IDF cosine between the profile and each candidate.
     let pv = tfidf.vector(&f.profile);
     let mut by_tfidf: Vec<(f64, usize)> = cands
@@ -245,11 +302,13 @@ fn family(
     let random_ndcg = mean(&random);
     writeln!(
         out,
-        "{:<14} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>8}",
+        "{:<14} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8}",
         f.name,
         cands.len(),
         model,
         tfidf_ndcg,
+        lexical,
+        hybrid_ndcg,
         random_ndcg,
         ranker.prefix_tokens()
     )
@@ -257,12 +316,16 @@ fn family(
     let row = json!({
         "family": f.name, "candidates": cands.len(), "relevant": n_rel,
         "ndcg_model": model, "ndcg_tfidf": tfidf_ndcg, "ndcg_random": random_ndcg,
+        "ndcg_lexical": lexical, "ndcg_hybrid": hybrid_ndcg, "ndcg_hybrid_by_w_model": by_w,
         "prefix_tokens": ranker.prefix_tokens(),
         "top5_model": ranked.iter().take(5).map(|r| json!({"score": r.score, "relevant": r.id.parse::<usize>().ok().map(|i| grades[i] > 0.0), "text": cands[r.id.parse::<usize>().unwrap_or(0)].1 .1})).collect::<Vec<_>>(),
     });
     Ok(FamilyScore {
         model,
         tfidf: tfidf_ndcg,
+        lexical,
+        hybrid: hybrid_ndcg,
+        by_w,
         random: random_ndcg,
         scored: n_scored,
         reused,

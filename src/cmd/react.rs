@@ -1,6 +1,7 @@
-//! `edgeact react`: each question through the grammar-guarded ReAct loop (with the task's
-//! tools and, with a session id, its earlier turns); the answer on one line, then the trace
-//! as JSON.
+//! `edgeact react`: each question through the scored policy (the action chosen by
+//! scoring, the answer selected from what the tool returned; `--generate`: the
+//! grammar-guarded loop), with the task's tools and, with a session id, its earlier turns;
+//! the answer on one line, then the trace as JSON.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use crate::model::Engine;
 use crate::react::agent::{self, RunOptions};
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
+use crate::react::policy;
 use crate::react::session::Sessions;
 use crate::react::tools::Toolbox;
 use crate::react::trace::Turn;
@@ -26,6 +28,8 @@ pub struct ReactConfig {
     pub session: Option<String>,
     pub sessions: Sessions,
     pub grammar: bool,
+    /// Generate every step (the loop for larger models) instead of the scored policy.
+    pub generate: bool,
     pub pretty: bool,
 }
 
@@ -58,7 +62,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
     }
     let kb = load_kb(&cfg.spec)?;
     let mut engine = Engine::load(&cfg.engine, 1)?;
-    let mut tools = Toolbox::new(&cfg.spec, kb);
+    let mut tools = Toolbox::new(&cfg.spec, kb.clone());
     let (mut gen, source) = EngineGenerator::new(&mut engine, cfg.spec.temperature)
         .with_prefix(0, &agent::render_prefix(&cfg.spec))?;
     tracing::info!(?source, "task prefix ready");
@@ -67,16 +71,29 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
             Some(id) => cfg.sessions.load(id)?,
             None => Vec::new(),
         };
-        let trace = agent::run(
-            &cfg.spec,
-            q,
-            &history,
-            &mut gen,
-            &mut tools,
-            RunOptions {
-                grammar: cfg.grammar,
-            },
-        )?;
+        let trace = if cfg.generate || !cfg.grammar {
+            agent::run(
+                &cfg.spec,
+                q,
+                &history,
+                &mut gen,
+                &mut tools,
+                RunOptions {
+                    grammar: cfg.grammar,
+                },
+            )?
+        } else {
+            let pc = super::react_eval::policy_config()?;
+            policy::run(
+                &cfg.spec,
+                kb.as_deref(),
+                q,
+                &history,
+                &mut gen,
+                &mut tools,
+                &pc,
+            )?
+        };
         writeln!(out, "{}", trace.answer).map_err(ReactError::Output)?;
         write_json(out, &trace, cfg.pretty)?;
         if let Some(id) = &cfg.session {

@@ -1,6 +1,10 @@
-//! `edgeact react-eval`: the scenario file through the ReAct loop (and the no-grammar
-//! baseline, and the qa mode): retrieval hit rate@k, tool choice, citations, unparsable
-//! steps, tokens and seconds; `metrics.json` and `traces.jsonl` in the output folder.
+//! `edgeact react-eval`: the scenario file through the scored policy (and, with
+//! `--baseline`, the generated grammar loop and the no-grammar loop; with `--qa`, the qa
+//! mode): retrieval hit rate@k, tool choice, citations, grounding faults, unparsable steps,
+//! tokens and seconds; `metrics.json` and `traces.jsonl` in the output folder.
+//!
+//! `EDGEACT_POLICY` (JSON of [`PolicyConfig`] fields, e.g. `{"think": false}`) overrides
+//! the policy's defaults: the knob for choosing them on a dev scenario file.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,6 +17,7 @@ use crate::model::Engine;
 use crate::react::agent::{self, RunOptions};
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
+use crate::react::policy::{self, PolicyConfig};
 use crate::react::qa;
 use crate::react::scenario::{self, LoopMetrics, Rate, Scenario};
 use crate::react::tools::{self, Toolbox};
@@ -90,24 +95,32 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
     let mut engine = Engine::load(&cfg.engine, 1)?;
     let (mut gen, _) = EngineGenerator::new(&mut engine, spec.temperature)
         .with_prefix(0, &agent::render_prefix(&spec))?;
-    let mut modes: Vec<(&str, bool)> = vec![("react_grammar", true)];
+    let mut modes: Vec<(&str, Mode)> = vec![("react_scored", Mode::Scored)];
     if cfg.baseline {
-        modes.push(("react_regex", false));
+        modes.push(("react_grammar", Mode::Generated { grammar: true }));
+        modes.push(("react_regex", Mode::Generated { grammar: false }));
     }
+    let policy = policy_config()?;
+    writeln!(out, "policy {}", json!(policy)).map_err(io)?;
     let ctx = Ctx {
         spec: &spec,
         kb: &kb,
         scenarios: &scenarios,
+        policy,
     };
     let mut results = serde_json::Map::new();
-    for (mode, grammar) in modes {
-        let m = loop_mode(&ctx, &mut gen, mode, grammar, out, &mut traces_file)?;
-        results.insert(mode.to_string(), json!(m));
+    for (name, mode) in modes {
+        let m = loop_mode(&ctx, &mut gen, name, mode, out, &mut traces_file)?;
+        results.insert(name.to_string(), json!(m));
     }
     if cfg.qa {
         if let Some(qa_spec) = spec.qa.clone() {
-            let m = qa_mode(&ctx, &qa_spec, &mut gen, out, &mut traces_file)?;
+            let m = qa_mode(&ctx, &qa_spec, &mut gen, false, out, &mut traces_file)?;
             results.insert("qa".into(), m);
+            if cfg.baseline {
+                let m = qa_mode(&ctx, &qa_spec, &mut gen, true, out, &mut traces_file)?;
+                results.insert("qa_generated".into(), m);
+            }
         }
     }
     let metrics = json!({
@@ -134,11 +147,44 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
     Ok(())
 }
 
+/// The policy's defaults, with `EDGEACT_POLICY`'s fields over them.
+pub(super) fn policy_config() -> Result<PolicyConfig, ReactError> {
+    let Ok(text) = std::env::var("EDGEACT_POLICY") else {
+        return Ok(PolicyConfig::default());
+    };
+    let bad = |e: serde_json::Error| ReactError::Usage(format!("EDGEACT_POLICY: {e}"));
+    let over: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+    let mut base = json!(PolicyConfig::default());
+    if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
+        for (k, v) in o {
+            if k == "ground" {
+                if let (Some(g), Some(vo)) = (
+                    b.get_mut("ground").and_then(|g| g.as_object_mut()),
+                    v.as_object(),
+                ) {
+                    g.extend(vo.clone());
+                }
+            } else {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    serde_json::from_value(base).map_err(bad)
+}
+
+/// How a mode answers.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Scored,
+    Generated { grammar: bool },
+}
+
 /// What every mode runs over.
 struct Ctx<'a> {
     spec: &'a ReactSpec,
     kb: &'a std::sync::Arc<Kb>,
     scenarios: &'a [Scenario],
+    policy: PolicyConfig,
 }
 
 /// Every scenario through the loop (with or without the grammar): one line each, the
@@ -147,21 +193,35 @@ fn loop_mode(
     ctx: &Ctx,
     gen: &mut EngineGenerator,
     mode: &str,
-    grammar: bool,
+    how: Mode,
     out: &mut dyn Write,
     traces_file: &mut std::fs::File,
 ) -> Result<LoopMetrics, ReactError> {
     let mut traces: Vec<Trace> = Vec::new();
     for s in ctx.scenarios {
         let mut tools = Toolbox::new(ctx.spec, Some(ctx.kb.clone()));
-        let t = agent::run(
-            ctx.spec,
-            &s.question,
-            &[],
-            gen,
-            &mut tools,
-            RunOptions { grammar },
-        )?;
+        let t = match how {
+            Mode::Scored => {
+                let kb: &Kb = ctx.kb;
+                policy::run(
+                    ctx.spec,
+                    Some(kb),
+                    &s.question,
+                    &[],
+                    gen,
+                    &mut tools,
+                    &ctx.policy,
+                )?
+            }
+            Mode::Generated { grammar } => agent::run(
+                ctx.spec,
+                &s.question,
+                &[],
+                gen,
+                &mut tools,
+                RunOptions { grammar },
+            )?,
+        };
         writeln!(
             out,
             "  {mode} {:<5} {:<12} {:<12} steps {} unparsable {} {:>6.2} s  {}",
@@ -179,7 +239,7 @@ fn loop_mode(
         traces.push(t);
     }
     let pairs: Vec<(&Scenario, &Trace)> = ctx.scenarios.iter().zip(&traces).collect();
-    let m = scenario::score(&pairs);
+    let m = scenario::score(&pairs, Some(ctx.kb));
     print_metrics(out, mode, &m).map_err(io)?;
     Ok(m)
 }
@@ -189,6 +249,7 @@ fn qa_mode(
     ctx: &Ctx,
     qa_spec: &crate::spec::react::QaSpec,
     gen: &mut EngineGenerator,
+    generated: bool,
     out: &mut dyn Write,
     traces_file: &mut std::fs::File,
 ) -> Result<serde_json::Value, ReactError> {
@@ -196,11 +257,35 @@ fn qa_mode(
     let mut fact = Rate::default();
     let mut ms = 0.0;
     let mut tokens = 0usize;
+    let mut not_retrieved = 0usize;
+    let mut ungrounded = 0usize;
+    let mode = if generated { "qa_generated" } else { "qa" };
     for s in ctx.scenarios {
         if s.expect_tool != "kb_search" {
             continue;
         }
-        let r = qa::answer(ctx.spec, qa_spec, ctx.kb, &s.question, gen)?;
+        let r = if generated {
+            qa::answer_generated(ctx.spec, qa_spec, ctx.kb, &s.question, gen)?
+        } else {
+            qa::answer(
+                ctx.spec,
+                qa_spec,
+                ctx.kb,
+                &s.question,
+                None,
+                gen,
+                &ctx.policy.ground,
+            )?
+        };
+        if let Some(c) = &r.cited {
+            match ctx.kb.get(c) {
+                Some(p) if r.passages.iter().any(|x| &x.id == c) => {
+                    ungrounded +=
+                        crate::react::ground::ungrounded_numbers(&r.answer, &p.text).len();
+                }
+                _ => not_retrieved += 1,
+            }
+        }
         if let Some(p) = &s.expect_passage {
             cited.add(r.cited.as_deref() == Some(p.as_str()));
         }
@@ -209,18 +294,19 @@ fn qa_mode(
         }
         ms += r.retrieve_ms + r.generate_ms;
         tokens += r.generated_tokens;
-        let line = json!({"mode": "qa", "scenario": s.id, "result": r});
+        let line = json!({"mode": mode, "scenario": s.id, "result": r});
         writeln!(traces_file, "{line}").map_err(io)?;
     }
     let n = cited.n.max(fact.n).max(1) as f64;
     writeln!(
         out,
-        "qa (kb_search scenarios): correct passage cited {cited}, fact in answer {fact}, mean {:.1} tokens, {:.2} s",
+        "{mode} (kb_search scenarios): correct passage cited {cited}, fact in answer {fact}, cited not retrieved {not_retrieved}, ungrounded numbers {ungrounded}, mean {:.1} tokens, {:.2} s",
         tokens as f64 / n,
         ms / 1e3 / n
     )
     .map_err(io)?;
     Ok(json!({"passage_cited": cited, "fact_in_answer": fact,
+              "cited_not_retrieved": not_retrieved, "ungrounded_numbers": ungrounded,
               "mean_generated_tokens": tokens as f64 / n, "mean_seconds": ms / 1e3 / n}))
 }
 
@@ -236,6 +322,11 @@ fn print_metrics(out: &mut dyn Write, mode: &str, m: &LoopMetrics) -> std::io::R
     writeln!(out, "  passage cited in answer {}", m.passage_cited)?;
     writeln!(out, "  fact in answer          {}", m.fact_in_answer)?;
     writeln!(out, "  ended with final        {}", m.finished)?;
+    writeln!(
+        out,
+        "  cited not retrieved     {}; numbers absent from the cited passage {}",
+        m.cited_not_retrieved, m.ungrounded_numbers
+    )?;
     let stops: Vec<String> = m
         .stop_reasons
         .iter()
@@ -244,7 +335,7 @@ fn print_metrics(out: &mut dyn Write, mode: &str, m: &LoopMetrics) -> std::io::R
     writeln!(out, "  stop reasons            {}", stops.join(", "))?;
     writeln!(
         out,
-        "  mean per answer         {:.2} steps, {:.1} generated tokens, {:.2} s",
-        m.mean_steps, m.mean_generated_tokens, m.mean_seconds
+        "  per answer              {:.2} steps, {:.1} generated tokens, mean {:.2} s, p50 {:.2} s, p99 {:.2} s",
+        m.mean_steps, m.mean_generated_tokens, m.mean_seconds, m.p50_seconds, m.p99_seconds
     )
 }

@@ -5,6 +5,7 @@
 //! and every candidate reuses it (each candidate decodes only its own suffix).
 
 pub mod eval;
+pub mod hybrid;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -4,7 +4,9 @@
 
 use std::time::Instant;
 
-use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop};
+use super::ground::TextScorer;
+use crate::model::scoring::LabelTrie;
+use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop, ScoreJob};
 
 /// How a step is generated.
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +160,64 @@ impl StepGenerator for EngineGenerator<'_> {
 
     fn count_tokens(&mut self, text: &str) -> usize {
         self.engine.tokenize(text, true, false).len()
+    }
+}
+
+impl TextScorer for EngineGenerator<'_> {
+    fn continuation_logprobs(
+        &mut self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(f64, usize)>, EngineError> {
+        let mut prompts = Vec::with_capacity(pairs.len());
+        let mut tries = Vec::with_capacity(pairs.len());
+        for (prompt, cont) in pairs {
+            prompts.push(self.engine.tokenize(prompt, true, false));
+            let c = self.engine.tokenize(cont, false, false);
+            // One label: the continuation; an empty one scores nothing.
+            let trie = LabelTrie::new(&[c]).map_err(|e| EngineError::Decode(e.to_string()))?;
+            tries.push(trie);
+        }
+        let jobs: Vec<ScoreJob> = prompts
+            .iter()
+            .zip(&tries)
+            .map(|(tokens, trie)| ScoreJob {
+                prefix: self.prefix_slot,
+                tokens,
+                trie,
+                pruning: None,
+            })
+            .collect();
+        Ok(self
+            .engine
+            .score(&jobs)?
+            .into_iter()
+            .map(|o| o.labels.first().map_or((0.0, 0), |l| (l.total, l.n_tokens)))
+            .collect())
+    }
+
+    /// One job, one label trie: the prompt is decoded once for all labels.
+    fn label_logprobs(
+        &mut self,
+        prompt: &str,
+        labels: &[String],
+    ) -> Result<Vec<(f64, usize)>, EngineError> {
+        let tokens = self.engine.tokenize(prompt, true, false);
+        let label_tokens: Vec<_> = labels
+            .iter()
+            .map(|l| self.engine.tokenize(l, false, false))
+            .collect();
+        let trie = LabelTrie::new(&label_tokens).map_err(|e| EngineError::Decode(e.to_string()))?;
+        let job = ScoreJob {
+            prefix: self.prefix_slot,
+            tokens: &tokens,
+            trie: &trie,
+            pruning: None,
+        };
+        let out = self.engine.score(std::slice::from_ref(&job))?;
+        Ok(out
+            .first()
+            .map(|o| o.labels.iter().map(|l| (l.total, l.n_tokens)).collect())
+            .unwrap_or_default())
     }
 }
 

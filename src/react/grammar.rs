@@ -92,6 +92,17 @@ pub fn qa_grammar(ids: &[String], max_answer_chars: usize) -> String {
     )
 }
 
+/// One argument and the closing `]` and newline: constrained generation of an argument
+/// after `Action: name[`.
+pub fn arg_grammar(schema: &ArgSchema) -> String {
+    format!("root ::= {} \"]\\n\"\n", arg_rule(schema))
+}
+
+/// A thought line after `Thought:`: a space, at most `max_chars` characters, a newline.
+pub fn thought_grammar(max_chars: usize) -> String {
+    format!("root ::= \" \" [^\\n]{{1,{max_chars}}} \"\\n\"\n")
+}
+
 /// How the prompt shows a tool's call shape: `kb_search[text]`, `clock[]`, …
 pub fn signature(name: ToolName, schema: &ArgSchema) -> String {
     let arg = match schema {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::util::jsonl::JsonLines;
-use bm25::{Language, SearchEngine, SearchEngineBuilder};
+use bm25::{DefaultTokenizer, Language, SearchEngine, SearchEngineBuilder, Tokenizer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KbError {
@@ -64,6 +64,11 @@ pub struct Kb {
     pub dir: PathBuf,
     pub passages: Vec<Passage>,
     engine: SearchEngine<usize>,
+    /// The retriever's own tokenizer (English stemming, stop words), so answer selection
+    /// compares the same terms BM25 matched.
+    tokenizer: DefaultTokenizer,
+    /// Passages each term occurs in (title and text).
+    doc_freq: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for Kb {
@@ -222,10 +227,22 @@ impl Kb {
             .map(|(i, p)| bm25::Document::new(i, format!("{} {}", p.title, p.text)))
             .collect();
         let engine = SearchEngineBuilder::<usize>::with_documents(Language::English, docs).build();
+        let tokenizer = DefaultTokenizer::new(Language::English);
+        let mut doc_freq: HashMap<String, usize> = HashMap::new();
+        for p in &passages {
+            let mut terms = tokenizer.tokenize(&format!("{} {}", p.title, p.text));
+            terms.sort();
+            terms.dedup();
+            for t in terms {
+                *doc_freq.entry(t).or_default() += 1;
+            }
+        }
         Ok(Kb {
             dir: dir.into(),
             passages,
             engine,
+            tokenizer,
+            doc_freq,
         })
     }
 
@@ -254,6 +271,19 @@ impl Kb {
 
     pub fn get(&self, id: &str) -> Option<&Passage> {
         self.passages.iter().find(|p| p.id == id)
+    }
+
+    /// `text` as the retriever sees it: lowercase, stop words out, stemmed.
+    pub fn terms(&self, text: &str) -> Vec<String> {
+        self.tokenizer.tokenize(text)
+    }
+
+    /// Inverse document frequency, `ln(1 + N / (1 + df))`: a term the knowledge base never
+    /// uses weighs most, so questions about things it does not hold score low.
+    pub fn idf(&self, term: &str) -> f64 {
+        let n = self.passages.len() as f64;
+        let df = self.doc_freq.get(term).copied().unwrap_or(0) as f64;
+        (1.0 + n / (1.0 + df)).ln()
     }
 }
 

@@ -11,6 +11,10 @@
 //! - [`trace`]: what a run records: steps, stop reason, answer; earlier turns.
 //! - [`tools`]: the tools and the per-task toolbox (allow-list, limits, rate limit).
 //! - [`kb`]: the knowledge base and its BM25 index.
+//! - [`ground`]: grounded answers: passage re-ranking and sentence selection, the
+//!   number check, the not-found answer.
+//! - [`policy`]: the scored policy (the default): actions chosen by scoring, answers
+//!   selected from what the tool returned.
 //! - [`qa`]: one retrieval, one grammar-constrained answer citing a retrieved passage.
 //! - [`request`]: a request over MQTT, its result and compact trace.
 //! - [`session`]: earlier turns of a conversation, kept on disk by session id.
@@ -21,7 +25,9 @@
 pub mod agent;
 pub mod generator;
 pub mod grammar;
+pub mod ground;
 pub mod kb;
+pub mod policy;
 pub mod qa;
 pub mod request;
 pub mod scenario;

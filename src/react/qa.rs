@@ -1,11 +1,14 @@
-//! `qa`: retrieve from the knowledge base, then one grammar-constrained answer that must end
-//! by citing one of the retrieved passage ids (`… [id]`). One generation, no loop: cheaper
-//! than ReAct when every question is a lookup.
+//! `qa`: retrieve from the knowledge base, then the answer: by default selected from the
+//! retrieved passages ([`answer`], see [`super::ground`]: re-ranked, a sentence copied, the
+//! id cited, or "not found" when nothing is good enough); for larger models one
+//! grammar-constrained generation that must cite a retrieved id ([`answer_generated`]).
+//! No loop: cheaper than ReAct when every question is a lookup.
 
 use std::time::Instant;
 
 use super::generator::{GenEnd, GenMode, StepGenerator};
 use super::grammar::qa_grammar;
+use super::ground::{self, Candidate, GroundConfig, Query, TextScorer};
 use super::kb::Kb;
 use super::tools::cut_chars;
 use crate::model::EngineError;
@@ -32,6 +35,9 @@ pub struct QaResult {
     pub generated_tokens: usize,
     pub retrieve_ms: f64,
     pub generate_ms: f64,
+    /// Grounded answers: each retrieved passage's features and fused score.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
 }
 
 /// The answer when nothing in the knowledge base matches the question.
@@ -90,8 +96,58 @@ pub fn parse_answer(text: &str) -> Option<(String, String)> {
     Some((t[..open].trim().to_string(), id.to_string()))
 }
 
-/// Retrieves `qa.top_k` passages and generates the cited answer.
+/// Retrieves `qa.top_k` passages (for a follow-up, with the earlier question `context`
+/// after its words) and selects the cited answer from them.
 pub fn answer(
+    spec: &ReactSpec,
+    qa: &QaSpec,
+    kb: &Kb,
+    question: &str,
+    context: Option<&str>,
+    scorer: &mut dyn TextScorer,
+    cfg: &GroundConfig,
+) -> Result<QaResult, EngineError> {
+    let t0 = Instant::now();
+    let query = match context {
+        Some(c) => format!("{question} {c}"),
+        None => question.to_string(),
+    };
+    let hits = kb.search(&query, qa.top_k);
+    let pairs: Vec<(String, f64)> = hits
+        .iter()
+        .map(|h| (kb.passages[h.index].id.clone(), h.score as f64))
+        .collect();
+    let retrieve_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let cfg = GroundConfig {
+        max_answer_chars: qa.max_answer_chars,
+        ..*cfg
+    };
+    let g = ground::select(kb, Query { question, context }, &pairs, Some(scorer), &cfg)?;
+    Ok(QaResult {
+        task: spec.name.clone(),
+        question: question.to_string(),
+        answer: g.answer,
+        cited: g.cited,
+        finished: true,
+        passages: hits
+            .iter()
+            .map(|h| Retrieved {
+                id: kb.passages[h.index].id.clone(),
+                score: h.score,
+            })
+            .collect(),
+        seed: spec.seed,
+        prompt_tokens: 0,
+        generated_tokens: 0,
+        retrieve_ms,
+        generate_ms: t0.elapsed().as_secs_f64() * 1e3 - retrieve_ms,
+        candidates: g.candidates,
+    })
+}
+
+/// Retrieves `qa.top_k` passages and generates the cited answer under the citation
+/// grammar (for models large enough to write it).
+pub fn answer_generated(
     spec: &ReactSpec,
     qa: &QaSpec,
     kb: &Kb,
@@ -123,6 +179,7 @@ pub fn answer(
         generated_tokens: 0,
         retrieve_ms: t0.elapsed().as_secs_f64() * 1e3,
         generate_ms: 0.0,
+        candidates: Vec::new(),
     };
     if ids.is_empty() {
         return Ok(res);

@@ -136,14 +136,69 @@ pub struct LoopMetrics {
     pub mean_steps: f64,
     pub mean_generated_tokens: f64,
     pub mean_seconds: f64,
+    pub p50_seconds: f64,
+    pub p99_seconds: f64,
+    /// Answers citing an id that no search of the run returned (must be 0).
+    pub cited_not_retrieved: usize,
+    /// Numbers, times and prices in answers that do not occur in the cited passage (must
+    /// be 0).
+    pub ungrounded_numbers: usize,
 }
 
-/// Scores each trace against its scenario.
-pub fn score(pairs: &[(&Scenario, &Trace)]) -> LoopMetrics {
+/// The passage ids an answer cites: every `[id]` in it.
+pub fn cited_ids(answer: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else { break };
+        let id = &after[..close];
+        if !id.is_empty() && !id.contains(' ') {
+            out.push(id.to_string());
+        }
+        rest = &after[close + 1..];
+    }
+    out
+}
+
+/// A trace's grounding faults: cited ids not retrieved by the run, and numbers of the
+/// answer absent from every passage it cites (ids the knowledge base lacks count as not
+/// retrieved too).
+pub fn grounding_faults(kb: &Kb, t: &Trace) -> (usize, usize) {
+    let retrieved = t.retrieved_ids();
+    let cited = cited_ids(&t.answer);
+    let not_retrieved = cited
+        .iter()
+        .filter(|c| !retrieved.contains(&c.as_str()) || kb.get(c).is_none())
+        .count();
+    let mut text = String::new();
+    for c in &cited {
+        if let Some(p) = kb.get(c) {
+            text.push_str(&p.text);
+            text.push(' ');
+        }
+    }
+    let ungrounded = if cited.is_empty() {
+        0
+    } else {
+        super::ground::ungrounded_numbers(&t.answer, &text).len()
+    };
+    (not_retrieved, ungrounded)
+}
+
+/// Scores each trace against its scenario (grounding faults too, given the knowledge base).
+pub fn score(pairs: &[(&Scenario, &Trace)], kb: Option<&Kb>) -> LoopMetrics {
     let mut m = LoopMetrics::default();
     let mut tokens = 0usize;
     let mut ms = 0.0;
+    let mut secs = Vec::new();
     for (s, t) in pairs {
+        if let Some(kb) = kb {
+            let (a, b) = grounding_faults(kb, t);
+            m.cited_not_retrieved += a;
+            m.ungrounded_numbers += b;
+        }
+        secs.push(t.total_ms / 1e3);
         m.runs += 1;
         m.tool_choice
             .add(t.first_tool() == Some(s.expect_tool.as_str()));
@@ -172,6 +227,9 @@ pub fn score(pairs: &[(&Scenario, &Trace)]) -> LoopMetrics {
     m.mean_steps = m.steps as f64 / n;
     m.mean_generated_tokens = tokens as f64 / n;
     m.mean_seconds = ms / 1e3 / n;
+    secs.sort_by(f64::total_cmp);
+    m.p50_seconds = crate::util::stats::percentile(&secs, 50);
+    m.p99_seconds = crate::util::stats::percentile(&secs, 99);
     m
 }
 
@@ -227,7 +285,7 @@ mod tests {
             StopReason::Final,
         );
         let t2 = trace(Some("kb_search"), &[], "", StopReason::MaxSteps);
-        let m = score(&[(&s1, &t1), (&s2, &t2)]);
+        let m = score(&[(&s1, &t1), (&s2, &t2)], None);
         assert_eq!((m.tool_choice.hits, m.tool_choice.n), (1, 2));
         assert_eq!((m.passage_retrieved.hits, m.passage_retrieved.n), (1, 1));
         assert_eq!((m.passage_cited.hits, m.passage_cited.n), (1, 1));

@@ -11,6 +11,7 @@ mod testkit;
 mod bad_input;
 mod cli;
 mod home_assistant;
+mod kiosk;
 mod learned;
 mod lora;
 mod memory;

@@ -10,6 +10,7 @@ use edgeact::model::Engine;
 use edgeact::react::agent::{self, RunOptions};
 use edgeact::react::generator::EngineGenerator;
 use edgeact::react::grammar::{qa_grammar, step_grammar};
+use edgeact::react::ground::GroundConfig;
 use edgeact::react::kb::Kb;
 use edgeact::react::qa;
 use edgeact::react::tools::Toolbox;
@@ -176,7 +177,17 @@ fn qa_cites_one_of_the_retrieved_passages() {
     let mut engine = engine();
     let mut gen = EngineGenerator::new(&mut engine, 0.0);
     let qa_spec = spec.qa.clone().unwrap();
-    let r = qa::answer(&spec, &qa_spec, &kb, "Can I bring my dog inside?", &mut gen).unwrap();
+    let g = GroundConfig::default();
+    let r = qa::answer(
+        &spec,
+        &qa_spec,
+        &kb,
+        "Can I bring my dog inside?",
+        None,
+        &mut gen,
+        &g,
+    )
+    .unwrap();
     eprintln!("{}", serde_json::to_string(&r).unwrap());
     assert!(r.finished, "{r:?}");
     let cited = r.cited.clone().unwrap();
@@ -184,8 +195,8 @@ fn qa_cites_one_of_the_retrieved_passages() {
     assert_eq!(r.passages[0].id, "pets");
     assert!(!r.answer.is_empty());
     // Nothing retrieved: no generation, a fixed answer.
-    let r = qa::answer(&spec, &qa_spec, &kb, "zzzz qqqq", &mut gen).unwrap();
-    assert_eq!(r.answer, qa::NOTHING_FOUND);
+    let r = qa::answer(&spec, &qa_spec, &kb, "zzzz qqqq", None, &mut gen, &g).unwrap();
+    assert_eq!(r.answer, edgeact::react::ground::NOT_FOUND);
     assert_eq!(r.generated_tokens, 0);
 }
 

@@ -1,0 +1,171 @@
+use super::*;
+use crate::react::kb::Passage;
+use std::path::Path;
+
+fn kb() -> Kb {
+    let p = |id: &str, title: &str, text: &str| Passage {
+        id: id.into(),
+        title: title.into(),
+        text: text.into(),
+        source: "t.md".into(),
+    };
+    Kb::from_passages(
+        Path::new("kb"),
+        vec![
+            p(
+                "hours-saturday",
+                "Opening hours on Saturday",
+                "On Saturday the hall opens at 08:00 and closes at 18:00.",
+            ),
+            p(
+                "hours-sunday",
+                "Opening hours on Sunday",
+                "On Sunday the hall is open from 10:00 to 16:00. The bakery always opens.",
+            ),
+            p(
+                "delivery",
+                "Home delivery",
+                "Home delivery costs 6.90 euro. Order before 15:00 for delivery the same evening.",
+            ),
+            p("pets", "Dogs", "Dogs on a lead are welcome."),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn sentences_keep_decimals_and_times_whole() {
+    assert_eq!(
+        split_sentences("Costs 6.90 euro. Open 10:00 to 16:00; closed on Monday!  Ask?"),
+        vec![
+            "Costs 6.90 euro.",
+            "Open 10:00 to 16:00",
+            "closed on Monday!",
+            "Ask?"
+        ]
+    );
+    assert_eq!(split_sentences("no end"), vec!["no end"]);
+}
+
+#[test]
+fn numbers_are_found_and_checked_against_the_passage() {
+    assert_eq!(
+        numbers("at 16:00, 6.90 euro or 12."),
+        vec!["16:00", "6.90", "12"]
+    );
+    assert!(ungrounded_numbers("open until 16:00", "from 10:00 to 16:00").is_empty());
+    assert_eq!(
+        ungrounded_numbers("open until 17:00", "from 10:00 to 16:00"),
+        vec!["17:00"]
+    );
+}
+
+#[test]
+fn coverage_weighs_rare_terms_most() {
+    let kb = kb();
+    let q = weighted_terms(&kb, "Is there home delivery?", None, 0.5);
+    let full = coverage(&q, &kb.terms("home delivery"));
+    let none = coverage(&q, &kb.terms("dogs"));
+    assert!(full > 0.99 && none == 0.0, "{full} {none}");
+    // A term the knowledge base never uses weighs more than a common one.
+    assert!(kb.idf("lobster") > kb.idf("hour"));
+}
+
+#[test]
+fn fusion_and_best_prefer_earlier_on_ties() {
+    assert_eq!(best(&[1.0, 2.0, 2.0]), Some(1));
+    assert_eq!(best(&[]), None);
+    assert_eq!(min_max(&[1.0, 1.0]), vec![0.0, 0.0]);
+    let mut c = vec![
+        Candidate {
+            id: "a".into(),
+            bm25: 4.0,
+            coverage: 0.2,
+            model: None,
+            score: 0.0,
+        },
+        Candidate {
+            id: "b".into(),
+            bm25: 2.0,
+            coverage: 0.9,
+            model: None,
+            score: 0.0,
+        },
+    ];
+    fuse(&mut c, &GroundConfig::default());
+    assert!(c[1].score > c[0].score, "{c:?}");
+}
+
+#[test]
+fn second_sentence_joins_only_within_the_margin() {
+    let s = vec!["A one.".to_string(), "B two.".to_string()];
+    assert_eq!(pick_sentences(&s, &[0.5, 0.9], 0.1, 200), "B two.");
+    assert_eq!(pick_sentences(&s, &[0.85, 0.9], 0.1, 200), "A one. B two.");
+    assert_eq!(pick_sentences(&s, &[0.85, 0.9], 0.1, 8), "B two.");
+}
+
+#[test]
+fn selection_cites_a_given_passage_and_copies_its_sentence() {
+    let kb = kb();
+    let hits = vec![
+        ("hours-saturday".to_string(), 3.0),
+        ("hours-sunday".to_string(), 2.5),
+    ];
+    let q = Query {
+        question: "How late are you open on Sunday?",
+        context: None,
+    };
+    let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
+    assert_eq!(g.cited.as_deref(), Some("hours-sunday"));
+    assert_eq!(g.answer, "On Sunday the hall is open from 10:00 to 16:00.");
+    assert!(ungrounded_numbers(&g.answer, &kb.get("hours-sunday").unwrap().text).is_empty());
+    // An id that was not retrieved is never cited, whatever the question.
+    let q = Query {
+        question: "home delivery price",
+        context: None,
+    };
+    let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
+    assert_ne!(g.cited.as_deref(), Some("delivery"));
+}
+
+#[test]
+fn a_question_the_passages_do_not_cover_gets_no_answer() {
+    let kb = kb();
+    let hits = vec![("pets".to_string(), 0.5)];
+    let q = Query {
+        question: "Can my parrot and hamster and lizard come in with the dogs?",
+        context: None,
+    };
+    let g = select(
+        &kb,
+        q,
+        &hits,
+        None,
+        &GroundConfig {
+            min_coverage: 0.5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((g.cited, g.answer.as_str()), (None, NOT_FOUND));
+    let g = select(&kb, q, &[], None, &GroundConfig::default()).unwrap();
+    assert_eq!(g.cited, None);
+}
+
+#[test]
+fn a_follow_up_takes_the_earlier_question_as_context() {
+    let kb = kb();
+    assert!(is_follow_up("and on Saturday?"));
+    assert!(is_follow_up("Saturday?"));
+    assert!(!is_follow_up("How late are you open on Sunday?"));
+    let hits = vec![
+        ("hours-sunday".to_string(), 2.0),
+        ("hours-saturday".to_string(), 2.0),
+    ];
+    let q = Query {
+        question: "and on Saturday?",
+        context: Some("How late are you open on Sunday?"),
+    };
+    let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
+    assert_eq!(g.cited.as_deref(), Some("hours-saturday"));
+}

@@ -1,0 +1,520 @@
+//! The scored policy, the default for a small model: score and select, do not generate.
+//! Step one: a short thought (grammar-bound), then every allowed action line
+//! (`Action: name[`) is scored after it, as classification; the argument comes from the
+//! question's own words (text, JSON), from scoring the values (choice), or from generation
+//! under the argument's grammar (expressions). The tool runs through the [`Toolbox`]
+//! allow-list. Step two: the final answer, selected from what the tool returned: for
+//! `kb_search` a sentence of a retrieved passage with its id ([`super::ground`]), for the
+//! others the observation in a fixed sentence. The free grammar loop ([`super::agent`])
+//! stays for larger models.
+
+use std::time::Instant;
+
+use super::agent::{fit_history, render_prefix, render_prompt};
+use super::generator::{GenEnd, GenMode, StepGenerator};
+use super::grammar::{arg_grammar, thought_grammar};
+use super::ground::{self, GroundConfig, Grounded, Query, TextScorer};
+use super::kb::Kb;
+use super::qa::parse_answer;
+use super::tools::Toolbox;
+use super::trace::{StepRecord, StepTokens, StopReason, Trace, Turn};
+use crate::model::EngineError;
+use crate::spec::react::ReactSpec;
+use crate::spec::step::split_trajectory;
+use crate::spec::tool::{ArgSchema, ToolName};
+
+/// A model that both generates and scores.
+pub trait Model: StepGenerator + TextScorer {}
+impl<T: StepGenerator + TextScorer + ?Sized> Model for T {}
+
+/// Options of the scored policy (defaults chosen on the dev scenarios, docs/react.md).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyConfig {
+    /// Generate a thought before scoring the actions (else score right after the question).
+    pub think: bool,
+    /// Subtract each action's score after a content-free question (contextual calibration).
+    pub calibrate: bool,
+    /// Action score = w_model * model (min-max over the tools) + w_lex * the question's
+    /// coverage by the tool's words (description, choice values, few-shot questions that
+    /// start with it) + w_kb * the best passage's coverage (kb_search only) + w_numbers
+    /// when an expression tool meets a question with two numbers or more.
+    pub w_model: f64,
+    pub w_lex: f64,
+    pub w_kb: f64,
+    pub w_numbers: f64,
+    pub ground: GroundConfig,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            think: false,
+            calibrate: false,
+            w_model: 1.0,
+            w_lex: 1.0,
+            w_kb: 0.5,
+            w_numbers: 1.0,
+            ground: GroundConfig::default(),
+        }
+    }
+}
+
+/// The question used for calibration: no content.
+pub const CONTENT_FREE: &str = "N/A";
+
+/// The action line scored for each allowed tool: `Action: name[`, closed (`[]`) for a tool
+/// without an argument.
+pub fn action_labels(spec: &ReactSpec) -> Vec<(ToolName, String)> {
+    spec.tools
+        .iter()
+        .map(|t| {
+            let close = if matches!(t.arg, ArgSchema::None) {
+                "]"
+            } else {
+                ""
+            };
+            (t.name, format!("Action: {}[{close}", t.name))
+        })
+        .collect()
+}
+
+/// Text fit for a bracketed argument: one line, no brackets, quotes or backslashes, cut
+/// at a word boundary to `max_chars`.
+pub fn clean_arg(text: &str, max_chars: usize) -> String {
+    let mut out = String::new();
+    for w in text.split_whitespace() {
+        let w: String = w
+            .chars()
+            .filter(|c| !matches!(c, '[' | ']' | '"' | '\\') && !c.is_control())
+            .collect();
+        if w.is_empty() {
+            continue;
+        }
+        let extra = usize::from(!out.is_empty()) + w.chars().count();
+        if out.chars().count() + extra > max_chars {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&w);
+    }
+    out
+}
+
+/// The search words of a question: its words without the trailing punctuation, the
+/// follow-up's context after them.
+pub fn search_query(question: &str, context: Option<&str>, max_chars: usize) -> String {
+    let q = match context {
+        Some(c) => format!("{question} {c}"),
+        None => question.to_string(),
+    };
+    let words: String = q
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '\'' || c == '-' || c == ':' || c == '.' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    clean_arg(&words, max_chars)
+}
+
+/// The final answer after a tool that is not `kb_search`: its observation in a fixed
+/// sentence (nothing is made up around it).
+pub fn tool_answer(tool: ToolName, observation: &str) -> String {
+    let obs = observation.trim();
+    match tool {
+        ToolName::Notify => "A member of staff has been called and is on the way.".into(),
+        ToolName::Calculator => format!("That makes {obs}."),
+        ToolName::Clock => format!("It is {obs}."),
+        ToolName::Sensor => format!("Right now: {obs}."),
+        _ => obs.to_string(),
+    }
+}
+
+/// The earlier question a follow-up continues, with the title of the passage its answer
+/// cited: the session's last question and passage.
+pub fn follow_up_context(kb: Option<&Kb>, history: &[Turn], question: &str) -> Option<String> {
+    let last = history.last()?;
+    if !ground::is_follow_up(question) {
+        return None;
+    }
+    let title = parse_answer(&last.answer)
+        .and_then(|(_, id)| kb.and_then(|k| k.get(&id)).map(|p| p.title.clone()))
+        .unwrap_or_default();
+    Some(format!("{} {title}", last.question).trim().to_string())
+}
+
+/// Runs the scored policy on `question`: one tool step, then the selected answer.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    spec: &ReactSpec,
+    kb: Option<&Kb>,
+    question: &str,
+    history: &[Turn],
+    model: &mut dyn Model,
+    tools: &mut Toolbox,
+    cfg: &PolicyConfig,
+) -> Result<Trace, EngineError> {
+    let started = Instant::now();
+    let deadline = started + std::time::Duration::from_millis(spec.timeout_ms);
+    let mut count = |s: &str| model.count_tokens(s);
+    let kept = fit_history(history, spec.history_max_tokens, &mut count);
+    let history = &history[history.len() - kept..];
+    let mut trace = Trace {
+        task: spec.name.clone(),
+        question: question.to_string(),
+        answer: String::new(),
+        finished: false,
+        stop_reason: StopReason::Final,
+        seed: spec.seed,
+        grammar: true,
+        steps: Vec::new(),
+        generated_tokens: 0,
+        unparsable_steps: 0,
+        refused_calls: 0,
+        tool_errors: 0,
+        dropped_observations: 0,
+        history_turns: history.len(),
+        dropped_turns: 0,
+        total_ms: 0.0,
+    };
+    let prefix = render_prefix(spec);
+    let context = follow_up_context(kb, history, question);
+    let mut rec = StepRecord::default();
+    let ask = Ask {
+        question,
+        context: context.as_deref(),
+        history,
+    };
+    let (tool, arg) = choose_action(spec, kb, &prefix, ask, model, cfg, &mut rec, deadline)?;
+    trace.generated_tokens += rec.tokens.generated;
+    let t = Instant::now();
+    let result = tools.call(tool.as_str(), &arg);
+    rec.tool_ms = t.elapsed().as_secs_f64() * 1e3;
+    rec.tool = Some(tool.as_str().to_string());
+    rec.arg = Some(arg.clone());
+    let answer = match result {
+        Ok(out) => {
+            rec.observation = Some(out.text.clone());
+            rec.passage_ids = out.passage_ids.clone();
+            if tool == ToolName::KbSearch {
+                let g = grounded(
+                    kb,
+                    question,
+                    context.as_deref(),
+                    &arg,
+                    &out.passage_ids,
+                    model,
+                    cfg,
+                )?;
+                trace.steps.push(rec);
+                trace.steps.push(StepRecord {
+                    thought: Some(evidence(&g)),
+                    final_answer: Some(g.line()),
+                    ..Default::default()
+                });
+                g.line()
+            } else {
+                trace.steps.push(rec);
+                let a = tool_answer(tool, &out.text);
+                trace.steps.push(StepRecord {
+                    final_answer: Some(a.clone()),
+                    ..Default::default()
+                });
+                a
+            }
+        }
+        Err(e) => {
+            trace.tool_errors += 1;
+            if matches!(e, super::tools::ToolError::NotAllowed(_)) {
+                trace.refused_calls += 1;
+            }
+            rec.tool_error = Some(e.to_string());
+            rec.observation = Some(format!("error: {e}"));
+            trace.steps.push(rec);
+            trace.stop_reason = StopReason::ToolError;
+            ground::NOT_FOUND.to_string()
+        }
+    };
+    trace.finished = trace.stop_reason == StopReason::Final;
+    trace.answer = answer;
+    trace.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(trace)
+}
+
+/// Why the answer came from where it did, for the trace: each candidate and its score.
+fn evidence(g: &Grounded) -> String {
+    let c: Vec<String> = g
+        .candidates
+        .iter()
+        .map(|c| format!("{} {:.2} (cover {:.2})", c.id, c.score, c.coverage))
+        .collect();
+    match &g.cited {
+        Some(id) => format!("selected from {id}; candidates: {}", c.join(", ")),
+        None => format!("no passage good enough; candidates: {}", c.join(", ")),
+    }
+}
+
+/// Selection over the passages the search returned (their BM25 scores recomputed for the
+/// same query; only ids the search returned can be cited).
+fn grounded(
+    kb: Option<&Kb>,
+    question: &str,
+    context: Option<&str>,
+    query: &str,
+    ids: &[String],
+    model: &mut dyn Model,
+    cfg: &PolicyConfig,
+) -> Result<Grounded, EngineError> {
+    let Some(kb) = kb else {
+        return Ok(Grounded {
+            answer: ground::NOT_FOUND.into(),
+            cited: None,
+            candidates: Vec::new(),
+            sentence_scores: Vec::new(),
+        });
+    };
+    let scores = kb.search(query, ids.len().max(1) * 4);
+    let hits: Vec<(String, f64)> = ids
+        .iter()
+        .map(|id| {
+            let s = scores
+                .iter()
+                .find(|h| &kb.passages[h.index].id == id)
+                .map_or(0.0, |h| h.score as f64);
+            (id.clone(), s)
+        })
+        .collect();
+    let scorer: &mut dyn TextScorer = model;
+    ground::select(
+        kb,
+        Query { question, context },
+        &hits,
+        Some(scorer),
+        &cfg.ground,
+    )
+}
+
+/// Step one: the thought (when `cfg.think`), the scored action and its argument.
+/// The question, the follow-up's context and the earlier turns.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    question: &'a str,
+    context: Option<&'a str>,
+    history: &'a [Turn],
+}
+
+/// The words that describe a tool: its description, its choice values, the sentences of
+/// the instruction that name it, and the few-shot questions whose first action calls it.
+pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
+    let mut out = String::new();
+    for sentence in ground::split_sentences(&spec.instruction) {
+        if sentence.contains(tool.as_str()) {
+            out.push_str(&sentence);
+            out.push(' ');
+        }
+    }
+    if let Some(t) = spec.tool(tool) {
+        out.push_str(&t.description);
+        if let ArgSchema::Choice { values } = &t.arg {
+            for v in values {
+                out.push(' ');
+                out.push_str(&v.replace('_', " "));
+            }
+        }
+    }
+    let call = format!("Action: {tool}[");
+    for ex in &spec.examples {
+        let first = split_trajectory(&ex.steps)
+            .unwrap_or_default()
+            .into_iter()
+            .next();
+        if first.is_some_and(|(step, _)| step.contains(&call)) {
+            out.push(' ');
+            out.push_str(&ex.question);
+        }
+    }
+    out
+}
+
+/// Fuses each allowed action's model score with lexical evidence (weights in `cfg`).
+pub fn fuse_actions(
+    spec: &ReactSpec,
+    kb: Option<&Kb>,
+    question: &str,
+    model: &[f64],
+    cfg: &PolicyConfig,
+) -> Vec<f64> {
+    let model = ground::min_max(model);
+    let labels = action_labels(spec);
+    let n_numbers = ground::numbers(question).len();
+    let q_terms = kb.map(|k| ground::weighted_terms(k, question, None, 0.0));
+    let kb_cover = match (kb, &q_terms) {
+        (Some(k), Some(q)) => k
+            .search(question, 3)
+            .iter()
+            .map(|h| {
+                let p = &k.passages[h.index];
+                ground::coverage(q, &k.terms(&format!("{} {}", p.title, p.text)))
+            })
+            .fold(0.0, f64::max),
+        _ => 0.0,
+    };
+    labels
+        .iter()
+        .zip(model)
+        .map(|((tool, _), m)| {
+            let lex = match (kb, &q_terms) {
+                (Some(k), Some(q)) => ground::coverage(q, &k.terms(&tool_words(spec, *tool))),
+                _ => 0.0,
+            };
+            let schema = spec.tool(*tool).map(|t| &t.arg);
+            let kb_part = if *tool == ToolName::KbSearch {
+                kb_cover
+            } else {
+                0.0
+            };
+            let numbers = matches!(schema, Some(ArgSchema::Expr { .. })) && n_numbers >= 2;
+            cfg.w_model * m
+                + cfg.w_lex * lex
+                + cfg.w_kb * kb_part
+                + cfg.w_numbers * f64::from(u8::from(numbers))
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn choose_action(
+    spec: &ReactSpec,
+    kb: Option<&Kb>,
+    prefix: &str,
+    ask: Ask,
+    model: &mut dyn Model,
+    cfg: &PolicyConfig,
+    rec: &mut StepRecord,
+    deadline: Instant,
+) -> Result<(ToolName, String), EngineError> {
+    let Ask {
+        question,
+        context,
+        history,
+    } = ask;
+    let mut prompt = render_prompt(prefix, history, question, &[], 0);
+    let thought_for = |model: &mut dyn Model,
+                       prompt: &mut String,
+                       rec: &mut StepRecord|
+     -> Result<(), EngineError> {
+        prompt.push_str("Thought:");
+        if cfg.think {
+            let g = model.generate(
+                prompt,
+                GenMode::Grammar {
+                    gbnf: &thought_grammar(spec.max_thought_chars),
+                    lines: 1,
+                },
+                spec.max_step_tokens,
+                spec.seed,
+                deadline,
+            )?;
+            rec.tokens = StepTokens {
+                prompt: g.prompt_tokens,
+                reused: g.reused_tokens,
+                generated: g.generated_tokens,
+            };
+            rec.gen_ms += g.ms;
+            rec.prefill_ms += g.prefill_ms;
+            let text = if g.end == GenEnd::Complete {
+                g.text
+            } else {
+                format!("{}\n", g.text.trim_end())
+            };
+            prompt.push_str(&text);
+            rec.thought = Some(text.trim().to_string());
+        } else {
+            prompt.push_str(" I choose the tool for this question.\n");
+        }
+        Ok(())
+    };
+    thought_for(model, &mut prompt, rec)?;
+    let labels = action_labels(spec);
+    let texts: Vec<String> = labels.iter().map(|(_, l)| l.clone()).collect();
+    let t = Instant::now();
+    let mut scores: Vec<f64> = model
+        .label_logprobs(&prompt, &texts)?
+        .into_iter()
+        .map(|(lp, _)| lp)
+        .collect();
+    if cfg.calibrate {
+        let mut cf = render_prompt(prefix, &[], CONTENT_FREE, &[], 0);
+        let mut scratch = StepRecord::default();
+        thought_for(model, &mut cf, &mut scratch)?;
+        rec.tokens.generated += scratch.tokens.generated;
+        let prior = model.label_logprobs(&cf, &texts)?;
+        for (s, (p, _)) in scores.iter_mut().zip(prior) {
+            *s -= p;
+        }
+    }
+    rec.gen_ms += t.elapsed().as_secs_f64() * 1e3;
+    let scores = fuse_actions(spec, kb, question, &scores, cfg);
+    if rec.thought.is_none() {
+        // The choice, explained: each action's fused score.
+        let shown: Vec<String> = labels
+            .iter()
+            .zip(&scores)
+            .map(|((t, _), s)| format!("{t} {s:.2}"))
+            .collect();
+        rec.thought = Some(format!("action scores: {}", shown.join(", ")));
+    }
+    let Some(b) = ground::best(&scores) else {
+        return Err(EngineError::Decode("the task allows no tools".into()));
+    };
+    let (tool, label) = &labels[b];
+    let schema = spec.tool(*tool).map(|t| t.arg.clone()).unwrap_or_default();
+    let arg = match &schema {
+        ArgSchema::None => String::new(),
+        ArgSchema::Text { max_chars } => search_query(question, context, *max_chars),
+        ArgSchema::Json {
+            keys,
+            max_value_chars,
+        } => {
+            // clean_arg leaves no quote, backslash or bracket: the value needs no escaping.
+            let v = clean_arg(question, *max_value_chars);
+            let key = keys.first().map_or("reason", String::as_str);
+            format!("{{\"{key}\": \"{v}\"}}")
+        }
+        ArgSchema::Choice { values } => {
+            let p = format!("{prompt}{label}");
+            let s: Vec<f64> = model
+                .label_logprobs(&p, values)?
+                .into_iter()
+                .map(|(l, _)| l)
+                .collect();
+            values[ground::best(&s).unwrap_or(0)].clone()
+        }
+        ArgSchema::Expr { .. } => {
+            let p = format!("{prompt}{label}");
+            let g = model.generate(
+                &p,
+                GenMode::Grammar {
+                    gbnf: &arg_grammar(&schema),
+                    lines: 1,
+                },
+                spec.max_step_tokens,
+                spec.seed,
+                deadline,
+            )?;
+            rec.tokens.generated += g.generated_tokens;
+            rec.gen_ms += g.ms;
+            g.text.trim_end().trim_end_matches(']').trim().to_string()
+        }
+    };
+    Ok((*tool, arg))
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;
