@@ -15,14 +15,14 @@ use serde_json::Value;
 use crate::classify::input;
 use crate::serve::acks::{HandOver, PendingAcks};
 use crate::serve::inbox::Redeliveries;
-use crate::serve::limits::{check_id_lengths, context_value, too_large_record};
-use crate::serve::message::{error_record, messages_for, MessageKind, OutMessage};
+use crate::serve::limits::{check_id_lengths, too_large_record};
+use crate::serve::message::{error_record, MessageKind, OutMessage};
 use crate::serve::monitors::Monitors;
 use crate::serve::mqtt::{self, Topics};
 use crate::serve::outbox::Outbox;
 use crate::serve::redact::Redactor;
 use crate::serve::stats::Stats;
-use crate::serve::worker::{self, Done, Job, Output, Rejected, TaskKind, Work, WorkerHandle};
+use crate::serve::worker::{self, Done, Job, Rejected, TaskKind, Work, WorkerHandle};
 use crate::serve::ServeError;
 use crate::util::time::now_ms;
 
@@ -604,40 +604,6 @@ impl<L: Link, I: Inference> Daemon<L, I> {
         self.record(vec![msg], Some(p));
     }
 
-    /// A context topic's message: kept (control characters as spaces) as the latest value
-    /// of `context.<name>`; an oversized one is refused with an error record and the last
-    /// good value stays. Acknowledged either way.
-    fn on_context(&mut self, name: &str, p: &Publish) {
-        if p.payload.len() > MAX_CONTEXT_VALUE_BYTES {
-            let message = format!(
-                "context `{name}`: value of {} bytes is over the limit of {MAX_CONTEXT_VALUE_BYTES}; the last value is kept",
-                p.payload.len()
-            );
-            self.reject(p, None, None, "context_too_large", message);
-            return;
-        }
-        self.context.insert(
-            format!("context.{name}"),
-            (context_value(&p.payload), Instant::now()),
-        );
-        self.ack_now(p);
-    }
-
-    /// The context readings into a request's fields, each with its age in seconds
-    /// (`context.<name>.age_s`, for rules that must not use a stale one). A configured
-    /// context is the sensor's alone: a request's own value or age for it is dropped.
-    fn add_context(&self, fields: &mut BTreeMap<String, String>) {
-        for name in self.cfg.context_topics.keys() {
-            fields.remove(&format!("context.{name}"));
-            fields.remove(&format!("context.{name}.age_s"));
-        }
-        for (k, (v, at)) in &self.context {
-            fields.insert(k.clone(), v.clone());
-            let age_s = at.elapsed().as_secs_f64();
-            fields.insert(format!("{k}.age_s"), format!("{age_s:.1}"));
-        }
-    }
-
     fn on_publish(&mut self, p: Publish) {
         if let Some((name, _)) = self.cfg.context_topics.iter().find(|(_, t)| **t == p.topic) {
             let name = name.clone();
@@ -766,85 +732,10 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 .flatten()
         })
     }
-
-    fn on_done(&mut self, d: Done) -> Result<(), ServeError> {
-        self.stats.record(&d);
-        let ticket = self.tickets.remove(&d.ticket);
-        let task = self.task_names.get(d.task).cloned().unwrap_or_default();
-        if let Err(e) = &d.outcome {
-            let e = e.to_string();
-            tracing::warn!(id = %d.request_id, task = %task, "{}", self.cfg.redactor.redact(&e));
-        }
-        let route = ticket.as_ref().map_or(task, |t| t.route.clone());
-        let mut msgs = messages_for(&self.cfg.topics, &route, &d.request_id, &d.outcome);
-        if let (Ok(Output::Classified(r)), Some(fields)) =
-            (&d.outcome, ticket.as_ref().and_then(|t| t.fields.as_ref()))
-        {
-            match self
-                .monitors
-                .observe(&self.cfg.topics.prefix, d.task, r, fields)
-            {
-                Ok(incidents) => msgs.extend(incidents),
-                Err(refused) => {
-                    // The result stands; only the alert rules refuse it, and say so.
-                    let e = refused.to_string();
-                    tracing::warn!(id = %d.request_id, route = %route, "{e}");
-                    let topic = self.cfg.topics.request(&route);
-                    let rec = error_record(
-                        Some(&d.request_id),
-                        Some(&route),
-                        Some(&topic),
-                        refused.kind(),
-                        &e,
-                    );
-                    msgs.push(OutMessage::new(
-                        MessageKind::Error,
-                        self.cfg.topics.errors(),
-                        rec.to_string(),
-                    ));
-                }
-            }
-        }
-        let publish = ticket.and_then(|t| t.publish);
-        let recorded = self.record(msgs, publish.as_ref());
-        if let Some(p) = &publish {
-            if recorded {
-                self.redeliveries.finished(p);
-            } else {
-                // Its redelivery must be run again, not taken for one answered.
-                self.redeliveries.abandoned(p);
-            }
-        }
-        Ok(())
-    }
-
-    /// On the stats tick: moves idle monitors' time on (quiet incidents end) and saves
-    /// window state that changed.
-    fn tick_monitors(&mut self) -> Result<(), ServeError> {
-        let msgs = self.monitors.advance(&self.cfg.topics.prefix);
-        if !msgs.is_empty() {
-            self.record(msgs, None);
-        }
-        Ok(())
-    }
-
-    fn publish_stats(&mut self) {
-        let s = self.stats.snapshot(self.worker.depth(), &self.outbox);
-        tracing::debug!(stats = %s, "stats");
-        if self.is_connected() {
-            let topic = self.cfg.topics.stats();
-            let _ = self.publish(
-                None,
-                topic,
-                QoS::AtMostOnce,
-                false,
-                s.to_string().into_bytes(),
-            );
-        }
-        // Acks are written without fsync; settle them now and then.
-        let _ = self.outbox.sync(false);
-    }
 }
+
+#[path = "state_outcomes.rs"]
+mod outcomes;
 
 #[cfg(test)]
 #[path = "state_tests.rs"]

@@ -8,7 +8,7 @@ use crate::classify::ClassifyResult;
 use crate::monitor::MonitorConfig;
 use crate::rank::RankResult;
 use crate::serve::outbox::{FsyncPolicy, OutboxLimits};
-use crate::serve::worker::JobError;
+use crate::serve::worker::{JobError, Output};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Sent {
