@@ -18,9 +18,10 @@ use crate::classify::{ClassifyResult, RecordError, Request, ScorePath, SetupErro
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, EngineError, GenCache, ModelInfo};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
-use crate::react::agent::{self, RunOptions};
+use crate::react::agent;
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
+use crate::react::policy::{self, PolicyConfig};
 use crate::react::request::{ReactRequest, ReactResult};
 use crate::react::session::Sessions;
 use crate::react::tools::Toolbox;
@@ -264,6 +265,7 @@ struct RankRunner {
 /// cache carried over between runs.
 struct ReactRunner {
     spec: ReactSpec,
+    kb: Option<Arc<Kb>>,
     tools: Toolbox,
     cache: GenCache,
     slot: usize,
@@ -304,7 +306,7 @@ fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Ru
                 )),
                 None => None,
             };
-            let mut tools = Toolbox::new(&spec, kb);
+            let mut tools = Toolbox::new(&spec, kb.clone());
             tools.collect_notifications();
             let tokens = engine.tokenize(&agent::render_prefix(&spec), true, false);
             let source = engine
@@ -313,6 +315,7 @@ fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Ru
             tracing::info!(task = %spec.name, ?source, tokens = tokens.len(), "ReAct prefix ready");
             Runner::React(Box::new(ReactRunner {
                 spec,
+                kb,
                 tools,
                 cache: GenCache::default(),
                 slot,
@@ -543,13 +546,15 @@ fn react(
         temperature: r.spec.temperature,
         prefix_slot: Some(r.slot),
     };
-    let trace = agent::run(
+    // The same scored, grounded policy as `edgeact react` with its default weights.
+    let trace = policy::run(
         &r.spec,
+        r.kb.as_deref(),
         &req.question,
         &history,
         &mut gen,
         &mut r.tools,
-        RunOptions { grammar: true },
+        &PolicyConfig::default(),
     );
     r.cache = std::mem::take(&mut gen.cache);
     let trace = trace.map_err(ReactError::from)?;

@@ -5,8 +5,8 @@
 //! numbers, before it connects.
 //!
 //! Peak RSS of a child is the kernel's high-water mark of its resident set (`wait4`'s
-//! `ru_maxrss`, what `/proc/<pid>/status` shows as VmHWM), read when it exits; the daemon
-//! reports its own VmHWM in its stats.
+//! `ru_maxrss`, what `/proc/<pid>/status` shows as VmHWM), read when it exits, through a
+//! small forking wrapper ([`PEAK_WRAPPER`]); the daemon reports its own VmHWM in its stats.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,49 +16,62 @@ use crate::testkit::broker::Broker;
 use crate::testkit::daemon::{serve_until_exit, Daemon};
 use crate::testkit::probe::{wait_online, Probe};
 
-/// `struct rusage` on 64-bit Linux: two `timeval`s, then 14 longs, `ru_maxrss` (KiB) first.
-#[repr(C)]
-struct Rusage {
-    utime: [i64; 2],
-    stime: [i64; 2],
-    maxrss_kib: i64,
-    rest: [i64; 13],
-}
-
-extern "C" {
-    fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut Rusage) -> i32;
-}
+/// Runs argv[2..] in a forked child of this small Python process and writes the child's
+/// `ru_maxrss` (KiB) to argv[1]; exits with the child's status. The test process cannot
+/// measure its own children: `Command` spawns with `CLONE_VM`, and at `exec` the kernel
+/// folds the parent's high-water mark (several engines loaded by other tests, 2 GB) into
+/// the child's `maxrss`. A child forked from a small process starts clean.
+const PEAK_WRAPPER: &str = r#"
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(ru.ru_maxrss))
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+"#;
 
 /// Runs `cmd` to its end: (success, stdout, stderr, peak RSS in MiB).
-// The child is reaped by wait4 (for its rusage), not by std's `wait`.
-#[allow(clippy::zombie_processes)]
 fn run_with_peak(cmd: &mut Command, dir: &Path) -> (bool, String, String, f64) {
     let out_path = dir.join("stdout");
     let err_path = dir.join("stderr");
-    let child = cmd
+    let peak_path = dir.join("peak-kib");
+    let mut wrapped = Command::new("python3");
+    wrapped
+        .arg("-c")
+        .arg(PEAK_WRAPPER)
+        .arg(&peak_path)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    if let Some(d) = cmd.get_current_dir() {
+        wrapped.current_dir(d);
+    }
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    let status = wrapped
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("spawn edgeact");
-    let mut status = 0i32;
-    let mut usage = Rusage {
-        utime: [0; 2],
-        stime: [0; 2],
-        maxrss_kib: 0,
-        rest: [0; 13],
-    };
-    // SAFETY: wait4 writes an int and a struct rusage, both live locals with the layout of
-    // 64-bit Linux; the pid is our own child, not yet reaped (std's Child is never waited).
-    let r = unsafe { wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(r, child.id() as i32, "wait4 failed");
-    // Exited normally with status 0.
-    let ok = status & 0x7f == 0 && (status >> 8) & 0xff == 0;
+        .status()
+        .expect("spawn python3 with edgeact");
+    let peak_kib: f64 = std::fs::read_to_string(&peak_path)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN);
     (
-        ok,
+        status.success(),
         std::fs::read_to_string(out_path).unwrap_or_default(),
         std::fs::read_to_string(err_path).unwrap_or_default(),
-        usage.maxrss_kib as f64 / 1024.0,
+        peak_kib / 1024.0,
     )
 }
 
@@ -225,6 +238,10 @@ fn each_shipped_task_peaks_under_its_estimate_within_the_board_budget() {
         let (ok, _out, err, peak) =
             run_with_peak(&mut task_command(name, *kind, dir.path()), dir.path());
         assert!(ok, "{name}: edgeact failed: {err}");
+        assert!(
+            peak > 100.0,
+            "{name}: peak RSS {peak} MiB was not measured (no model?)"
+        );
         println!("{name:28} {kind:?}: peak RSS {peak:.1} MiB, estimate {estimate} MiB ({detail}), budget {budget} MiB");
         rows.push((name.clone(), peak, estimate, budget, detail));
     }

@@ -529,9 +529,25 @@ fn react_over_mqtt_publishes_answer_and_compact_trace() {
     let steps = t["steps"].as_array().unwrap();
     assert_eq!(steps.len() as u64, r["steps"].as_u64().unwrap());
     assert!(steps.last().unwrap()["final_answer"].is_string(), "{t}");
+    // The scored policy chooses actions and selects the answer; generation is only for
+    // arguments it cannot take from the question, so a step may generate nothing.
     assert!(steps
         .iter()
-        .all(|s| s["tokens"]["generated"].as_u64().unwrap() > 0));
+        .all(|s| s["tokens"]["generated"].as_u64().is_some()));
+    // Grounded: the answer cites the passage it comes from (`citations` lists the retrieved
+    // ones, best first), with that passage's closing time.
+    let cited: Vec<&str> = r["citations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert_eq!(cited.first(), Some(&"hours-saturday"), "{r}");
+    let answer = r["answer"].as_str().unwrap();
+    assert!(
+        answer.contains("18:00") && answer.ends_with("[hours-saturday]"),
+        "{r}"
+    );
     assert!(probe.on("edgeact/rx/kiosk/trace")[0].payload.len() < 16 * 1024);
     let err = probe.on("edgeact/rx/errors")[0].json();
     assert!(
@@ -542,7 +558,7 @@ fn react_over_mqtt_publishes_answer_and_compact_trace() {
         "{err}"
     );
     // The session remembers the turn for the next request.
-    let session = dir.path().join("rx/sessions/s-1.json");
+    let session = dir.path().join("rx/sessions/kiosk-7f3a9c2e41d8b6.json");
     let turns: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&session).unwrap()).unwrap();
     assert_eq!(turns[0]["question"], "When do you close on Saturday?");
