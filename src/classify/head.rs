@@ -197,30 +197,15 @@ pub struct HeadFile {
 
 impl HeadFile {
     pub fn save(&self, path: &Path) -> Result<(), HeadError> {
-        let io = |source| HeadError::Io {
-            path: path.into(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let text = serde_json::to_string(self).map_err(|e| HeadError::Invalid {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(path, text).map_err(io)
+        save_json(self, path)
     }
 
     pub fn load(path: &Path) -> Result<HeadFile, HeadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| HeadError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let h: HeadFile = load_json(path)?;
         let invalid = |reason: String| HeadError::Invalid {
             path: path.into(),
             reason,
         };
-        let h: HeadFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if h.version != HEAD_VERSION {
             return Err(invalid(format!(
                 "version {} (this edgeact reads {HEAD_VERSION})",
@@ -253,6 +238,34 @@ impl HeadFile {
         let text = serde_json::to_string(self).unwrap_or_default();
         hex::encode(&Sha256::digest(text.as_bytes())[..8])
     }
+}
+
+/// Writes a learned file (head or stack) as JSON, creating its folder.
+pub(crate) fn save_json<T: Serialize>(value: &T, path: &Path) -> Result<(), HeadError> {
+    let io = |source| HeadError::Io {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let text = serde_json::to_string(value).map_err(|e| HeadError::Invalid {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(path, text).map_err(io)
+}
+
+/// Reads a learned file (head or stack); its shapes are checked by the caller.
+pub(crate) fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, HeadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HeadError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| HeadError::Invalid {
+        path: PathBuf::from(path),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::features::FeatureSpec;
-use super::head::{HeadError, LinearHead, Standardizer};
+use super::head::{load_json, save_json, HeadError, LinearHead, Standardizer};
 use super::linear::{Design, LrParams, SoftmaxLr, SparseRow};
 use super::tfidf::{TextFeaturizer, TextParams};
 use crate::model::PooledStates;
@@ -196,30 +196,15 @@ impl StackFile {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), HeadError> {
-        let io = |source| HeadError::Io {
-            path: path.into(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let text = serde_json::to_string(self).map_err(|e| HeadError::Invalid {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(path, text).map_err(io)
+        save_json(self, path)
     }
 
     pub fn load(path: &Path) -> Result<StackFile, HeadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| HeadError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let mut f: StackFile = load_json(path)?;
         let invalid = |reason: String| HeadError::Invalid {
             path: PathBuf::from(path),
             reason,
         };
-        let mut f: StackFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if f.version != STACK_VERSION {
             return Err(invalid(format!(
                 "version {} (this edgeact reads {STACK_VERSION})",

@@ -186,6 +186,12 @@ fn write_prompt(
     measured.insert("model_sha256".into(), engine.info.sha256.clone().into());
     measured.insert("candidates_tried".into(), (n_tried as i64).into());
     task.measured = Some(measured);
+    write_tuned(cfg, &task, n_tried)
+}
+
+/// Writes the winning task file, its header naming the data, the dev split and how many
+/// candidates it beat.
+fn write_tuned(cfg: &TuneConfig, task: &Task, n_tried: usize) -> Result<(), AppError> {
     let text = format!(
         "# Written by `edgeact tune` from {} (dev split `{}`): the best of {} candidates by macro-F1.\n{}",
         cfg.data.display(),
@@ -193,7 +199,7 @@ fn write_prompt(
         n_tried,
         task.to_toml()
     );
-    if let Some(dir) = cfg.out.parent() {
+    if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| EvalError::Write {
             path: dir.into(),
             source,
@@ -391,18 +397,7 @@ fn write_learned(
     }
     m.insert("candidates_tried".into(), (n_tried as i64).into());
     task.measured = Some(m);
-    let text = format!(
-        "# Written by `edgeact tune` from {} (dev split `{}`): the best of {} candidates by macro-F1.\n{}",
-        cfg.data.display(),
-        cfg.dev_split,
-        n_tried,
-        task.to_toml()
-    );
-    std::fs::write(&cfg.out, text).map_err(|source| EvalError::Write {
-        path: cfg.out.clone(),
-        source,
-    })?;
-    Ok(())
+    write_tuned(cfg, &task, n_tried)
 }
 
 /// `name` in the folder of `path`.
