@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::generator::{GenEnd, GenMode, StepGenerator};
 use super::grammar::qa_grammar;
 use super::ground::{self, Candidate, GroundConfig, Query, TextScorer};
-use super::kb::Kb;
+use super::kb::{Hit, Kb};
 use super::tools::cut_chars;
 use crate::model::EngineError;
 use crate::spec::react::{QaSpec, ReactSpec};
@@ -19,6 +19,16 @@ use crate::spec::react::{QaSpec, ReactSpec};
 pub struct Retrieved {
     pub id: String,
     pub score: f32,
+}
+
+/// The retrieved passages as the result lists them, best first.
+fn retrieved(kb: &Kb, hits: &[Hit]) -> Vec<Retrieved> {
+    hits.iter()
+        .map(|h| Retrieved {
+            id: kb.passages[h.index].id.clone(),
+            score: h.score,
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -129,13 +139,7 @@ pub fn answer(
         answer: g.answer,
         cited: g.cited,
         finished: true,
-        passages: hits
-            .iter()
-            .map(|h| Retrieved {
-                id: kb.passages[h.index].id.clone(),
-                score: h.score,
-            })
-            .collect(),
+        passages: retrieved(kb, &hits),
         seed: spec.seed,
         prompt_tokens: 0,
         generated_tokens: 0,
@@ -167,13 +171,7 @@ pub fn answer_generated(
         answer: NOTHING_FOUND.into(),
         cited: None,
         finished: true,
-        passages: hits
-            .iter()
-            .map(|h| Retrieved {
-                id: kb.passages[h.index].id.clone(),
-                score: h.score,
-            })
-            .collect(),
+        passages: retrieved(kb, &hits),
         seed: spec.seed,
         prompt_tokens: 0,
         generated_tokens: 0,
