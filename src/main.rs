@@ -8,6 +8,8 @@ use clap::Parser;
 use edgeact::cli;
 
 fn main() -> ExitCode {
+    // Before anything else: it may start this binary again with the threads' wait setting.
+    cli::threads::set_thread_wait();
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     match cli::run(args) {

@@ -318,7 +318,9 @@ pub struct ServeSettings {
     /// Requests waiting for the model at most; beyond, requests get an `overloaded` error.
     #[arg(long)]
     pub queue_capacity: Option<usize>,
-    /// Requests scored together when several wait for the same task.
+    /// Classifications scored together at most when several wait for the same task (the
+    /// micro-batch follows the queue: a lone request runs alone). Default: as many as one
+    /// decode of the board's context holds (max_logit_rows / 2).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Folder of the durable outbox (default: $EDGEACT_STATE_DIR or ./state).
@@ -517,9 +519,11 @@ pub struct BenchArgs {
     /// At most this many requests.
     #[arg(long, default_value_t = D::bench::LIMIT)]
     pub limit: usize,
-    /// Requests per micro-batch on the batched path.
-    #[arg(long, default_value_t = D::BATCH_SIZE)]
-    pub batch_size: usize,
+    /// Queue depths of the batched path, comma-separated: that many requests waiting
+    /// together are taken as one micro-batch, as `serve` takes what is queued (up to its
+    /// --batch-size). One row each.
+    #[arg(long, value_delimiter = ',', default_values_t = D::bench::DEPTHS)]
+    pub batch_size: Vec<usize>,
     /// Run the (slow) naive reference path on only the first N requests; its speed-up
     /// column stays the baseline. Default: all of them.
     #[arg(long)]

@@ -127,6 +127,8 @@ pub mod bench {
     pub const DATA: &str = "tests/data/sentiment-obvious.jsonl";
     /// At most this many requests.
     pub const LIMIT: usize = 40;
+    /// Queue depths of the batched rows.
+    pub const DEPTHS: [usize; 2] = [8, 32];
 }
 
 /// `edgeact react-eval`.

@@ -6,6 +6,7 @@ pub mod args;
 pub mod defaults;
 pub mod resolve;
 pub mod serve;
+pub mod threads;
 
 pub use args::Cli;
 

@@ -322,7 +322,7 @@ fn bench(a: BenchArgs) -> Result<cmd::bench::BenchConfig, AppError> {
         task: find_task(&a.task)?,
         data: a.data,
         limit: a.limit,
-        batch_size: a.batch_size,
+        batch_sizes: a.batch_size,
         naive_limit: a.naive_limit.unwrap_or(a.limit),
     })
 }

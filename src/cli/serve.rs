@@ -113,7 +113,7 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
         broker,
         context_topics,
         queue_capacity,
-        batch_size: s.batch_size.unwrap_or(defaults::BATCH_SIZE).max(1),
+        batch_size: s.batch_size.map(|n| n.max(1)),
         outbox_dir: s.outbox_dir.clone().unwrap_or_else(state_dir),
         outbox: outbox::OutboxLimits {
             max_bytes: s.outbox_max_mib.unwrap_or(D::OUTBOX_MAX_MIB) * 1024 * 1024,

@@ -23,7 +23,8 @@ pub struct BenchConfig {
     /// JSON-lines requests to classify (a `label` field, when present, is scored).
     pub data: PathBuf,
     pub limit: usize,
-    pub batch_size: usize,
+    /// Queue depths of the batched path (one micro-batch each).
+    pub batch_sizes: Vec<usize>,
     /// Requests the naive path runs on (the first ones).
     pub naive_limit: usize,
 }
@@ -39,7 +40,7 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let prefix_ms = t1.elapsed().as_secs_f64() * 1e3;
     let (reqs, gold) = read_requests(&cfg.data, cfg.limit)?;
     let pruning = classifier.task.prune_margin_nats;
-    let rows = rows(&classifier, cfg.batch_size);
+    let rows = rows(&classifier, &cfg.batch_sizes);
     writeln!(
         out,
         "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs",
@@ -152,7 +153,7 @@ struct Row {
 }
 
 /// The rows, slowest first; the pruned row only where pruning can change anything.
-fn rows(classifier: &Classifier, batch_size: usize) -> Vec<Row> {
+fn rows(classifier: &Classifier, depths: &[usize]) -> Vec<Row> {
     let row = |name, path, batch, prune| Row {
         name,
         path,
@@ -173,12 +174,14 @@ fn rows(classifier: &Classifier, batch_size: usize) -> Vec<Row> {
     if classifier.task.prune_margin_nats.is_some() && multi_token {
         rows.push(row("+ pruned label search", Some(ScorePath::Fast), 1, true));
     }
-    rows.push(row(
-        "+ micro-batching",
-        Some(ScorePath::Fast),
-        batch_size.max(1),
-        true,
-    ));
+    for &depth in depths {
+        rows.push(row(
+            "+ micro-batching",
+            Some(ScorePath::Fast),
+            depth.max(1),
+            true,
+        ));
+    }
     rows
 }
 

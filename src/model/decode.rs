@@ -32,6 +32,12 @@ impl Engine {
         self.n_seq_max - self.n_prefix_slots
     }
 
+    /// Requests one decode scores together at most: half the work sequences hold requests,
+    /// the rest their label branches.
+    pub fn jobs_per_decode(&self) -> usize {
+        (self.work_seqs() / 2).max(1)
+    }
+
     pub(super) fn clear_seq(&mut self, seq: usize) {
         // Removing a whole sequence cannot fail; the error is only for ids above i32::MAX.
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);

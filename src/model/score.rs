@@ -195,8 +195,7 @@ impl Engine {
     pub fn score(&mut self, jobs: &[ScoreJob]) -> Result<Vec<ScoreOut>, EngineError> {
         let mut outs = Vec::with_capacity(jobs.len());
         let free_cells = self.n_ctx().saturating_sub(self.used_cells());
-        // Half the work sequences at most hold requests; the rest are for label branches.
-        let max_jobs = (self.work_seqs() / 2).max(1);
+        let max_jobs = self.jobs_per_decode();
         let needs: Vec<usize> = jobs
             .iter()
             .map(|j| job_cells(j, self.reuse_len(j)))

@@ -246,8 +246,9 @@ impl WorkerHandle {
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub queue_capacity: usize,
-    /// Classifications scored together when several wait for the same task.
-    pub batch_size: usize,
+    /// Classifications scored together at most when several wait for the same task;
+    /// `None`: as many as one decode holds.
+    pub batch_size: Option<usize>,
     /// Where ReAct sessions (earlier turns by session id) are kept.
     pub sessions: Sessions,
 }
@@ -396,7 +397,10 @@ fn run(
     depth: &AtomicUsize,
     on_done: impl Fn(Done),
 ) {
-    let batch_size = opts.batch_size.max(1);
+    let batch_size = opts
+        .batch_size
+        .unwrap_or_else(|| engine.jobs_per_decode())
+        .max(1);
     let mut held: Option<Work> = None;
     loop {
         let first = match held.take() {
