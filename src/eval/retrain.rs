@@ -13,10 +13,79 @@ use crate::classify::linear::LrParams;
 use crate::classify::runner::Learned;
 use crate::classify::stack::{StackFile, StackModel, StackParams};
 use crate::classify::tfidf::TextFeaturizer;
-use crate::eval::learn::score_probs;
+use crate::eval::feedback::{self, Feedback, Merge};
+use crate::eval::learn::{per_class_upto, score_probs, Shortfall};
 use crate::eval::metrics::Metrics;
 use crate::eval::select::Split;
+use crate::eval::{check_labels, read_labeled, EvalError, Example};
 use crate::spec::{Method, Task};
+
+/// Why a retrain could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrainError {
+    #[error(
+        "task `{task}` has no [train] table saying where its train and dev rows come from: \
+         tune it again (`edgeact tune`), which records it"
+    )]
+    NoSource { task: String },
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+}
+
+/// The rows of a retrain: the task's train rows (K per label as tuned) with the
+/// corrections merged in, and its dev rows.
+pub struct Rows {
+    pub train: Vec<Example>,
+    pub dev: Vec<Example>,
+    pub merge: Merge,
+    /// Labels with fewer train rows than the tuned K.
+    pub short: Vec<Shortfall>,
+    pub data: PathBuf,
+}
+
+/// Rebuilds the train and dev rows from the task's `[train]` source and merges `feedback`.
+pub fn rows(task: &Task, feedback: &[Feedback]) -> Result<Rows, RetrainError> {
+    let src = task.train.as_ref().ok_or_else(|| RetrainError::NoSource {
+        task: task.name.clone(),
+    })?;
+    let data = src.data_path(&task.path);
+    let dev = read_labeled(
+        &data,
+        Some(&src.dev_split),
+        src.dev_limit.unwrap_or(usize::MAX),
+    )?;
+    check_labels(task, &dev, &data)?;
+    let pool = read_labeled(&data, Some(&src.train_split), usize::MAX)?;
+    let (train, short) = per_class_upto(task, &pool, src.per_class.unwrap_or(usize::MAX))?;
+    let (train, merge) = feedback::merge(train, &dev, feedback, &task.name);
+    Ok(Rows {
+        train,
+        dev,
+        merge,
+        short,
+        data,
+    })
+}
+
+/// Texts and label indices (in `labels`' order) of examples.
+pub fn texts_and_labels<'a>(
+    labels: &[String],
+    rows: &'a [Example],
+) -> Result<(Vec<&'a str>, Vec<usize>), HeadError> {
+    let texts = rows
+        .iter()
+        .map(|e| {
+            e.request
+                .fields
+                .get(crate::spec::TRUNCATED_FIELD)
+                .map_or("", String::as_str)
+        })
+        .collect();
+    let y = label_indices(labels, rows.iter().map(|e| e.label.as_str()))?;
+    Ok((texts, y))
+}
 
 /// The task's learned file, read as its method says.
 pub fn load_learned(task: &Task) -> Result<(PathBuf, Learned, Method), HeadError> {
@@ -176,13 +245,14 @@ pub fn fit_and_compare(
 /// old model's shape: the pooled states (last and mean) and the two copies of each dense
 /// row the fit makes, about 2 KiB of n-grams a row, and L-BFGS's vectors (about 20 f64 per
 /// weight, the vocabulary allowed to grow by a tenth).
-pub fn retrain_bytes(learned: &Learned, n_rows: usize, n_embd: usize) -> u64 {
-    let (dense, n_sparse, n_labels) = match learned {
-        Learned::Head(h) => (h.head.standardizer.mean.len(), 0, h.labels.len()),
+pub fn retrain_bytes(learned: &Learned, n_rows: usize) -> u64 {
+    let (dense, n_sparse, n_labels, n_embd) = match learned {
+        Learned::Head(h) => (h.head.standardizer.mean.len(), 0, h.labels.len(), h.n_embd),
         Learned::Stack(s) => (
             s.stack.model.n_dense,
             s.stack.model.n_sparse,
             s.labels.len(),
+            s.n_embd,
         ),
     };
     let states = if learned.feature().is_some() {

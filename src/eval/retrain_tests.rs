@@ -98,5 +98,5 @@ fn a_correction_that_fixes_dev_rows_wins_and_is_saved_atomically() {
 #[test]
 fn the_memory_estimate_grows_with_rows_and_features() {
     let l = stack_file(&["good", "bad"], &[0, 1], 1.0);
-    assert!(retrain_bytes(&l, 1000, 640) > retrain_bytes(&l, 10, 640));
+    assert!(retrain_bytes(&l, 1000) > retrain_bytes(&l, 10));
 }
