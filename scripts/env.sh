@@ -1,3 +1,6 @@
 # Sourced by the scripts: one cache outside the clone for the cargo target dir and the model.
 export EDGEACT_CACHE="${EDGEACT_CACHE:-${HOME:-/root}/.cache/edgeact}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$EDGEACT_CACHE/target}"
+# llama.cpp's OpenMP threads spin at every barrier by default; on a busy machine a spinning
+# thread waits a whole time slice for a descheduled peer (10x slower measured at load 13).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"

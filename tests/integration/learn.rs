@@ -248,3 +248,99 @@ fn a_task_without_a_learned_method_is_refused_before_anything_is_kept() {
     assert!(text(&o).contains("no [head]"), "{}", text(&o));
     assert!(!dir.path().join("state").exists());
 }
+
+/// `serve` with a head task: feedback on `<prefix>/feedback` is validated (an error record
+/// for a bad one), kept on disk, and after `--retrain-after` corrections the head is
+/// refitted in the background (features from the inference thread) and the stats say
+/// whether it was swapped in or kept; requests are answered throughout.
+#[test]
+fn serve_takes_feedback_retrains_in_the_background_and_reports_it_in_stats() {
+    use crate::testkit::broker::Broker;
+    use crate::testkit::daemon::Daemon;
+    use crate::testkit::probe::{wait_online, Probe};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = split_data(dir.path());
+    let task = tune(dir.path(), &data, "head", "h.toml");
+    let broker = Broker::start(dir.path());
+    let probe = Probe::connect(broker.port, "probe-fb", &["edgeact/fb/#"]);
+    let mut daemon = Daemon::start(
+        &broker,
+        "fb",
+        dir.path(),
+        &["--task", task.to_str().unwrap(), "--retrain-after", "3"],
+    );
+    wait_online(&probe, "edgeact/fb");
+
+    probe.publish(
+        "edgeact/fb/feedback",
+        r#"{"id":"f0","task":"sentiment","text":"so so","label":"neutral"}"#,
+    );
+    probe.wait_for(60, "an error record for the unknown label", |g| {
+        g.iter()
+            .any(|m| m.topic == "edgeact/fb/errors" && m.json()["error"]["kind"] == "unknown_label")
+    });
+    let err = probe.on("edgeact/fb/errors")[0].json();
+    assert_eq!(err["id"], "f0", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("its labels: positive, negative"),
+        "{err}"
+    );
+
+    for (i, (text, label)) in HELPFUL.iter().take(3).enumerate() {
+        let f = serde_json::json!({"id": format!("f{}", i + 1), "task": "sentiment", "text": text, "label": label});
+        probe.publish("edgeact/fb/feedback", f.to_string());
+    }
+    // A request while the retrain may run: answered.
+    probe.publish(
+        "edgeact/fb/sentiment/request",
+        r#"{"id":"r1","text":"Terrible service, cold food, never again."}"#,
+    );
+    probe.wait_for(300, "stats reporting the retrain", |g| {
+        g.iter().any(|m| {
+            m.topic == "edgeact/fb/stats"
+                && m.json()["feedback"]["last_retrain"]["outcome"].is_string()
+        })
+    });
+    let stats = probe
+        .on("edgeact/fb/stats")
+        .iter()
+        .map(|m| m.json())
+        .rfind(|s| s["feedback"]["last_retrain"]["outcome"].is_string())
+        .unwrap();
+    let fb = &stats["feedback"];
+    assert_eq!(fb["received_total"], 3, "{stats}");
+    assert_eq!(fb["rejected_total"], 1, "{stats}");
+    let last = &fb["last_retrain"];
+    let outcome = last["outcome"].as_str().unwrap();
+    assert!(
+        outcome == "swapped" || outcome == "kept",
+        "{stats}\n{}",
+        daemon.log()
+    );
+    assert!(
+        last["dev_macro_f1_old"].is_f64() && last["dev_macro_f1_new"].is_f64(),
+        "{stats}"
+    );
+    assert_eq!(last["n_feedback"], 3, "{stats}");
+    if outcome == "swapped" {
+        assert_eq!(fb["applied_total"], 3, "{stats}");
+        let written = std::fs::read_to_string(&task).unwrap();
+        assert!(written.contains("edgeact serve"), "{written}");
+    }
+    let result = probe
+        .on("edgeact/fb/sentiment/result")
+        .first()
+        .map(|m| m.json())
+        .expect("the request was answered");
+    assert_eq!(result["label"], "negative", "{result}");
+
+    // Kept on disk, owner-only, before the acknowledgement.
+    let log = dir.path().join("fb/feedback-sentiment.jsonl");
+    let kept = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(kept.lines().count(), 3, "{kept}");
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
