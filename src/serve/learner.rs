@@ -14,7 +14,7 @@ use crate::eval::feedback::{FeedbackKind, FeedbackLog, FeedbackRules};
 use crate::eval::retrain::{self, RetrainRecord, Verdict};
 use crate::eval::select::Split;
 use crate::model::PooledStates;
-use crate::serve::learning::{LearnSettings, Learning, RetrainReport};
+use crate::serve::learning::{LearnSettings, Learning, RetrainReport, RetrainSender};
 use crate::serve::worker::{Background, BackgroundSender, ServedTask};
 use crate::spec::{Method, Task};
 
@@ -33,7 +33,7 @@ pub fn spawn(
     settings: LearnSettings,
     background: BackgroundSender,
     on_report: impl Fn(RetrainReport) + Send + 'static,
-) -> std::io::Result<Box<dyn FnMut(&str) -> bool + Send>> {
+) -> std::io::Result<RetrainSender> {
     let (tx, rx) = channel::<String>();
     let by_name: BTreeMap<String, LearnableTask> = tasks
         .into_iter()
@@ -234,7 +234,7 @@ pub fn start(
     }
     let log = FeedbackLog::new(&cfg.outbox_dir);
     let names = learnable.iter().map(|t| t.task.name.clone()).collect();
-    let send: crate::serve::learning::RetrainSender = if learnable.is_empty() {
+    let send: RetrainSender = if learnable.is_empty() {
         Box::new(|_: &str| false)
     } else {
         spawn(learnable, log.clone(), cfg.learn, background, on_report)?
