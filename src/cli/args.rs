@@ -392,8 +392,9 @@ pub struct ServeSettings {
     /// (default 900).
     #[arg(long)]
     pub retrain_interval_s: Option<u64>,
-    /// Most memory a retrain may use besides the model, in MiB (default 256); a larger
-    /// one is refused with a log line.
+    /// Most memory a retrain may use besides the model, in MiB (default 256; never more
+    /// than the memory budget leaves beside the model); a larger one is refused with a log
+    /// line.
     #[arg(long)]
     pub learn_max_mib: Option<u64>,
     /// Personal data redacted from traces, error records and logs before they leave the

@@ -97,7 +97,14 @@ pub fn run(cfg: LearnRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
             est as f64 / (1024.0 * 1024.0)
         ),
     )?;
-    let bar = crate::classify::features::progress_bar(1, "fit and score", cfg.progress);
+    let bar = spinner(
+        cfg.progress,
+        format!(
+            "fitting on {} rows, scoring old and new on {} dev rows",
+            tx.len(),
+            dx.len()
+        ),
+    );
     let c = retrain::fit_and_compare(
         &learned,
         Split {
@@ -112,7 +119,6 @@ pub fn run(cfg: LearnRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
         },
     )
     .map_err(setup_err(task))?;
-    bar.inc(1);
     bar.finish_and_clear();
     let verdict = Verdict::of(c.old.macro_f1, c.new.macro_f1);
     let line = format!(
@@ -143,6 +149,17 @@ pub fn run(cfg: LearnRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
             task.path.display()
         ),
     )
+}
+
+/// A spinner on stderr while the fit runs (hidden when stderr is not a terminal).
+fn spinner(show: bool, msg: String) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(msg);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
 
 /// Validates the new corrections, appends those not kept yet to the task's log (synced),

@@ -107,8 +107,8 @@ fn retrain_task(
     let need = retrain::retrain_bytes(&learned, tx.len() + dx.len());
     if need > settings.max_bytes {
         let reason = format!(
-            "needs about {} MiB for {} train and {} dev rows, over the learn_max_mib bound of {} MiB; \
-             lower [train] per_class or dev_limit, or raise learn_max_mib",
+            "needs about {} MiB for {} train and {} dev rows, over the bound of {} MiB; \
+             lower [train] per_class or dev_limit, or raise learn_max_mib (or the budget)",
             need >> 20,
             tx.len(),
             dx.len(),
@@ -201,9 +201,11 @@ fn features(
 
 /// The daemon's [`Learning`] for the served tasks, with the learner thread started when a
 /// task can be retrained (a learned method and a `[train]` source); None when no task takes
-/// feedback (ReAct tasks only).
+/// feedback (ReAct tasks only). A retrain's memory is bounded by `learn_max_mib` and by what
+/// the board's budget leaves beside the loaded model (`model_estimate_mib`).
 pub fn start(
     cfg: &crate::serve::ServeConfig,
+    model_estimate_mib: u64,
     background: BackgroundSender,
     on_report: impl Fn(RetrainReport) + Send + 'static,
 ) -> std::io::Result<Option<Learning>> {
@@ -233,12 +235,26 @@ pub fn start(
         return Ok(None);
     }
     let log = FeedbackLog::new(&cfg.outbox_dir);
+    let mut settings = cfg.learn;
+    let headroom = cfg
+        .engine
+        .memory_budget_mib
+        .saturating_sub(model_estimate_mib)
+        << 20;
+    settings.max_bytes = settings.max_bytes.min(headroom);
+    if !learnable.is_empty() {
+        tracing::info!(
+            tasks = learnable.len(),
+            max_mib = settings.max_bytes >> 20,
+            "retrains from feedback bounded by learn_max_mib and the budget's headroom"
+        );
+    }
     let names = learnable.iter().map(|t| t.task.name.clone()).collect();
     let send: RetrainSender = if learnable.is_empty() {
         Box::new(|_: &str| false)
     } else {
-        spawn(learnable, log.clone(), cfg.learn, background, on_report)?
+        spawn(learnable, log.clone(), settings, background, on_report)?
     };
     let rules = FeedbackRules::new(kinds, cfg.learn.max_text_bytes);
-    Ok(Some(Learning::new(rules, log, names, cfg.learn, send)))
+    Ok(Some(Learning::new(rules, log, names, settings, send)))
 }

@@ -115,7 +115,8 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         .collect();
     let stats_interval = cfg.stats_interval;
     let (report_tx, report_rx) = mpsc::unbounded_channel::<RetrainReport>();
-    let learning = learner::start(&cfg, worker.background.clone(), move |r| {
+    let estimate_mib = worker.model.estimate_mib;
+    let learning = learner::start(&cfg, estimate_mib, worker.background.clone(), move |r| {
         let _ = report_tx.send(r);
     })
     .map_err(WorkerError::Thread)?;
