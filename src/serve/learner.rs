@@ -258,3 +258,139 @@ pub fn start(
     let rules = FeedbackRules::new(kinds, cfg.learn.max_text_bytes);
     Ok(Some(Learning::new(rules, log, names, settings, send)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::linear::LrParams;
+    use crate::classify::stack::{StackFile, StackModel, StackParams};
+    use crate::classify::tfidf::TextParams;
+    use crate::eval::feedback::{Feedback, LabelFeedback};
+    use std::time::Duration;
+
+    /// A TF-IDF task tuned on two rows, its data, and three corrections kept in `state`.
+    fn tuned(dir: &std::path::Path) -> Task {
+        let rows = [
+            ("good film", "pos", "train"),
+            ("bad film", "neg", "train"),
+            ("awful story", "neg", "dev"),
+            ("lovely story", "pos", "dev"),
+        ];
+        let data: String = rows
+            .iter()
+            .map(|(t, l, s)| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"text": t, "label": l, "split": s})
+                )
+            })
+            .collect();
+        std::fs::write(dir.join("d.jsonl"), data).unwrap();
+        std::fs::write(
+            dir.join("t.toml"),
+            "name = \"t\"\ninstruction = \"x\"\nquery = \"T: {text}\\nL:\"\nlabels = [{ name = \"pos\", text = \" p\" }, { name = \"neg\", text = \" n\" }]\n[head]\nfile = \"t.stack.json\"\nmethod = \"tfidf\"\n[train]\ndata = \"d.jsonl\"\ntrain_split = \"train\"\ndev_split = \"dev\"\n",
+        )
+        .unwrap();
+        let p = StackParams {
+            dense: None,
+            text: Some(TextParams::words()),
+            lr: LrParams::default(),
+        };
+        let m = StackModel::fit(&["good film", "bad film"], &[], &[0, 1], 2, &p).unwrap();
+        StackFile::new(vec!["pos".into(), "neg".into()], None, 0, m)
+            .save(&dir.join("t.stack.json"))
+            .unwrap();
+        let fb: Vec<Feedback> = [
+            ("awful plot", "neg"),
+            ("lovely plot", "pos"),
+            ("awful acting", "neg"),
+        ]
+        .iter()
+        .map(|(t, l)| {
+            Feedback::Label(LabelFeedback {
+                task: "t".into(),
+                text: t.to_string(),
+                label: l.to_string(),
+                id: None,
+            })
+        })
+        .collect();
+        FeedbackLog::new(dir.join("state")).append(&fb).unwrap();
+        Task::load(&dir.join("t.toml")).unwrap()
+    }
+
+    fn settings(max_bytes: u64) -> LearnSettings {
+        LearnSettings {
+            retrain_after: 1,
+            retrain_interval: Duration::from_secs(60),
+            max_bytes,
+            feature_chunk: 4,
+            max_text_bytes: 100,
+        }
+    }
+
+    /// Runs one retrain of `t` on the learner thread; the inference thread's part (a
+    /// reload) is answered by a stand-in that records it.
+    fn retrain(dir: &std::path::Path, task: Task, max_bytes: u64) -> (RetrainReport, usize) {
+        let (bg_tx, bg_rx) = std::sync::mpsc::channel::<Background>();
+        let reloads = std::thread::spawn(move || {
+            let mut n = 0;
+            for job in bg_rx {
+                if let Background::Reload { reply, .. } = job {
+                    n += 1;
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            n
+        });
+        let (rep_tx, rep_rx) = std::sync::mpsc::channel();
+        let mut send = spawn(
+            vec![LearnableTask { index: 0, task }],
+            FeedbackLog::new(dir.join("state")),
+            settings(max_bytes),
+            bg_tx,
+            move |r| {
+                let _ = rep_tx.send(r);
+            },
+        )
+        .unwrap();
+        assert!(send("t"));
+        let report = rep_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        drop(send);
+        (report, reloads.join().unwrap())
+    }
+
+    #[test]
+    fn a_retrain_over_the_memory_bound_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = tuned(dir.path());
+        let before = std::fs::read(dir.path().join("t.stack.json")).unwrap();
+        let (r, reloads) = retrain(dir.path(), task, 1);
+        assert_eq!(r.outcome, "refused", "{r:?}");
+        assert!(
+            r.reason.as_deref().unwrap().contains("over the bound"),
+            "{r:?}"
+        );
+        assert_eq!(reloads, 0);
+        assert_eq!(
+            std::fs::read(dir.path().join("t.stack.json")).unwrap(),
+            before
+        );
+    }
+
+    #[test]
+    fn a_better_model_is_written_and_the_runner_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let task = tuned(dir.path());
+        let (r, reloads) = retrain(dir.path(), task, 1 << 30);
+        assert_eq!(r.outcome, "swapped", "{r:?}");
+        assert!(
+            r.dev_macro_f1_new.unwrap() >= r.dev_macro_f1_old.unwrap(),
+            "{r:?}"
+        );
+        assert_eq!((r.n_feedback, r.n_train), (3, 5));
+        assert_eq!(reloads, 1);
+        let t = Task::load(&dir.path().join("t.toml")).unwrap();
+        assert_eq!(t.measured.unwrap()["n_feedback"].as_integer(), Some(3));
+    }
+}
