@@ -69,6 +69,12 @@ pub fn run(cfg: LearnRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
     // Before anything is kept: a task that cannot be retrained is said at once.
     let (path, learned, method) = retrain::load_learned(task).map_err(setup_err(task))?;
     let all = keep_feedback(&cfg, out)?;
+    if all.is_empty() {
+        return w(
+            out,
+            format!("no corrections kept for `{}`: nothing to learn", task.name),
+        );
+    }
     let rows = retrain::rows(task, &all).map_err(|e| retrain_err(task, e))?;
     let m = &rows.merge;
     w(

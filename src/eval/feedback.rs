@@ -323,8 +323,14 @@ impl FeedbackLog {
             source,
         };
         crate::util::private::create_dir(&self.dir).map_err(io)?;
-        let mut f = crate::util::private::open(&path, false).map_err(io)?;
-        let end = f.seek(SeekFrom::End(0)).map_err(io)?;
+        // Created (or narrowed) owner-only, then written in append mode: `edgeact learn` and
+        // `serve` may append to the same log, and each write lands at its end.
+        drop(crate::util::private::open(&path, false).map_err(io)?);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        let end = f.metadata().map_err(io)?.len();
         let mut out = Vec::new();
         if end > 0 {
             let mut last = [0u8; 1];

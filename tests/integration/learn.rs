@@ -134,6 +134,12 @@ fn tfidf_learns_from_corrections_swaps_when_not_worse_and_keeps_otherwise() {
         "{written}"
     );
 
+    // Nothing kept yet: nothing to learn, nothing written.
+    let o = learn(dir.path(), &task, None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("nothing to learn"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&task).unwrap(), written);
+
     // A bad record: nothing is kept, the line and the label are named.
     let bad = corrections(
         dir.path(),
