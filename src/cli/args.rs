@@ -41,6 +41,11 @@ pub enum Command {
     /// Choose the template, few-shot examples and calibration on a dev split (macro-F1) and
     /// write the winner as a task file with its measured score.
     Tune(TuneArgs),
+    /// Learn from corrected labels: add a JSON-lines file of {"task", "text", "label"} to the
+    /// task's feedback (kept in the state folder, where `serve` keeps its own), retrain the
+    /// tuned head, stack or TF-IDF model with it, and replace it only if its dev macro-F1 is
+    /// not lower (old and new are printed).
+    Learn(LearnArgs),
     /// Measure load time, peak RSS and classifications/s of each scoring path on a
     /// JSON-lines file (figures printed, nothing asserted).
     Bench(BenchArgs),
@@ -382,6 +387,18 @@ pub struct ServeSettings {
     /// Seconds shutdown waits for PUBACKs before leaving the rest in the outbox.
     #[arg(long)]
     pub drain_timeout_s: Option<u64>,
+    /// New corrections on <prefix>/feedback that start a task's retrain (default 20).
+    #[arg(long)]
+    pub retrain_after: Option<usize>,
+    /// Seconds from the first correction not yet learned to its retrain at the latest
+    /// (default 900).
+    #[arg(long)]
+    pub retrain_interval_s: Option<u64>,
+    /// Most memory a retrain may use besides the model, in MiB (default 256; never more
+    /// than the memory budget leaves beside the model); a larger one is refused with a log
+    /// line.
+    #[arg(long)]
+    pub learn_max_mib: Option<u64>,
     /// Personal data redacted from traces, error records and logs before they leave the
     /// device: email, phone, card (Luhn-checked), comma-separated; `none` for nothing.
     /// Default: all three.
@@ -473,6 +490,29 @@ pub struct TuneArgs {
     pub methods: Vec<String>,
     #[command(flatten)]
     pub head: HeadArgs,
+    #[command(flatten)]
+    pub board: BoardArgs,
+}
+
+#[derive(Args)]
+pub struct LearnArgs {
+    /// A task written by `edgeact tune` with a learned method (its [head] and [train]).
+    #[arg(long, short)]
+    pub task: String,
+    /// Corrections to add: JSON lines of {"task", "text", "label", "id"?}. Without it the
+    /// task is retrained from the corrections already kept.
+    #[arg(long)]
+    pub feedback: Option<PathBuf>,
+    /// Folder of the feedback log (default: $EDGEACT_STATE_DIR, else ./state; serve's
+    /// --outbox-dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Tokens per feature decode.
+    #[arg(long, default_value_t = D::tune::FEATURE_BATCH)]
+    pub feature_batch: u32,
+    /// Do not read or write the feature cache ($EDGEACT_CACHE/features).
+    #[arg(long)]
+    pub no_feature_cache: bool,
     #[command(flatten)]
     pub board: BoardArgs,
 }

@@ -103,6 +103,23 @@ pub mod tune {
     pub const FEATURE_BATCH: u32 = 64;
 }
 
+/// Learning from feedback (`edgeact learn`, `serve`'s feedback topic).
+pub mod learn {
+    /// Largest corrected text (or ranking query) accepted, in bytes.
+    pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+    /// `serve` retrains a task after this many new corrections...
+    pub const RETRAIN_AFTER: usize = 20;
+    /// ...or this many seconds after the first correction not yet learned, whichever
+    /// comes first.
+    pub const RETRAIN_INTERVAL_S: u64 = 15 * 60;
+    /// Texts per feature job `serve` hands the inference thread while retraining: small, so
+    /// a request waits behind at most this many texts.
+    pub const FEATURE_CHUNK: usize = 4;
+    /// Most memory a `serve` retrain may hold besides the model (features of the train and
+    /// dev rows, the fit), in MiB; a larger one is refused with a log line.
+    pub const MAX_MIB: u64 = 256;
+}
+
 /// `edgeact bench-accuracy`.
 pub mod bench_accuracy {
     /// Split the figures are measured on.

@@ -39,6 +39,7 @@ pub fn command(c: Command) -> Result<cmd::Command, AppError> {
         Command::Eval(a) => cmd::Command::Eval(eval(a)?),
         Command::Tune(a) if a.head.head => cmd::Command::TuneHead(tune_head(a)?),
         Command::Tune(a) => cmd::Command::Tune(tune(a)?),
+        Command::Learn(a) => cmd::Command::Learn(learn(a)?),
         Command::Bench(a) => cmd::Command::Bench(bench(a)?),
         Command::BenchAccuracy(a) => cmd::Command::BenchAccuracy(bench_accuracy(a)?),
         Command::React(a) => cmd::Command::React(a.config()?),
@@ -280,6 +281,24 @@ impl HeadArgs {
             })
             .collect()
     }
+}
+
+fn learn(a: LearnArgs) -> Result<cmd::learn::LearnRunConfig, AppError> {
+    let task = find_task(&a.task)?;
+    let engine = a.board.engine_config()?;
+    Ok(cmd::learn::LearnRunConfig {
+        features: FeatureParams {
+            n_batch_tokens: a.feature_batch,
+            ..FeatureParams::for_config(&engine)
+        },
+        engine,
+        task,
+        feedback: a.feedback,
+        state_dir: a.state_dir.unwrap_or_else(state_dir),
+        cache_dir: feature_cache(a.no_feature_cache),
+        max_text_bytes: defaults::learn::MAX_TEXT_BYTES,
+        progress: std::io::stderr().is_terminal(),
+    })
 }
 
 fn feature_cache(off: bool) -> Option<PathBuf> {

@@ -54,7 +54,10 @@ impl ServeSettings {
             password_file,
             client_id,
             keep_alive_s,
-            drain_timeout_s
+            drain_timeout_s,
+            retrain_after,
+            retrain_interval_s,
+            learn_max_mib
         );
         if !over.task.is_empty() {
             self.task = over.task;
@@ -128,6 +131,28 @@ pub fn config(a: ServeArgs) -> Result<ServeConfig, AppError> {
         sessions: session_limits(&s),
         drain_timeout: Duration::from_secs(s.drain_timeout_s.unwrap_or(D::DRAIN_TIMEOUT_S)),
         redactor,
+        learn: learn_settings(&s, &src)?,
+    })
+}
+
+/// When `serve` retrains from feedback ([`defaults::learn`]).
+fn learn_settings(
+    s: &ServeSettings,
+    src: &Path,
+) -> Result<crate::serve::learning::LearnSettings, AppError> {
+    use defaults::learn as L;
+    let retrain_after = s.retrain_after.unwrap_or(L::RETRAIN_AFTER);
+    if retrain_after == 0 {
+        return Err(invalid(src, "retrain_after", "must be at least 1".into()));
+    }
+    Ok(crate::serve::learning::LearnSettings {
+        retrain_after,
+        retrain_interval: Duration::from_secs(
+            s.retrain_interval_s.unwrap_or(L::RETRAIN_INTERVAL_S).max(1),
+        ),
+        max_bytes: s.learn_max_mib.unwrap_or(L::MAX_MIB) << 20,
+        feature_chunk: L::FEATURE_CHUNK,
+        max_text_bytes: L::MAX_TEXT_BYTES,
     })
 }
 

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_accuracy;
 pub mod classify;
 pub mod eval;
+pub mod learn;
 pub mod monitor;
 pub mod plan;
 pub mod qa;
@@ -104,6 +105,7 @@ pub enum Command {
     Eval(eval::EvalConfig),
     Tune(tune::TuneConfig),
     TuneHead(tune_head::TuneHeadConfig),
+    Learn(learn::LearnRunConfig),
     Bench(bench::BenchConfig),
     BenchAccuracy(bench_accuracy::FiguresConfig),
     React(react::ReactConfig),
@@ -126,6 +128,7 @@ pub fn run(command: Command) -> Result<(), AppError> {
         Command::Eval(c) => eval::run(c, &mut out),
         Command::Tune(c) => tune::run(c, &mut out),
         Command::TuneHead(c) => tune_head::run(c, &mut out),
+        Command::Learn(c) => learn::run(c, &mut out),
         Command::Bench(c) => bench::run(c, &mut out),
         Command::BenchAccuracy(c) => bench_accuracy::run(c, &mut out),
         Command::React(c) => Ok(react::run(c, &mut out)?),

@@ -18,7 +18,7 @@ use crate::eval::tune::{candidates, pick_best};
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, FeatureParams, PooledStates};
-use crate::spec::{HeadRef, Method, Task};
+use crate::spec::{HeadRef, Method, Task, TrainSource};
 
 /// The learned side of `edgeact tune`.
 #[derive(Debug, Clone)]
@@ -397,7 +397,20 @@ fn write_learned(
     }
     m.insert("candidates_tried".into(), (n_tried as i64).into());
     task.measured = Some(m);
+    task.train = Some(train_source(cfg));
     write_tuned(cfg, &task, n_tried)
+}
+
+/// The `[train]` table of a learned winner: the same rows again for `edgeact learn`. The
+/// data path is made absolute, since the task file is usually written to another folder.
+fn train_source(cfg: &TuneConfig) -> TrainSource {
+    TrainSource {
+        data: std::fs::canonicalize(&cfg.data).unwrap_or_else(|_| cfg.data.clone()),
+        train_split: cfg.train_split.clone(),
+        dev_split: cfg.dev_split.clone(),
+        per_class: (cfg.learn.per_class != usize::MAX).then_some(cfg.learn.per_class),
+        dev_limit: (cfg.limit != usize::MAX).then_some(cfg.limit),
+    }
 }
 
 /// `name` in the folder of `path`.

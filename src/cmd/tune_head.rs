@@ -15,7 +15,7 @@ use crate::eval::learn::{fit_candidates, per_class_upto, xy, FeatureStore, Fitte
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, FeatureParams};
-use crate::spec::{HeadRef, Method, Task};
+use crate::spec::{HeadRef, Method, Task, TrainSource};
 
 /// Settings of `edgeact tune --head`.
 #[derive(Debug, Clone)]
@@ -229,6 +229,15 @@ fn write_head_and_task(
     m.insert("dev_accuracy".into(), r4(b.dev.accuracy).into());
     m.insert("model_sha256".into(), engine.info.sha256.clone().into());
     task.measured = Some(m);
+    // Where the rows came from, for `edgeact learn` (the data path absolute: the task file
+    // usually goes to another folder).
+    task.train = Some(TrainSource {
+        data: std::fs::canonicalize(&cfg.data).unwrap_or_else(|_| cfg.data.clone()),
+        train_split: cfg.train_split.clone(),
+        dev_split: cfg.dev_split.clone(),
+        per_class: Some(cfg.per_class),
+        dev_limit: (cfg.limit != usize::MAX).then_some(cfg.limit),
+    });
     let text = format!(
         "# Written by `edgeact tune --head` from {} ({} per label from `{}`; chosen on `{}`).\n{}",
         cfg.data.display(),

@@ -4,9 +4,11 @@
 //! `tune --head` and `bench-accuracy` below the commands (which are in `cmd`).
 
 pub mod baseline;
+pub mod feedback;
 pub mod learn;
 pub mod metrics;
 pub mod plots;
+pub mod retrain;
 pub mod select;
 pub mod tune;
 

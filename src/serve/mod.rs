@@ -28,6 +28,8 @@
 
 pub mod acks;
 pub mod inbox;
+pub mod learner;
+pub mod learning;
 pub mod limits;
 pub mod message;
 pub mod monitors;
@@ -86,6 +88,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Masks personal data in trace and error payloads and in log lines.
     pub redactor: crate::serve::redact::Redactor,
+    /// Learning from `<prefix>/feedback`.
+    pub learn: learning::LearnSettings,
 }
 
 impl ServeConfig {

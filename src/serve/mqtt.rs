@@ -353,6 +353,10 @@ impl Topics {
     pub fn stats(&self) -> String {
         format!("{}/stats", self.prefix)
     }
+    /// Corrected labels and ranking events, for every task (the record names its task).
+    pub fn feedback(&self) -> String {
+        format!("{}/feedback", self.prefix)
+    }
 
     /// The task named by a request topic (own prefix or fleet prefix), if it is one.
     pub fn task_of(&self, topic: &str) -> Option<String> {

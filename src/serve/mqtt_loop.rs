@@ -12,11 +12,13 @@ use rumqttc::v5::{MqttState, StateError};
 use rumqttc::{Outgoing, Publish, QoS};
 use tokio::sync::mpsc;
 
+use crate::serve::learner;
+use crate::serve::learning::RetrainReport;
 use crate::serve::monitors::Monitors;
 use crate::serve::mqtt::{self, BrokerConfig, MqttConfigError};
 use crate::serve::outbox::Outbox;
 use crate::serve::state::{Daemon, Event, Link, NotQueued};
-use crate::serve::worker::{self, Done, WorkerHandle};
+use crate::serve::worker::{self, Done, WorkerError, WorkerHandle};
 use crate::serve::{ServeConfig, ServeError};
 use crate::util::time::now_ms;
 
@@ -112,8 +114,27 @@ pub async fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result
         .zip(worker.task_kinds.iter().copied())
         .collect();
     let stats_interval = cfg.stats_interval;
-    let d = Daemon::new(cfg.daemon_config(), tasks, client, worker, outbox, monitors);
-    drive(d, eventloop, &broker, done_rx, stats_interval, shutdown).await
+    let (report_tx, report_rx) = mpsc::unbounded_channel::<RetrainReport>();
+    let estimate_mib = worker.model.estimate_mib;
+    let learning = learner::start(&cfg, estimate_mib, worker.background.clone(), move |r| {
+        let _ = report_tx.send(r);
+    })
+    .map_err(WorkerError::Thread)?;
+    let mut d = Daemon::new(cfg.daemon_config(), tasks, client, worker, outbox, monitors);
+    if let Some(l) = learning {
+        d.set_learning(l);
+    }
+    let rx = Receivers {
+        done: done_rx,
+        reports: report_rx,
+    };
+    drive(d, eventloop, &broker, rx, stats_interval, shutdown).await
+}
+
+/// What the other threads send the loop: outcomes, and retrain reports.
+struct Receivers {
+    done: mpsc::UnboundedReceiver<Done>,
+    reports: mpsc::UnboundedReceiver<RetrainReport>,
 }
 
 /// The loop proper.
@@ -121,7 +142,7 @@ async fn drive(
     mut d: Daemon<AsyncClient, WorkerHandle>,
     eventloop: EventLoop,
     broker: &BrokerConfig,
-    mut done_rx: mpsc::UnboundedReceiver<Done>,
+    mut rx: Receivers,
     stats_interval: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
@@ -186,7 +207,8 @@ async fn drive(
                 }
                 poll = Box::pin(poll_owned(eventloop, next_at));
             },
-            done = done_rx.recv(), if !worker_gone => match done {
+            Some(r) = rx.reports.recv() => d.handle(Event::Retrained(r))?,
+            done = rx.done.recv(), if !worker_gone => match done {
                 Some(done) => d.handle(Event::Done(done))?,
                 // The inference thread dropped its end: it exited or died.
                 None => {

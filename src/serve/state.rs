@@ -116,6 +116,8 @@ pub enum Event {
     WorkerStopped,
     /// Stop taking requests, finish the ones taken, flush the outbox.
     Shutdown,
+    /// A retrain from feedback ended ([`crate::serve::learner`]).
+    Retrained(crate::serve::learning::RetrainReport),
 }
 
 /// What the daemon needs of [`super::ServeConfig`].
@@ -176,6 +178,8 @@ pub struct Daemon<L: Link, I: Inference> {
     worker_died: bool,
     /// `stopped` was published and the disconnect requested.
     stopped_sent: bool,
+    /// Feedback on `<prefix>/feedback` and the retrain schedule (None: not taken).
+    learning: Option<crate::serve::learning::Learning>,
 }
 
 impl<L: Link, I: Inference> Daemon<L, I> {
@@ -211,6 +215,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             drain_deadline: None,
             worker_died: false,
             stopped_sent: false,
+            learning: None,
         }
     }
 
@@ -250,9 +255,11 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             Event::Written(pkid) => self.acks.written(pkid),
             Event::Done(d) => self.on_done(d)?,
             Event::StatsTick => {
+                self.start_due_retrains();
                 self.publish_stats();
                 self.tick_monitors()?;
             }
+            Event::Retrained(r) => self.on_retrained(r),
             Event::Shutdown => self.on_shutdown(),
             Event::FsyncDue => self.on_fsync_due(),
             Event::WorkerStopped => self.on_worker_stopped(),
@@ -346,6 +353,9 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             subs.extend(t.shared_request(task));
         }
         subs.extend(self.cfg.context_topics.values().cloned());
+        if self.learning.is_some() {
+            subs.push(t.feedback());
+        }
         self.subacks_pending = 0;
         for s in subs {
             match self.link.subscribe(s.clone()) {
@@ -610,6 +620,10 @@ impl<L: Link, I: Inference> Daemon<L, I> {
             self.on_context(&name, &p);
             return;
         }
+        if self.learning.is_some() && p.topic == self.cfg.topics.feedback() {
+            self.on_feedback(p);
+            return;
+        }
         let Some(task_name) = self.cfg.topics.task_of(&p.topic) else {
             self.ack_now(&p);
             return;
@@ -736,6 +750,9 @@ impl<L: Link, I: Inference> Daemon<L, I> {
 
 #[path = "state_outcomes.rs"]
 mod outcomes;
+
+#[path = "state_feedback.rs"]
+mod feedback;
 
 #[cfg(test)]
 #[path = "state_tests.rs"]

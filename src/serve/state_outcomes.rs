@@ -110,7 +110,10 @@ impl<L: Link, I: Inference> Daemon<L, I> {
     }
 
     pub(super) fn publish_stats(&mut self) {
-        let s = self.stats.snapshot(self.worker.depth(), &self.outbox);
+        let mut s = self.stats.snapshot(self.worker.depth(), &self.outbox);
+        if let Some(l) = &self.learning {
+            s["feedback"] = l.stats();
+        }
         tracing::debug!(stats = %s, "stats");
         if self.is_connected() {
             let topic = self.cfg.topics.stats();

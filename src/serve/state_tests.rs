@@ -631,3 +631,101 @@ mod faults;
 
 #[path = "state_net_tests.rs"]
 mod net;
+
+/// `<prefix>/feedback`: subscribed; a record is acknowledged once it is on disk and starts
+/// a retrain when due; a bad one gets an error record naming the fault; the retrain's
+/// report goes into the stats.
+#[test]
+fn feedback_is_acknowledged_once_kept_and_its_retrain_is_reported_in_stats() {
+    use crate::eval::feedback::{FeedbackKind, FeedbackLog, FeedbackRules};
+    use crate::serve::learning::{LearnSettings, Learning, RetrainReport};
+    use std::sync::{Arc, Mutex};
+    let mut f = daemon_with(FakeWorker::default());
+    let dir = tempfile::tempdir().unwrap();
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let asked2 = asked.clone();
+    let rules = FeedbackRules::new(
+        [(
+            "greet".to_string(),
+            FeedbackKind::Labels(vec!["hello".into(), "bye".into()]),
+        )],
+        100,
+    );
+    let settings = LearnSettings {
+        retrain_after: 1,
+        retrain_interval: Duration::from_secs(60),
+        max_bytes: 1 << 30,
+        feature_chunk: 4,
+        max_text_bytes: 100,
+    };
+    f.d.set_learning(Learning::new(
+        rules,
+        FeedbackLog::new(dir.path()),
+        ["greet".to_string()].into(),
+        settings,
+        Box::new(move |t| {
+            asked2.lock().unwrap().push(t.to_string());
+            true
+        }),
+    ));
+    f.d.handle(Event::Connected).unwrap();
+    assert!(f
+        .d
+        .link
+        .sent
+        .contains(&Sent::Subscribe("edgeact/d1/feedback".into())));
+    for _ in 0..3 {
+        f.d.handle(Event::SubAck { refused: false }).unwrap();
+    }
+    f.d.link.sent.clear();
+
+    let good = r#"{"task":"greet","text":"hi there","label":"hello"}"#;
+    f.d.handle(Event::Incoming(request("edgeact/d1/feedback", 7, good)))
+        .unwrap();
+    assert_eq!(f.d.link.sent, vec![Sent::Ack(7)]);
+    let (kept, _) = FeedbackLog::new(dir.path()).read("greet").unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(*asked.lock().unwrap(), ["greet"]);
+
+    let bad = r#"{"id":"f2","task":"greet","text":"hi","label":"zzz"}"#;
+    f.d.handle(Event::Incoming(request("edgeact/d1/feedback", 8, bad)))
+        .unwrap();
+    let errs: Vec<Value> = publishes(&f.d)
+        .iter()
+        .filter(|(t, _)| t == "edgeact/d1/errors")
+        .map(|(_, p)| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0]["error"]["kind"], "unknown_label");
+    assert_eq!(errs[0]["id"], "f2");
+    assert!(f.d.link.sent.contains(&Sent::Ack(8)));
+    assert_eq!(
+        FeedbackLog::new(dir.path()).read("greet").unwrap().0.len(),
+        1
+    );
+
+    f.d.handle(Event::Retrained(RetrainReport {
+        task: "greet".into(),
+        outcome: "kept".into(),
+        dev_macro_f1_old: Some(0.7),
+        dev_macro_f1_new: Some(0.6),
+        n_feedback: 1,
+        n_train: 5,
+        ms: 3,
+        reason: None,
+    }))
+    .unwrap();
+    f.d.handle(Event::StatsTick).unwrap();
+    let stats: Value = publishes(&f.d)
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "edgeact/d1/stats")
+        .map(|(_, p)| serde_json::from_str(p).unwrap())
+        .unwrap();
+    let fb = &stats["feedback"];
+    assert_eq!(fb["received_total"], 1, "{stats}");
+    assert_eq!(fb["rejected_total"], 1, "{stats}");
+    assert_eq!(fb["applied_total"], 0, "{stats}");
+    assert_eq!(fb["last_retrain"]["outcome"], "kept", "{stats}");
+    assert_eq!(fb["last_retrain"]["dev_macro_f1_old"], 0.7, "{stats}");
+}

@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{
+    channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError,
+    TrySendError,
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -16,7 +19,7 @@ use serde_json::Value;
 use crate::classify::runner::TaskRunner;
 use crate::classify::{ClassifyResult, RecordError, Request, ScorePath, SetupError};
 use crate::model::config::EngineConfig;
-use crate::model::{Engine, EngineError, GenCache, ModelInfo};
+use crate::model::{Engine, EngineError, FeatureContext, GenCache, ModelInfo, PooledStates};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
 use crate::react::agent;
 use crate::react::generator::EngineGenerator;
@@ -172,9 +175,37 @@ pub struct Done {
     pub latency_ms: f64,
 }
 
+/// Low-priority work for the inference thread (a retrain's, [`super::learner`]): run only
+/// when no request waits, one small job at a time, so a request waits behind one job at
+/// most.
+pub enum Background {
+    /// The pooled states of `texts` by the feature prompt of task `task`'s learned file.
+    Features {
+        task: usize,
+        texts: Vec<String>,
+        reply: Sender<Result<Vec<PooledStates>, String>>,
+    },
+    /// Frees the feature context kept between `Features` jobs.
+    Release,
+    /// Rebuilds task `task`'s runner from its files (a retrain replaced them); the old
+    /// runner stays if the new one cannot be built.
+    Reload {
+        task: usize,
+        reply: Sender<Result<(), String>>,
+    },
+}
+
+pub type BackgroundSender = Sender<Background>;
+
+/// How long an idle inference thread waits for a request before it looks at background
+/// work again.
+const BACKGROUND_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The caller's end of the worker.
 pub struct WorkerHandle {
     tx: Option<SyncSender<Work>>,
+    /// Background jobs (retrains).
+    pub background: BackgroundSender,
     depth: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
     pub model: ModelInfo,
@@ -350,6 +381,7 @@ pub fn spawn(
     on_done: impl Fn(Done) + Send + 'static,
 ) -> Result<WorkerHandle, WorkerError> {
     let (tx, rx) = sync_channel::<Work>(opts.queue_capacity.max(1));
+    let (bg_tx, bg_rx) = channel::<Background>();
     let (ready_tx, ready_rx) = sync_channel(1);
     let depth = Arc::new(AtomicUsize::new(0));
     let thread_depth = depth.clone();
@@ -370,7 +402,15 @@ pub fn spawn(
             match setup() {
                 Ok((mut engine, mut runners)) => {
                     let _ = ready_tx.send(Ok(engine.info.clone()));
-                    run(&mut engine, &mut runners, rx, &opts, &thread_depth, on_done);
+                    let queues = Queues { rx, bg: bg_rx };
+                    run(
+                        &mut engine,
+                        &mut runners,
+                        queues,
+                        &opts,
+                        &thread_depth,
+                        on_done,
+                    );
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -381,6 +421,7 @@ pub fn spawn(
     let model = ready_rx.recv().map_err(|_| WorkerError::Died)??;
     Ok(WorkerHandle {
         tx: Some(tx),
+        background: bg_tx,
         depth,
         thread: Some(thread),
         model,
@@ -389,10 +430,43 @@ pub fn spawn(
     })
 }
 
+/// Requests, and background jobs run when no request waits.
+struct Queues {
+    rx: Receiver<Work>,
+    bg: Receiver<Background>,
+}
+
+impl Queues {
+    /// The next request; background jobs run while none waits. None: the queue closed.
+    fn next(
+        &self,
+        engine: &mut Engine,
+        runners: &mut [Runner],
+        fctx: &mut Option<FeatureContext>,
+    ) -> Option<Work> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(w) => return Some(w),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            if let Ok(job) = self.bg.try_recv() {
+                background(engine, runners, fctx, job);
+                continue;
+            }
+            match self.rx.recv_timeout(BACKGROUND_POLL) {
+                Ok(w) => return Some(w),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+}
+
 fn run(
     engine: &mut Engine,
     runners: &mut [Runner],
-    rx: Receiver<Work>,
+    queues: Queues,
     opts: &WorkerOptions,
     depth: &AtomicUsize,
     on_done: impl Fn(Done),
@@ -402,12 +476,15 @@ fn run(
         .unwrap_or_else(|| engine.jobs_per_decode())
         .max(1);
     let mut held: Option<Work> = None;
+    let rx = &queues.rx;
+    // A retrain's feature context, kept between its feature jobs.
+    let mut fctx: Option<FeatureContext> = None;
     loop {
         let first = match held.take() {
             Some(w) => w,
-            None => match rx.recv() {
-                Ok(w) => w,
-                Err(_) => return,
+            None => match queues.next(engine, runners, &mut fctx) {
+                Some(w) => w,
+                None => return,
             },
         };
         // Micro-batch whatever other classifications already wait for the same task.
@@ -435,6 +512,79 @@ fn run(
                 outcome,
                 latency_ms: w.received.elapsed().as_secs_f64() * 1e3,
             });
+        }
+    }
+}
+
+/// Runs one background job (see [`Background`]); its reply says how it went.
+fn background(
+    engine: &mut Engine,
+    runners: &mut [Runner],
+    fctx: &mut Option<FeatureContext>,
+    job: Background,
+) {
+    match job {
+        Background::Features { task, texts, reply } => {
+            let spec = match runners.get(task) {
+                Some(Runner::Classify(r)) => match &**r {
+                    TaskRunner::Head(h) => h.learned.feature().cloned(),
+                    TaskRunner::Prompt(_) => None,
+                },
+                _ => None,
+            };
+            let got = match spec {
+                None => Err(format!("task #{task} reads no model features")),
+                Some(spec) => {
+                    if fctx.is_none() {
+                        match engine.feature_context(crate::model::FeatureParams::default()) {
+                            Ok(c) => *fctx = Some(c),
+                            Err(e) => {
+                                let _ = reply.send(Err(e.to_string()));
+                                return;
+                            }
+                        }
+                    }
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    match fctx.as_mut() {
+                        Some(c) => {
+                            crate::classify::features::extract_states(engine, c, &spec, &refs, None)
+                                .map_err(|e| e.to_string())
+                        }
+                        None => Err("no feature context".into()),
+                    }
+                }
+            };
+            let _ = reply.send(got);
+        }
+        Background::Release => *fctx = None,
+        Background::Reload { task, reply } => {
+            *fctx = None;
+            let got = match runners.get_mut(task) {
+                Some(Runner::Classify(r)) => {
+                    let path = r.task().path.clone();
+                    crate::spec::Task::load(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| {
+                            TaskRunner::new(
+                                engine,
+                                t,
+                                task,
+                                None,
+                                None,
+                                None,
+                                crate::model::FeatureParams::default(),
+                            )
+                            .map_err(|e| e.to_string())
+                        })
+                        .map(|new| {
+                            // Between two requests: the next one runs on the new model.
+                            **r = new;
+                            tracing::info!(task = %r.task().name, "retrained model swapped in");
+                        })
+                }
+                _ => Err(format!("task #{task} is not a classification task")),
+            };
+            let _ = reply.send(got);
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod step;
 mod task;
 pub mod template;
 pub mod tool;
+pub mod train;
 
 pub use error::SpecError;
 pub use file::{find_task_file, is_react_file, searched_dirs, TaskFile};
@@ -20,3 +21,4 @@ pub use task::{
     TRUNCATED_FIELD,
 };
 pub use template::Template;
+pub use train::TrainSource;

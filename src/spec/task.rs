@@ -10,6 +10,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::template::Template;
+use super::train::TrainSource;
 use super::SpecError;
 use crate::model::config::LoraAdapter;
 use crate::model::scoring::AbstainRule;
@@ -78,6 +79,9 @@ struct RawTask {
     /// A learned head on the model's hidden states (`edgeact tune --head`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     head: Option<HeadRef>,
+    /// Where the head's train and dev rows come from (`super::train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    train: Option<TrainSource>,
 }
 
 impl RawTask {
@@ -290,6 +294,8 @@ pub struct Task {
     pub measured: Option<toml::Table>,
     /// The learned head, if the task has one.
     pub head: Option<HeadRef>,
+    /// Where the head's train and dev rows come from, so it can be retrained.
+    pub train: Option<TrainSource>,
     /// The LoRA adapter the model runs with for this task (path absolute, file checked).
     pub lora: Option<LoraAdapter>,
 }
@@ -332,6 +338,9 @@ impl Task {
         let query = raw.query_template(path)?;
         raw.check_labels_and_examples(path, &query.fields())?;
         raw.check_numbers(path)?;
+        if let Some(t) = &raw.train {
+            t.validate(path, raw.head.is_some())?;
+        }
         let lora = match &raw.lora {
             Some(l) => Some(l.validated(path)?),
             None => None,
@@ -356,6 +365,7 @@ impl Task {
             rank: raw.rank,
             measured: raw.measured,
             head: raw.head,
+            train: raw.train,
             lora,
         })
     }
@@ -440,6 +450,7 @@ impl Task {
             rank: self.rank.clone(),
             measured: self.measured.clone(),
             head: self.head.clone(),
+            train: self.train.clone(),
         };
         // Plain strings, numbers, tables and arrays (the LoRA path was checked to be UTF-8
         // at load): serializing cannot fail.

@@ -12,6 +12,7 @@ mod bad_input;
 mod cli;
 mod home_assistant;
 mod kiosk;
+mod learn;
 mod learned;
 mod lora;
 mod memory;
