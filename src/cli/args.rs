@@ -242,6 +242,13 @@ pub struct RankEvalArgs {
     /// Random orderings averaged for the random baseline.
     #[arg(long, default_value_t = D::rank_eval::RANDOM_RUNS)]
     pub random_runs: usize,
+    /// Candidate draws per family; NDCG is averaged over them (more draws, less noise).
+    #[arg(long, default_value_t = D::rank_eval::DRAWS)]
+    pub draws: usize,
+    /// Do not load the model: score only the first stage (TF-IDF, lexical, char) and their
+    /// fusion without the model's P(yes); fast, for choosing the first stage on dev.
+    #[arg(long)]
+    pub no_model: bool,
     #[command(flatten)]
     pub calibration: CalibrateArgs,
     #[arg(long, default_value_t = D::BATCH_SIZE)]

@@ -481,6 +481,8 @@ fn rank_eval(a: RankEvalArgs) -> Result<cmd::rank_eval::RankEvalConfig, AppError
         k: a.k,
         seed: a.seed,
         random_runs: a.random_runs,
+        draws: a.draws,
+        no_model: a.no_model,
         calibrate: a.calibration.choice(),
         batch_size: a.batch_size,
         out: a.out,
