@@ -254,6 +254,40 @@ pub fn learn_weights(
     }
 }
 
+/// `src` (a task file's text) with its `[rank.fusion]` table replaced by `w` (appended at
+/// the end; the rest of the file, comments included, is kept as it was).
+pub fn with_fusion_weights(src: &str, w: &FusionWeights) -> String {
+    let mut out = String::with_capacity(src.len() + 128);
+    let mut skipping = false;
+    for line in src.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            skipping = t == "[rank.fusion]";
+            // The comment this function wrote above the table goes with it.
+            if skipping && out.ends_with(FUSION_COMMENT) {
+                out.truncate(out.len() - FUSION_COMMENT.len());
+            }
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    while out.ends_with("\n\n") {
+        out.pop();
+    }
+    out.push('\n');
+    out.push_str(FUSION_COMMENT);
+    out.push_str(&format!(
+        "[rank.fusion]\nlexical = {:?}\nchar = {:?}\nmodel = {:?}\n",
+        w.lexical, w.char, w.model
+    ));
+    out
+}
+
+const FUSION_COMMENT: &str =
+    "# Stage weights of the hybrid ranker (written by `edgeact rank-learn`).\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +396,26 @@ mod tests {
         }];
         let l = learn_weights(&none, &none, &cur, 5);
         assert_eq!((l.pairs, l.weights), (0, cur));
+    }
+
+    #[test]
+    fn fusion_weights_replace_the_old_table_and_keep_the_rest() {
+        let w = FusionWeights {
+            lexical: 1.5,
+            char: 0.25,
+            model: -0.1,
+        };
+        let src = "# top\nname = \"r\"\n[rank]\ntop_k = 3\n[rank.fusion]\nlexical = 1.0\nmodel = 0.0\n\n[calibration]\nenabled = true\n";
+        let out = with_fusion_weights(src, &w);
+        assert!(
+            out.starts_with("# top\nname = \"r\"\n[rank]\ntop_k = 3\n[calibration]"),
+            "{out}"
+        );
+        assert_eq!(out.matches("[rank.fusion]").count(), 1, "{out}");
+        let v: toml::Table = toml::from_str(&out).unwrap();
+        let f: FusionWeights = v["rank"]["fusion"].clone().try_into().unwrap();
+        assert_eq!(f, w);
+        assert_eq!(with_fusion_weights(&out, &w), out);
     }
 
     #[test]
