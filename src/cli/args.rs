@@ -260,6 +260,10 @@ pub struct RankEvalArgs {
     /// fusion without the model's P(yes); fast, for choosing the first stage on dev.
     #[arg(long)]
     pub no_model: bool,
+    /// Also write every draw as a feedback event (the relevant candidates clicked) to this
+    /// JSON-lines file: simulated feedback for `edgeact rank-learn`.
+    #[arg(long)]
+    pub feedback_out: Option<PathBuf>,
     #[command(flatten)]
     pub calibration: CalibrateArgs,
     #[arg(long, default_value_t = D::BATCH_SIZE)]

@@ -487,6 +487,7 @@ fn rank_eval(a: RankEvalArgs) -> Result<cmd::rank_eval::RankEvalConfig, AppError
         calibrate: a.calibration.choice(),
         batch_size: a.batch_size,
         out: a.out,
+        feedback_out: a.feedback_out,
     })
 }
 

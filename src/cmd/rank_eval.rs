@@ -20,6 +20,7 @@ use super::AppError;
 use crate::model::config::{ConfigError, EngineConfig};
 use crate::model::Engine;
 use crate::rank::eval::{ndcg_at, Family};
+use crate::rank::feedback::FeedbackEvent;
 use crate::rank::hybrid::{self, FusionWeights, HybridConfig, Stages};
 use crate::rank::{Item, RankConfig, Ranked, Ranker};
 use crate::spec::Task;
@@ -50,6 +51,9 @@ pub struct RankEvalConfig {
     pub calibrate: Option<bool>,
     pub batch_size: usize,
     pub out: Option<PathBuf>,
+    /// Write every draw as a feedback event (the relevant candidates clicked) to this file:
+    /// simulated feedback for `edgeact rank-learn`.
+    pub feedback_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +169,8 @@ struct FamilyScore {
     scored: usize,
     reused: Vec<f64>,
     row: serde_json::Value,
+    /// The draws as feedback events (only when `feedback_out` is set).
+    events: Vec<FeedbackEvent>,
 }
 
 /// Runs the evaluation; prints a table and writes `metrics.json` to `out` when given.
@@ -203,8 +209,10 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         "family", "cands", "model", "tfidf", "lexical", "char", "hybrid", "random", "prefix"
     )
     .map_err(AppError::Output)?;
+    let mut events = Vec::new();
     for f in &families.families {
         let s = family(&cfg, engine.as_mut(), &stages, &mut rng, &pool, f, out)?;
+        events.extend(s.events);
         scored_items += s.scored;
         reused.extend(s.reused);
         all.push(s.scores);
@@ -219,6 +227,14 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         scored_items, secs, scored_items as f64 / secs.max(1e-9), mean(&reused)
     )
     .map_err(AppError::Output)?;
+    if let Some(path) = &cfg.feedback_out {
+        let mut text = String::new();
+        for e in &events {
+            text.push_str(&serde_json::to_string(e).map_err(AppError::Serialize)?);
+            text.push('\n');
+        }
+        std::fs::write(path, text).map_err(AppError::Output)?;
+    }
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir).map_err(AppError::Output)?;
         let mut metrics = json!({
@@ -325,10 +341,13 @@ fn family(
         None => None,
     };
     let (mut draws, mut scored, mut reused, mut top5) = (Vec::new(), 0, Vec::new(), Vec::new());
-    let mut n_cands = 0;
+    let (mut n_cands, mut events) = (0, Vec::new());
     for _ in 0..cfg.draws.max(1) {
         let (grades, texts) = draw(cfg, rng, pool, f);
         n_cands = texts.len();
+        if cfg.feedback_out.is_some() {
+            events.push(as_event(&cfg.task.name, &f.profile, &grades, &texts));
+        }
         let p_yes = match (engine.as_deref_mut(), &ranker) {
             (Some(e), Some(r)) => {
                 let (p, s) = model_scores(cfg, e, r, &texts);
@@ -399,5 +418,28 @@ fn family(
         scored,
         reused,
         row,
+        events,
     })
+}
+
+/// One draw as a feedback event: the profile is the query, the relevant items clicked.
+fn as_event(task: &str, profile: &str, grades: &[f64], texts: &[String]) -> FeedbackEvent {
+    let items: Vec<Item> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Item {
+            id: i.to_string(),
+            fields: BTreeMap::from([("text".to_string(), text.clone())]),
+        })
+        .collect();
+    FeedbackEvent {
+        task: Some(task.to_string()),
+        query: profile.to_string(),
+        clicked: (0..grades.len())
+            .filter(|&i| grades[i] > 0.0)
+            .map(|i| i.to_string())
+            .collect(),
+        ignored: Vec::new(),
+        items,
+    }
 }

@@ -286,7 +286,7 @@ pub fn with_fusion_weights(src: &str, w: &FusionWeights) -> String {
 }
 
 const FUSION_COMMENT: &str =
-    "# Stage weights of the hybrid ranker (written by `edgeact rank-learn`).\n";
+    "# Stage weights of the hybrid ranker (`edgeact rank-learn` rewrites this table).\n";
 
 #[cfg(test)]
 mod tests {
