@@ -162,7 +162,11 @@ pub fn run(cfg: RankLearnConfig, out: &mut dyn Write) -> Result<(), AppError> {
          current weights {:?}\nfitted weights  {:?}\nNDCG@{} on the check events: {:.3} before, {:.3} after{}",
         train.len(), skipped, learned.pairs, check, dev_j.len(), current, learned.fitted, cfg.k,
         learned.ndcg_before, learned.ndcg_after,
-        if learned.kept_current { " (fitted weights were worse: current weights kept)" } else { "" }
+        match (learned.pairs, learned.kept_current) {
+            (0, _) => " (no clicked/ignored pairs: nothing learned, nothing written)",
+            (_, true) => " (fitted weights were worse: current weights kept)",
+            _ => "",
+        }
     )
     .map_err(AppError::Output)?;
     if cfg.dry_run || learned.kept_current {

@@ -175,7 +175,7 @@ pub fn mean_ndcg(events: &[Judged], w: &FusionWeights, k: usize) -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Learned {
     /// The weights to use: the fitted ones, or the current ones when the fitted ones rank
-    /// the check events worse.
+    /// the check events worse (or when there was nothing to learn from).
     pub weights: FusionWeights,
     pub fitted: FusionWeights,
     /// Mean NDCG@k on the check events with the current and with the chosen weights.
@@ -238,7 +238,8 @@ pub fn learn_weights(
     let fitted = FusionWeights::from_array(w.map(|x| (x * 1e4).round() / 1e4));
     let before = mean_ndcg(check, current, k);
     let fitted_ndcg = mean_ndcg(check, &fitted, k);
-    let kept_current = fitted.problem().is_some() || fitted_ndcg < before;
+    // No pairs: nothing was learned, so nothing should be written either.
+    let kept_current = diffs.is_empty() || fitted.problem().is_some() || fitted_ndcg < before;
     let (weights, after) = if kept_current {
         (*current, before)
     } else {
@@ -395,7 +396,7 @@ mod tests {
             grades: vec![0.0],
         }];
         let l = learn_weights(&none, &none, &cur, 5);
-        assert_eq!((l.pairs, l.weights), (0, cur));
+        assert_eq!((l.pairs, l.weights, l.kept_current), (0, cur, true));
     }
 
     #[test]

@@ -158,7 +158,7 @@ fn cli_rank_learn_writes_weights_the_task_reads_back() {
         .iter()
         .map(|i| serde_json::json!({"id": i.id, "title": i.fields["title"], "description": i.fields["description"]}))
         .collect();
-    let event = |clicked: &[&str]| serde_json::json!({"task": "rank-learn-test", "query": PROFILE, "items": shown, "clicked": clicked});
+    let event = |clicked: &[&str]| serde_json::json!({"task": "rank-interest", "query": PROFILE, "items": shown, "clicked": clicked});
     let feedback = dir.path().join("feedback.jsonl");
     std::fs::write(
         &feedback,
