@@ -116,9 +116,11 @@ fn judge(
 /// Writes `text` to `path` through a temporary file in the same folder and a rename, so
 /// that a reader sees the old file or the new one, never half of one.
 fn write_atomic(path: &Path, text: &str) -> Result<(), AppError> {
-    let out_err = |source| AppError::Input {
-        what: path.display().to_string(),
-        source,
+    let out_err = |source| {
+        AppError::Eval(crate::eval::EvalError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
     };
     let name = path
         .file_name()
