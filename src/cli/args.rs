@@ -72,6 +72,17 @@ pub enum Command {
     /// Ranking quality on labelled data: NDCG@k of the model against TF-IDF and random
     /// orderings for each family of intents (profiles from a TOML file).
     RankEval(RankEvalArgs),
+    /// Learn the hybrid ranker's stage weights (lexical, char, model) from rank feedback
+    /// events and write them into the task file's [rank.fusion].
+    ///
+    /// Each line of --feedback is one ranking a user saw: {"task"?, "query", "items":
+    /// [{"id", "text"} or {"id", "title", "description"}, ...], "clicked": [ids],
+    /// "ignored"?: [ids]} (without "ignored", every item not clicked counts as ignored).
+    /// The weights are fitted by pairwise logistic regression (clicked above ignored) from
+    /// the task's current weights, and written only when they rank the --dev events (or,
+    /// without --dev, the feedback events) at least as well, by NDCG@k; both figures are
+    /// printed. The file is replaced atomically; its other lines are kept.
+    RankLearn(RankLearnArgs),
 }
 
 #[derive(Args)]
@@ -247,6 +258,17 @@ pub struct RankEvalArgs {
     /// Random orderings averaged for the random baseline.
     #[arg(long, default_value_t = D::rank_eval::RANDOM_RUNS)]
     pub random_runs: usize,
+    /// Candidate draws per family; NDCG is averaged over them (more draws, less noise).
+    #[arg(long, default_value_t = D::rank_eval::DRAWS)]
+    pub draws: usize,
+    /// Do not load the model: score only the first stage (TF-IDF, lexical, char) and their
+    /// fusion without the model's P(yes); fast, for choosing the first stage on dev.
+    #[arg(long)]
+    pub no_model: bool,
+    /// Also write every draw as a feedback event (the relevant candidates clicked) to this
+    /// JSON-lines file: simulated feedback for `edgeact rank-learn`.
+    #[arg(long)]
+    pub feedback_out: Option<PathBuf>,
     #[command(flatten)]
     pub calibration: CalibrateArgs,
     #[arg(long, default_value_t = D::BATCH_SIZE)]
@@ -254,6 +276,42 @@ pub struct RankEvalArgs {
     /// Folder for metrics.json.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub board: BoardArgs,
+}
+
+#[derive(Args)]
+pub struct RankLearnArgs {
+    /// Task with a [rank] section (its file receives the weights).
+    #[arg(long, short, default_value = D::RANK_TASK)]
+    pub task: String,
+    /// Feedback events to learn from (JSON lines; events for other tasks are skipped).
+    #[arg(long)]
+    pub feedback: PathBuf,
+    /// Held-out feedback events: the learned weights are kept only if they rank these at
+    /// least as well as the current weights.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// Unlabelled texts (JSON lines with "text") the first stage's TF-IDF and expansion are
+    /// fitted on: texts like the items ranked.
+    #[arg(long, default_value = D::rank_eval::DATA)]
+    pub corpus: PathBuf,
+    /// NDCG cut-off.
+    #[arg(long, default_value_t = D::rank_eval::K)]
+    pub k: usize,
+    /// Write the weights to this task file instead of the task's own.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print what would be learned; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not load the model: its P(yes) counts 0 and its weight stays as it is.
+    #[arg(long)]
+    pub no_model: bool,
+    #[command(flatten)]
+    pub calibration: CalibrateArgs,
+    #[arg(long, default_value_t = D::BATCH_SIZE)]
+    pub batch_size: usize,
     #[command(flatten)]
     pub board: BoardArgs,
 }

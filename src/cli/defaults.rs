@@ -173,4 +173,6 @@ pub mod rank_eval {
     pub const SEED: u64 = 1;
     /// Random orderings averaged for the random baseline.
     pub const RANDOM_RUNS: usize = 200;
+    /// Candidate draws per family.
+    pub const DRAWS: usize = 1;
 }

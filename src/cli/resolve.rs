@@ -48,6 +48,7 @@ pub fn command(c: Command) -> Result<cmd::Command, AppError> {
         Command::Monitor(a) => cmd::Command::Monitor(monitor(a)?),
         Command::Rank(a) => cmd::Command::Rank(rank(a)?),
         Command::RankEval(a) => cmd::Command::RankEval(rank_eval(a)?),
+        Command::RankLearn(a) => cmd::Command::RankLearn(rank_learn(a)?),
     })
 }
 
@@ -500,8 +501,32 @@ fn rank_eval(a: RankEvalArgs) -> Result<cmd::rank_eval::RankEvalConfig, AppError
         k: a.k,
         seed: a.seed,
         random_runs: a.random_runs,
+        draws: a.draws,
+        no_model: a.no_model,
         calibrate: a.calibration.choice(),
         batch_size: a.batch_size,
         out: a.out,
+        feedback_out: a.feedback_out,
+    })
+}
+
+fn rank_learn(a: RankLearnArgs) -> Result<cmd::rank_learn::RankLearnConfig, AppError> {
+    let task = find_task(&a.task)?;
+    let rank = rank_section(&task)?;
+    Ok(cmd::rank_learn::RankLearnConfig {
+        engine: match a.no_model {
+            true => None,
+            false => Some(a.board.engine_config()?),
+        },
+        out: a.out.unwrap_or_else(|| task.path.clone()),
+        task,
+        rank,
+        feedback: a.feedback,
+        dev: a.dev,
+        corpus: a.corpus,
+        k: a.k,
+        dry_run: a.dry_run,
+        calibrate: a.calibration.choice(),
+        batch_size: a.batch_size,
     })
 }

@@ -14,6 +14,7 @@ pub mod qa;
 pub mod quantize;
 pub mod rank;
 pub mod rank_eval;
+pub mod rank_learn;
 pub mod react;
 pub mod react_eval;
 pub mod serve;
@@ -114,6 +115,7 @@ pub enum Command {
     Monitor(monitor::ReplayConfig),
     Rank(rank::RankRunConfig),
     RankEval(rank_eval::RankEvalConfig),
+    RankLearn(rank_learn::RankLearnConfig),
 }
 
 /// Runs the command, its results on standard output.
@@ -137,6 +139,7 @@ pub fn run(command: Command) -> Result<(), AppError> {
         Command::Monitor(c) => monitor::run(c, &mut out),
         Command::Rank(c) => rank::run(c, &mut out),
         Command::RankEval(c) => rank_eval::run(c, &mut out),
+        Command::RankLearn(c) => rank_learn::run(c, &mut out),
     }
 }
 

@@ -1,10 +1,13 @@
 //! `edgeact rank-eval`: ranking quality on a labelled set. Each family (a profile text and
 //! the intents it covers, from a TOML file) gets candidates drawn from the data: some
 //! utterances of its intents (relevant) and more of other intents; the model's ranking,
-//! a TF-IDF cosine ranking (profile vs candidate), the hybrid ranker's lexical stage
-//! (TF-IDF with corpus expansion) and its fusion with the model, and random orderings are
-//! scored by NDCG@k in the same run. The fusion is also scored at several model weights
-//! (`ndcg_hybrid_by_w_model` in metrics.json), the figures its weight is chosen from on dev.
+//! a TF-IDF cosine ranking (profile vs candidate), each stage of the hybrid ranker
+//! (lexical: TF-IDF with corpus expansion; char: character n-gram TF-IDF), their fusion
+//! with the model (the task's `[rank.fusion]` weights), and random orderings are scored by
+//! NDCG@k in the same run. The fusion is also scored at several model weights
+//! (`ndcg_hybrid_by_w_model` in metrics.json), the figures its weight is chosen from on
+//! dev. `draws` > 1 averages several candidate draws per family; `no_model` skips the
+//! model (its stage then counts 0), for choosing the first stage quickly on dev.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,8 +19,9 @@ use serde_json::json;
 use super::AppError;
 use crate::model::config::{ConfigError, EngineConfig};
 use crate::model::Engine;
-use crate::rank::eval::{ndcg_at, Family, Tfidf};
-use crate::rank::hybrid::{self, Expander, HybridConfig};
+use crate::rank::eval::{ndcg_at, Family};
+use crate::rank::feedback::FeedbackEvent;
+use crate::rank::hybrid::{self, FusionWeights, HybridConfig, Stages};
 use crate::rank::{Item, RankConfig, Ranked, Ranker};
 use crate::spec::Task;
 use crate::util::invalid::Invalid;
@@ -40,9 +44,16 @@ pub struct RankEvalConfig {
     pub k: usize,
     pub seed: u64,
     pub random_runs: usize,
+    /// Candidate draws per family (NDCG averaged over them).
+    pub draws: usize,
+    /// Skip the model: its P(yes) counts 0 in the fusion.
+    pub no_model: bool,
     pub calibrate: Option<bool>,
     pub batch_size: usize,
     pub out: Option<PathBuf>,
+    /// Write every draw as a feedback event (the relevant candidates clicked) to this file:
+    /// simulated feedback for `edgeact rank-learn`.
+    pub feedback_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,17 +106,71 @@ fn read_data(cfg: &RankEvalConfig) -> Result<Data, AppError> {
     Ok((pool, fit_docs))
 }
 
-/// One family's scores.
-struct FamilyScore {
+/// NDCG@k of each ordering, for one draw of one family or averaged over several.
+#[derive(Debug, Clone, Default)]
+struct Scores {
     model: f64,
     tfidf: f64,
     lexical: f64,
+    char: f64,
     hybrid: f64,
-    by_w: Vec<f64>,
     random: f64,
+    /// The fusion at each weight of [`W_MODEL_GRID`] for the model.
+    by_w: Vec<f64>,
+}
+
+impl Scores {
+    fn mean(all: &[Scores]) -> Scores {
+        let m = |f: fn(&Scores) -> f64| mean(&all.iter().map(f).collect::<Vec<_>>());
+        Scores {
+            model: m(|s| s.model),
+            tfidf: m(|s| s.tfidf),
+            lexical: m(|s| s.lexical),
+            char: m(|s| s.char),
+            hybrid: m(|s| s.hybrid),
+            random: m(|s| s.random),
+            by_w: (0..W_MODEL_GRID.len())
+                .map(|i| {
+                    mean(
+                        &all.iter()
+                            .filter_map(|s| s.by_w.get(i).copied())
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn line(&self, name: &str, cands: &str, no_model: bool, tail: &str) -> String {
+        let model = if no_model {
+            "-".to_string()
+        } else {
+            format!("{:.3}", self.model)
+        };
+        format!(
+            "{name:<14} {cands:>5} {model:>9} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {tail:>8}",
+            self.tfidf, self.lexical, self.char, self.hybrid, self.random
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "ndcg_model": self.model, "ndcg_tfidf": self.tfidf, "ndcg_lexical": self.lexical,
+            "ndcg_char": self.char, "ndcg_hybrid": self.hybrid, "ndcg_random": self.random,
+            "ndcg_hybrid_by_w_model": W_MODEL_GRID.iter().zip(&self.by_w)
+                .map(|(w, x)| json!({"w_model": w, "ndcg": x})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// One family's scores, averaged over its draws.
+struct FamilyScore {
+    scores: Scores,
     scored: usize,
     reused: Vec<f64>,
     row: serde_json::Value,
+    /// The draws as feedback events (only when `feedback_out` is set).
+    events: Vec<FeedbackEvent>,
 }
 
 /// Runs the evaluation; prints a table and writes `metrics.json` to `out` when given.
@@ -128,61 +193,61 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
             }
         }
     }
-    let tfidf = Tfidf::fit(fit_docs.iter().map(String::as_str));
-    let expander = Expander::new(&tfidf, fit_docs.iter().map(String::as_str));
-    let lex = Lexical {
-        tfidf: &tfidf,
-        expander: &expander,
-        cfg: HybridConfig::default(),
+    let corpus: Vec<&str> = fit_docs.iter().map(String::as_str).collect();
+    let stages = Stages::fit(&corpus, HybridConfig::default());
+    let mut engine = match cfg.no_model {
+        true => None,
+        false => Some(Engine::load(&cfg.engine, 1)?),
     };
-    let mut engine = Engine::load(&cfg.engine, 1)?;
     let mut rng = SplitMix64(cfg.seed);
-    let mut rows = Vec::new();
-    let (mut model_all, mut tfidf_all, mut random_all) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut lexical_all, mut hybrid_all) = (Vec::new(), Vec::new());
-    let mut by_w_all: Vec<Vec<f64>> = vec![Vec::new(); W_MODEL_GRID.len()];
-    let mut reused = Vec::new();
+    let (mut rows, mut all, mut reused) = (Vec::new(), Vec::new(), Vec::new());
     let started = std::time::Instant::now();
     let mut scored_items = 0usize;
     writeln!(
         out,
-        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
-        "family", "cands", "model", "tfidf", "lexical", "hybrid", "random", "prefix"
+        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "family", "cands", "model", "tfidf", "lexical", "char", "hybrid", "random", "prefix"
     )
     .map_err(AppError::Output)?;
+    let mut events = Vec::new();
     for f in &families.families {
-        let s = family(&cfg, &mut engine, &lex, &mut rng, &pool, f, out)?;
+        let s = family(&cfg, engine.as_mut(), &stages, &mut rng, &pool, f, out)?;
+        events.extend(s.events);
         scored_items += s.scored;
-        lexical_all.push(s.lexical);
-        hybrid_all.push(s.hybrid);
-        for (all, x) in by_w_all.iter_mut().zip(&s.by_w) {
-            all.push(*x);
-        }
         reused.extend(s.reused);
-        model_all.push(s.model);
-        tfidf_all.push(s.tfidf);
-        random_all.push(s.random);
+        all.push(s.scores);
         rows.push(s.row);
     }
     let secs = started.elapsed().as_secs_f64();
+    let m = Scores::mean(&all);
     writeln!(
         out,
-        "{:<14} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\nNDCG@{} over {} families; {} items scored in {:.1} s ({:.1} items/s, profile prefix reused: {:.0} tokens per item on average)",
-        "mean", "", mean(&model_all), mean(&tfidf_all), mean(&lexical_all), mean(&hybrid_all), mean(&random_all),
-        cfg.k, rows.len(), scored_items, secs, scored_items as f64 / secs.max(1e-9), mean(&reused)
+        "{}\nNDCG@{} over {} families, {} draw(s) each; fusion weights {:?}; {} items scored by the model in {:.1} s ({:.1} items/s, profile prefix reused: {:.0} tokens per item on average)",
+        m.line("mean", "", cfg.no_model, ""), cfg.k, rows.len(), cfg.draws.max(1), cfg.rank.fusion,
+        scored_items, secs, scored_items as f64 / secs.max(1e-9), mean(&reused)
     )
     .map_err(AppError::Output)?;
+    if let Some(path) = &cfg.feedback_out {
+        let mut text = String::new();
+        for e in &events {
+            text.push_str(&serde_json::to_string(e).map_err(AppError::Serialize)?);
+            text.push('\n');
+        }
+        std::fs::write(path, text).map_err(AppError::Output)?;
+    }
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir).map_err(AppError::Output)?;
-        let metrics = json!({
+        let mut metrics = json!({
             "k": cfg.k, "split": cfg.split, "seed": cfg.seed, "random_runs": cfg.random_runs,
+            "draws": cfg.draws.max(1), "no_model": cfg.no_model,
             "task": cfg.task.name, "template_sha256": cfg.task.template_sha256(),
             "calibrate": cfg.calibrate.unwrap_or(cfg.task.calibration.enabled),
-            "ndcg_model": mean(&model_all), "ndcg_tfidf": mean(&tfidf_all), "ndcg_random": mean(&random_all),
-            "ndcg_lexical": mean(&lexical_all), "ndcg_hybrid": mean(&hybrid_all), "hybrid": lex.cfg,
-            "ndcg_hybrid_by_w_model": W_MODEL_GRID.iter().zip(&by_w_all).map(|(w, x)| json!({"w_model": w, "ndcg": mean(x)})).collect::<Vec<_>>(),
+            "hybrid": stages.cfg, "fusion": cfg.rank.fusion,
             "items_scored": scored_items, "seconds": secs, "families": rows,
         });
+        if let (Some(o), serde_json::Value::Object(s)) = (metrics.as_object_mut(), m.json()) {
+            o.extend(s);
+        }
         std::fs::write(dir.join("metrics.json"), format!("{metrics:#}\n"))
             .map_err(AppError::Output)?;
     }
@@ -190,34 +255,21 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
 }
 
 /// Model weights the fusion is also scored at (to choose the weight on dev).
-const W_MODEL_GRID: [f64; 5] = [0.0, 0.1, 0.25, 0.5, 1.0];
-
-/// The lexical side: TF-IDF, the corpus expander and the hybrid's settings.
-struct Lexical<'a> {
-    tfidf: &'a Tfidf,
-    expander: &'a Expander,
-    cfg: HybridConfig,
-}
+const W_MODEL_GRID: [f64; 6] = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0];
 
 /// NDCG@k of the order that sorts `scores` high first (ties to the earlier candidate).
 fn ndcg_of(scores: &[f64], grades: &[f64], k: usize) -> f64 {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let g: Vec<f64> = order.iter().map(|&i| grades[i]).collect();
+    let g: Vec<f64> = hybrid::order(scores).iter().map(|&i| grades[i]).collect();
     ndcg_at(&g, grades, k)
 }
 
-/// One family: candidates drawn, ranked by the model, by TF-IDF, by the hybrid's stages
-/// and at random; its line printed.
-fn family(
+/// One draw of candidates for a family: their grades (1 relevant) and texts.
+fn draw(
     cfg: &RankEvalConfig,
-    engine: &mut Engine,
-    lex: &Lexical,
     rng: &mut SplitMix64,
     pool: &[(String, String)],
     f: &Family,
-    out: &mut dyn Write,
-) -> Result<FamilyScore, AppError> {
+) -> (Vec<f64>, Vec<String>) {
     let mut rel: Vec<&(String, String)> =
         pool.iter().filter(|(l, _)| f.intents.contains(l)).collect();
     let mut other: Vec<&(String, String)> = pool
@@ -234,101 +286,160 @@ fn family(
         .chain(other[..n_other].iter().map(|x| (0.0, *x)))
         .collect();
     rng.shuffle(&mut cands);
-    let grades: Vec<f64> = cands.iter().map(|(g, _)| *g).collect();
-    let items: Vec<Item> = cands
+    cands.into_iter().map(|(g, (_, t))| (g, t.clone())).unzip()
+}
+
+/// The model's score of each candidate (0 where scoring failed), and the scored items.
+fn model_scores(
+    cfg: &RankEvalConfig,
+    engine: &mut Engine,
+    ranker: &Ranker,
+    texts: &[String],
+) -> (Vec<f64>, Vec<Ranked>) {
+    let items: Vec<Item> = texts
         .iter()
         .enumerate()
-        .map(|(i, (_, (_, text)))| {
-            let mut fields = BTreeMap::new();
-            fields.insert("text".to_string(), text.clone());
-            Item {
-                id: i.to_string(),
-                fields,
-            }
+        .map(|(i, text)| Item {
+            id: i.to_string(),
+            fields: BTreeMap::from([("text".to_string(), text.clone())]),
         })
         .collect();
-    // The model.
-    let ranker = Ranker::new(engine, &cfg.task, &cfg.rank, &f.profile, 0, cfg.calibrate)?;
     let scored: Vec<Ranked> = ranker
         .score(engine, &items, cfg.batch_size)
         .into_iter()
         .filter_map(Result::ok)
         .collect();
-    let n_scored = scored.len();
-    let reused = scored.iter().map(|r| r.tokens_reused as f64).collect();
-    let ranked = ranker.rank(scored, None, Some(0.0));
-    let model_order: Vec<f64> = ranked
-        .iter()
-        .filter_map(|r| r.id.parse::<usize>().ok())
-        .map(|i| grades[i])
-        .collect();
-    let model = ndcg_at(&model_order, &grades, cfg.k);
-    // The hybrid: the lexical stage, then fused with the model's P(yes) (unscored items 0).
-    let texts: Vec<&str> = cands.iter().map(|(_, (_, t))| t.as_str()).collect();
-    let lexical_scores =
-        hybrid::lexical_scores(lex.tfidf, lex.expander, &f.profile, &texts, &lex.cfg);
-    let mut p_yes = vec![0.0; cands.len()];
-    for r in &ranked {
-        if let Ok(i) = r.id.parse::<usize>() {
-            p_yes[i] = r.score;
+    let mut p_yes = vec![0.0; texts.len()];
+    for r in &scored {
+        if let Some(p) = r.id.parse::<usize>().ok().and_then(|i| p_yes.get_mut(i)) {
+            *p = r.score;
         }
     }
-    let lexical = ndcg_of(&lexical_scores, &grades, cfg.k);
-    let fused = hybrid::fuse(&lexical_scores, &p_yes, lex.cfg.w_model);
-    let hybrid_ndcg = ndcg_of(&fused, &grades, cfg.k);
-    let by_w: Vec<f64> = W_MODEL_GRID
-        .iter()
-        .map(|&w| ndcg_of(&hybrid::fuse(&lexical_scores, &p_yes, w), &grades, cfg.k))
-        .collect();
-    let tfidf = lex.tfidf;
-    // TF-IDF cosine between the profile and each candidate.
-    let pv = tfidf.vector(&f.profile);
-    let mut by_tfidf: Vec<(f64, usize)> = cands
-        .iter()
-        .enumerate()
-        .map(|(i, (_, (_, t)))| (Tfidf::cosine(&pv, &tfidf.vector(t)), i))
-        .collect();
-    by_tfidf.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let tf: Vec<f64> = by_tfidf.iter().map(|(_, i)| grades[*i]).collect();
-    let tfidf_ndcg = ndcg_at(&tf, &grades, cfg.k);
-    // Random orderings, averaged.
-    let random: Vec<f64> = (0..cfg.random_runs.max(1))
-        .map(|_| {
-            let mut g = grades.clone();
-            rng.shuffle(&mut g);
-            ndcg_at(&g, &grades, cfg.k)
-        })
-        .collect();
-    let random_ndcg = mean(&random);
+    (p_yes, scored)
+}
+
+/// One family: candidates drawn, ranked by the model, by TF-IDF, by the hybrid's stages
+/// and their fusion, and at random; its line printed.
+fn family(
+    cfg: &RankEvalConfig,
+    mut engine: Option<&mut Engine>,
+    stages: &Stages,
+    rng: &mut SplitMix64,
+    pool: &[(String, String)],
+    f: &Family,
+    out: &mut dyn Write,
+) -> Result<FamilyScore, AppError> {
+    let ranker = match engine.as_deref_mut() {
+        Some(e) => Some(Ranker::new(
+            e,
+            &cfg.task,
+            &cfg.rank,
+            &f.profile,
+            0,
+            cfg.calibrate,
+        )?),
+        None => None,
+    };
+    let (mut draws, mut scored, mut reused, mut top5) = (Vec::new(), 0, Vec::new(), Vec::new());
+    let (mut n_cands, mut events) = (0, Vec::new());
+    for _ in 0..cfg.draws.max(1) {
+        let (grades, texts) = draw(cfg, rng, pool, f);
+        n_cands = texts.len();
+        if cfg.feedback_out.is_some() {
+            events.push(as_event(&cfg.task.name, &f.profile, &grades, &texts));
+        }
+        let p_yes = match (engine.as_deref_mut(), &ranker) {
+            (Some(e), Some(r)) => {
+                let (p, s) = model_scores(cfg, e, r, &texts);
+                scored += s.len();
+                reused.extend(s.iter().map(|r| r.tokens_reused as f64));
+                p
+            }
+            _ => vec![0.0; texts.len()],
+        };
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let st = stages.scores(&f.profile, &refs);
+        let w = cfg.rank.fusion;
+        let fused = hybrid::fuse(&st, &p_yes, &w);
+        let by_w = W_MODEL_GRID
+            .iter()
+            .map(|&m| {
+                let w = FusionWeights { model: m, ..w };
+                ndcg_of(&hybrid::fuse(&st, &p_yes, &w), &grades, cfg.k)
+            })
+            .collect();
+        if top5.is_empty() {
+            top5 = hybrid::order(&fused)
+                .into_iter()
+                .take(5)
+                .map(|i| json!({"relevant": grades[i] > 0.0, "p_yes": p_yes[i], "text": texts[i]}))
+                .collect();
+        }
+        // Random orderings, averaged.
+        let random: Vec<f64> = (0..cfg.random_runs.max(1))
+            .map(|_| {
+                let mut g = grades.clone();
+                rng.shuffle(&mut g);
+                ndcg_at(&g, &grades, cfg.k)
+            })
+            .collect();
+        draws.push(Scores {
+            model: ndcg_of(&p_yes, &grades, cfg.k),
+            tfidf: ndcg_of(&st.tfidf, &grades, cfg.k),
+            lexical: ndcg_of(&st.lexical, &grades, cfg.k),
+            char: ndcg_of(&st.char, &grades, cfg.k),
+            hybrid: ndcg_of(&fused, &grades, cfg.k),
+            random: mean(&random),
+            by_w,
+        });
+    }
+    let scores = Scores::mean(&draws);
+    let prefix = ranker.as_ref().map_or(0, Ranker::prefix_tokens);
     writeln!(
         out,
-        "{:<14} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8}",
-        f.name,
-        cands.len(),
-        model,
-        tfidf_ndcg,
-        lexical,
-        hybrid_ndcg,
-        random_ndcg,
-        ranker.prefix_tokens()
+        "{}",
+        scores.line(
+            &f.name,
+            &n_cands.to_string(),
+            cfg.no_model,
+            &prefix.to_string()
+        )
     )
     .map_err(AppError::Output)?;
-    let row = json!({
-        "family": f.name, "candidates": cands.len(), "relevant": n_rel,
-        "ndcg_model": model, "ndcg_tfidf": tfidf_ndcg, "ndcg_random": random_ndcg,
-        "ndcg_lexical": lexical, "ndcg_hybrid": hybrid_ndcg, "ndcg_hybrid_by_w_model": by_w,
-        "prefix_tokens": ranker.prefix_tokens(),
-        "top5_model": ranked.iter().take(5).map(|r| json!({"score": r.score, "relevant": r.id.parse::<usize>().ok().map(|i| grades[i] > 0.0), "text": cands[r.id.parse::<usize>().unwrap_or(0)].1 .1})).collect::<Vec<_>>(),
+    let mut row = json!({
+        "family": f.name, "candidates": n_cands, "relevant": cfg.relevant,
+        "prefix_tokens": prefix, "top5_hybrid_first_draw": top5,
     });
+    if let (Some(o), serde_json::Value::Object(s)) = (row.as_object_mut(), scores.json()) {
+        o.extend(s);
+    }
     Ok(FamilyScore {
-        model,
-        tfidf: tfidf_ndcg,
-        lexical,
-        hybrid: hybrid_ndcg,
-        by_w,
-        random: random_ndcg,
-        scored: n_scored,
+        scores,
+        scored,
         reused,
         row,
+        events,
     })
+}
+
+/// One draw as a feedback event: the profile is the query, the relevant items clicked.
+fn as_event(task: &str, profile: &str, grades: &[f64], texts: &[String]) -> FeedbackEvent {
+    let items: Vec<Item> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Item {
+            id: i.to_string(),
+            fields: BTreeMap::from([("text".to_string(), text.clone())]),
+        })
+        .collect();
+    FeedbackEvent {
+        task: Some(task.to_string()),
+        query: profile.to_string(),
+        clicked: (0..grades.len())
+            .filter(|&i| grades[i] > 0.0)
+            .map(|i| i.to_string())
+            .collect(),
+        ignored: Vec::new(),
+        items,
+    }
 }

@@ -34,20 +34,61 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Character n-grams (3 to 5 characters) of each word, the word padded with a space on
+/// each side so that prefixes and suffixes are their own terms: "verify" and
+/// "verification" share "ver", "eri", "rif", ... where their word terms share nothing.
+pub fn char_ngrams(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in words(text) {
+        let c: Vec<char> = format!(" {w} ").chars().collect();
+        for n in 3..=5 {
+            if c.len() < n {
+                continue;
+            }
+            out.extend(c.windows(n).map(|g| g.iter().collect::<String>()));
+        }
+    }
+    out
+}
+
+/// What a TF-IDF vector's terms are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Terms {
+    /// [`words`].
+    Words,
+    /// [`char_ngrams`].
+    CharNgrams,
+}
+
+impl Terms {
+    pub fn of(self, text: &str) -> Vec<String> {
+        match self {
+            Terms::Words => words(text),
+            Terms::CharNgrams => char_ngrams(text),
+        }
+    }
+}
+
 /// TF-IDF with smoothed IDF, `ln((1 + n) / (1 + df)) + 1`, fitted on a corpus; vectors
 /// are L2-normalised so their dot product is the cosine.
 pub struct Tfidf {
+    terms: Terms,
     idf: HashMap<String, f64>,
     default_idf: f64,
 }
 
 impl Tfidf {
+    /// Word terms.
     pub fn fit<'a>(docs: impl IntoIterator<Item = &'a str>) -> Tfidf {
+        Tfidf::fit_terms(Terms::Words, docs)
+    }
+
+    pub fn fit_terms<'a>(terms: Terms, docs: impl IntoIterator<Item = &'a str>) -> Tfidf {
         let mut df: HashMap<String, usize> = HashMap::new();
         let mut n = 0usize;
         for d in docs {
             n += 1;
-            let mut seen: Vec<String> = words(d);
+            let mut seen: Vec<String> = terms.of(d);
             seen.sort();
             seen.dedup();
             for w in seen {
@@ -56,6 +97,7 @@ impl Tfidf {
         }
         let idf = |df: usize| ((1.0 + n as f64) / (1.0 + df as f64)).ln() + 1.0;
         Tfidf {
+            terms,
             idf: df.into_iter().map(|(w, c)| (w, idf(c))).collect(),
             default_idf: idf(0),
         }
@@ -63,7 +105,7 @@ impl Tfidf {
 
     pub fn vector(&self, text: &str) -> BTreeMap<String, f64> {
         let mut v: BTreeMap<String, f64> = BTreeMap::new();
-        for w in words(text) {
+        for w in self.terms.of(text) {
             *v.entry(w).or_default() += 1.0;
         }
         for (w, x) in v.iter_mut() {
@@ -127,5 +169,19 @@ mod tests {
         let self_sim = Tfidf::cosine(&a, &a);
         assert!((self_sim - 1.0).abs() < 1e-9);
         assert_eq!(words("Top-up, ATM!"), vec!["top", "up", "atm"]);
+    }
+
+    #[test]
+    fn char_ngrams_relate_word_forms_that_words_do_not() {
+        assert_eq!(
+            char_ngrams("ab cde"),
+            vec![" ab", "ab ", " ab ", " cd", "cde", "de ", " cde", "cde ", " cde "]
+        );
+        let docs = ["verify my identity", "top up failed", "exchange rate"];
+        let w = Tfidf::fit(docs);
+        let c = Tfidf::fit_terms(Terms::CharNgrams, docs);
+        let (q, d) = ("identity verification", "how do I verify");
+        assert_eq!(Tfidf::cosine(&w.vector(q), &w.vector(d)), 0.0);
+        assert!(Tfidf::cosine(&c.vector(q), &c.vector(d)) > 0.1);
     }
 }

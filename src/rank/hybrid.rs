@@ -1,18 +1,27 @@
-//! Hybrid ranking: a lexical first stage (TF-IDF cosine with both sides expanded from an
-//! unlabelled corpus, i.e. pseudo-relevance feedback: the profile gains the words of the
-//! corpus texts most like it, each short candidate the words of its nearest corpus texts),
-//! then the model's P(yes) as one more feature, fused by z-scores over the candidates.
-//! The expansion sizes and the fusion weight were chosen on the dev split (docs/rank.md).
+//! Hybrid ranking: stage scores per candidate, fused by a weighted sum of their z-scores
+//! over the candidates. The stages:
+//! - `lexical`: TF-IDF cosine with both sides expanded from an unlabelled corpus
+//!   (pseudo-relevance feedback: the profile gains the words of the corpus texts most like
+//!   it, each short candidate the words of its nearest corpus texts);
+//! - `char`: TF-IDF cosine over character n-grams, which matches word forms ("verify",
+//!   "verification") that word terms miss, and which the expansion cannot dilute;
+//! - `model`: the model's P(yes) (computed by the caller).
+//!
+//! The expansion sizes and the default weights were chosen on the dev split
+//! (docs/accuracy.md, "Ranking"); a task's `[rank.fusion]` overrides the weights, and
+//! `edgeact rank-learn` learns them from feedback ([`super::feedback`]).
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::eval::Tfidf;
+use serde::{Deserialize, Serialize};
+
+use super::eval::{Terms, Tfidf};
 
 /// A sparse, L2-normalised term vector.
 pub type Vector = BTreeMap<String, f64>;
 
-/// The knobs of the hybrid ranker (defaults chosen on the dev split).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+/// The expansion sizes of the lexical stage (defaults chosen on the dev split).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HybridConfig {
     /// Corpus texts added to the profile, and their weight (0 texts: no expansion).
     pub profile_docs: usize,
@@ -22,8 +31,6 @@ pub struct HybridConfig {
     pub candidate_docs: usize,
     pub candidate_beta: f64,
     pub candidate_mix: f64,
-    /// Weight of the model's P(yes) (z-scored) against the lexical score (z-scored, 1).
-    pub w_model: f64,
 }
 
 impl Default for HybridConfig {
@@ -33,8 +40,7 @@ impl Default for HybridConfig {
             profile_beta: 2.0,
             candidate_docs: 20,
             candidate_beta: 1.0,
-            candidate_mix: 0.5,
-            w_model: 0.25,
+            candidate_mix: 0.75,
         }
     }
 }
@@ -131,39 +137,137 @@ pub fn zscores(x: &[f64]) -> Vec<f64> {
     x.iter().map(|v| (v - mean) / sd).collect()
 }
 
-/// The fused score: z(lexical) + w_model * z(model).
-pub fn fuse(lexical: &[f64], model: &[f64], w_model: f64) -> Vec<f64> {
-    let l = zscores(lexical);
-    let m = zscores(model);
-    l.iter()
-        .zip(m.iter().chain(std::iter::repeat(&0.0)))
-        .map(|(a, b)| a + w_model * b)
+/// The stages fused, in this order (the weights' and the features' order).
+pub const STAGES: [&str; 3] = ["lexical", "char", "model"];
+
+/// The weight of each stage's z-score in the fused score: the task's `[rank.fusion]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FusionWeights {
+    pub lexical: f64,
+    pub char: f64,
+    pub model: f64,
+}
+
+impl Default for FusionWeights {
+    /// Chosen on the dev split (docs/accuracy.md): the char stage at 0.75 (40 draws per
+    /// family without the model), the model at 0 (7 draws: 0.813 at 0, 0.810 at 0.1, 0.803
+    /// at 0.25; this 270M model's P(yes) is near random on these sets). Feedback can raise
+    /// the model's weight where it helps.
+    fn default() -> Self {
+        FusionWeights {
+            lexical: 1.0,
+            char: 0.75,
+            model: 0.0,
+        }
+    }
+}
+
+impl FusionWeights {
+    pub fn to_array(self) -> [f64; 3] {
+        [self.lexical, self.char, self.model]
+    }
+
+    pub fn from_array(w: [f64; 3]) -> FusionWeights {
+        FusionWeights {
+            lexical: w[0],
+            char: w[1],
+            model: w[2],
+        }
+    }
+
+    /// Why these weights cannot rank (None when they can): every weight finite, one not 0.
+    pub fn problem(&self) -> Option<String> {
+        let w = self.to_array();
+        if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+            return Some(format!("`{}` is not a finite number", STAGES[i]));
+        }
+        if w.iter().all(|x| *x == 0.0) {
+            return Some("every weight is 0".into());
+        }
+        None
+    }
+}
+
+/// Each candidate's stage scores, as the first stage computes them (the model's P(yes)
+/// comes from the caller).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StageScores {
+    /// Plain TF-IDF cosine (the baseline; not fused).
+    pub tfidf: Vec<f64>,
+    pub lexical: Vec<f64>,
+    pub char: Vec<f64>,
+}
+
+/// The first stage: word TF-IDF with its corpus expander, and character n-gram TF-IDF,
+/// all fitted on one unlabelled corpus.
+pub struct Stages {
+    pub words: Tfidf,
+    pub chars: Tfidf,
+    pub expander: Expander,
+    pub cfg: HybridConfig,
+}
+
+impl Stages {
+    pub fn fit(corpus: &[&str], cfg: HybridConfig) -> Stages {
+        let words = Tfidf::fit(corpus.iter().copied());
+        let expander = Expander::new(&words, corpus.iter().copied());
+        Stages {
+            chars: Tfidf::fit_terms(Terms::CharNgrams, corpus.iter().copied()),
+            words,
+            expander,
+            cfg,
+        }
+    }
+
+    pub fn scores(&self, profile: &str, candidates: &[&str]) -> StageScores {
+        let pw = self.words.vector(profile);
+        let pc = self.chars.vector(profile);
+        StageScores {
+            tfidf: candidates
+                .iter()
+                .map(|c| Tfidf::cosine(&pw, &self.words.vector(c)))
+                .collect(),
+            lexical: lexical_scores(&self.words, &self.expander, profile, candidates, &self.cfg),
+            char: candidates
+                .iter()
+                .map(|c| Tfidf::cosine(&pc, &self.chars.vector(c)))
+                .collect(),
+        }
+    }
+}
+
+/// Per candidate, the z-scores of its stages in [`STAGES`] order (a model score missing
+/// for a candidate counts as 0 before z-scoring).
+pub fn features(s: &StageScores, model: &[f64]) -> Vec<[f64; 3]> {
+    let n = s.lexical.len();
+    let model: Vec<f64> = (0..n)
+        .map(|i| model.get(i).copied().unwrap_or(0.0))
+        .collect();
+    let (l, c, m) = (zscores(&s.lexical), zscores(&s.char), zscores(&model));
+    let at = |v: &[f64], i: usize| v.get(i).copied().unwrap_or(0.0);
+    (0..n).map(|i| [l[i], at(&c, i), m[i]]).collect()
+}
+
+/// The fused score of each candidate: its features weighted.
+pub fn fuse_features(features: &[[f64; 3]], w: &FusionWeights) -> Vec<f64> {
+    let w = w.to_array();
+    features
+        .iter()
+        .map(|f| f.iter().zip(w).map(|(x, w)| x * w).sum())
         .collect()
 }
 
-/// The fusion weight that feedback supports: of the given weights, the one whose fused
-/// order puts clicked items (grade 1) highest, by mean reciprocal rank of the clicks; ties
-/// to the first. Each event is one ranking: its lexical and model scores, and the clicks.
-pub fn learn_w_model(events: &[(Vec<f64>, Vec<f64>, Vec<bool>)], weights: &[f64]) -> Option<f64> {
-    let mut best: Option<(f64, f64)> = None;
-    for &w in weights {
-        let mut mrr = 0.0;
-        for (lex, model, clicked) in events {
-            let s = fuse(lex, model, w);
-            let mut order: Vec<usize> = (0..s.len()).collect();
-            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-            if let Some(r) = order
-                .iter()
-                .position(|&i| clicked.get(i).copied().unwrap_or(false))
-            {
-                mrr += 1.0 / (r + 1) as f64;
-            }
-        }
-        if best.is_none_or(|(_, m)| mrr > m) {
-            best = Some((w, mrr));
-        }
-    }
-    best.map(|(w, _)| w)
+/// The fused score of each candidate from its stage scores and the model's P(yes).
+pub fn fuse(s: &StageScores, model: &[f64], w: &FusionWeights) -> Vec<f64> {
+    fuse_features(&features(s, model), w)
+}
+
+/// Candidate indices, highest score first (ties to the earlier candidate).
+pub fn order(scores: &[f64]) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..scores.len()).collect();
+    o.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    o
 }
 
 #[cfg(test)]
@@ -209,29 +313,36 @@ mod tests {
     }
 
     #[test]
-    fn fusion_uses_z_scores_and_the_weight() {
+    fn fusion_uses_z_scores_and_the_weights() {
         assert_eq!(zscores(&[2.0, 2.0]), vec![0.0, 0.0]);
-        let f = fuse(&[1.0, 0.0], &[0.0, 1.0], 0.0);
+        let s = StageScores {
+            tfidf: vec![0.0, 0.0],
+            lexical: vec![1.0, 0.0],
+            char: vec![1.0, 0.0],
+        };
+        let w = |lexical, char, model| FusionWeights {
+            lexical,
+            char,
+            model,
+        };
+        let f = fuse(&s, &[0.0, 1.0], &w(1.0, 0.0, 0.0));
         assert!(f[0] > f[1]);
-        let f = fuse(&[1.0, 0.0], &[0.0, 1.0], 2.0);
+        let f = fuse(&s, &[0.0, 1.0], &w(1.0, 0.5, 2.0));
         assert!(f[1] > f[0]);
+        // A missing model score is 0.
+        assert_eq!(features(&s, &[]), vec![[1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]]);
+        assert_eq!(order(&[0.1, 0.5, 0.5]), vec![1, 2, 0]);
+        assert!(w(0.0, 0.0, 0.0).problem().is_some());
+        assert!(w(1.0, f64::NAN, 0.0).problem().unwrap().contains("char"));
+        assert_eq!(FusionWeights::default().problem(), None);
     }
 
     #[test]
-    fn feedback_picks_the_weight_that_ranks_clicks_first() {
-        // The model is right, the lexical score wrong: a positive weight wins.
-        let ev = vec![(
-            vec![1.0, 0.0, 0.5],
-            vec![0.0, 1.0, 0.2],
-            vec![false, true, false],
-        )];
-        assert_eq!(learn_w_model(&ev, &[0.0, 2.0]), Some(2.0));
-        let ev = vec![(
-            vec![1.0, 0.0, 0.5],
-            vec![0.0, 1.0, 0.2],
-            vec![true, false, false],
-        )];
-        assert_eq!(learn_w_model(&ev, &[0.0, 2.0]), Some(0.0));
-        assert_eq!(learn_w_model(&ev, &[]), None);
+    fn char_stage_matches_word_forms_the_word_stage_misses() {
+        let c = corpus();
+        let st = Stages::fit(&c, HybridConfig::default());
+        let s = st.scores("deliveries", &["card delivered", "exchange rate"]);
+        assert_eq!(s.tfidf, vec![0.0, 0.0]);
+        assert!(s.char[0] > s.char[1], "{s:?}");
     }
 }

@@ -5,6 +5,7 @@
 //! and every candidate reuses it (each candidate decodes only its own suffix).
 
 pub mod eval;
+pub mod feedback;
 pub mod hybrid;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,9 @@ pub struct RankConfig {
     /// Items scoring below this are left out.
     #[serde(default)]
     pub min_score: f64,
+    /// `[rank.fusion]`: the hybrid ranker's stage weights (`edgeact rank-learn` writes them).
+    #[serde(default)]
+    pub fusion: hybrid::FusionWeights,
 }
 
 fn default_positive() -> String {
@@ -89,6 +93,9 @@ impl RankConfig {
         }
         if cfg.top_k == Some(0) {
             return Err(invalid("rank.top_k", "must be at least 1".into()));
+        }
+        if let Some(reason) = cfg.fusion.problem() {
+            return Err(invalid("rank.fusion", reason));
         }
         Ok(Some(cfg))
     }
@@ -409,6 +416,9 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
             (c.positive_label.as_str(), c.top_k, c.min_score),
             ("yes", Some(3), 0.0)
         );
+        assert_eq!(c.fusion, hybrid::FusionWeights::default());
+        let c = parse("[rank.fusion]\nmodel = 0.5\n").unwrap().unwrap();
+        assert_eq!((c.fusion.lexical, c.fusion.model), (1.0, 0.5));
         for (extra, key) in [
             (
                 "[rank]\npositive_label = \"maybe\"\n",
@@ -421,6 +431,11 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
             ("[rank]\nmin_score = 2\n", "rank.min_score"),
             ("[rank]\ntop_k = 0\n", "rank.top_k"),
             ("[rank]\ntopk = 3\n", "rank"),
+            (
+                "[rank.fusion]\nlexical = 0\nchar = 0\nmodel = 0\n",
+                "rank.fusion",
+            ),
+            ("[rank.fusion]\nbm25 = 1\n", "rank"),
         ] {
             let e = parse(extra).unwrap_err().to_string();
             assert!(e.contains(key), "{extra}: {e}");
