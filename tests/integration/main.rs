@@ -24,4 +24,5 @@ mod rank;
 mod react;
 mod security;
 mod serve;
+mod serve_qa;
 mod setup;
