@@ -112,7 +112,7 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
         modes.push(("react_grammar", Mode::Generated { grammar: true }));
         modes.push(("react_regex", Mode::Generated { grammar: false }));
     }
-    let policy = spec.policy;
+    let policy = spec.policy.clone();
     writeln!(out, "policy {}", json!(policy)).map_err(io)?;
     let ctx = Ctx {
         spec: &spec,

@@ -109,7 +109,7 @@ pub fn parse_synonyms(src: &str, source: &Path) -> Result<Vec<(Vec<String>, Stri
         }
     }
     // Longer phrases first, so "new year's eve" wins over "new year".
-    out.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    out.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     Ok(out)
 }
 

@@ -272,8 +272,9 @@ struct Ask<'a> {
     history: &'a [Turn],
 }
 
-/// The words that describe a tool: its description, its choice values, the sentences of
-/// the instruction that name it, and the few-shot questions whose first action calls it.
+/// The words that describe a tool: its description (or its `[policy.tool_words]`), its
+/// choice values, the sentences of the instruction that name it, and the few-shot questions
+/// whose first action calls it.
 pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
     let mut out = String::new();
     for sentence in ground::split_sentences(&spec.instruction) {
@@ -283,7 +284,10 @@ pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
         }
     }
     if let Some(t) = spec.tool(tool) {
-        out.push_str(&t.description);
+        match spec.policy.tool_words.get(tool.as_str()) {
+            Some(words) => out.push_str(words),
+            None => out.push_str(&t.description),
+        }
         if let ArgSchema::Choice { values } = &t.arg {
             for v in values {
                 out.push(' ');

@@ -11,6 +11,7 @@
 //! min_coverage = 0.25
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -55,7 +56,7 @@ impl Default for GroundConfig {
 }
 
 /// Options of the scored policy.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Generate a thought before scoring the actions (else score right after the question).
@@ -71,6 +72,11 @@ pub struct PolicyConfig {
     pub w_lex: f64,
     pub w_kb: f64,
     pub w_numbers: f64,
+    /// Words that describe a tool for the lexical evidence, by tool name, instead of its
+    /// `description` (which the model reads in the prompt: a generated loop on a small
+    /// model is sensitive to its wording, the lexical evidence wants the situations the
+    /// tool is for).
+    pub tool_words: BTreeMap<String, String>,
     pub ground: GroundConfig,
 }
 
@@ -83,6 +89,7 @@ impl Default for PolicyConfig {
             w_lex: 1.0,
             w_kb: 0.75,
             w_numbers: 1.0,
+            tool_words: BTreeMap::new(),
             ground: GroundConfig::default(),
         }
     }
@@ -146,7 +153,11 @@ mod tests {
     #[test]
     fn missing_keys_take_the_defaults() {
         assert_eq!(parse("").unwrap(), PolicyConfig::default());
-        let p = parse("w_kb = 0.25\n[ground]\nmin_coverage = 0.3\n").unwrap();
+        let p = parse(
+            "w_kb = 0.25\n[ground]\nmin_coverage = 0.3\n[tool_words]\nnotify = \"a complaint\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.tool_words["notify"], "a complaint");
         assert_eq!(p.w_kb, 0.25);
         assert_eq!(p.ground.min_coverage, 0.3);
         assert_eq!(p.ground.w_bm25, GroundConfig::default().w_bm25);

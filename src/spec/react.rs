@@ -252,6 +252,14 @@ impl RawSpec {
             ));
         }
         self.policy.check(path)?;
+        for name in self.policy.tool_words.keys() {
+            if !self.tools.iter().any(|t| t.name.as_str() == name) {
+                return Err(invalid(
+                    &format!("policy.tool_words.{name}"),
+                    "no tool of that name in `tools`".into(),
+                ));
+            }
+        }
         if has(ToolName::Sensor) && self.sensor.is_none() {
             return Err(invalid(
                 "sensor",
@@ -527,6 +535,10 @@ mod tests {
             (format!("{SPEC}\nfoo = 1"), "foo"),
             (format!("{SPEC}\n[policy]\nw_kb = -2.0"), "policy.w_kb"),
             (format!("{SPEC}\n[policy.ground]\nw_typo = 1.0"), "w_typo"),
+            (
+                format!("{SPEC}\n[policy.tool_words]\nshell = \"run\""),
+                "policy.tool_words.shell",
+            ),
         ];
         for (src, want) in cases {
             let e = parse(&src).unwrap_err().to_string();

@@ -57,7 +57,7 @@ fn citations_are_retrieved_and_numbers_come_from_the_cited_passage() {
     let (mut gen, _) = EngineGenerator::new(&mut engine, 0.0)
         .with_prefix(0, &agent::render_prefix(&spec))
         .unwrap();
-    let cfg = spec.policy;
+    let cfg = spec.policy.clone();
     let mut cited = 0;
     for q in QUESTIONS {
         let mut tools = Toolbox::new(&spec, Some(kb.clone()));
@@ -91,7 +91,7 @@ fn a_follow_up_resolves_against_the_session() {
         .with_prefix(0, &agent::render_prefix(&spec))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = spec.policy;
+    let cfg = spec.policy.clone();
     let sessions = Sessions::new(
         dir.path().to_path_buf(),
         edgeact::cli::defaults::session_limits(false),
