@@ -136,6 +136,13 @@ pub struct ReactEvalArgs {
     /// Also run the qa mode (retrieve, then one cited answer).
     #[arg(long)]
     pub qa: bool,
+    /// Only the qa mode (no loop): quick on a dev set.
+    #[arg(long)]
+    pub qa_only: bool,
+    /// Latency benchmark: the scored policy on the kb_search scenarios only, p50/p99
+    /// seconds and generated tokens per answer.
+    #[arg(long)]
+    pub bench: bool,
     /// Retrieval hit rate at these k (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = D::react_eval::HIT_RATE_K)]
     pub k: Vec<usize>,

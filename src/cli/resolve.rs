@@ -431,6 +431,8 @@ fn react_eval(a: ReactEvalArgs) -> Result<cmd::react_eval::ReactEvalConfig, AppE
         limit: a.limit,
         baseline: a.baseline,
         qa: a.qa,
+        qa_only: a.qa_only,
+        bench: a.bench,
         ks: a.k,
         retrieval_only: a.retrieval_only,
     })

@@ -41,7 +41,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         let r = if cfg.generate {
             qa::answer_generated(&cfg.spec, &qa_spec, &kb, q, &mut gen)?
         } else {
-            let ground = super::react_eval::policy_config()?.ground;
+            let ground = cfg.spec.policy.ground;
             qa::answer(
                 &cfg.spec,
                 &qa_spec,

@@ -83,7 +83,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
                 },
             )?
         } else {
-            let pc = super::react_eval::policy_config()?;
+            let pc = cfg.spec.policy.clone();
             policy::run(
                 &cfg.spec,
                 kb.as_deref(),

@@ -2,9 +2,8 @@
 //! `--baseline`, the generated grammar loop and the no-grammar loop; with `--qa`, the qa
 //! mode): retrieval hit rate@k, tool choice, citations, grounding faults, unparsable steps,
 //! tokens and seconds; `metrics.json` and `traces.jsonl` in the output folder.
-//!
-//! `EDGEACT_POLICY` (JSON of [`PolicyConfig`] fields, e.g. `{"think": false}`) overrides
-//! the policy's defaults: the knob for choosing them on a dev scenario file.
+//! The weights are the task file's `[policy]` section (a copy of the task file with
+//! another `[policy]` is how they are compared on a dev scenario file).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +36,12 @@ pub struct ReactEvalConfig {
     pub baseline: bool,
     /// Run the `qa` mode too.
     pub qa: bool,
+    /// Only the `qa` mode (no loop): grounded selection alone, quick on a dev set.
+    pub qa_only: bool,
+    /// The latency benchmark: only the scored policy on the `kb_search` scenarios (one
+    /// kiosk answer end to end: choose the tool, retrieve, select, cite), p50/p99 seconds
+    /// and generated tokens per answer.
+    pub bench: bool,
     /// Retrieval hit rate at these k.
     pub ks: Vec<usize>,
     /// Only the retrieval hit rates (no model is loaded).
@@ -66,7 +71,11 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
             "react-eval needs a task with a knowledge base".into(),
         ));
     };
-    let scenarios = sample(scenario::load(&cfg.scenarios, Some(&kb))?, cfg.limit);
+    let mut scenarios = scenario::load(&cfg.scenarios, Some(&kb))?;
+    if cfg.bench {
+        scenarios.retain(|s| s.expect_tool == "kb_search");
+    }
+    let scenarios = sample(scenarios, cfg.limit);
     std::fs::create_dir_all(&cfg.out_dir).map_err(io)?;
     let mut spec = cfg.spec.clone();
     // Hand-offs during an evaluation go to a file, not to staff; each scenario gets a
@@ -95,12 +104,15 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
     let mut engine = Engine::load(&cfg.engine, 1)?;
     let (mut gen, _) = EngineGenerator::new(&mut engine, spec.temperature)
         .with_prefix(0, &agent::render_prefix(&spec))?;
-    let mut modes: Vec<(&str, Mode)> = vec![("react_scored", Mode::Scored)];
-    if cfg.baseline {
+    let mut modes: Vec<(&str, Mode)> = Vec::new();
+    if !cfg.qa_only {
+        modes.push(("react_scored", Mode::Scored));
+    }
+    if cfg.baseline && !cfg.qa_only && !cfg.bench {
         modes.push(("react_grammar", Mode::Generated { grammar: true }));
         modes.push(("react_regex", Mode::Generated { grammar: false }));
     }
-    let policy = policy_config()?;
+    let policy = spec.policy.clone();
     writeln!(out, "policy {}", json!(policy)).map_err(io)?;
     let ctx = Ctx {
         spec: &spec,
@@ -111,9 +123,24 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
     let mut results = serde_json::Map::new();
     for (name, mode) in modes {
         let m = loop_mode(&ctx, &mut gen, name, mode, out, &mut traces_file)?;
+        if cfg.bench {
+            writeln!(
+                out,
+                "benchmark: {} kiosk answers (choose the tool, retrieve, select, cite), board {}, {} threads: p50 {:.3} s, p99 {:.3} s, mean {:.3} s, {:.2} generated tokens per answer; load average {}",
+                m.runs,
+                cfg.engine.board,
+                cfg.engine.threads,
+                m.p50_seconds,
+                m.p99_seconds,
+                m.mean_seconds,
+                m.mean_generated_tokens,
+                load_average()
+            )
+            .map_err(io)?;
+        }
         results.insert(name.to_string(), json!(m));
     }
-    if cfg.qa {
+    if (cfg.qa || cfg.qa_only) && !cfg.bench {
         if let Some(qa_spec) = spec.qa.clone() {
             let m = qa_mode(&ctx, &qa_spec, &mut gen, false, out, &mut traces_file)?;
             results.insert("qa".into(), m);
@@ -147,29 +174,13 @@ pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> 
     Ok(())
 }
 
-/// The policy's defaults, with `EDGEACT_POLICY`'s fields over them.
-pub(super) fn policy_config() -> Result<PolicyConfig, ReactError> {
-    let Ok(text) = std::env::var("EDGEACT_POLICY") else {
-        return Ok(PolicyConfig::default());
-    };
-    let bad = |e: serde_json::Error| ReactError::Usage(format!("EDGEACT_POLICY: {e}"));
-    let over: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
-    let mut base = json!(PolicyConfig::default());
-    if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
-        for (k, v) in o {
-            if k == "ground" {
-                if let (Some(g), Some(vo)) = (
-                    b.get_mut("ground").and_then(|g| g.as_object_mut()),
-                    v.as_object(),
-                ) {
-                    g.extend(vo.clone());
-                }
-            } else {
-                b.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    serde_json::from_value(base).map_err(bad)
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), or `unknown`: speed figures
+/// are only comparable with the load they were taken under.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// How a mode answers.

@@ -14,34 +14,7 @@ use crate::model::EngineError;
 pub const NOT_FOUND: &str =
     "I could not find this in the knowledge base. Shall I call a member of staff?";
 
-/// Weights and thresholds of passage and sentence choice. The defaults were chosen on the
-/// dev scenarios (`kb/kiosk-dev.jsonl`), never on the reported ones (docs/react.md).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct GroundConfig {
-    /// Passage score = w_bm25 * BM25 / best BM25 + w_cover * coverage + w_model * model.
-    pub w_bm25: f64,
-    pub w_cover: f64,
-    /// Weight of the model's score (min-max scaled over the candidates); 0: no model call.
-    pub w_model: f64,
-    /// A passage covering less of the question's term weight than this is no answer.
-    pub min_coverage: f64,
-    /// A second sentence joins the answer when its score is within this of the best.
-    pub second_margin: f64,
-    pub max_answer_chars: usize,
-}
-
-impl Default for GroundConfig {
-    fn default() -> Self {
-        GroundConfig {
-            w_bm25: 0.5,
-            w_cover: 1.0,
-            w_model: 0.0,
-            min_coverage: 0.2,
-            second_margin: 0.0,
-            max_answer_chars: 200,
-        }
-    }
-}
+pub use crate::spec::policy::GroundConfig;
 
 /// Log-probability of continuations after prompts: how the model scores candidates.
 pub trait TextScorer {
@@ -80,12 +53,12 @@ pub fn weighted_terms(
             out.push((t, w));
         }
     };
-    for t in kb.terms(question) {
+    for t in kb.query_terms(question) {
         let w = kb.idf(&t);
         add(t, w);
     }
     if let Some(c) = context {
-        for t in kb.terms(c) {
+        for t in kb.query_terms(c) {
             let w = kb.idf(&t) * context_weight;
             add(t, w);
         }
@@ -179,6 +152,107 @@ pub fn min_max(v: &[f64]) -> Vec<f64> {
         return vec![0.0; v.len()];
     }
     v.iter().map(|x| (x - lo) / (hi - lo)).collect()
+}
+
+/// The kind of fact a question asks for, told by its wording: the sentence that holds
+/// that kind of fact is the likelier answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FactKind {
+    /// "when", "what time", "until", "how late", "hours": a clock time.
+    Time,
+    /// "how much", "cost", "price", "fee": an amount of money.
+    Price,
+    /// "how long", "how many days", "valid", "expire": a number of days, years, minutes.
+    Duration,
+    /// "where", "which floor", "which street": a place.
+    Place,
+}
+
+/// The kind of fact `question` asks for, if its wording tells (first match wins, so "how
+/// much does parking cost per hour" is a price, not a time).
+pub fn fact_kind(question: &str) -> Option<FactKind> {
+    let q = format!(" {} ", words_lower(question).join(" "));
+    let has = |pats: &[&str]| pats.iter().any(|p| q.contains(&format!(" {p} ")));
+    if has(&[
+        "how much", "cost", "costs", "price", "fee", "fees", "charge",
+    ]) {
+        Some(FactKind::Price)
+    } else if has(&[
+        "how long",
+        "how many days",
+        "how many years",
+        "valid",
+        "expire",
+    ]) {
+        Some(FactKind::Duration)
+    } else if has(&[
+        "when",
+        "what time",
+        "until",
+        "till",
+        "how late",
+        "how early",
+        "hours",
+    ]) {
+        Some(FactKind::Time)
+    } else if has(&[
+        "where",
+        "which floor",
+        "which street",
+        "which unit",
+        "which entrance",
+    ]) {
+        Some(FactKind::Place)
+    } else {
+        None
+    }
+}
+
+fn words_lower(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Whether `sentence` holds a fact of `kind`: a clock time (`16:00`), an amount of money
+/// (a number with a currency word or sign, or "free"), a number of time units, a place
+/// (floor, entrance, street, unit, "next to").
+pub fn holds_kind(sentence: &str, kind: FactKind) -> bool {
+    let w = words_lower(sentence);
+    let nums = numbers(sentence);
+    let any = |set: &[&str]| w.iter().any(|x| set.contains(&x.as_str()));
+    match kind {
+        FactKind::Time => nums.iter().any(|n| n.contains(':')),
+        FactKind::Price => {
+            (!nums.is_empty()
+                && (any(&[
+                    "euro", "euros", "eur", "dollar", "dollars", "pound", "pounds",
+                ]) || sentence.contains(['€', '$', '£'])))
+                || any(&["free", "charge", "costs", "cost"])
+        }
+        FactKind::Duration => {
+            let units = [
+                "minute", "minutes", "hour", "hours", "day", "days", "week", "weeks", "month",
+                "months", "year", "years",
+            ];
+            w.windows(2).any(|p| {
+                units.contains(&p[1].as_str())
+                    && (p[0].chars().all(|c| c.is_ascii_digit())
+                        || [
+                            "one", "two", "three", "four", "five", "six", "ten", "twelve",
+                        ]
+                        .contains(&p[0].trim_end_matches("-year").trim_end_matches("-day")))
+            }) || w
+                .iter()
+                .any(|x| x.ends_with("-year") || x.ends_with("-day"))
+        }
+        FactKind::Place => any(&[
+            "floor", "entrance", "street", "unit", "next", "behind", "square", "stairs", "metres",
+            "office",
+        ]),
+    }
 }
 
 /// One retrieved passage as a candidate, with its features and fused score.
@@ -353,11 +427,28 @@ pub fn select(
     let passage = passages[b].0;
     let sentences = split_sentences(&passage.text);
     // Sentences are scored by the question's coverage (the title, shared by all, does not
-    // tell them apart); a small position prior breaks ties to the first.
+    // tell them apart, so question terms of the title weigh `w_title_terms`) and whether
+    // they hold the kind of fact asked for; a small position prior breaks ties to the first.
+    let kind = fact_kind(query.question).or_else(|| query.context.and_then(fact_kind));
+    let title_terms = kb.terms(&passage.title);
+    let s_terms: Vec<(String, f64)> = q_terms
+        .iter()
+        .map(|(t, w)| {
+            let f = if title_terms.contains(t) {
+                cfg.w_title_terms
+            } else {
+                1.0
+            };
+            (t.clone(), w * f)
+        })
+        .collect();
     let mut s_scores: Vec<f64> = sentences
         .iter()
         .enumerate()
-        .map(|(i, s)| coverage(&q_terms, &kb.terms(s)) - 1e-3 * i as f64)
+        .map(|(i, s)| {
+            let k = kind.is_some_and(|k| holds_kind(s, k));
+            coverage(&s_terms, &kb.terms(s)) + cfg.w_kind * f64::from(u8::from(k)) - 1e-3 * i as f64
+        })
         .collect();
     if let (true, Some(sc)) = (cfg.w_model > 0.0 && sentences.len() > 1, scorer) {
         let m = min_max(&model_scores(sc, &sentences, query.question)?);

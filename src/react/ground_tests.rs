@@ -169,3 +169,83 @@ fn a_follow_up_takes_the_earlier_question_as_context() {
     let g = select(&kb, q, &hits, None, &GroundConfig::default()).unwrap();
     assert_eq!(g.cited.as_deref(), Some("hours-saturday"));
 }
+
+#[test]
+fn the_question_tells_the_kind_of_fact_and_sentences_hold_it() {
+    assert_eq!(
+        fact_kind("Until when is the hall open?"),
+        Some(FactKind::Time)
+    );
+    assert_eq!(fact_kind("What time do you shut?"), Some(FactKind::Time));
+    assert_eq!(
+        fact_kind("How much does parking cost per hour?"),
+        Some(FactKind::Price)
+    );
+    assert_eq!(
+        fact_kind("How long is a voucher valid?"),
+        Some(FactKind::Duration)
+    );
+    assert_eq!(fact_kind("Where is the pharmacy?"), Some(FactKind::Place));
+    // "Is it open?" asks whether, not when.
+    assert_eq!(fact_kind("Is the bakery open on Sundays?"), None);
+    assert!(holds_kind("Open from 10:00 to 16:00.", FactKind::Time));
+    assert!(!holds_kind(
+        "About half of the stalls open.",
+        FactKind::Time
+    ));
+    assert!(holds_kind("Lockers cost 2 euro per day.", FactKind::Price));
+    assert!(holds_kind(
+        "Strollers are lent free of charge.",
+        FactKind::Price
+    ));
+    assert!(holds_kind(
+        "Points expire after two years.",
+        FactKind::Duration
+    ));
+    assert!(holds_kind(
+        "Covered by a two-year warranty.",
+        FactKind::Duration
+    ));
+    assert!(holds_kind(
+        "It is on the first floor, unit 112.",
+        FactKind::Place
+    ));
+    assert!(!holds_kind("Pay by coin or card.", FactKind::Place));
+}
+
+#[test]
+fn the_sentence_holding_the_asked_fact_is_chosen_and_a_close_one_joins() {
+    let kb = kb();
+    let hits = vec![("delivery".to_string(), 2.0)];
+    let cfg = GroundConfig {
+        second_margin: 0.0,
+        ..Default::default()
+    };
+    // The time sentence, though "delivery" is in both (and in the title).
+    let q = Query {
+        question: "When must I order for delivery?",
+        context: None,
+    };
+    let g = select(&kb, q, &hits, None, &cfg).unwrap();
+    assert_eq!(
+        g.answer, "Order before 15:00 for delivery the same evening.",
+        "{g:?}"
+    );
+    let q = Query {
+        question: "How much is delivery?",
+        context: None,
+    };
+    let g = select(&kb, q, &hits, None, &cfg).unwrap();
+    assert_eq!(g.answer, "Home delivery costs 6.90 euro.", "{g:?}");
+    // With a wide margin the runner-up joins, in passage order.
+    let wide = GroundConfig {
+        second_margin: 5.0,
+        ..Default::default()
+    };
+    let g = select(&kb, q, &hits, None, &wide).unwrap();
+    assert_eq!(
+        g.answer,
+        "Home delivery costs 6.90 euro. Order before 15:00 for delivery the same evening.",
+        "{g:?}"
+    );
+}

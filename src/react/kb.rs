@@ -69,6 +69,48 @@ pub struct Kb {
     tokenizer: DefaultTokenizer,
     /// Passages each term occurs in (title and text).
     doc_freq: HashMap<String, usize>,
+    /// The knowledge base's own synonyms (`synonyms.txt`): a phrase customers use (its
+    /// lowercase words) and the knowledge base's words for it.
+    synonyms: Vec<(Vec<String>, String)>,
+}
+
+/// The file of a knowledge base folder that lists its synonyms (not indexed).
+pub const SYNONYMS_FILE: &str = "synonyms.txt";
+
+/// Lowercase words of `text` (letters, digits and apostrophes).
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'' && c != '\u{2019}')
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase().replace('\u{2019}', "'"))
+        .collect()
+}
+
+/// `synonyms.txt`: one line per group, `the knowledge base's words: phrase, phrase`;
+/// blank lines and `#` comments skipped. A line without `:` is an error naming it.
+pub fn parse_synonyms(src: &str, source: &Path) -> Result<Vec<(Vec<String>, String)>, KbError> {
+    let mut out = Vec::new();
+    for (i, line) in src.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((canon, alts)) = line.split_once(':') else {
+            return Err(KbError::Entry {
+                path: source.into(),
+                line: i + 1,
+                reason: "expected `words: phrase, phrase`".into(),
+            });
+        };
+        for alt in alts.split(',') {
+            let w = words(alt);
+            if !w.is_empty() {
+                out.push((w, canon.trim().to_string()));
+            }
+        }
+    }
+    // Longer phrases first, so "new year's eve" wins over "new year".
+    out.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+    Ok(out)
 }
 
 impl std::fmt::Debug for Kb {
@@ -191,6 +233,17 @@ impl Kb {
             })
             .collect();
         files.sort();
+        let syn_path = dir.join(SYNONYMS_FILE);
+        let synonyms = match std::fs::read_to_string(&syn_path) {
+            Ok(src) => parse_synonyms(&src, &syn_path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(KbError::Io {
+                    path: syn_path,
+                    source,
+                })
+            }
+        };
         let mut passages = Vec::new();
         for f in &files {
             let src = std::fs::read_to_string(f).map_err(|source| KbError::Io {
@@ -203,7 +256,9 @@ impl Kb {
                 passages.extend(parse_jsonl(&src, f)?);
             }
         }
-        Kb::from_passages(dir, passages)
+        let mut kb = Kb::from_passages(dir, passages)?;
+        kb.synonyms = synonyms;
+        Ok(kb)
     }
 
     pub fn from_passages(dir: &Path, passages: Vec<Passage>) -> Result<Kb, KbError> {
@@ -243,6 +298,7 @@ impl Kb {
             engine,
             tokenizer,
             doc_freq,
+            synonyms: Vec::new(),
         })
     }
 
@@ -251,7 +307,7 @@ impl Kb {
     pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
         let mut hits: Vec<Hit> = self
             .engine
-            .search(query, None)
+            .search(&self.expand(query), None)
             .into_iter()
             .map(|r| Hit {
                 index: r.document.id,
@@ -271,6 +327,41 @@ impl Kb {
 
     pub fn get(&self, id: &str) -> Option<&Passage> {
         self.passages.iter().find(|p| p.id == id)
+    }
+
+    /// The knowledge base's synonyms for the search: `text` with each phrase of
+    /// `synonyms.txt` replaced by the knowledge base's words for it ("restroom" becomes
+    /// "toilets"); unchanged when there are none.
+    pub fn expand(&self, text: &str) -> String {
+        if self.synonyms.is_empty() {
+            return text.to_string();
+        }
+        let w = words(text);
+        let mut out: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < w.len() {
+            let hit = self
+                .synonyms
+                .iter()
+                .find(|(p, _)| w.len() - i >= p.len() && w[i..i + p.len()] == p[..]);
+            match hit {
+                Some((p, canon)) => {
+                    out.push(canon.clone());
+                    i += p.len();
+                }
+                None => {
+                    out.push(w[i].clone());
+                    i += 1;
+                }
+            }
+        }
+        out.join(" ")
+    }
+
+    /// The terms of a question: its words with the synonyms applied, as the retriever sees
+    /// them.
+    pub fn query_terms(&self, text: &str) -> Vec<String> {
+        self.terms(&self.expand(text))
     }
 
     /// `text` as the retriever sees it: lowercase, stop words out, stemmed.
@@ -362,6 +453,37 @@ mod tests {
         assert!(kb.search("zebra quantum", 3).is_empty());
         let hits = kb.search("card closes hour", 3);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    #[test]
+    fn synonyms_replace_the_customers_phrase() {
+        let src = "# comment\ntoilets: restroom, loo\n31 December: new year's eve\n";
+        let mut kb = Kb::from_passages(
+            Path::new("kb"),
+            vec![
+                p("dir-toilets", "Toilets", "Toilets are on the ground floor."),
+                p(
+                    "hours",
+                    "Holidays",
+                    "On 31 December the hall closes at 14:00.",
+                ),
+            ],
+        )
+        .unwrap();
+        kb.synonyms = parse_synonyms(src, Path::new("synonyms.txt")).unwrap();
+        assert_eq!(kb.expand("Where is the Restroom?"), "where is the toilets");
+        assert_eq!(
+            kb.expand("Open on New Year\u{2019}s Eve?"),
+            "open on 31 December"
+        );
+        assert_eq!(
+            kb.passages[kb.search("restroom", 1)[0].index].id,
+            "dir-toilets"
+        );
+        assert!(parse_synonyms("no colon here", Path::new("s.txt"))
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
     }
 
     #[test]

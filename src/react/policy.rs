@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::agent::{fit_history, render_prefix, render_prompt};
 use super::generator::{GenEnd, GenMode, StepGenerator};
 use super::grammar::{arg_grammar, thought_grammar};
-use super::ground::{self, GroundConfig, Grounded, Query, TextScorer};
+use super::ground::{self, Grounded, Query, TextScorer};
 use super::kb::Kb;
 use super::qa::parse_answer;
 use super::tools::Toolbox;
@@ -27,54 +27,18 @@ use crate::spec::tool::{ArgSchema, ToolName};
 pub trait Model: StepGenerator + TextScorer {}
 impl<T: StepGenerator + TextScorer + ?Sized> Model for T {}
 
-/// Options of the scored policy (defaults chosen on the dev scenarios, docs/react.md).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PolicyConfig {
-    /// Generate a thought before scoring the actions (else score right after the question).
-    pub think: bool,
-    /// Subtract each action's score after a content-free question (contextual calibration).
-    pub calibrate: bool,
-    /// Action score = w_model * model (min-max over the tools) + w_lex * the question's
-    /// coverage by the tool's words (description, choice values, few-shot questions that
-    /// start with it) + w_kb * the best passage's coverage (kb_search only) + w_numbers
-    /// when an expression tool meets a question with two numbers or more.
-    pub w_model: f64,
-    pub w_lex: f64,
-    pub w_kb: f64,
-    pub w_numbers: f64,
-    pub ground: GroundConfig,
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        PolicyConfig {
-            think: false,
-            calibrate: false,
-            w_model: 1.0,
-            w_lex: 1.0,
-            w_kb: 0.5,
-            w_numbers: 1.0,
-            ground: GroundConfig::default(),
-        }
-    }
-}
+pub use crate::spec::policy::PolicyConfig;
 
 /// The question used for calibration: no content.
 pub const CONTENT_FREE: &str = "N/A";
 
-/// The action line scored for each allowed tool: `Action: name[`, closed (`[]`) for a tool
-/// without an argument.
+/// The action line scored for each allowed tool: `Action: name[`, the same shape for every
+/// tool (a closing `]` for tools without an argument would add a token only they pay for,
+/// and the model then never chose them).
 pub fn action_labels(spec: &ReactSpec) -> Vec<(ToolName, String)> {
     spec.tools
         .iter()
-        .map(|t| {
-            let close = if matches!(t.arg, ArgSchema::None) {
-                "]"
-            } else {
-                ""
-            };
-            (t.name, format!("Action: {}[{close}", t.name))
-        })
+        .map(|t| (t.name, format!("Action: {}[", t.name)))
         .collect()
 }
 
@@ -308,8 +272,9 @@ struct Ask<'a> {
     history: &'a [Turn],
 }
 
-/// The words that describe a tool: its description, its choice values, the sentences of
-/// the instruction that name it, and the few-shot questions whose first action calls it.
+/// The words that describe a tool: its description (or its `[policy.tool_words]`), its
+/// choice values, the sentences of the instruction that name it, and the few-shot questions
+/// whose first action calls it.
 pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
     let mut out = String::new();
     for sentence in ground::split_sentences(&spec.instruction) {
@@ -319,7 +284,10 @@ pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
         }
     }
     if let Some(t) = spec.tool(tool) {
-        out.push_str(&t.description);
+        match spec.policy.tool_words.get(tool.as_str()) {
+            Some(words) => out.push_str(words),
+            None => out.push_str(&t.description),
+        }
         if let ArgSchema::Choice { values } = &t.arg {
             for v in values {
                 out.push(' ');
@@ -341,14 +309,34 @@ pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
     out
 }
 
-/// Fuses each allowed action's model score with lexical evidence (weights in `cfg`).
-pub fn fuse_actions(
+/// The evidence for one allowed action, each in 0..=1: the model's score (min-max over the
+/// tools), the question's coverage by the tool's words, the best retrieved passage's
+/// coverage (kb_search only), and whether an expression tool meets two numbers or more.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ActionFeatures {
+    pub model: f64,
+    pub lex: f64,
+    pub kb: f64,
+    pub numbers: f64,
+}
+
+impl ActionFeatures {
+    /// The fused score (weights in `cfg`).
+    pub fn score(&self, cfg: &PolicyConfig) -> f64 {
+        cfg.w_model * self.model
+            + cfg.w_lex * self.lex
+            + cfg.w_kb * self.kb
+            + cfg.w_numbers * self.numbers
+    }
+}
+
+/// Each allowed action's evidence, in the order of [`action_labels`].
+pub fn action_features(
     spec: &ReactSpec,
     kb: Option<&Kb>,
     question: &str,
     model: &[f64],
-    cfg: &PolicyConfig,
-) -> Vec<f64> {
+) -> Vec<ActionFeatures> {
     let model = ground::min_max(model);
     let labels = action_labels(spec);
     let n_numbers = ground::numbers(question).len();
@@ -373,17 +361,32 @@ pub fn fuse_actions(
                 _ => 0.0,
             };
             let schema = spec.tool(*tool).map(|t| &t.arg);
-            let kb_part = if *tool == ToolName::KbSearch {
-                kb_cover
-            } else {
-                0.0
-            };
             let numbers = matches!(schema, Some(ArgSchema::Expr { .. })) && n_numbers >= 2;
-            cfg.w_model * m
-                + cfg.w_lex * lex
-                + cfg.w_kb * kb_part
-                + cfg.w_numbers * f64::from(u8::from(numbers))
+            ActionFeatures {
+                model: m,
+                lex,
+                kb: if *tool == ToolName::KbSearch {
+                    kb_cover
+                } else {
+                    0.0
+                },
+                numbers: f64::from(u8::from(numbers)),
+            }
         })
+        .collect()
+}
+
+/// Fuses each allowed action's model score with lexical evidence (weights in `cfg`).
+pub fn fuse_actions(
+    spec: &ReactSpec,
+    kb: Option<&Kb>,
+    question: &str,
+    model: &[f64],
+    cfg: &PolicyConfig,
+) -> Vec<f64> {
+    action_features(spec, kb, question, model)
+        .iter()
+        .map(|f| f.score(cfg))
         .collect()
 }
 
@@ -443,12 +446,18 @@ fn choose_action(
     let labels = action_labels(spec);
     let texts: Vec<String> = labels.iter().map(|(_, l)| l.clone()).collect();
     let t = Instant::now();
-    let mut scores: Vec<f64> = model
-        .label_logprobs(&prompt, &texts)?
-        .into_iter()
-        .map(|(lp, _)| lp)
-        .collect();
-    if cfg.calibrate {
+    // With no weight on the model's score (the default: on the dev sets it added nothing
+    // to the lexical evidence) the action lines are not scored at all.
+    let mut scores: Vec<f64> = if cfg.w_model > 0.0 {
+        model
+            .label_logprobs(&prompt, &texts)?
+            .into_iter()
+            .map(|(lp, _)| lp)
+            .collect()
+    } else {
+        vec![0.0; texts.len()]
+    };
+    if cfg.calibrate && cfg.w_model > 0.0 {
         let mut cf = render_prompt(prefix, &[], CONTENT_FREE, &[], 0);
         let mut scratch = StepRecord::default();
         thought_for(model, &mut cf, &mut scratch)?;
@@ -459,13 +468,20 @@ fn choose_action(
         }
     }
     rec.gen_ms += t.elapsed().as_secs_f64() * 1e3;
-    let scores = fuse_actions(spec, kb, question, &scores, cfg);
+    let feats = action_features(spec, kb, question, &scores);
+    let scores: Vec<f64> = feats.iter().map(|f| f.score(cfg)).collect();
     if rec.thought.is_none() {
-        // The choice, explained: each action's fused score.
+        // The choice, explained: each action's fused score and its evidence.
         let shown: Vec<String> = labels
             .iter()
             .zip(&scores)
-            .map(|((t, _), s)| format!("{t} {s:.2}"))
+            .zip(&feats)
+            .map(|(((t, _), s), f)| {
+                format!(
+                    "{t} {s:.2} (model {:.3} lex {:.3} kb {:.3} numbers {})",
+                    f.model, f.lex, f.kb, f.numbers
+                )
+            })
             .collect();
         rec.thought = Some(format!("action scores: {}", shown.join(", ")));
     }

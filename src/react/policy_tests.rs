@@ -18,6 +18,8 @@ fn spec_with_notify() -> ReactSpec {
 struct Fake {
     prefer: Vec<(&'static str, &'static str)>,
     generated: Vec<String>,
+    /// Scoring calls.
+    scored: usize,
 }
 
 impl StepGenerator for Fake {
@@ -56,6 +58,7 @@ impl TextScorer for Fake {
         &mut self,
         pairs: &[(String, String)],
     ) -> Result<Vec<(f64, usize)>, EngineError> {
+        self.scored += 1;
         Ok(pairs
             .iter()
             .map(|(prompt, cont)| {
@@ -100,9 +103,11 @@ fn the_best_scored_action_runs_and_the_answer_is_selected() {
     let mut fake = Fake {
         prefer: vec![("lost", "notify["), ("cost", "calculator[")],
         generated: Vec::new(),
+        scored: 0,
     };
     let cfg = PolicyConfig {
         calibrate: false,
+        w_model: 1.0,
         ..Default::default()
     };
     let sink = tempfile::NamedTempFile::new().unwrap();
@@ -156,4 +161,31 @@ fn a_follow_up_carries_the_last_question_and_its_passage() {
         None
     );
     assert_eq!(follow_up_context(None, &[], "and on Saturday?"), None);
+}
+
+#[test]
+fn without_a_model_weight_the_action_lines_are_not_scored() {
+    let s = spec_with_notify();
+    let mut fake = Fake {
+        prefer: vec![("lost", "notify[")],
+        generated: Vec::new(),
+        scored: 0,
+    };
+    let cfg = PolicyConfig::default();
+    assert_eq!(cfg.w_model, 0.0);
+    let sink = tempfile::NamedTempFile::new().unwrap();
+    let mut s2 = s.clone();
+    s2.notify.sink = sink.path().display().to_string();
+    let mut tools = Toolbox::new(&s2, None);
+    let t = run(
+        &s2,
+        None,
+        "What time is it?",
+        &[],
+        &mut fake,
+        &mut tools,
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(fake.scored, 0, "{t:#?}");
 }

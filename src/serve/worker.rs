@@ -24,8 +24,8 @@ use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
 use crate::react::agent;
 use crate::react::generator::EngineGenerator;
 use crate::react::kb::Kb;
-use crate::react::policy::{self, PolicyConfig};
-use crate::react::request::{ReactRequest, ReactResult};
+use crate::react::policy;
+use crate::react::request::{qa_trace, ReactRequest, ReactResult, RequestMode};
 use crate::react::session::Sessions;
 use crate::react::tools::Toolbox;
 use crate::react::trace::Turn;
@@ -700,16 +700,39 @@ fn react(
         temperature: r.spec.temperature,
         prefix_slot: Some(r.slot),
     };
-    // The same scored, grounded policy as `edgeact react` with its default weights.
-    let trace = policy::run(
-        &r.spec,
-        r.kb.as_deref(),
-        &req.question,
-        &history,
-        &mut gen,
-        &mut r.tools,
-        &PolicyConfig::default(),
-    );
+    // The same scored, grounded policy as `edgeact react` (or, for `"mode": "qa"`, the
+    // grounded retrieve-then-answer of `edgeact qa`), with the task's `[policy]`.
+    let trace = match (req.mode, &r.spec.qa, r.kb.as_deref()) {
+        (RequestMode::React, ..) => policy::run(
+            &r.spec,
+            r.kb.as_deref(),
+            &req.question,
+            &history,
+            &mut gen,
+            &mut r.tools,
+            &r.spec.policy,
+        ),
+        (RequestMode::Qa, Some(qa_spec), Some(kb)) => {
+            let context = policy::follow_up_context(Some(kb), &history, &req.question);
+            crate::react::qa::answer(
+                &r.spec,
+                qa_spec,
+                kb,
+                &req.question,
+                context.as_deref(),
+                &mut gen,
+                &r.spec.policy.ground,
+            )
+            .map(|a| qa_trace(&a))
+        }
+        (RequestMode::Qa, ..) => {
+            r.cache = std::mem::take(&mut gen.cache);
+            return Err(JobError::WrongKind {
+                task: r.spec.name.clone(),
+                reason: "\"mode\": \"qa\" needs a task with a [qa] section".into(),
+            });
+        }
+    };
     r.cache = std::mem::take(&mut gen.cache);
     let trace = trace.map_err(ReactError::from)?;
     let notify = r.tools.take_notifications();
@@ -724,12 +747,9 @@ fn react(
             )
             .map_err(ReactError::from)?;
     }
-    Ok(Output::Reacted(Box::new(ReactResult::new(
-        &req.id,
-        req.session.clone(),
-        trace,
-        notify,
-    ))))
+    let result = ReactResult::new(&req.id, req.session.clone(), trace, notify)
+        .with_citation(r.kb.as_deref(), req.mode);
+    Ok(Output::Reacted(Box::new(result)))
 }
 
 /// The latest value of each context topic by name, from the daemon's `context.NAME` fields.

@@ -6,6 +6,7 @@
 mod error;
 mod file;
 pub mod lora;
+pub mod policy;
 pub mod react;
 pub mod step;
 mod task;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::policy::PolicyConfig;
 use super::step::{self, StepAction};
 use super::tool::{ArgSchema, ToolName};
 use super::SpecError;
@@ -168,6 +169,8 @@ struct RawSpec {
     #[serde(default)]
     notify: NotifyConfig,
     qa: Option<QaSpec>,
+    #[serde(default)]
+    policy: PolicyConfig,
 }
 
 fn default_max_steps() -> usize {
@@ -248,6 +251,15 @@ impl RawSpec {
                 "[qa] needs a [kb_search] section with `dir`".into(),
             ));
         }
+        self.policy.check(path)?;
+        for name in self.policy.tool_words.keys() {
+            if !self.tools.iter().any(|t| t.name.as_str() == name) {
+                return Err(invalid(
+                    &format!("policy.tool_words.{name}"),
+                    "no tool of that name in `tools`".into(),
+                ));
+            }
+        }
         if has(ToolName::Sensor) && self.sensor.is_none() {
             return Err(invalid(
                 "sensor",
@@ -319,6 +331,8 @@ pub struct ReactSpec {
     pub sensor: Option<SensorConfig>,
     pub notify: NotifyConfig,
     pub qa: Option<QaSpec>,
+    /// Weights and thresholds of the scored policy and grounded answers (`[policy]`).
+    pub policy: PolicyConfig,
 }
 
 impl ReactSpec {
@@ -380,6 +394,7 @@ impl ReactSpec {
             sensor,
             notify,
             qa: raw.qa,
+            policy: raw.policy,
         };
         spec.check_examples()?;
         Ok(spec)
@@ -518,6 +533,12 @@ mod tests {
                 "max_context_tokens",
             ),
             (format!("{SPEC}\nfoo = 1"), "foo"),
+            (format!("{SPEC}\n[policy]\nw_kb = -2.0"), "policy.w_kb"),
+            (format!("{SPEC}\n[policy.ground]\nw_typo = 1.0"), "w_typo"),
+            (
+                format!("{SPEC}\n[policy.tool_words]\nshell = \"run\""),
+                "policy.tool_words.shell",
+            ),
         ];
         for (src, want) in cases {
             let e = parse(&src).unwrap_err().to_string();

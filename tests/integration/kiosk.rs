@@ -8,9 +8,9 @@ use std::sync::Arc;
 use edgeact::model::Engine;
 use edgeact::react::agent;
 use edgeact::react::generator::EngineGenerator;
-use edgeact::react::ground::{ungrounded_numbers, GroundConfig};
+use edgeact::react::ground::ungrounded_numbers;
 use edgeact::react::kb::Kb;
-use edgeact::react::policy::{self, PolicyConfig};
+use edgeact::react::policy;
 use edgeact::react::qa;
 use edgeact::react::scenario::{cited_ids, grounding_faults};
 use edgeact::react::session::Sessions;
@@ -57,7 +57,7 @@ fn citations_are_retrieved_and_numbers_come_from_the_cited_passage() {
     let (mut gen, _) = EngineGenerator::new(&mut engine, 0.0)
         .with_prefix(0, &agent::render_prefix(&spec))
         .unwrap();
-    let cfg = PolicyConfig::default();
+    let cfg = spec.policy.clone();
     let mut cited = 0;
     for q in QUESTIONS {
         let mut tools = Toolbox::new(&spec, Some(kb.clone()));
@@ -72,16 +72,7 @@ fn citations_are_retrieved_and_numbers_come_from_the_cited_passage() {
         }
         // The same through qa.
         let qa_spec = spec.qa.clone().unwrap();
-        let r = qa::answer(
-            &spec,
-            &qa_spec,
-            &kb,
-            q,
-            None,
-            &mut gen,
-            &GroundConfig::default(),
-        )
-        .unwrap();
+        let r = qa::answer(&spec, &qa_spec, &kb, q, None, &mut gen, &spec.policy.ground).unwrap();
         if let Some(id) = &r.cited {
             assert!(r.passages.iter().any(|p| &p.id == id), "{r:?}");
             let p = kb.get(id).unwrap();
@@ -100,7 +91,7 @@ fn a_follow_up_resolves_against_the_session() {
         .with_prefix(0, &agent::render_prefix(&spec))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = PolicyConfig::default();
+    let cfg = spec.policy.clone();
     let sessions = Sessions::new(
         dir.path().to_path_buf(),
         edgeact::cli::defaults::session_limits(false),

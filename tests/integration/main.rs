@@ -25,4 +25,5 @@ mod rank;
 mod react;
 mod security;
 mod serve;
+mod serve_qa;
 mod setup;
