@@ -79,7 +79,7 @@ pub struct StackModel {
     pub text: Option<TextFeaturizer>,
     /// The prompt's label log-probabilities (absent in files written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<PromptBlock>,
+    pub prompt: Option<Box<PromptBlock>>,
     pub lr: LrParams,
     pub model: SoftmaxLr,
 }
@@ -153,10 +153,10 @@ impl StackModel {
                     )));
                 }
                 let raw: Vec<Vec<f32>> = prompt.iter().map(|r| PromptBlock::raw(r)).collect();
-                Some(PromptBlock {
+                Some(Box::new(PromptBlock {
                     standardizer: Standardizer::fit(&raw),
                     scale: weight / (n_labels as f64).sqrt(),
-                })
+                }))
             }
             None => None,
         };
@@ -164,7 +164,7 @@ impl StackModel {
             .map(|i| {
                 dense_row(
                     dense.as_ref(),
-                    prompt_block.as_ref(),
+                    prompt_block.as_deref(),
                     states.get(i),
                     prompt.get(i).map(Vec::as_slice),
                 )
@@ -219,7 +219,7 @@ impl StackModel {
             .as_ref()
             .map(|t| t.transform(re, text))
             .unwrap_or_default();
-        let dense = dense_row(self.dense.as_ref(), self.prompt.as_ref(), states, prompt);
+        let dense = dense_row(self.dense.as_ref(), self.prompt.as_deref(), states, prompt);
         self.model.predict(&sparse, &dense)
     }
 

@@ -295,7 +295,7 @@ impl PromptRuns<'_> {
 /// the prompt block read.
 fn learn(
     cfg: &TuneConfig,
-    mut engine: Option<&mut Engine>,
+    engine: Option<&mut Engine>,
     pool: &[Example],
     dev: &[Example],
     prompts: PromptRuns<'_>,
@@ -326,7 +326,7 @@ fn learn(
         Some(engine) => features(cfg, engine, (&tx, &dx))?,
         None => (Vec::new(), Vec::new()),
     };
-    let block = match engine.as_deref_mut() {
+    let block = match engine {
         Some(engine) if grid.methods.contains(&Method::Stack) => {
             prompt_block(cfg, engine, &prompts, &train, &tx, out)?
         }
@@ -364,6 +364,9 @@ fn learn(
     Ok((all, train.len(), block.map(|(k, _)| k)))
 }
 
+/// A prompt candidate's index and its label probabilities of every train text.
+type BlockSource = (usize, Vec<Vec<f64>>);
+
 /// The prompt block's source: the best clean prompt candidate, run over the train texts
 /// (None, with a note, when there is none or the train split is over the cap).
 fn prompt_block(
@@ -373,7 +376,7 @@ fn prompt_block(
     train: &[Example],
     tx: &[&str],
     out: &mut dyn Write,
-) -> Result<Option<(usize, Vec<Vec<f64>>)>, AppError> {
+) -> Result<Option<BlockSource>, AppError> {
     let Some(k) = prompts.block_source(tx) else {
         return Ok(None);
     };

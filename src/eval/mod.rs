@@ -253,6 +253,9 @@ pub fn run_with(
     run_probs(engine, classifier, data, batch_size, progress).map(|(r, p, _)| (r, p))
 }
 
+/// A run, its prediction records and every example's label probabilities.
+pub type RunWithProbs = (EvalRun, Vec<serde_json::Value>, Vec<Vec<f64>>);
+
 /// [`run_with`], also returning every example's label probabilities (task label order;
 /// zeros for an example that failed): the stack's prompt block is fitted on them.
 pub fn run_probs(
@@ -261,7 +264,7 @@ pub fn run_probs(
     data: &[Example],
     batch_size: usize,
     progress: bool,
-) -> Result<(EvalRun, Vec<serde_json::Value>, Vec<Vec<f64>>), EvalError> {
+) -> Result<RunWithProbs, EvalError> {
     let labels: Vec<String> = classifier
         .task()
         .labels
