@@ -180,8 +180,9 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
 }
 
 /// A stack with the prompt block runs the task's prompt as well: `tune` offers it when the
-/// prompt candidates ran, and `classify` and `serve` decide by the stack over the prompt's
-/// scores (the trace says `stack`, the tokens count both passes).
+/// prompt candidates ran, and `classify` decides by the stack over the prompt's scores (the
+/// trace says `stack`, the prompt's label tokens were scored). `serve` runs the same
+/// `TaskRunner` (checked for stacks above).
 #[test]
 fn a_stack_with_the_prompt_block_reads_the_prompt_scores_everywhere() {
     use edgeact::classify::linear::LrParams;
