@@ -1,7 +1,8 @@
 //! Runs a task by its method: the prompt's label scores ([`Classifier`]), its learned head
 //! ([`super::head`]) on the feature prompt's hidden states, both (the two distributions
-//! multiplied and renormalized), or its stacked scorer ([`super::stack`]: model features and
-//! TF-IDF n-grams, or TF-IDF alone without a model pass). `classify`, `eval`, `serve` and
+//! multiplied and renormalized), or its stacked scorer ([`super::stack`]: model features,
+//! TF-IDF n-grams and, when the stack has that block, the task prompt's label scores; or
+//! TF-IDF alone without a model pass). `classify`, `eval`, `serve` and
 //! `monitor` all run a task through [`TaskRunner`], so a method scores the same everywhere.
 
 use std::collections::BTreeMap;
@@ -60,11 +61,28 @@ impl Learned {
 
     /// Probabilities in the file's label order.
     pub fn predict(&self, re: &Regex, text: &str, states: Option<&PooledStates>) -> Vec<f64> {
+        self.predict_with(re, text, states, None)
+    }
+
+    /// [`Learned::predict`] with the prompt's label probabilities (file label order) for a
+    /// stack with the prompt block.
+    pub fn predict_with(
+        &self,
+        re: &Regex,
+        text: &str,
+        states: Option<&PooledStates>,
+        prompt: Option<&[f64]>,
+    ) -> Vec<f64> {
         match (self, states) {
             (Learned::Head(h), Some(st)) => h.head.predict(&h.feature.pooling.apply(st)),
             (Learned::Head(h), None) => vec![1.0 / h.labels.len() as f64; h.labels.len()],
-            (Learned::Stack(s), st) => s.stack.predict(re, text, st),
+            (Learned::Stack(s), st) => s.stack.predict_with(re, text, st, prompt),
         }
+    }
+
+    /// Whether the scorer reads the task prompt's label scores (a stack's prompt block).
+    pub fn needs_prompt(&self) -> bool {
+        matches!(self, Learned::Stack(s) if s.stack.needs_prompt())
     }
 
     pub fn sha256(&self) -> String {
@@ -130,7 +148,7 @@ impl TaskRunner {
             }
             None => None,
         };
-        let prompt = if method == Method::Both {
+        let prompt = if method == Method::Both || learned.needs_prompt() {
             Some(Classifier::new(
                 engine,
                 task.clone(),
@@ -316,7 +334,20 @@ impl HeadClassifier {
                 ))));
                 continue;
             };
-            let hp = self.learned.predict(&self.re, text, st.as_ref());
+            // A stack's prompt block reads the prompt's scores in the file's label order.
+            let prompt_row: Option<Vec<f64>> = match &prompt_res {
+                Some(Ok(p)) if self.learned.needs_prompt() => Some(
+                    self.learned
+                        .labels()
+                        .iter()
+                        .map(|l| p.scores.get(l).copied().unwrap_or(0.0))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            let hp = self
+                .learned
+                .predict_with(&self.re, text, st.as_ref(), prompt_row.as_deref());
             // In task label order.
             let head_probs: Vec<f64> = self.order.iter().map(|&i| hp[i]).collect();
             let res = match prompt_res {
@@ -351,14 +382,38 @@ impl HeadClassifier {
     }
 
     /// Method `both`: the prompt's result with the product of the two distributions
-    /// (renormalized) as its scores and decision, and the feature tokens counted.
+    /// (renormalized) as its scores and decision, and the feature tokens counted. A stack
+    /// that read the prompt's scores: the prompt's result with the stack's decision.
     fn combined_result(
         &self,
         mut p: ClassifyResult,
         head_probs: &[f64],
         n_tokens: usize,
     ) -> ClassifyResult {
-        let probs = softmax(
+        let probs = if self.method != Method::Both {
+            head_probs.to_vec()
+        } else {
+            self.product(&p, head_probs)
+        };
+        let d = decide(&probs, &self.abstain);
+        let top_label = self.task.labels[d.top].name.clone();
+        p.label = (!d.abstained).then(|| top_label.clone());
+        p.top_label = top_label;
+        p.confidence = d.confidence;
+        p.margin = d.margin;
+        p.abstained = d.abstained;
+        p.scores = self.scores(&probs);
+        p.tokens.prompt += n_tokens;
+        p.tokens.decoded += n_tokens;
+        p.provenance.template_sha256 =
+            format!("{}+{}", p.provenance.template_sha256, self.head_sha256);
+        p.provenance.method = self.method;
+        p
+    }
+
+    /// The head's and the prompt's distributions multiplied and renormalized (task order).
+    fn product(&self, p: &ClassifyResult, head_probs: &[f64]) -> Vec<f64> {
+        softmax(
             &self
                 .task
                 .labels
@@ -374,21 +429,7 @@ impl HeadClassifier {
                             .ln()
                 })
                 .collect::<Vec<_>>(),
-        );
-        let d = decide(&probs, &self.abstain);
-        let top_label = self.task.labels[d.top].name.clone();
-        p.label = (!d.abstained).then(|| top_label.clone());
-        p.top_label = top_label;
-        p.confidence = d.confidence;
-        p.margin = d.margin;
-        p.abstained = d.abstained;
-        p.scores = self.scores(&probs);
-        p.tokens.prompt += n_tokens;
-        p.tokens.decoded += n_tokens;
-        p.provenance.template_sha256 =
-            format!("{}+{}", p.provenance.template_sha256, self.head_sha256);
-        p.provenance.method = self.method;
-        p
+        )
     }
 
     /// Method `head`: a result from the head's probabilities alone.

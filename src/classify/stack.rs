@@ -1,8 +1,10 @@
 //! The stacked scorer: one class-balanced, L2-regularized logistic regression
-//! ([`super::linear`]) over the model's frozen features (standardized, see
-//! [`super::features`]) and TF-IDF word and character n-grams ([`super::tfidf`]). Either
-//! block may be absent: without the model block it is plain TF-IDF (method `tfidf`, no model
-//! pass at all). Its file is saved beside the task, like a head file.
+//! ([`super::linear`]) over three blocks: the model's frozen features (standardized, see
+//! [`super::features`]), TF-IDF word and character n-grams ([`super::tfidf`]), and the task
+//! prompt's label log-probabilities (the prompt method's own output, so the regression can
+//! lean on the prompt where the base model is good at the task). Any block may be absent:
+//! with the TF-IDF block alone it is plain TF-IDF (method `tfidf`, no model pass at all).
+//! Its file is saved beside the task, like a head file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,11 +42,44 @@ impl DenseBlock {
     }
 }
 
-/// The learned parts: either block and the regression over both.
+/// Smallest prompt probability taken into the log (a label the prompt rules out still
+/// gives a finite feature).
+const PROMPT_FLOOR: f64 = 1e-6;
+
+/// The prompt block: the task prompt's label probabilities as log-probabilities centered
+/// over the labels (so only their differences count), standardized on the training rows
+/// and multiplied by `scale` (`weight / sqrt(labels)`: about unit norm at weight 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptBlock {
+    pub standardizer: Standardizer,
+    pub scale: f64,
+}
+
+impl PromptBlock {
+    /// Centered log-probabilities of one row of prompt probabilities (task label order).
+    pub fn raw(probs: &[f64]) -> Vec<f32> {
+        let logs: Vec<f64> = probs.iter().map(|p| p.max(PROMPT_FLOOR).ln()).collect();
+        let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
+        logs.iter().map(|l| (l - mean) as f32).collect()
+    }
+
+    fn row(&self, probs: &[f64]) -> Vec<f32> {
+        self.standardizer
+            .apply(&Self::raw(probs))
+            .into_iter()
+            .map(|v| (v * self.scale) as f32)
+            .collect()
+    }
+}
+
+/// The learned parts: the blocks and the regression over them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StackModel {
     pub dense: Option<DenseBlock>,
     pub text: Option<TextFeaturizer>,
+    /// The prompt's label log-probabilities (absent in files written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Box<PromptBlock>>,
     pub lr: LrParams,
     pub model: SoftmaxLr,
 }
@@ -55,15 +90,30 @@ pub struct StackParams {
     /// Model features, with the block weight relative to unit norm (None: no model block).
     pub dense: Option<(FeatureSpec, f64)>,
     pub text: Option<TextParams>,
+    /// The prompt block's weight relative to unit norm (None: no prompt block).
+    pub prompt: Option<f64>,
     pub lr: LrParams,
 }
 
 impl StackModel {
     /// Fits on `texts` (with their pooled `states` when there is a model block) and label
-    /// indices `y`.
+    /// indices `y`; without a prompt block (see [`StackModel::fit_blocks`]).
     pub fn fit(
         texts: &[&str],
         states: &[PooledStates],
+        y: &[usize],
+        n_labels: usize,
+        p: &StackParams,
+    ) -> Result<StackModel, HeadError> {
+        Self::fit_blocks(texts, states, &[], y, n_labels, p)
+    }
+
+    /// [`StackModel::fit`] with the prompt's label probabilities of each text (`prompt`,
+    /// task label order) for the prompt block.
+    pub fn fit_blocks(
+        texts: &[&str],
+        states: &[PooledStates],
+        prompt: &[Vec<f64>],
         y: &[usize],
         n_labels: usize,
         p: &StackParams,
@@ -93,24 +143,55 @@ impl StackModel {
             }
             None => None,
         };
-        let dense_rows: Vec<Vec<f32>> = dense
-            .as_ref()
-            .map(|d| states.iter().map(|s| d.row(s)).collect())
-            .unwrap_or_default();
+        let prompt_block = match p.prompt {
+            Some(weight) => {
+                if prompt.len() != texts.len() || prompt.iter().any(|r| r.len() != n_labels) {
+                    return Err(HeadError::Train(format!(
+                        "{} prompt score rows for {} texts of {n_labels} labels",
+                        prompt.len(),
+                        texts.len()
+                    )));
+                }
+                let raw: Vec<Vec<f32>> = prompt.iter().map(|r| PromptBlock::raw(r)).collect();
+                Some(Box::new(PromptBlock {
+                    standardizer: Standardizer::fit(&raw),
+                    scale: weight / (n_labels as f64).sqrt(),
+                }))
+            }
+            None => None,
+        };
+        let dense_rows: Vec<Vec<f32>> = (0..texts.len())
+            .map(|i| {
+                dense_row(
+                    dense.as_ref(),
+                    prompt_block.as_deref(),
+                    states.get(i),
+                    prompt.get(i).map(Vec::as_slice),
+                )
+            })
+            .collect();
+        let n_dense = dense.as_ref().map_or(0, |d| d.standardizer.mean.len())
+            + prompt_block.as_ref().map_or(0, |_| n_labels);
         let x = Design {
             sparse: &sparse,
-            dense: &dense_rows,
+            dense: if n_dense == 0 { &[] } else { &dense_rows },
             n_sparse: text.as_ref().map_or(0, TextFeaturizer::width),
-            n_dense: dense.as_ref().map_or(0, |d| d.standardizer.mean.len()),
+            n_dense,
         };
         let model =
             SoftmaxLr::fit(x, y, n_labels, p.lr).map_err(|e| HeadError::Train(e.to_string()))?;
         Ok(StackModel {
             dense,
             text,
+            prompt: prompt_block,
             lr: p.lr,
             model,
         })
+    }
+
+    /// Whether the prompt's label scores are needed.
+    pub fn needs_prompt(&self) -> bool {
+        self.prompt.is_some()
     }
 
     /// Whether the model's hidden states are needed.
@@ -118,24 +199,37 @@ impl StackModel {
         self.dense.as_ref().map(|d| &d.feature)
     }
 
-    /// Label probabilities of one text (`states` when [`Self::needs_features`]).
+    /// Label probabilities of one text (`states` when [`Self::needs_features`]); a prompt
+    /// block, if any, stays neutral (see [`StackModel::predict_with`]).
     pub fn predict(&self, re: &Regex, text: &str, states: Option<&PooledStates>) -> Vec<f64> {
+        self.predict_with(re, text, states, None)
+    }
+
+    /// Label probabilities of one text with the prompt's label probabilities (task label
+    /// order) when [`Self::needs_prompt`].
+    pub fn predict_with(
+        &self,
+        re: &Regex,
+        text: &str,
+        states: Option<&PooledStates>,
+        prompt: Option<&[f64]>,
+    ) -> Vec<f64> {
         let sparse = self
             .text
             .as_ref()
             .map(|t| t.transform(re, text))
             .unwrap_or_default();
-        let dense = match (&self.dense, states) {
-            (Some(d), Some(s)) => d.row(s),
-            _ => Vec::new(),
-        };
+        let dense = dense_row(self.dense.as_ref(), self.prompt.as_deref(), states, prompt);
         self.model.predict(&sparse, &dense)
     }
 
     /// The model block alone as a [`LinearHead`] (the head file's form), when there is no
-    /// TF-IDF block: the block's scale folded into the weights.
+    /// TF-IDF or prompt block: the block's scale folded into the weights.
     pub fn to_linear_head(&self) -> Option<(FeatureSpec, LinearHead)> {
-        let d = self.dense.as_ref().filter(|_| self.text.is_none())?;
+        let d = self
+            .dense
+            .as_ref()
+            .filter(|_| self.text.is_none() && self.prompt.is_none())?;
         let k = self.model.n_labels;
         let weights = (0..k)
             .map(|c| {
@@ -156,12 +250,35 @@ impl StackModel {
 
     /// A short name of the blocks: `stack`, `tfidf` or `head`.
     pub fn kind(&self) -> &'static str {
-        match (&self.dense, &self.text) {
-            (Some(_), Some(_)) => "stack",
-            (None, _) => "tfidf",
-            (Some(_), None) => "head",
+        match (&self.dense, &self.text, &self.prompt) {
+            (None, _, None) => "tfidf",
+            (Some(_), None, None) => "head",
+            _ => "stack",
         }
     }
+}
+
+/// The dense columns of one row: the model block (when there is one and `states`), then
+/// the prompt block (when there is one and `prompt`).
+fn dense_row(
+    dense: Option<&DenseBlock>,
+    prompt_block: Option<&PromptBlock>,
+    states: Option<&PooledStates>,
+    prompt: Option<&[f64]>,
+) -> Vec<f32> {
+    let mut row = match (dense, states) {
+        (Some(d), Some(s)) => d.row(s),
+        // Zeros are the training mean: the prompt block keeps its columns.
+        (Some(d), None) => vec![0.0; d.standardizer.mean.len()],
+        (None, _) => Vec::new(),
+    };
+    match (prompt_block, prompt) {
+        (Some(b), Some(p)) => row.extend(b.row(p)),
+        // Without the prompt's scores the block is neutral: the training mean.
+        (Some(b), None) => row.extend(vec![0.0; b.standardizer.mean.len()]),
+        (None, _) => {}
+    }
+    row
 }
 
 /// The stack file saved next to a task.
@@ -213,15 +330,19 @@ impl StackFile {
         }
         let s = &mut f.stack;
         let n_sparse = s.text.as_ref().map_or(0, TextFeaturizer::width);
-        let n_dense = s.dense.as_ref().map_or(0, |d| d.standardizer.mean.len());
+        let n_model = s.dense.as_ref().map_or(0, |d| d.standardizer.mean.len());
+        let n_prompt = s.prompt.as_ref().map_or(0, |p| p.standardizer.mean.len());
+        let n_dense = n_model + n_prompt;
+        let prompt_ok = n_prompt == 0 || n_prompt == f.labels.len();
         let dense_ok = s.dense.as_ref().is_none_or(|d| {
             let width = match d.feature.pooling {
                 super::features::Pooling::LastMean => 2 * f.n_embd,
                 _ => f.n_embd,
             };
-            d.standardizer.scale.len() == n_dense && n_dense == width && d.feature.split().is_ok()
+            d.standardizer.scale.len() == n_model && n_model == width && d.feature.split().is_ok()
         });
         if !s.model.consistent()
+            || !prompt_ok
             || s.model.n_labels != f.labels.len()
             || s.model.n_sparse != n_sparse
             || s.model.n_dense != n_dense
@@ -287,6 +408,7 @@ mod tests {
         let p = StackParams {
             dense: Some((FeatureSpec::prompt_eol(Pooling::Last), 1.0)),
             text: Some(TextParams::words_and_chars()),
+            prompt: None,
             lr: LrParams {
                 alpha: 0.1,
                 ..LrParams::default()
@@ -333,6 +455,7 @@ mod tests {
         let p = StackParams {
             dense: Some((FeatureSpec::prompt_eol(Pooling::Mean), 2.0)),
             text: None,
+            prompt: None,
             lr: LrParams::default(),
         };
         let m = StackModel::fit(&t, &s, &y, 3, &p).unwrap();
@@ -355,6 +478,7 @@ mod tests {
         let p = StackParams {
             dense: None,
             text: Some(TextParams::words_and_chars()),
+            prompt: None,
             lr: LrParams::default(),
         };
         let m = StackModel::fit(&t, &[], &y, 2, &p).unwrap();
@@ -363,5 +487,59 @@ mod tests {
         let re = TextFeaturizer::regex();
         assert_eq!(argmax(&m.predict(&re, "the exchange rate", None)), 1);
         assert_eq!(argmax(&m.predict(&re, "my card", None)), 0);
+    }
+
+    #[test]
+    fn the_prompt_block_carries_what_the_words_do_not() {
+        // Same words for both labels: only the prompt's scores separate them.
+        let t = vec!["the same words"; 8];
+        let y: Vec<usize> = (0..8).map(|i| i % 2).collect();
+        let probs: Vec<Vec<f64>> = y
+            .iter()
+            .map(|&c| {
+                if c == 0 {
+                    vec![0.8, 0.2]
+                } else {
+                    vec![0.3, 0.7]
+                }
+            })
+            .collect();
+        let mut p = StackParams {
+            dense: None,
+            text: Some(TextParams::words_and_chars()),
+            prompt: Some(1.0),
+            lr: LrParams {
+                alpha: 0.1,
+                ..LrParams::default()
+            },
+        };
+        let m = StackModel::fit_blocks(&t, &[], &probs, &y, 2, &p).unwrap();
+        assert_eq!(m.kind(), "stack");
+        assert!(m.needs_prompt() && m.needs_features().is_none());
+        let re = TextFeaturizer::regex();
+        let a = m.predict_with(&re, "the same words", None, Some(&[0.9, 0.1]));
+        let b = m.predict_with(&re, "the same words", None, Some(&[0.1, 0.9]));
+        assert_eq!((argmax(&a), argmax(&b)), (0, 1), "{a:?} {b:?}");
+        // Without prompt scores the block is neutral: no preference from it.
+        let u = m.predict(&re, "the same words", None);
+        assert!((u[0] - 0.5).abs() < 0.1, "{u:?}");
+        // Saved and loaded, it predicts the same; a file whose prompt block has another
+        // width than the labels is refused.
+        let f = StackFile::new(vec!["a".into(), "b".into()], None, 0, m);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.stack.json");
+        f.save(&path).unwrap();
+        let g = StackFile::load(&path).unwrap();
+        let c = g
+            .stack
+            .predict_with(&re, "the same words", None, Some(&[0.9, 0.1]));
+        assert_eq!(a, c);
+        let mut bad = g.clone();
+        bad.labels.push("c".into());
+        bad.save(&path).unwrap();
+        assert!(StackFile::load(&path).is_err());
+        // Rows that do not match the texts are an error, not a panic.
+        p.prompt = Some(1.0);
+        assert!(StackModel::fit_blocks(&t, &[], &probs[..3], &y, 2, &p).is_err());
     }
 }

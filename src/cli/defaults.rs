@@ -91,6 +91,9 @@ pub mod tune {
     pub const METHODS: &str = "prompt,tfidf,head,stack";
     /// Weights of the model-feature block against the TF-IDF blocks tried for the stack.
     pub const STACK_WEIGHTS: [f64; 2] = [1.0, 3.0];
+    /// Most training texts for which the stack's prompt block is tried (each is one more
+    /// prompt run at tune time; more labels cost more per run).
+    pub const STACK_PROMPT_MAX_TRAIN: usize = 2000;
     /// L-BFGS iterations of the learned methods.
     pub const LEARN_MAX_ITERATIONS: usize = 150;
     /// Poolings tried for the head.

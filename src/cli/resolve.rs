@@ -235,6 +235,7 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
             ..FeatureParams::for_config(&engine)
         },
         cache_dir: feature_cache(a.head.no_feature_cache),
+        prompt_block_max_train: defaults::tune::STACK_PROMPT_MAX_TRAIN,
     };
     Ok(cmd::tune::TuneConfig {
         prompt_candidates,

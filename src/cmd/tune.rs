@@ -13,8 +13,10 @@ use crate::classify::head::{HeadError, HeadFile, TrainParams};
 use crate::classify::stack::StackFile;
 use crate::classify::SetupError;
 use crate::eval::learn::{per_class_upto, xy, FeatureStore};
-use crate::eval::select::{learned_candidates, LearnGrid, LearnedCandidate, Split};
-use crate::eval::tune::{candidates, pick_best};
+use crate::eval::select::{
+    learned_candidates_with, LearnGrid, LearnedCandidate, PromptScores, Split,
+};
+use crate::eval::tune::{candidates, pick_best, Candidate};
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, FeatureParams, PooledStates};
@@ -29,6 +31,9 @@ pub struct LearnConfig {
     pub per_class: usize,
     pub features: FeatureParams,
     pub cache_dir: Option<PathBuf>,
+    /// The stack's prompt block is tried only up to this many training texts (each is one
+    /// more prompt run at tune time).
+    pub prompt_block_max_train: usize,
 }
 
 /// Settings of `edgeact tune`.
@@ -90,22 +95,23 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         "| candidate | dev n | accuracy | macro-F1 | ECE |\n|---|---|---|---|---|"
     )
     .map_err(AppError::Output)?;
+    let mut dev_probs = Vec::with_capacity(cands.len());
     for (i, c) in cands.iter().enumerate() {
         let Some(engine) = engine.as_mut() else { break };
         tried.push(Tried::Prompt(i));
-        match eval::run(
+        match eval::run_task_probs(
             engine,
             c.task.clone(),
-            0,
             Some(c.calibrate),
             &dev,
             cfg.batch_size,
             true,
         ) {
-            Ok((run, _)) => {
+            Ok((run, probs)) => {
                 row(out, &c.label, &run.metrics)?;
                 scores.push(Some(run.metrics.macro_f1));
                 runs.push(Some(run));
+                dev_probs.push(probs);
             }
             Err(e) => {
                 // A candidate that cannot run (say, a prefix too long for n_ctx) loses.
@@ -113,10 +119,16 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
                     .map_err(AppError::Output)?;
                 scores.push(None);
                 runs.push(None);
+                dev_probs.push(Vec::new());
             }
         }
     }
-    let (learned, n_train) = learn(&cfg, engine.as_ref(), &pool, &dev, out)?;
+    let prompts = PromptRuns {
+        cands: &cands,
+        scores: &scores,
+        dev_probs: &dev_probs,
+    };
+    let (learned, n_train, block) = learn(&cfg, engine.as_mut(), &pool, &dev, prompts, out)?;
     for (i, c) in learned.iter().enumerate() {
         tried.push(Tried::Learned(i));
         scores.push(Some(c.dev.macro_f1));
@@ -129,7 +141,24 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     };
     if let Tried::Learned(i) = tried[b] {
         let c = &learned[i];
-        write_learned(&cfg, engine.as_ref(), c, n_train, (dev.len(), tried.len()))?;
+        // A stack that reads the prompt's scores runs with that prompt: its task file is
+        // the prompt candidate's (examples, calibration).
+        let base = match block.filter(|_| c.model.needs_prompt()) {
+            Some(k) => {
+                let mut t = cands[k].task.clone();
+                t.calibration.enabled = cands[k].calibrate;
+                t
+            }
+            None => cfg.templates[0].clone(),
+        };
+        write_learned(
+            &cfg,
+            engine.as_ref(),
+            c,
+            &base,
+            n_train,
+            (dev.len(), tried.len()),
+        )?;
         writeln!(
             out,
             "best: {} (dev macro-F1 {:.3}, accuracy {:.3}) -> {}",
@@ -230,18 +259,51 @@ fn head_err(task: &Task) -> impl Fn(HeadError) -> AppError + '_ {
     }
 }
 
-/// Fits the learned candidates (features extracted or read from the cache first) and prints
-/// one row each; returns them and the number of training examples.
+/// The prompt candidates' dev runs, for the stack's prompt block.
+struct PromptRuns<'a> {
+    cands: &'a [Candidate],
+    /// Dev macro-F1 (None: failed).
+    scores: &'a [Option<f64>],
+    /// Dev label probabilities of each candidate (empty: failed).
+    dev_probs: &'a [Vec<Vec<f64>>],
+}
+
+impl PromptRuns<'_> {
+    /// The best prompt candidate whose examples are none of `train`'s texts (a prompt that
+    /// shows a training text would score it too well, and the stack would over-trust it).
+    fn block_source(&self, train: &[&str]) -> Option<usize> {
+        let train: std::collections::HashSet<&str> = train.iter().copied().collect();
+        let clean = |c: &Candidate| {
+            c.task.examples.iter().all(|e| {
+                e.get(crate::spec::TRUNCATED_FIELD)
+                    .is_none_or(|t| !train.contains(t.as_str()))
+            })
+        };
+        let scores: Vec<Option<f64>> = self
+            .cands
+            .iter()
+            .zip(self.scores)
+            .map(|(c, s)| s.filter(|_| clean(c)))
+            .collect();
+        pick_best(&scores)
+    }
+}
+
+/// Fits the learned candidates (features extracted or read from the cache first; the best
+/// clean prompt candidate run over the train texts for the stack's prompt block) and prints
+/// one row each; returns them, the number of training examples, and the prompt candidate
+/// the prompt block read.
 fn learn(
     cfg: &TuneConfig,
-    engine: Option<&Engine>,
+    engine: Option<&mut Engine>,
     pool: &[Example],
     dev: &[Example],
+    prompts: PromptRuns<'_>,
     out: &mut dyn Write,
-) -> Result<(Vec<LearnedCandidate>, usize), AppError> {
+) -> Result<(Vec<LearnedCandidate>, usize, Option<usize>), AppError> {
     let grid = &cfg.learn.grid;
     if grid.methods.is_empty() {
-        return Ok((Vec::new(), 0));
+        return Ok((Vec::new(), 0, None));
     }
     let task = &cfg.templates[0];
     let (train, short) = per_class_upto(task, pool, cfg.learn.per_class)?;
@@ -260,12 +322,22 @@ fn learn(
     let labels: Vec<String> = task.labels.iter().map(|l| l.name.clone()).collect();
     let (tx, ty) = xy(task, &train);
     let (dx, dy) = xy(task, dev);
-    let (ts, ds) = match engine.filter(|_| grid.needs_features()) {
+    let (ts, ds) = match engine.as_deref().filter(|_| grid.needs_features()) {
         Some(engine) => features(cfg, engine, (&tx, &dx))?,
         None => (Vec::new(), Vec::new()),
     };
+    let block = match engine {
+        Some(engine) if grid.methods.contains(&Method::Stack) => {
+            prompt_block(cfg, engine, &prompts, &train, &tx, out)?
+        }
+        _ => None,
+    };
+    let scores = block.as_ref().map(|(k, train_probs)| PromptScores {
+        train: train_probs,
+        dev: &prompts.dev_probs[*k],
+    });
     let mut failed = None;
-    let all = learned_candidates(
+    let all = learned_candidates_with(
         &labels,
         Split {
             texts: &tx,
@@ -277,6 +349,7 @@ fn learn(
             states: &ds,
             y: &dy,
         },
+        scores,
         grid,
         |c| {
             if let Err(e) = row(out, &format!("{} ({} train)", c.label, tx.len()), &c.dev) {
@@ -288,7 +361,52 @@ fn learn(
     if let Some(e) = failed {
         return Err(e);
     }
-    Ok((all, train.len()))
+    Ok((all, train.len(), block.map(|(k, _)| k)))
+}
+
+/// A prompt candidate's index and its label probabilities of every train text.
+type BlockSource = (usize, Vec<Vec<f64>>);
+
+/// The prompt block's source: the best clean prompt candidate, run over the train texts
+/// (None, with a note, when there is none or the train split is over the cap).
+fn prompt_block(
+    cfg: &TuneConfig,
+    engine: &mut Engine,
+    prompts: &PromptRuns<'_>,
+    train: &[Example],
+    tx: &[&str],
+    out: &mut dyn Write,
+) -> Result<Option<BlockSource>, AppError> {
+    let Some(k) = prompts.block_source(tx) else {
+        return Ok(None);
+    };
+    let c = &prompts.cands[k];
+    if train.len() > cfg.learn.prompt_block_max_train {
+        writeln!(
+            out,
+            "note: no prompt block in the stack: {} train texts are over its cap of {} (one prompt run each)",
+            train.len(),
+            cfg.learn.prompt_block_max_train
+        )
+        .map_err(AppError::Output)?;
+        return Ok(None);
+    }
+    writeln!(
+        out,
+        "prompt block: {} (scoring {} train texts)",
+        c.label,
+        train.len()
+    )
+    .map_err(AppError::Output)?;
+    let (_, probs) = eval::run_task_probs(
+        engine,
+        c.task.clone(),
+        Some(c.calibrate),
+        train,
+        cfg.batch_size,
+        true,
+    )?;
+    Ok(Some((k, probs)))
 }
 
 /// Pooled states of the train and dev texts, through the feature cache.
@@ -323,10 +441,10 @@ fn write_learned(
     cfg: &TuneConfig,
     engine: Option<&Engine>,
     c: &LearnedCandidate,
+    task0: &Task,
     n_train: usize,
     (dev_n, n_tried): (usize, usize),
 ) -> Result<(), AppError> {
-    let task0 = &cfg.templates[0];
     let stem = cfg
         .out
         .file_stem()

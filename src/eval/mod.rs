@@ -223,6 +223,27 @@ pub fn run(
     run_with(engine, &mut runner, data, batch_size, progress)
 }
 
+/// [`run`], also returning every example's label probabilities (see [`run_probs`]).
+pub fn run_task_probs(
+    engine: &mut Engine,
+    task: Task,
+    calibrate: Option<bool>,
+    data: &[Example],
+    batch_size: usize,
+    progress: bool,
+) -> Result<(EvalRun, Vec<Vec<f64>>), EvalError> {
+    let mut runner = TaskRunner::new(
+        engine,
+        task,
+        0,
+        calibrate,
+        None,
+        None,
+        FeatureParams::default(),
+    )?;
+    run_probs(engine, &mut runner, data, batch_size, progress).map(|(r, _, p)| (r, p))
+}
+
 /// [`run`] with a task prepared by the caller (say, with another method).
 pub fn run_with(
     engine: &mut Engine,
@@ -231,6 +252,21 @@ pub fn run_with(
     batch_size: usize,
     progress: bool,
 ) -> Result<(EvalRun, Vec<serde_json::Value>), EvalError> {
+    run_probs(engine, classifier, data, batch_size, progress).map(|(r, p, _)| (r, p))
+}
+
+/// A run, its prediction records and every example's label probabilities.
+pub type RunWithProbs = (EvalRun, Vec<serde_json::Value>, Vec<Vec<f64>>);
+
+/// [`run_with`], also returning every example's label probabilities (task label order;
+/// zeros for an example that failed): the stack's prompt block is fitted on them.
+pub fn run_probs(
+    engine: &mut Engine,
+    classifier: &mut TaskRunner,
+    data: &[Example],
+    batch_size: usize,
+    progress: bool,
+) -> Result<RunWithProbs, EvalError> {
     let labels: Vec<String> = classifier
         .task()
         .labels
@@ -300,6 +336,7 @@ pub fn run_with(
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
+    let probs = outcomes.iter().map(|o| o.probs.clone()).collect();
     let run = EvalRun {
         task: classifier.task().name.clone(),
         template_sha256: classifier.template_sha256(),
@@ -309,7 +346,7 @@ pub fn run_with(
         decoded_tokens_per_s: decoded as f64 / secs,
         classifications_per_s: data.len() as f64 / secs,
     };
-    Ok((run, predictions))
+    Ok((run, predictions, probs))
 }
 
 #[cfg(test)]

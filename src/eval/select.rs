@@ -1,8 +1,10 @@
 //! The learned candidates of `edgeact tune` (besides its prompt candidates,
 //! [`super::tune`]): plain TF-IDF (the baseline's own settings first, so a tuned task is
 //! never worse on dev than the baseline), TF-IDF with character n-grams, the head on model
-//! features (each pooling), and the stack of both, each over a few L2 strengths; all scored
-//! on the same dev rows by macro-F1. Pure: features come in, fitted models go out.
+//! features (each pooling), and the stack of them (with the prompt's label log-probabilities
+//! as a third block when the caller has them), each over a few L2 strengths; all scored on
+//! the same dev rows by macro-F1. Pure: features and prompt scores come in, fitted models go
+//! out.
 
 use std::time::Instant;
 
@@ -47,6 +49,14 @@ pub struct Split<'a> {
     pub y: &'a [usize],
 }
 
+/// The prompt's label probabilities (task label order) of every train and dev row: the
+/// stack's prompt block.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptScores<'a> {
+    pub train: &'a [Vec<f64>],
+    pub dev: &'a [Vec<f64>],
+}
+
 /// One fitted candidate with its dev figures.
 pub struct LearnedCandidate {
     pub method: Method,
@@ -70,6 +80,7 @@ fn baseline(max_iterations: usize) -> StackParams {
     StackParams {
         dense: None,
         text: Some(TextParams::words()),
+        prompt: None,
         lr: LrParams {
             alpha: 1.0,
             max_iterations,
@@ -96,6 +107,7 @@ fn plan(grid: &LearnGrid) -> Vec<(Method, String, StackParams)> {
                 StackParams {
                     dense: None,
                     text: Some(TextParams::words_and_chars()),
+                    prompt: None,
                     lr: lr(a, grid.max_iterations),
                 },
             ));
@@ -115,6 +127,7 @@ fn plan(grid: &LearnGrid) -> Vec<(Method, String, StackParams)> {
                     StackParams {
                         dense: Some((feature, -1.0)),
                         text: None,
+                        prompt: None,
                         lr: lr(a, grid.max_iterations),
                     },
                 ));
@@ -130,6 +143,7 @@ fn fit_one(
     labels: &[String],
     train: Split<'_>,
     dev: Split<'_>,
+    prompt: Option<PromptScores<'_>>,
     (method, label, mut p): (Method, String, StackParams),
 ) -> Result<LearnedCandidate, HeadError> {
     if let Some((f, w)) = p.dense.as_mut() {
@@ -139,14 +153,28 @@ fn fit_one(
         }
     }
     let t0 = Instant::now();
-    let model = StackModel::fit(train.texts, train.states, train.y, labels.len(), &p)?;
+    let (train_prompt, dev_prompt) = match (p.prompt, prompt) {
+        (Some(_), Some(s)) => (s.train, s.dev),
+        _ => (&[][..], &[][..]),
+    };
+    let model = StackModel::fit_blocks(
+        train.texts,
+        train.states,
+        train_prompt,
+        train.y,
+        labels.len(),
+        &p,
+    )?;
     let fit_ms = t0.elapsed().as_secs_f64() * 1e3;
     let re = TextFeaturizer::regex();
     let probs: Vec<Vec<f64>> = dev
         .texts
         .iter()
         .enumerate()
-        .map(|(i, t)| model.predict(&re, t, dev.states.get(i)))
+        .map(|(i, t)| {
+            let pr = dev_prompt.get(i).map(Vec::as_slice);
+            model.predict_with(&re, t, dev.states.get(i), pr)
+        })
         .collect();
     Ok(LearnedCandidate {
         method,
@@ -158,36 +186,44 @@ fn fit_one(
 }
 
 /// Fits every candidate of `grid` (the stack on the best head's pooling, or on the first
-/// pooling without head candidates), calling `on_fit` after each; in plan order.
+/// pooling without head candidates), calling `on_fit` after each; in plan order. No prompt
+/// block: see [`learned_candidates_with`].
 pub fn learned_candidates(
     labels: &[String],
     train: Split<'_>,
     dev: Split<'_>,
     grid: &LearnGrid,
+    on_fit: impl FnMut(&LearnedCandidate),
+) -> Result<Vec<LearnedCandidate>, HeadError> {
+    learned_candidates_with(labels, train, dev, None, grid, on_fit)
+}
+
+/// [`learned_candidates`], and with `prompt` scores also the stacks with the prompt block
+/// (model features at weight 1 when there are features, TF-IDF, and the prompt block at
+/// each of `grid.stack_weights`), after the others.
+pub fn learned_candidates_with(
+    labels: &[String],
+    train: Split<'_>,
+    dev: Split<'_>,
+    prompt: Option<PromptScores<'_>>,
+    grid: &LearnGrid,
     mut on_fit: impl FnMut(&LearnedCandidate),
 ) -> Result<Vec<LearnedCandidate>, HeadError> {
     let features = !train.states.is_empty() && !dev.states.is_empty();
+    let prompt = prompt.filter(|p| p.train.len() == train.y.len() && p.dev.len() == dev.y.len());
     let mut out: Vec<LearnedCandidate> = Vec::new();
     for step in plan(grid) {
         if step.2.dense.is_some() && !features {
             continue;
         }
-        let c = fit_one(labels, train, dev, step)?;
+        let c = fit_one(labels, train, dev, None, step)?;
         on_fit(&c);
         out.push(c);
     }
-    if grid.methods.contains(&Method::Stack) && features {
-        let pooling = out
-            .iter()
-            .filter(|c| c.method == Method::Head)
-            .max_by(|a, b| a.dev.macro_f1.total_cmp(&b.dev.macro_f1))
-            .and_then(|c| c.model.needs_features().map(|f| f.pooling))
-            .or(grid.poolings.first().copied())
-            .unwrap_or(Pooling::Last);
-        let feature = FeatureSpec {
-            pooling,
-            ..grid.feature.clone()
-        };
+    let stack = grid.methods.contains(&Method::Stack);
+    let feature = stack_feature(grid, &out);
+    if stack && features {
+        let pooling = feature.pooling;
         for &w in &grid.stack_weights {
             for &a in &grid.alphas {
                 let step = (
@@ -196,16 +232,59 @@ pub fn learned_candidates(
                     StackParams {
                         dense: Some((feature.clone(), w)),
                         text: Some(TextParams::words_and_chars()),
+                        prompt: None,
                         lr: lr(a, grid.max_iterations),
                     },
                 );
-                let c = fit_one(labels, train, dev, step)?;
+                let c = fit_one(labels, train, dev, None, step)?;
+                on_fit(&c);
+                out.push(c);
+            }
+        }
+    }
+    if let (true, Some(scores)) = (stack, prompt) {
+        for &w in &grid.stack_weights {
+            for &a in &grid.alphas {
+                let (dense, what) = if features {
+                    (
+                        Some((feature.clone(), 1.0)),
+                        format!("{} pooling weight 1, ", feature.pooling.name()),
+                    )
+                } else {
+                    (None, String::new())
+                };
+                let step = (
+                    Method::Stack,
+                    format!("stack, {what}tfidf, prompt weight {w}, alpha {a}"),
+                    StackParams {
+                        dense,
+                        text: Some(TextParams::words_and_chars()),
+                        prompt: Some(w),
+                        lr: lr(a, grid.max_iterations),
+                    },
+                );
+                let c = fit_one(labels, train, dev, Some(scores), step)?;
                 on_fit(&c);
                 out.push(c);
             }
         }
     }
     Ok(out)
+}
+
+/// The stack's model features: the best head's pooling (or the first pooling tried).
+fn stack_feature(grid: &LearnGrid, fitted: &[LearnedCandidate]) -> FeatureSpec {
+    let pooling = fitted
+        .iter()
+        .filter(|c| c.method == Method::Head)
+        .max_by(|a, b| a.dev.macro_f1.total_cmp(&b.dev.macro_f1))
+        .and_then(|c| c.model.needs_features().map(|f| f.pooling))
+        .or(grid.poolings.first().copied())
+        .unwrap_or(Pooling::Last);
+    FeatureSpec {
+        pooling,
+        ..grid.feature.clone()
+    }
 }
 
 #[cfg(test)]
@@ -261,5 +340,60 @@ mod tests {
         };
         let all = learned_candidates(&labels, bare, bare, &grid, |_| {}).unwrap();
         assert!(all.iter().all(|c| c.method == Method::Tfidf));
+    }
+
+    #[test]
+    fn prompt_scores_add_stacks_with_the_prompt_block() {
+        // The words say nothing; the prompt's scores do.
+        let texts = ["same words"; 6];
+        let y = [0, 1, 0, 1, 0, 1];
+        let probs: Vec<Vec<f64>> = y
+            .iter()
+            .map(|&c| {
+                if c == 0 {
+                    vec![0.7, 0.3]
+                } else {
+                    vec![0.4, 0.6]
+                }
+            })
+            .collect();
+        let split = Split {
+            texts: &texts,
+            states: &[],
+            y: &y,
+        };
+        let labels = vec!["pos".to_string(), "neg".to_string()];
+        let grid = LearnGrid {
+            methods: vec![Method::Tfidf, Method::Stack],
+            feature: FeatureSpec::prompt_eol(Pooling::Last),
+            poolings: vec![Pooling::Last],
+            alphas: vec![0.1, 1.0],
+            stack_weights: vec![1.0, 3.0],
+            max_iterations: 100,
+        };
+        let scores = PromptScores {
+            train: &probs,
+            dev: &probs,
+        };
+        let all =
+            learned_candidates_with(&labels, split, split, Some(scores), &grid, |_| {}).unwrap();
+        // tfidf: baseline + 2 alphas; no features, so no head and no model-feature stack;
+        // prompt block: 2 weights x 2 alphas.
+        assert_eq!(all.len(), 3 + 4);
+        let with_prompt: Vec<&LearnedCandidate> =
+            all.iter().filter(|c| c.model.needs_prompt()).collect();
+        assert_eq!(with_prompt.len(), 4);
+        assert!(with_prompt.iter().all(|c| c.method == Method::Stack
+            && c.label.contains("prompt weight")
+            && c.dev.accuracy == 1.0));
+        assert!(all[..3].iter().all(|c| c.dev.accuracy < 1.0));
+        // Scores that do not cover the rows are not used.
+        let short = PromptScores {
+            train: &probs[..2],
+            dev: &probs,
+        };
+        let all =
+            learned_candidates_with(&labels, split, split, Some(short), &grid, |_| {}).unwrap();
+        assert_eq!(all.len(), 3);
     }
 }

@@ -178,3 +178,99 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
         }
     }
 }
+
+/// A stack with the prompt block runs the task's prompt as well: `tune` offers it when the
+/// prompt candidates ran, and `classify` decides by the stack over the prompt's scores (the
+/// trace says `stack`, the prompt's label tokens were scored). `serve` runs the same
+/// `TaskRunner` (checked for stacks above).
+#[test]
+fn a_stack_with_the_prompt_block_reads_the_prompt_scores_everywhere() {
+    use edgeact::classify::linear::LrParams;
+    use edgeact::classify::stack::{StackFile, StackModel, StackParams};
+    use edgeact::classify::tfidf::TextParams;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = split_data(dir.path());
+    let o = edgeact(
+        &[
+            "tune",
+            "--task",
+            "sentiment",
+            "--data",
+            data.to_str().unwrap(),
+            "--methods",
+            "prompt,stack",
+            "--shots",
+            "0",
+            "--per-class",
+            "8",
+            "--alpha",
+            "1",
+            "--pooling",
+            "last",
+            "--out",
+            dir.path().join("p.toml").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    // Own examples are not train texts: that prompt may feed the stack; its rows follow.
+    assert!(report.contains("prompt block: sentiment"), "{report}");
+    assert!(report.contains("prompt weight 1, alpha 1"), "{report}");
+
+    // A stack whose only informative block is the prompt's (the words are one constant
+    // text): it must follow the prompt, which gets these obvious sentences right.
+    let labels = vec!["positive".to_string(), "negative".to_string()];
+    let texts = ["x"; 4];
+    let y = [0, 1, 0, 1];
+    let probs: Vec<Vec<f64>> = y
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                vec![0.9, 0.1]
+            } else {
+                vec![0.1, 0.9]
+            }
+        })
+        .collect();
+    let p = StackParams {
+        dense: None,
+        text: Some(TextParams::words()),
+        prompt: Some(1.0),
+        lr: LrParams::default(),
+    };
+    let m = StackModel::fit_blocks(&texts, &[], &probs, &y, 2, &p).unwrap();
+    StackFile::new(labels, None, 0, m)
+        .save(&dir.path().join("s.stack.json"))
+        .unwrap();
+    let base = std::fs::read_to_string(testkit::root().join("tasks/sentiment.toml")).unwrap();
+    let task = dir.path().join("s.toml");
+    std::fs::write(
+        &task,
+        format!("{base}\n[head]\nfile = \"s.stack.json\"\nmethod = \"stack\"\n"),
+    )
+    .unwrap();
+    let texts = [
+        "What a wonderful, friendly place, I loved it.",
+        "Terrible service, cold food, never again.",
+    ];
+    let o = edgeact(
+        &[
+            "classify",
+            "--task",
+            task.to_str().unwrap(),
+            texts[0],
+            texts[1],
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let classified = json_lines(&o.stdout);
+    for (r, want) in classified.iter().zip(["positive", "negative"]) {
+        assert_eq!(r["provenance"]["method"], "stack", "{r}");
+        assert_eq!(r["top_label"], want, "{r}");
+        // The prompt's pass was run: its label tokens were scored.
+        assert!(r["tokens"]["scored"].as_u64().unwrap() > 0, "{r}");
+    }
+}
