@@ -96,7 +96,19 @@ pub fn load_learned(task: &Task) -> Result<(PathBuf, Learned, Method), HeadError
         )));
     };
     let learned = match head.method {
-        Method::Stack | Method::Tfidf => Learned::Stack(StackFile::load(&path)?),
+        Method::Stack | Method::Tfidf => {
+            let stack = StackFile::load(&path)?;
+            if stack.stack.prompt.is_some() {
+                // Its third block is the prompt's label scores of every train row: a refit
+                // would have to run the prompt over all of them, which this path does not.
+                return Err(HeadError::Train(format!(
+                    "task `{}`: its stack includes the prompt's label scores, which a retrain \
+                     cannot recompute yet; add the corrections to the data and run `edgeact tune` again",
+                    task.name
+                )));
+            }
+            Learned::Stack(stack)
+        }
         Method::Head | Method::Both => Learned::Head(HeadFile::load(&path)?),
         Method::Prompt => {
             return Err(HeadError::Train(format!(
@@ -119,6 +131,7 @@ pub fn params_of(learned: &Learned) -> StackParams {
             StackParams {
                 dense: Some((h.feature.clone(), (width as f64).sqrt())),
                 text: None,
+                prompt: None,
                 lr: LrParams {
                     alpha: h.train.alpha,
                     max_iterations: h.train.max_iterations as usize,
@@ -132,6 +145,8 @@ pub fn params_of(learned: &Learned) -> StackParams {
                 (d.feature.clone(), d.scale * (width as f64).sqrt())
             }),
             text: s.stack.text.as_ref().map(|t| t.params),
+            // load_learned refuses stacks with the prompt block.
+            prompt: None,
             lr: s.stack.lr,
         },
     }

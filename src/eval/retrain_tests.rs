@@ -5,6 +5,7 @@ fn stack_file(texts: &[&str], y: &[usize], alpha: f64) -> Learned {
     let p = StackParams {
         dense: None,
         text: Some(TextParams::words()),
+        prompt: None,
         lr: LrParams {
             alpha,
             max_iterations: 100,

@@ -294,6 +294,7 @@ mod tests {
         let p = StackParams {
             dense: None,
             text: Some(TextParams::words()),
+            prompt: None,
             lr: LrParams::default(),
         };
         let m = StackModel::fit(&["good film", "bad film"], &[], &[0, 1], 2, &p).unwrap();
