@@ -67,7 +67,7 @@ pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
         }
     }
     let total = items.len();
-    for r in ranker.rank(ok, cfg.top_k, cfg.min_score) {
+    for r in ranker.rank(ok, &items, cfg.top_k, cfg.min_score) {
         let v = serde_json::to_string(&r).unwrap_or_default();
         writeln!(out, "{v}").map_err(AppError::Output)?;
     }

@@ -45,6 +45,18 @@ impl Default for HybridConfig {
     }
 }
 
+impl HybridConfig {
+    /// No corpus expansion: for a corpus that is only the candidates themselves.
+    pub fn without_expansion() -> HybridConfig {
+        HybridConfig {
+            profile_docs: 0,
+            candidate_docs: 0,
+            candidate_mix: 0.0,
+            ..HybridConfig::default()
+        }
+    }
+}
+
 /// Scales `v` to unit length (unchanged when it is zero).
 pub fn normalize(mut v: Vector) -> Vector {
     let n = v.values().map(|x| x * x).sum::<f64>().sqrt();

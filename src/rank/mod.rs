@@ -143,6 +143,11 @@ pub struct Ranked {
     pub score_raw: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// The hybrid ranker's score, which orders the items when the task's `[rank.fusion]`
+    /// weighs a lexical stage: the weighted z-scores (over this request's items) of the
+    /// word and character TF-IDF similarities to the profile and of `score`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused: Option<f64>,
     /// Prompt tokens reused from the profile prefix / decoded for this item.
     pub tokens_reused: usize,
     pub tokens_decoded: usize,
@@ -153,6 +158,7 @@ pub struct Ranker {
     classifier: Classifier,
     cfg: RankConfig,
     positive: String,
+    profile: String,
 }
 
 impl Ranker {
@@ -178,6 +184,7 @@ impl Ranker {
             classifier,
             cfg: cfg.clone(),
             positive: cfg.positive_label.clone(),
+            profile: profile.trim().to_string(),
         })
     }
 
@@ -222,6 +229,7 @@ impl Ranker {
                         score: r.scores.get(&self.positive).copied().unwrap_or(0.0),
                         score_raw: pos_raw,
                         title: item.fields.get("title").cloned(),
+                        fused: None,
                         tokens_reused: r.tokens.reused,
                         tokens_decoded: r.tokens.decoded,
                     }
@@ -231,14 +239,18 @@ impl Ranker {
         out
     }
 
-    /// Sorted by score (ties: input order), cut to `top_k` and `min_score` (arguments
-    /// override the task's), ranks numbered from 1.
+    /// Sorted by the fused score where the task fuses (else by score; ties: input order),
+    /// cut to `top_k` and `min_score` (arguments override the task's; `min_score` is on
+    /// `score`), ranks numbered from 1. `items` are the request's candidates, the scored
+    /// ones among them.
     pub fn rank(
         &self,
         mut scored: Vec<Ranked>,
+        items: &[Item],
         top_k: Option<usize>,
         min_score: Option<f64>,
     ) -> Vec<Ranked> {
+        self.fuse(&mut scored, items);
         sort_ranked(&mut scored);
         let min = min_score.unwrap_or(self.cfg.min_score);
         scored.retain(|r| r.score >= min);
@@ -250,9 +262,63 @@ impl Ranker {
     }
 }
 
-/// Highest score first; a stable sort keeps input order among equal scores.
+impl Ranker {
+    /// Sets each item's fused score when the task's fusion weighs a lexical stage. The
+    /// stages are fitted on this request's candidates, without corpus expansion (a request
+    /// brings no other corpus; `rank-eval` also measures with one).
+    fn fuse(&self, scored: &mut [Ranked], items: &[Item]) {
+        if let Some(fused) = fused_scores(&self.profile, &self.cfg.fusion, scored, items) {
+            for (r, f) in scored.iter_mut().zip(fused) {
+                r.fused = Some(f);
+            }
+        }
+    }
+}
+
+/// The fused score of each scored item (see [`Ranked::fused`]); `None` when the weights
+/// weigh no lexical stage (the model's score alone orders).
+pub fn fused_scores(
+    profile: &str,
+    w: &hybrid::FusionWeights,
+    scored: &[Ranked],
+    items: &[Item],
+) -> Option<Vec<f64>> {
+    if w.lexical == 0.0 && w.char == 0.0 {
+        return None;
+    }
+    let texts: BTreeMap<&str, String> = items
+        .iter()
+        .rev() // the first of equal ids wins
+        .map(|it| (it.id.as_str(), item_text(it)))
+        .collect();
+    let corpus: Vec<&str> = texts.values().map(String::as_str).collect();
+    let stages = hybrid::Stages::fit(&corpus, hybrid::HybridConfig::without_expansion());
+    let candidates: Vec<&str> = scored
+        .iter()
+        .map(|r| texts.get(r.id.as_str()).map_or("", String::as_str))
+        .collect();
+    let model: Vec<f64> = scored.iter().map(|r| r.score).collect();
+    Some(hybrid::fuse(
+        &stages.scores(profile, &candidates),
+        &model,
+        w,
+    ))
+}
+
+/// The text an item is ranked on (as its prompt sees it).
+fn item_text(item: &Item) -> String {
+    item.request()
+        .fields
+        .get("text")
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Highest fused score first where there is one, else highest score; a stable sort keeps
+/// input order among equal scores.
 pub fn sort_ranked(scored: &mut [Ranked]) {
-    scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let key = |r: &Ranked| r.fused.unwrap_or(r.score);
+    scored.sort_by(|a, b| key(b).total_cmp(&key(a)));
 }
 
 /// An item from one JSON line: `{"id", "title", "description"}` or `{"id", "text"}`.
@@ -463,6 +529,46 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
     }
 
     #[test]
+    fn fusion_orders_by_the_words_when_the_model_cannot_tell() {
+        let item = |id: &str, text: &str| Item {
+            id: id.into(),
+            fields: BTreeMap::from([("text".to_string(), text.to_string())]),
+        };
+        let items = vec![
+            item("tax", "Filing your income tax return before the deadline"),
+            item(
+                "pasta",
+                "Fresh pasta by hand: flour, eggs and a rolling pin",
+            ),
+            item("tyres", "Changing the tyres of a delivery van"),
+        ];
+        let scored: Vec<Ranked> = items
+            .iter()
+            .map(|it| Ranked {
+                rank: 0,
+                id: it.id.clone(),
+                score: 0.5,
+                score_raw: 0.5,
+                title: None,
+                fused: None,
+                tokens_reused: 0,
+                tokens_decoded: 0,
+            })
+            .collect();
+        let w = hybrid::FusionWeights::default();
+        let f = fused_scores(
+            "Cooks Italian food, makes pasta and bread",
+            &w,
+            &scored,
+            &items,
+        )
+        .expect("the default weights fuse");
+        assert!(f[1] > f[0] && f[1] > f[2], "{f:?}");
+        let model_only = hybrid::FusionWeights::from_array([0.0, 0.0, 1.0]);
+        assert!(fused_scores("pasta", &model_only, &scored, &items).is_none());
+    }
+
+    #[test]
     fn sorting_is_by_score_and_stable() {
         let r = |id: &str, score: f64| Ranked {
             rank: 0,
@@ -470,6 +576,7 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
             score,
             score_raw: score,
             title: None,
+            fused: None,
             tokens_reused: 0,
             tokens_decoded: 0,
         };

@@ -668,7 +668,7 @@ fn rank(engine: &mut Engine, r: &mut RankRunner, req: &RankRequest) -> Result<Ou
             }),
         }
     }
-    let ranked = ranker.rank(ok, req.top_k, req.min_score);
+    let ranked = ranker.rank(ok, &req.items, req.top_k, req.min_score);
     Ok(Output::Ranked(RankResult {
         id: req.id.clone(),
         task: r.task.name.clone(),

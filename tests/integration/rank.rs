@@ -48,7 +48,7 @@ fn items() -> Vec<Item> {
 }
 
 #[test]
-fn ranking_is_sorted_probabilities_with_the_relevant_item_first() {
+fn ranking_is_sorted_by_the_fused_score_with_the_relevant_item_first() {
     let task = testkit::task("rank-interest");
     let cfg = RankConfig::from_task(&task).unwrap().expect("[rank]");
     let mut engine = testkit::engine(1);
@@ -66,10 +66,12 @@ fn ranking_is_sorted_probabilities_with_the_relevant_item_first() {
         assert!(r.tokens_reused >= ranker.prefix_tokens() - 1, "{r:?}");
         assert!(r.tokens_decoded < r.tokens_reused, "{r:?}");
     }
-    let ranked = ranker.rank(scored, None, None);
+    let ranked = ranker.rank(scored, &items, None, None);
     eprintln!("{ranked:#?}");
     assert_eq!(ranked.len(), items.len());
-    assert!(ranked.windows(2).all(|w| w[0].score >= w[1].score));
+    // The task fuses (its [rank.fusion] weighs the lexical stages): the fused score orders.
+    let fused = |r: &edgeact::rank::Ranked| r.fused.expect("a fused score");
+    assert!(ranked.windows(2).all(|w| fused(&w[0]) >= fused(&w[1])));
     assert_eq!(
         ranked.iter().map(|r| r.rank).collect::<Vec<_>>(),
         (1..=items.len()).collect::<Vec<_>>()
@@ -84,16 +86,19 @@ fn ranking_is_sorted_probabilities_with_the_relevant_item_first() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let best = again.iter().map(|r| r.score).fold(f64::MIN, f64::max);
     let median = {
         let mut s: Vec<f64> = again.iter().map(|r| r.score).collect();
         s.sort_by(f64::total_cmp);
         s[s.len() / 2]
     };
-    let top = ranker.rank(again.clone(), Some(2), None);
+    let all = ranker.rank(again.clone(), &items, None, None);
+    let top = ranker.rank(again.clone(), &items, Some(2), None);
     assert_eq!(top.len(), 2);
-    assert_eq!(top[0].score, best);
-    let above = ranker.rank(again, None, Some(median));
+    assert_eq!(
+        (top[0].id.as_str(), top[1].id.as_str()),
+        (all[0].id.as_str(), all[1].id.as_str())
+    );
+    let above = ranker.rank(again, &items, None, Some(median));
     assert!(!above.is_empty() && above.iter().all(|r| r.score >= median));
     assert!(above.len() < items.len());
 }
@@ -132,8 +137,10 @@ fn cli_rank_prints_the_ranking() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 3);
-    let scores: Vec<f64> = rows.iter().map(|r| r["score"].as_f64().unwrap()).collect();
-    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    // The task fuses: the fused score orders, the model's P(yes) stays beside it.
+    let fused: Vec<f64> = rows.iter().map(|r| r["fused"].as_f64().unwrap()).collect();
+    assert!(fused.windows(2).all(|w| w[0] >= w[1]), "{fused:?}");
+    assert!(rows.iter().all(|r| r["score"].as_f64().is_some()));
     assert_eq!(rows[0]["rank"], 1);
     assert!(rows.iter().all(|r| r["id"] != "tax" || r["rank"] == 3));
 }

@@ -446,10 +446,12 @@ fn rank_requests_over_mqtt_come_back_sorted_and_reuse_the_profile() {
         .iter()
         .map(|r| r["score"].as_f64().unwrap())
         .collect();
-    assert!(
-        scores.windows(2).all(|w| w[0] >= w[1]),
-        "sorted: {scores:?}"
-    );
+    // The task fuses ([rank.fusion]): the fused score orders; P(yes) stays in `score`.
+    let fused: Vec<f64> = ranked(&q2)
+        .iter()
+        .map(|r| r["fused"].as_f64().unwrap())
+        .collect();
+    assert!(fused.windows(2).all(|w| w[0] >= w[1]), "sorted: {fused:?}");
     assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
     let ranks: Vec<u64> = ranked(&q2)
         .iter()
