@@ -131,6 +131,10 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
             "classify",
             "--task",
             task.to_str().unwrap(),
+            // One request per decode on both sides: a stack may carry the prompt's label
+            // scores, and llama.cpp rounds a batched decode a little differently.
+            "--batch-size",
+            "1",
             texts[0],
             texts[1],
         ],
@@ -145,7 +149,13 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
     let mut child = Command::new(testkit::bin())
         .current_dir(testkit::root())
         .env("EDGEACT_CACHE", dir.path())
-        .args(["serve", "--task", task.to_str().unwrap()])
+        .args([
+            "serve",
+            "--batch-size",
+            "1",
+            "--task",
+            task.to_str().unwrap(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
