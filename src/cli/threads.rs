@@ -10,15 +10,16 @@
 //!
 //! libgomp reads its settings once, when it is loaded (before `main`), so the only way to
 //! change them is the environment of a fresh start: when the user set neither
-//! `OMP_WAIT_POLICY` nor `GOMP_SPINCOUNT`, edgeact sets `OMP_WAIT_POLICY` to [`WAIT_POLICY`]
+//! `OMP_WAIT_POLICY` nor `GOMP_SPINCOUNT`, edgeact sets `GOMP_SPINCOUNT` to [`SPIN_COUNT`]
 //! and executes itself again (same pid, same arguments; systemd and signals see one process). A user's own
 //! setting always wins.
 
 use std::ffi::OsString;
 
-/// Waiting threads sleep at once. Measured at load 13 (classifications/s, one at a time):
-/// passive 12.1-13.6, spin 1,000 9.8, spin 10,000 2.4-2.9, libgomp's default 0.9-1.4.
-pub const WAIT_POLICY: &str = "passive";
+/// A waiting thread spins 1,000 turns, then sleeps. Classifications/s one at a time, x86-dev
+/// (docs/benchmarks.md): at load 13, 9.8 (passive 12-13.6, spin 10,000 2.4-2.9, libgomp's
+/// default 0.9-1.4); on a quiet machine 31.4 (default 29.6, passive 19.6).
+pub const SPIN_COUNT: &str = "1000";
 
 /// Set on the second start so that it never loops.
 const MARK: &str = "EDGEACT_THREAD_WAIT_SET";
@@ -33,7 +34,7 @@ pub fn wait_env(get: impl Fn(&str) -> Option<OsString>) -> Option<Vec<(&'static 
         return None;
     }
     Some(vec![
-        ("OMP_WAIT_POLICY", WAIT_POLICY.to_string()),
+        ("GOMP_SPINCOUNT", SPIN_COUNT.to_string()),
         (MARK, "1".to_string()),
     ])
 }
@@ -57,7 +58,7 @@ pub fn set_thread_wait() {
             .exec();
         // Logging is not set up yet; this is the only trace a failed start leaves.
         if std::env::var_os("EDGEACT_DEBUG_THREADS").is_some() {
-            eprintln!("edgeact: could not restart with OMP_WAIT_POLICY set: {err}");
+            eprintln!("edgeact: could not restart with GOMP_SPINCOUNT set: {err}");
         }
     }
 }
@@ -75,9 +76,9 @@ mod tests {
     }
 
     #[test]
-    fn sets_the_wait_policy_when_nothing_is_set() {
+    fn sets_a_short_spin_when_nothing_is_set() {
         let vars = wait_env(env(&[("PATH", "/bin")])).expect("should set");
-        assert!(vars.contains(&("OMP_WAIT_POLICY", WAIT_POLICY.to_string())));
+        assert!(vars.contains(&("GOMP_SPINCOUNT", SPIN_COUNT.to_string())));
         assert!(vars.iter().any(|(k, _)| *k == MARK));
     }
 
