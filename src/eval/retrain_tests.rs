@@ -101,3 +101,31 @@ fn the_memory_estimate_grows_with_rows_and_features() {
     let l = stack_file(&["good", "bad"], &[0, 1], 1.0);
     assert!(retrain_bytes(&l, 1000) > retrain_bytes(&l, 10));
 }
+
+#[test]
+fn a_stack_with_the_prompt_block_is_refused_with_a_reason() {
+    let p = StackParams {
+        dense: None,
+        text: Some(TextParams::words()),
+        prompt: Some(1.0),
+        lr: LrParams::default(),
+    };
+    let prompt = vec![vec![0.9, 0.1], vec![0.2, 0.8]];
+    let m =
+        StackModel::fit_blocks(&["good film", "bad film"], &[], &prompt, &[0, 1], 2, &p).unwrap();
+    assert!(m.prompt.is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let task_path = dir.path().join("t.toml");
+    std::fs::write(
+        &task_path,
+        "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\nlabels = [{ name = \"pos\", text = \" p\" }, { name = \"neg\", text = \" n\" }]\n[head]\nfile = \"t.stack.json\"\nmethod = \"stack\"\n",
+    )
+    .unwrap();
+    StackFile::new(vec!["pos".into(), "neg".into()], None, 0, m)
+        .save(&dir.path().join("t.stack.json"))
+        .unwrap();
+    let task = Task::load(&task_path).unwrap();
+    let err = load_learned(&task).err().expect("refused").to_string();
+    assert!(err.contains("prompt's label scores"), "{err}");
+    assert!(err.contains("edgeact tune"), "{err}");
+}
