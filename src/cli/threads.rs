@@ -56,7 +56,9 @@ pub fn set_thread_wait() {
             .args(args)
             .envs(vars)
             .exec();
-        // Logging is not set up yet; this is the only trace a failed start leaves.
+        // Returns only on failure, e.g. under qemu-user without binfmt_misc, where the
+        // host cannot exec the emulated binary (checked with qemu-aarch64 7.2); edgeact then
+        // runs with libgomp's defaults. Logging is not set up yet: this is the only trace.
         if std::env::var_os("EDGEACT_DEBUG_THREADS").is_some() {
             eprintln!("edgeact: could not restart with GOMP_SPINCOUNT set: {err}");
         }
