@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use crate::learned::{split_data, tune_args};
 use crate::testkit;
 
 fn edgeact(args: &[&str], dir: &Path) -> Output {
@@ -27,48 +28,9 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// The 40 obvious sentences: 6 per label to train, the rest dev.
-fn split_data(dir: &Path) -> PathBuf {
-    let src = std::fs::read_to_string(testkit::root().join("tests/data/sentiment-obvious.jsonl"))
-        .unwrap();
-    let mut n = std::collections::HashMap::new();
-    let mut data = String::new();
-    for l in src.lines() {
-        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let k = n
-            .entry(v["label"].as_str().unwrap().to_string())
-            .or_insert(0);
-        *k += 1;
-        v["split"] = if *k <= 6 { "train" } else { "dev" }.into();
-        data.push_str(&format!("{v}\n"));
-    }
-    let p = dir.join("d.jsonl");
-    std::fs::write(&p, data).unwrap();
-    p
-}
-
 fn tune(dir: &Path, data: &Path, methods: &str, out: &str) -> PathBuf {
     let task = dir.join(out);
-    let o = edgeact(
-        &[
-            "tune",
-            "--task",
-            "sentiment",
-            "--data",
-            data.to_str().unwrap(),
-            "--methods",
-            methods,
-            "--per-class",
-            "8",
-            "--pooling",
-            "last",
-            "--alpha",
-            "1",
-            "--out",
-            task.to_str().unwrap(),
-        ],
-        dir,
-    );
+    let o = edgeact(&tune_args(data, methods, &task), dir);
     assert!(o.status.success(), "{}", text(&o));
     task
 }

@@ -30,8 +30,9 @@ fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The 40 obvious sentences with splits: 6 per label to train, the rest dev.
-fn split_data(dir: &Path) -> std::path::PathBuf {
+/// The 40 obvious sentences with splits: 6 per label to train, the rest dev (also used by
+/// the `learn` tests).
+pub(crate) fn split_data(dir: &Path) -> std::path::PathBuf {
     let src = std::fs::read_to_string(testkit::root().join("tests/data/sentiment-obvious.jsonl"))
         .unwrap();
     let mut per_label = std::collections::HashMap::new();
@@ -50,28 +51,31 @@ fn split_data(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// The arguments of `edgeact tune` on the sentiment task over `data`, 8 per label (6 are
+/// there), last-token pooling and alpha 1, writing `task` (also used by the `learn` tests).
+pub(crate) fn tune_args<'a>(data: &'a Path, methods: &'a str, task: &'a Path) -> Vec<&'a str> {
+    vec![
+        "tune",
+        "--task",
+        "sentiment",
+        "--data",
+        data.to_str().unwrap(),
+        "--methods",
+        methods,
+        "--per-class",
+        "8",
+        "--pooling",
+        "last",
+        "--alpha",
+        "1",
+        "--out",
+        task.to_str().unwrap(),
+    ]
+}
+
 fn tune(dir: &Path, data: &Path, methods: &str, out: &str) -> String {
     let task = dir.join(out);
-    let o = edgeact(
-        &[
-            "tune",
-            "--task",
-            "sentiment",
-            "--data",
-            data.to_str().unwrap(),
-            "--methods",
-            methods,
-            "--per-class",
-            "8",
-            "--pooling",
-            "last",
-            "--alpha",
-            "1",
-            "--out",
-            task.to_str().unwrap(),
-        ],
-        dir,
-    );
+    let o = edgeact(&tune_args(data, methods, &task), dir);
     assert!(o.status.success(), "{}", stderr(&o));
     let report = String::from_utf8_lossy(&o.stdout).into_owned();
     // 6 per label in the train split: fewer than 8, used as they are and said so.

@@ -478,8 +478,8 @@ fn rank_requests_over_mqtt_come_back_sorted_and_reuse_the_profile() {
 }
 
 /// The kiosk task with absolute paths, a long timeout (loaded machines) and its sensors
-/// and notifications from the daemon.
-fn kiosk_copy(dir: &std::path::Path) -> std::path::PathBuf {
+/// and notifications from the daemon (also used by the `serve_qa` tests).
+pub(crate) fn kiosk_copy(dir: &std::path::Path) -> std::path::PathBuf {
     let root = testkit::root();
     let src = std::fs::read_to_string(root.join("tasks/kiosk.toml")).unwrap();
     let src = src

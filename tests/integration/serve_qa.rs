@@ -3,26 +3,10 @@
 //! Mosquitto; the result carries the cited passage and its text, goes through the same
 //! outbox as every result, and a follow-up in the same session resolves against it.
 
-use crate::testkit;
+use crate::serve::kiosk_copy;
 use crate::testkit::broker::Broker;
 use crate::testkit::daemon::Daemon;
 use crate::testkit::probe::{result_ids, wait_online, Probe};
-
-/// The kiosk task with absolute paths and a long timeout (loaded machines).
-fn kiosk_copy(dir: &std::path::Path) -> std::path::PathBuf {
-    let root = testkit::root();
-    let src = std::fs::read_to_string(root.join("tasks/kiosk.toml")).unwrap();
-    let src = src
-        .replace("\"../kb/kiosk\"", &format!("{:?}", root.join("kb/kiosk")))
-        .replace(
-            "\"../examples/sensors\"",
-            &format!("{:?}", root.join("examples/sensors")),
-        )
-        .replace("timeout_ms = 60000", "timeout_ms = 600000");
-    let p = dir.join("kiosk.toml");
-    std::fs::write(&p, src).unwrap();
-    p
-}
 
 #[test]
 fn qa_over_mqtt_answers_with_the_cited_passage_and_follows_up() {
