@@ -4,8 +4,13 @@
 //! `retrain_after` new ones, or `retrain_interval` after the first one not yet learned), and
 //! the retrain reports ([`RetrainReport`]) go into `<prefix>/stats`. Pure bookkeeping: the
 //! retrain itself runs on the learner thread ([`super::learner`]).
+//!
+//! A record with an `id` that is already kept (the broker delivers a message again when our
+//! PUBACK was lost in a reconnect or a crash) is acknowledged again but neither written nor
+//! counted a second time: the last [`RECENT_IDS`] ids per task are remembered, seeded from
+//! the task's log the first time the task sends feedback.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -46,6 +51,9 @@ pub struct RetrainReport {
     pub reason: Option<String>,
 }
 
+/// Ids of kept records remembered per task, to recognise a message delivered again.
+pub const RECENT_IDS: usize = 4096;
+
 /// Asks the learner thread for a retrain of a task; false when it cannot take it.
 pub type RetrainSender = Box<dyn FnMut(&str) -> bool + Send>;
 
@@ -66,7 +74,40 @@ pub struct Learning {
     /// Corrections learned by a retrain that was swapped in.
     applied: u64,
     retrains: u64,
+    duplicates: u64,
     last: Option<RetrainReport>,
+    recent: BTreeMap<String, RecentIds>,
+}
+
+/// The last [`RECENT_IDS`] record keys (id and content) kept for one task.
+#[derive(Default)]
+struct RecentIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl RecentIds {
+    fn contains(&self, key: &str) -> bool {
+        self.set.contains(key)
+    }
+
+    fn insert(&mut self, key: String) {
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            if self.order.len() > RECENT_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// A record's identity for redelivery: its id with its whole content, so a different
+/// record that reuses an id is still kept. None for a record without an id.
+fn redelivery_key(f: &Feedback) -> Option<String> {
+    f.id()?;
+    serde_json::to_string(f).ok()
 }
 
 /// What became of a feedback message.
@@ -78,6 +119,8 @@ pub enum Accepted {
     Invalid(FeedbackError),
     /// Could not be written: leave it to the broker to deliver again.
     NotKept(FeedbackError),
+    /// Already kept (same id and content): acknowledge it again, nothing else.
+    Duplicate,
 }
 
 impl Learning {
@@ -101,8 +144,26 @@ impl Learning {
             write_errors: 0,
             applied: 0,
             retrains: 0,
+            duplicates: 0,
             last: None,
+            recent: BTreeMap::new(),
         }
+    }
+
+    /// The task's remembered ids, read from its log the first time.
+    fn recent_ids(&mut self, task: &str) -> &mut RecentIds {
+        let log = &self.log;
+        self.recent.entry(task.to_string()).or_insert_with(|| {
+            let mut r = RecentIds::default();
+            match log.read(task) {
+                Ok((kept, _)) => kept
+                    .iter()
+                    .filter_map(redelivery_key)
+                    .for_each(|k| r.insert(k)),
+                Err(e) => tracing::warn!(task, "feedback log not read for redeliveries: {e}"),
+            }
+            r
+        })
     }
 
     /// Validates and keeps one payload (synced before this returns).
@@ -114,9 +175,19 @@ impl Learning {
                 return Accepted::Invalid(e);
             }
         };
+        let key = redelivery_key(&f);
+        if let Some(k) = &key {
+            if self.recent_ids(f.task()).contains(k) {
+                self.duplicates += 1;
+                return Accepted::Duplicate;
+            }
+        }
         if let Err(e) = self.log.append(std::slice::from_ref(&f)) {
             self.write_errors += 1;
             return Accepted::NotKept(e);
+        }
+        if let Some(k) = key {
+            self.recent_ids(f.task()).insert(k);
         }
         self.received += 1;
         if matches!(f, Feedback::Label(_)) && self.learnable.contains(f.task()) {
@@ -181,6 +252,7 @@ impl Learning {
             "received_total": self.received,
             "rejected_total": self.rejected,
             "write_errors_total": self.write_errors,
+            "duplicates_total": self.duplicates,
             "pending": pending,
             "applied_total": self.applied,
             "retrains_total": self.retrains,
@@ -268,6 +340,33 @@ mod tests {
         assert_eq!(s["last_retrain"]["dev_macro_f1_new"], 0.6);
         let (kept, _) = FeedbackLog::new(dir.path()).read("s").unwrap();
         assert_eq!(kept.len(), 3);
+    }
+
+    #[test]
+    fn a_record_delivered_again_is_acknowledged_but_kept_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let with_id = br#"{"task":"s","text":"x","label":"a","id":"m1"}"#;
+        let mut l = learning(dir.path(), asked.clone());
+        assert!(matches!(l.accept(with_id, t0), Accepted::Kept(_)));
+        assert!(matches!(l.accept(with_id, t0), Accepted::Duplicate));
+        // The same id with other content is another record; no id: never a duplicate.
+        let reused = br#"{"task":"s","text":"y","label":"b","id":"m1"}"#;
+        assert!(matches!(l.accept(reused, t0), Accepted::Kept(_)));
+        let no_id = br#"{"task":"s","text":"x","label":"a"}"#;
+        assert!(matches!(l.accept(no_id, t0), Accepted::Kept(_)));
+        assert!(matches!(l.accept(no_id, t0), Accepted::Kept(_)));
+        let s = l.stats();
+        assert_eq!(s["received_total"], 4);
+        assert_eq!(s["duplicates_total"], 1);
+        assert_eq!(s["pending"], 4);
+        // After a restart the log tells what was kept: a redelivery is still recognised.
+        let mut again = learning(dir.path(), asked);
+        assert!(matches!(again.accept(with_id, t0), Accepted::Duplicate));
+        assert!(matches!(again.accept(reused, t0), Accepted::Duplicate));
+        let (kept, _) = FeedbackLog::new(dir.path()).read("s").unwrap();
+        assert_eq!(kept.len(), 4);
     }
 
     #[test]

@@ -31,6 +31,7 @@ impl<L: Link, I: Inference> Daemon<L, I> {
                 self.ack_now(&p);
                 self.start_due_retrains();
             }
+            Accepted::Duplicate => self.ack_now(&p),
             Accepted::Invalid(e) => {
                 // The id and task as sent, when readable, so the sender can match the error.
                 let v: Option<Value> = serde_json::from_slice(&p.payload).ok();
