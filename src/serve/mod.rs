@@ -23,7 +23,8 @@
 //! - [`message`]: what is published (typed messages, records, compact traces); redaction
 //!   by message kind with [`redact`].
 //! - [`outbox`]: the durable log of messages until the broker has them.
-//! - [`worker`]: the inference thread; [`monitors`]: alert rules on results;
+//! - [`worker`]: the inference thread ([`turns`]: when background work runs between
+//!   requests); [`monitors`]: alert rules on results;
 //!   [`stats`]: `<prefix>/stats`; [`mqtt`]: broker options and topics.
 
 pub mod acks;
@@ -40,6 +41,7 @@ pub mod redact;
 pub mod state;
 pub mod stats;
 pub mod stdio;
+pub mod turns;
 pub mod worker;
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::serve::turns::BackgroundTurns;
+
 use serde_json::Value;
 
 use crate::classify::runner::TaskRunner;
@@ -402,7 +404,11 @@ pub fn spawn(
             match setup() {
                 Ok((mut engine, mut runners)) => {
                     let _ = ready_tx.send(Ok(engine.info.clone()));
-                    let queues = Queues { rx, bg: bg_rx };
+                    let queues = Queues {
+                        rx,
+                        bg: bg_rx,
+                        turns: BackgroundTurns::new(Instant::now()),
+                    };
                     run(
                         &mut engine,
                         &mut runners,
@@ -430,26 +436,35 @@ pub fn spawn(
     })
 }
 
-/// Requests, and background jobs run when no request waits.
+/// Requests, and background jobs run when no request waits (or after waiting
+/// [`crate::serve::turns::BACKGROUND_MAX_WAIT`] behind continuous traffic).
 struct Queues {
     rx: Receiver<Work>,
     bg: Receiver<Background>,
+    turns: BackgroundTurns,
 }
 
 impl Queues {
     /// The next request; background jobs run while none waits. None: the queue closed.
     fn next(
-        &self,
+        &mut self,
         engine: &mut Engine,
         runners: &mut [Runner],
         fctx: &mut Option<FeatureContext>,
     ) -> Option<Work> {
+        // Behind continuous traffic: one background job after the wait.
+        if self.turns.take(Instant::now(), true) {
+            if let Ok(job) = self.bg.try_recv() {
+                background(engine, runners, fctx, job);
+            }
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(w) => return Some(w),
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => {}
             }
+            self.turns.take(Instant::now(), false);
             if let Ok(job) = self.bg.try_recv() {
                 background(engine, runners, fctx, job);
                 continue;
@@ -466,7 +481,7 @@ impl Queues {
 fn run(
     engine: &mut Engine,
     runners: &mut [Runner],
-    queues: Queues,
+    mut queues: Queues,
     opts: &WorkerOptions,
     depth: &AtomicUsize,
     on_done: impl Fn(Done),
@@ -476,7 +491,6 @@ fn run(
         .unwrap_or_else(|| engine.jobs_per_decode())
         .max(1);
     let mut held: Option<Work> = None;
-    let rx = &queues.rx;
     // A retrain's feature context, kept between its feature jobs.
     let mut fctx: Option<FeatureContext> = None;
     loop {
@@ -490,7 +504,7 @@ fn run(
         // Micro-batch whatever other classifications already wait for the same task.
         let mut batch = vec![first];
         while batch.len() < batch_size && matches!(batch[0].job, Job::Classify(_)) {
-            match rx.try_recv() {
+            match queues.rx.try_recv() {
                 Ok(w) if w.task == batch[0].task && matches!(w.job, Job::Classify(_)) => {
                     batch.push(w)
                 }
