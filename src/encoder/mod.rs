@@ -11,6 +11,7 @@ pub mod wordpiece;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use sha2::{Digest, Sha256};
 
@@ -160,6 +161,24 @@ pub fn planned_bytes(dir: &Path) -> Result<u64, EncoderError> {
         hidden_act: "gelu".into(),
     };
     Ok(len + Bert::activation_bytes(&config, MAX_TOKENS))
+}
+
+/// The encoder of `dir`, loaded once: while one copy is alive, every task (and a reload)
+/// shares it, so the memory budget counts it once.
+pub fn shared(dir: &Path) -> Result<Arc<Encoder>, EncoderError> {
+    static LOADED: Mutex<Vec<(PathBuf, Weak<Encoder>)>> = Mutex::new(Vec::new());
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    loaded.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(e) = loaded
+        .iter()
+        .find(|(d, _)| d == dir)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(e);
+    }
+    let e = Arc::new(Encoder::load(dir)?);
+    loaded.push((dir.to_path_buf(), Arc::downgrade(&e)));
+    Ok(e)
 }
 
 fn file_sha256(path: &Path) -> Result<String, EncoderError> {
