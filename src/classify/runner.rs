@@ -15,11 +15,11 @@ use super::features::{FeatureSpec, FeatureTokenizer};
 use super::head::{HeadError, HeadFile};
 use super::stack::StackFile;
 use super::tfidf::TextFeaturizer;
-use crate::encoder::Encoder;
 use crate::classify::{
     fail_batch, CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance,
     RecordError, Request, ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
+use crate::encoder::Encoder;
 use crate::model::scoring::{decide, softmax, AbstainRule};
 use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
 use crate::spec::{Method, Task, TRUNCATED_FIELD};

@@ -219,7 +219,11 @@ impl StackModel {
                 }
                 let standardizer = Standardizer::fit(e.rows);
                 let width = standardizer.mean.len().max(1) as f64;
-                let weight = if e.weight < 0.0 { width.sqrt() } else { e.weight };
+                let weight = if e.weight < 0.0 {
+                    width.sqrt()
+                } else {
+                    e.weight
+                };
                 Some(Box::new(EncoderBlock {
                     sha256: e.sha256.to_string(),
                     standardizer,
@@ -701,7 +705,9 @@ mod tests {
         assert_eq!(m.needs_encoder(), Some("abc"));
         assert!(m.needs_features().is_none() && m.to_linear_head().is_none());
         let re = TextFeaturizer::regex();
-        let pred = |m: &StackModel, e: &[f32]| argmax(&m.predict_all(&re, "card stolen", None, None, Some(e)));
+        let pred = |m: &StackModel, e: &[f32]| {
+            argmax(&m.predict_all(&re, "card stolen", None, None, Some(e)))
+        };
         assert_eq!(pred(&m, &[1.0, 0.2]), 0);
         assert_eq!(pred(&m, &[-1.0, 0.2]), 2);
         let f = StackFile::new(vec!["a".into(), "b".into(), "c".into()], None, 0, m);

@@ -69,9 +69,8 @@ enum Tried {
 /// Scores every candidate on the dev split and writes the best as a task file.
 pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
-    let needs_pool = cfg.shots.iter().any(|&k| k > 0)
-        || !cfg.learn.grid.methods.is_empty()
-        || cfg.learn.encoder;
+    let needs_pool =
+        cfg.shots.iter().any(|&k| k > 0) || !cfg.learn.grid.methods.is_empty() || cfg.learn.encoder;
     let pool = if needs_pool {
         eval::read_labeled(&cfg.data, Some(&cfg.train_split), usize::MAX)?
     } else {
@@ -396,9 +395,8 @@ fn encoder_learn(
 ) -> Result<Vec<LearnedCandidate>, AppError> {
     let task = &cfg.templates[0];
     let dir = crate::encoder::dir_beside(&cfg.engine.model_path);
-    let enc = crate::encoder::shared(&dir).map_err(|e| {
-        head_err(task)(HeadError::Train(format!("method encoder: {e}")))
-    })?;
+    let enc = crate::encoder::shared(&dir)
+        .map_err(|e| head_err(task)(HeadError::Train(format!("method encoder: {e}"))))?;
     let t0 = std::time::Instant::now();
     let embed = |texts: &[&str]| texts.iter().map(|t| enc.embed(t)).collect::<Vec<_>>();
     let (et, ed) = (embed(train.texts), embed(dev.texts));
@@ -425,7 +423,11 @@ fn encoder_learn(
         scores,
         grid,
         |c| {
-            if let Err(e) = row(out, &format!("{} ({} train)", c.label, train.texts.len()), &c.dev) {
+            if let Err(e) = row(
+                out,
+                &format!("{} ({} train)", c.label, train.texts.len()),
+                &c.dev,
+            ) {
                 failed = Some(e);
             }
         },

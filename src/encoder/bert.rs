@@ -40,7 +40,12 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(st: &mut SafeTensors, name: &str, n_in: usize, n_out: usize) -> Result<Linear, EncoderError> {
+    fn load(
+        st: &mut SafeTensors,
+        name: &str,
+        n_in: usize,
+        n_out: usize,
+    ) -> Result<Linear, EncoderError> {
         Ok(Linear {
             weight: st.f32(&format!("{name}.weight"), &[n_out, n_in])?,
             bias: st.f32(&format!("{name}.bias"), &[n_out])?,
@@ -88,7 +93,12 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(st: &mut SafeTensors, name: &str, d: usize, eps: f32) -> Result<LayerNorm, EncoderError> {
+    fn load(
+        st: &mut SafeTensors,
+        name: &str,
+        d: usize,
+        eps: f32,
+    ) -> Result<LayerNorm, EncoderError> {
         Ok(LayerNorm {
             weight: st.f32(&format!("{name}.weight"), &[d])?,
             bias: st.f32(&format!("{name}.bias"), &[d])?,
@@ -143,7 +153,12 @@ impl Bert {
                 value: Linear::load(st, &format!("{p}.attention.self.value"), d, d)?,
                 attn_out: Linear::load(st, &format!("{p}.attention.output.dense"), d, d)?,
                 attn_norm: LayerNorm::load(st, &format!("{p}.attention.output.LayerNorm"), d, eps)?,
-                up: Linear::load(st, &format!("{p}.intermediate.dense"), d, c.intermediate_size)?,
+                up: Linear::load(
+                    st,
+                    &format!("{p}.intermediate.dense"),
+                    d,
+                    c.intermediate_size,
+                )?,
                 down: Linear::load(st, &format!("{p}.output.dense"), c.intermediate_size, d)?,
                 out_norm: LayerNorm::load(st, &format!("{p}.output.LayerNorm"), d, eps)?,
             });
@@ -154,7 +169,10 @@ impl Bert {
                 "embeddings.position_embeddings.weight",
                 &[c.max_position_embeddings, d],
             )?,
-            token_type: st.f32("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, d])?,
+            token_type: st.f32(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, d],
+            )?,
             emb_norm: LayerNorm::load(st, "embeddings.LayerNorm", d, eps)?,
             layers,
             config,
@@ -321,7 +339,12 @@ mod tests {
 
     #[test]
     fn erf_and_gelu_match_known_values() {
-        for (x, want) in [(0.0f32, 0.0f32), (0.5, 0.5204999), (1.0, 0.8427008), (-2.0, -0.9953223)] {
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (0.5, 0.5204999),
+            (1.0, 0.8427008),
+            (-2.0, -0.9953223),
+        ] {
             assert!((erf(x) - want).abs() < 1e-6, "erf({x}) = {}", erf(x));
         }
         assert!((gelu(1.0) - 0.8413447).abs() < 1e-6);

@@ -207,7 +207,10 @@ mod tests {
     fn missing_and_corrupt_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let e = Encoder::load(dir.path()).err().unwrap().to_string();
-        assert!(e.contains("config.json") && e.contains("fetch-model --encoder"), "{e}");
+        assert!(
+            e.contains("config.json") && e.contains("fetch-model --encoder"),
+            "{e}"
+        );
         for f in FILES {
             std::fs::write(dir.path().join(f), "{}").unwrap();
         }

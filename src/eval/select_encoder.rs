@@ -83,7 +83,9 @@ fn plan(grid: &LearnGrid, feature: Option<&FeatureSpec>, prompt: bool) -> Vec<St
     }
     if prompt {
         for &a in &grid.alphas {
-            let what = feature.map_or(String::new(), |f| format!("{} pooling + ", f.pooling.name()));
+            let what = feature.map_or(String::new(), |f| {
+                format!("{} pooling + ", f.pooling.name())
+            });
             out.push((
                 format!("stack, encoder + {what}tfidf + prompt, alpha {a}"),
                 1.0,

@@ -71,3 +71,123 @@ fn a_truncated_weights_file_is_a_clear_error() {
         Ok(_) => panic!("a truncated weights file loaded"),
     }
 }
+
+fn edgeact(args: &[&str], cache: &std::path::Path, stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::testkit::bin())
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .env("EDGEACT_CACHE", cache)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn edgeact");
+    {
+        let mut s = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            s.write_all(text.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+/// `tune --methods encoder` writes a stack with the encoder block; `classify` and `serve`
+/// run it through the same scorer (same scores), the trace says `stack`; without the
+/// encoder beside the model the task refuses to load, naming the missing file.
+#[test]
+fn an_encoder_stack_is_tuned_and_runs_the_same_in_classify_and_serve() {
+    if encoder_dir().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = crate::learned::split_data(dir.path());
+    let task = dir.path().join("enc.toml");
+    let o = edgeact(
+        &crate::learned::tune_args(&data, "encoder", &task),
+        dir.path(),
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(report.contains("stack, encoder alone"), "{report}");
+    let stack: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("enc.stack.json")).unwrap()).unwrap();
+    assert!(
+        stack["stack"]["encoder"]["sha256"].is_string(),
+        "no encoder block"
+    );
+
+    let texts = [
+        "What a wonderful, friendly place, I loved it.",
+        "Terrible service, cold food, never again.",
+    ];
+    let t = task.to_str().unwrap();
+    let o = edgeact(
+        &["classify", "--task", t, texts[0], texts[1]],
+        dir.path(),
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let classified = lines(&o.stdout);
+    assert_eq!(classified[0]["provenance"]["method"], "stack");
+    assert_eq!(classified[0]["top_label"], "positive", "{}", classified[0]);
+    assert_eq!(classified[1]["top_label"], "negative", "{}", classified[1]);
+
+    let input: String = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "{}\n",
+                serde_json::json!({"id": format!("r{i}"), "text": t})
+            )
+        })
+        .collect();
+    let o = edgeact(&["serve", "--task", t], dir.path(), Some(&input));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let served = lines(&o.stdout);
+    assert_eq!(served.len(), 2);
+    for (s, c) in served.iter().zip(&classified) {
+        assert_eq!(s["provenance"]["method"], "stack", "{s}");
+        for l in ["positive", "negative"] {
+            let (a, b) = (
+                s["scores"][l].as_f64().unwrap(),
+                c["scores"][l].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-6, "{l}: serve {a} vs classify {b}");
+        }
+    }
+
+    // A model folder without the encoder: the task cannot load, and says what to fetch.
+    let lone = dir.path().join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    let model = root().join("models/gemma-3-270m-q4_k_m.gguf");
+    std::os::unix::fs::symlink(std::fs::canonicalize(model).unwrap(), lone.join("m.gguf")).unwrap();
+    let m = lone.join("m.gguf");
+    let o = edgeact(
+        &[
+            "classify",
+            "--task",
+            t,
+            "--model",
+            m.to_str().unwrap(),
+            texts[0],
+        ],
+        dir.path(),
+        None,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "loaded without the encoder");
+    assert!(err.contains("fetch-model --encoder"), "{err}");
+}
