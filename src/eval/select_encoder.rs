@@ -2,8 +2,8 @@
 //! scorers with the sentence encoder's embedding as a block ([`crate::encoder`]), fitted
 //! and scored on dev like the others ([`super::select`]); all are stacks (a stack file):
 //! the embedding alone (a head on the encoder), the embedding with TF-IDF n-grams at each
-//! block weight, and that with the model's features and, when the caller has them, the
-//! prompt's label scores. Pure: embeddings come in, fitted models go out.
+//! block weight, that with the model's features, and, when the caller has them, the
+//! embedding, TF-IDF and the prompt's label scores at each prompt weight. Pure: embeddings come in, fitted models go out.
 
 use std::time::Instant;
 
@@ -81,21 +81,17 @@ fn plan(grid: &LearnGrid, feature: Option<&FeatureSpec>, prompt: bool) -> Vec<St
             ));
         }
     }
+    // The prompt block beside the encoder and TF-IDF, without the model features: with a
+    // few dozen training texts each extra block dilutes the prompt (docs/accuracy.md).
     if prompt {
-        for &a in &grid.alphas {
-            let what = feature.map_or(String::new(), |f| {
-                format!("{} pooling + ", f.pooling.name())
-            });
-            out.push((
-                format!("stack, encoder + {what}tfidf + prompt, alpha {a}"),
-                1.0,
-                params(
-                    feature.map(|f| (f.clone(), 1.0)),
-                    Some(TextParams::words_and_chars()),
-                    Some(1.0),
-                    a,
-                ),
-            ));
+        for &w in &grid.stack_weights {
+            for &a in &grid.alphas {
+                out.push((
+                    format!("stack, encoder + tfidf + prompt weight {w}, alpha {a}"),
+                    1.0,
+                    params(None, Some(TextParams::words_and_chars()), Some(w), a),
+                ));
+            }
         }
     }
     out
