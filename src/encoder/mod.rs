@@ -80,7 +80,9 @@ impl Encoder {
             .map_err(|e| corrupt("config.json", e.to_string()))?;
         if config.hidden_act != "gelu"
             || config.num_attention_heads == 0
-            || !config.hidden_size.is_multiple_of(config.num_attention_heads)
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
         {
             return Err(corrupt(
                 "config.json",

@@ -191,3 +191,59 @@ fn an_encoder_stack_is_tuned_and_runs_the_same_in_classify_and_serve() {
     assert!(!o.status.success(), "loaded without the encoder");
     assert!(err.contains("fetch-model --encoder"), "{err}");
 }
+
+/// `scripts/fetch-model --encoder` with both files in the cache downloads nothing: it checks
+/// the encoder's weights against the manifest's sha256 and links the folder into the clone.
+/// An unknown argument is refused.
+#[test]
+fn fetch_model_links_a_cached_encoder_and_refuses_unknown_arguments() {
+    let Some(enc) = encoder_dir() else { return };
+    let model = root().join("models/gemma-3-270m-q4_k_m.gguf");
+    if !model.exists() {
+        println!(
+            "skipped: {} missing (run scripts/fetch-model)",
+            model.display()
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let clone = tmp.path().join("clone");
+    for f in [
+        "scripts/fetch-model",
+        "models/gemma-3-270m-q4_k_m.toml",
+        "models/all-minilm-l6-v2.toml",
+    ] {
+        let to = clone.join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(root().join(f), &to).unwrap();
+    }
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(cache.join("models")).unwrap();
+    let link = |from: &std::path::Path, name: &str| {
+        std::os::unix::fs::symlink(
+            std::fs::canonicalize(from).unwrap(),
+            cache.join("models").join(name),
+        )
+        .unwrap()
+    };
+    link(&model, "gemma-3-270m-q4_k_m.gguf");
+    link(&enc, ENCODER_DIR);
+    let run = |args: &[&str]| {
+        std::process::Command::new(clone.join("scripts/fetch-model"))
+            .args(args)
+            .env("EDGEACT_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--encoder"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("sha256 ok").count(), 2, "{err}");
+    assert!(clone
+        .join("models")
+        .join(ENCODER_DIR)
+        .join("model.safetensors")
+        .exists());
+    let out = run(&["--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+}
