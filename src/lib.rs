@@ -17,6 +17,8 @@
 //!   ([`model::config`]), GGUF headers ([`model::gguf`]), the memory budget
 //!   ([`model::budget`]), label-scoring math ([`model::scoring`]), and the [`model::Engine`]:
 //!   load + checksum, prefix cache, scoring, generation, hidden-state features.
+//! - [`encoder`] (same layer as `model`): a small sentence encoder (all-MiniLM-L6-v2, pure
+//!   Rust BERT from safetensors) as one more feature source for the learned scorers.
 //! - [`spec`]: task files: one loader ([`spec::TaskFile`]: classify | rank | react), the
 //!   query template, the ReAct step format and tool schemas; one [`spec::SpecError`].
 //! - [`classify`]: one task on an engine: request -> prompt -> label scores -> result with
@@ -40,6 +42,7 @@
 pub mod classify;
 pub mod cli;
 pub mod cmd;
+pub mod encoder;
 pub mod eval;
 pub mod model;
 pub mod monitor;
@@ -54,7 +57,7 @@ pub mod util;
 /// `layout_tests` checks the sources against it.
 pub const LAYERS: &[&[&str]] = &[
     &["util"],
-    &["model"],
+    &["model", "encoder"],
     &["spec"],
     &["classify"],
     &["rank", "react", "monitor"],

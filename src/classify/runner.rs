@@ -6,6 +6,7 @@
 //! `monitor` all run a task through [`TaskRunner`], so a method scores the same everywhere.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use regex::Regex;
@@ -18,6 +19,7 @@ use crate::classify::{
     fail_batch, CalibrationApplied, Classifier, ClassifyResult, LabelDetail, Provenance,
     RecordError, Request, ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
+use crate::encoder::Encoder;
 use crate::model::scoring::{decide, softmax, AbstainRule};
 use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
 use crate::spec::{Method, Task, TRUNCATED_FIELD};
@@ -80,6 +82,30 @@ impl Learned {
         }
     }
 
+    /// [`Learned::predict_with`] with the sentence encoder's embedding of the text (a
+    /// stack's encoder block).
+    pub fn predict_all(
+        &self,
+        re: &Regex,
+        text: &str,
+        states: Option<&PooledStates>,
+        prompt: Option<&[f64]>,
+        embedding: Option<&[f32]>,
+    ) -> Vec<f64> {
+        match self {
+            Learned::Stack(s) => s.stack.predict_all(re, text, states, prompt, embedding),
+            Learned::Head(_) => self.predict_with(re, text, states, prompt),
+        }
+    }
+
+    /// The encoder a stack's encoder block reads (its weights' sha256), if any.
+    pub fn encoder(&self) -> Option<&str> {
+        match self {
+            Learned::Stack(s) => s.stack.needs_encoder(),
+            Learned::Head(_) => None,
+        }
+    }
+
     /// Whether the scorer reads the task prompt's label scores (a stack's prompt block).
     pub fn needs_prompt(&self) -> bool {
         matches!(self, Learned::Stack(s) if s.stack.needs_prompt())
@@ -100,6 +126,8 @@ pub struct HeadClassifier {
     method: Method,
     /// The model pass, when the scorer reads hidden states.
     features: Option<(FeatureContext, FeatureTokenizer)>,
+    /// The sentence encoder, when the stack has an encoder block (shared between tasks).
+    encoder: Option<Arc<Encoder>>,
     re: Regex,
     /// Task label index -> scorer label index.
     order: Vec<usize>,
@@ -148,6 +176,7 @@ impl TaskRunner {
             }
             None => None,
         };
+        let encoder = load_encoder(engine, &task, &learned).map_err(err)?;
         let prompt = if method == Method::Both || learned.needs_prompt() {
             Some(Classifier::new(
                 engine,
@@ -166,6 +195,7 @@ impl TaskRunner {
             learned,
             method,
             features,
+            encoder,
             re: TextFeaturizer::regex(),
             order,
             prompt,
@@ -213,6 +243,34 @@ impl TaskRunner {
             TaskRunner::Head(h) => h.classify_many(engine, reqs, path),
         }
     }
+}
+
+/// The encoder beside the model when the stack reads one, checked to be the one it was
+/// trained on.
+fn load_encoder(
+    engine: &Engine,
+    task: &Task,
+    learned: &Learned,
+) -> Result<Option<Arc<Encoder>>, HeadError> {
+    let Some(want) = learned.encoder() else {
+        return Ok(None);
+    };
+    let file = task.head_path().unwrap_or_default();
+    let invalid = |reason: String| HeadError::Invalid {
+        path: file.clone(),
+        reason,
+    };
+    let dir = crate::encoder::dir_beside(&engine.info.path);
+    let enc = crate::encoder::shared(&dir)
+        .map_err(|e| invalid(format!("its stack reads the sentence encoder: {e}")))?;
+    if enc.sha256 != want {
+        return Err(invalid(format!(
+            "trained on the sentence encoder {want}, the one in {} is {}",
+            dir.display(),
+            enc.sha256
+        )));
+    }
+    Ok(Some(enc))
 }
 
 /// The task's head or stack file, checked against the model and the task, and the task
@@ -314,13 +372,21 @@ impl HeadClassifier {
                 .map(|v| v.into_iter().map(Some).collect()),
             None => Ok(vec![None; seqs.len()]),
         };
+        // The encoder's embeddings, one text at a time (no padding in its forward pass).
+        let embeddings: Vec<Option<Vec<f32>>> = match &self.encoder {
+            Some(enc) => texts.iter().map(|t| Some(enc.embed(t))).collect(),
+            None => vec![None; texts.len()],
+        };
         let decode_ms = t_decode.elapsed().as_secs_f64() * 1e3;
         let states: Vec<Option<PooledStates>> = match states {
             Ok(s) => s,
             Err(e) => return fail_batch(checked, &e),
         };
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut states = states.into_iter().zip(seqs.iter().zip(cuts).zip(texts));
+        let mut states = states
+            .into_iter()
+            .zip(embeddings)
+            .zip(seqs.iter().zip(cuts).zip(texts));
         let mut out = Vec::with_capacity(reqs.len());
         for (req, c) in reqs.iter().zip(checked) {
             let prompt_res = prompt_results.as_mut().and_then(|it| it.next());
@@ -328,7 +394,7 @@ impl HeadClassifier {
                 out.push(Err(e));
                 continue;
             }
-            let Some((st, ((tokens, cut), text))) = states.next() else {
+            let Some(((st, emb), ((tokens, cut), text))) = states.next() else {
                 out.push(Err(RecordError::Engine(EngineError::Decode(
                     "feature extraction returned too few results".into(),
                 ))));
@@ -345,9 +411,13 @@ impl HeadClassifier {
                 ),
                 _ => None,
             };
-            let hp = self
-                .learned
-                .predict_with(&self.re, text, st.as_ref(), prompt_row.as_deref());
+            let hp = self.learned.predict_all(
+                &self.re,
+                text,
+                st.as_ref(),
+                prompt_row.as_deref(),
+                emb.as_deref(),
+            );
             // In task label order.
             let head_probs: Vec<f64> = self.order.iter().map(|&i| hp[i]).collect();
             let res = match prompt_res {

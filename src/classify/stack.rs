@@ -4,6 +4,8 @@
 //! prompt's label log-probabilities (the prompt method's own output, so the regression can
 //! lean on the prompt where the base model is good at the task). Any block may be absent:
 //! with the TF-IDF block alone it is plain TF-IDF (method `tfidf`, no model pass at all).
+//! A fourth, optional block is the sentence encoder's embedding ([`crate::encoder`]),
+//! standardized like the model block; only stacks with it load the encoder.
 //! Its file is saved beside the task, like a head file.
 
 use std::collections::BTreeMap;
@@ -72,6 +74,34 @@ impl PromptBlock {
     }
 }
 
+/// The sentence-encoder block: which encoder (the sha256 of its weights), the embedding's
+/// standardization, and the block's weight (`weight / sqrt(width)`, as the model block).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncoderBlock {
+    pub sha256: String,
+    pub standardizer: Standardizer,
+    pub scale: f64,
+}
+
+impl EncoderBlock {
+    fn row(&self, embedding: &[f32]) -> Vec<f32> {
+        self.standardizer
+            .apply(embedding)
+            .into_iter()
+            .map(|v| (v * self.scale) as f32)
+            .collect()
+    }
+}
+
+/// The encoder block to fit: the encoder's identity, the block weight relative to unit norm
+/// (negative: unscaled, each standardized value as is) and each text's embedding.
+#[derive(Debug, Clone, Copy)]
+pub struct EncoderFit<'a> {
+    pub sha256: &'a str,
+    pub weight: f64,
+    pub rows: &'a [Vec<f32>],
+}
+
 /// The learned parts: the blocks and the regression over them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StackModel {
@@ -80,6 +110,9 @@ pub struct StackModel {
     /// The prompt's label log-probabilities (absent in files written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Box<PromptBlock>>,
+    /// The sentence encoder's embedding (absent in files written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<Box<EncoderBlock>>,
     pub lr: LrParams,
     pub model: SoftmaxLr,
 }
@@ -114,6 +147,21 @@ impl StackModel {
         texts: &[&str],
         states: &[PooledStates],
         prompt: &[Vec<f64>],
+        y: &[usize],
+        n_labels: usize,
+        p: &StackParams,
+    ) -> Result<StackModel, HeadError> {
+        Self::fit_all(texts, states, prompt, None, y, n_labels, p)
+    }
+
+    /// [`StackModel::fit_blocks`] with the sentence encoder's embedding of each text as one
+    /// more block (`encoder`; None: no encoder block).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_all(
+        texts: &[&str],
+        states: &[PooledStates],
+        prompt: &[Vec<f64>],
+        encoder: Option<EncoderFit<'_>>,
         y: &[usize],
         n_labels: usize,
         p: &StackParams,
@@ -160,18 +208,45 @@ impl StackModel {
             }
             None => None,
         };
+        let encoder_block = match encoder {
+            Some(e) => {
+                if e.rows.len() != texts.len() {
+                    return Err(HeadError::Train(format!(
+                        "{} encoder rows for {} texts",
+                        e.rows.len(),
+                        texts.len()
+                    )));
+                }
+                let standardizer = Standardizer::fit(e.rows);
+                let width = standardizer.mean.len().max(1) as f64;
+                let weight = if e.weight < 0.0 {
+                    width.sqrt()
+                } else {
+                    e.weight
+                };
+                Some(Box::new(EncoderBlock {
+                    sha256: e.sha256.to_string(),
+                    standardizer,
+                    scale: weight / width.sqrt(),
+                }))
+            }
+            None => None,
+        };
+        let blocks = Blocks {
+            dense: dense.as_ref(),
+            prompt: prompt_block.as_deref(),
+            encoder: encoder_block.as_deref(),
+        };
         let dense_rows: Vec<Vec<f32>> = (0..texts.len())
             .map(|i| {
-                dense_row(
-                    dense.as_ref(),
-                    prompt_block.as_deref(),
+                blocks.row(
                     states.get(i),
                     prompt.get(i).map(Vec::as_slice),
+                    encoder.and_then(|e| e.rows.get(i)).map(Vec::as_slice),
                 )
             })
             .collect();
-        let n_dense = dense.as_ref().map_or(0, |d| d.standardizer.mean.len())
-            + prompt_block.as_ref().map_or(0, |_| n_labels);
+        let n_dense = blocks.width();
         let x = Design {
             sparse: &sparse,
             dense: if n_dense == 0 { &[] } else { &dense_rows },
@@ -184,6 +259,7 @@ impl StackModel {
             dense,
             text,
             prompt: prompt_block,
+            encoder: encoder_block,
             lr: p.lr,
             model,
         })
@@ -192,6 +268,11 @@ impl StackModel {
     /// Whether the prompt's label scores are needed.
     pub fn needs_prompt(&self) -> bool {
         self.prompt.is_some()
+    }
+
+    /// The encoder whose embeddings are needed (its weights' sha256), if any.
+    pub fn needs_encoder(&self) -> Option<&str> {
+        self.encoder.as_ref().map(|e| e.sha256.as_str())
     }
 
     /// Whether the model's hidden states are needed.
@@ -214,13 +295,34 @@ impl StackModel {
         states: Option<&PooledStates>,
         prompt: Option<&[f64]>,
     ) -> Vec<f64> {
+        self.predict_all(re, text, states, prompt, None)
+    }
+
+    /// [`StackModel::predict_with`] with the encoder's embedding of the text when
+    /// [`Self::needs_encoder`] (without it the block stays neutral).
+    pub fn predict_all(
+        &self,
+        re: &Regex,
+        text: &str,
+        states: Option<&PooledStates>,
+        prompt: Option<&[f64]>,
+        embedding: Option<&[f32]>,
+    ) -> Vec<f64> {
         let sparse = self
             .text
             .as_ref()
             .map(|t| t.transform(re, text))
             .unwrap_or_default();
-        let dense = dense_row(self.dense.as_ref(), self.prompt.as_deref(), states, prompt);
+        let dense = self.blocks().row(states, prompt, embedding);
         self.model.predict(&sparse, &dense)
+    }
+
+    fn blocks(&self) -> Blocks<'_> {
+        Blocks {
+            dense: self.dense.as_ref(),
+            prompt: self.prompt.as_deref(),
+            encoder: self.encoder.as_deref(),
+        }
     }
 
     /// The model block alone as a [`LinearHead`] (the head file's form), when there is no
@@ -229,7 +331,7 @@ impl StackModel {
         let d = self
             .dense
             .as_ref()
-            .filter(|_| self.text.is_none() && self.prompt.is_none())?;
+            .filter(|_| self.text.is_none() && self.prompt.is_none() && self.encoder.is_none())?;
         let k = self.model.n_labels;
         let weights = (0..k)
             .map(|c| {
@@ -250,35 +352,54 @@ impl StackModel {
 
     /// A short name of the blocks: `stack`, `tfidf` or `head`.
     pub fn kind(&self) -> &'static str {
-        match (&self.dense, &self.text, &self.prompt) {
-            (None, _, None) => "tfidf",
-            (Some(_), None, None) => "head",
+        match (&self.dense, &self.text, &self.prompt, &self.encoder) {
+            (None, _, None, None) => "tfidf",
+            (Some(_), None, None, None) => "head",
             _ => "stack",
         }
     }
 }
 
-/// The dense columns of one row: the model block (when there is one and `states`), then
-/// the prompt block (when there is one and `prompt`).
-fn dense_row(
-    dense: Option<&DenseBlock>,
-    prompt_block: Option<&PromptBlock>,
-    states: Option<&PooledStates>,
-    prompt: Option<&[f64]>,
-) -> Vec<f32> {
-    let mut row = match (dense, states) {
-        (Some(d), Some(s)) => d.row(s),
-        // Zeros are the training mean: the prompt block keeps its columns.
-        (Some(d), None) => vec![0.0; d.standardizer.mean.len()],
-        (None, _) => Vec::new(),
-    };
-    match (prompt_block, prompt) {
-        (Some(b), Some(p)) => row.extend(b.row(p)),
-        // Without the prompt's scores the block is neutral: the training mean.
-        (Some(b), None) => row.extend(vec![0.0; b.standardizer.mean.len()]),
-        (None, _) => {}
+/// The dense blocks of a stack, in column order: model features, prompt, encoder.
+struct Blocks<'a> {
+    dense: Option<&'a DenseBlock>,
+    prompt: Option<&'a PromptBlock>,
+    encoder: Option<&'a EncoderBlock>,
+}
+
+impl Blocks<'_> {
+    fn width(&self) -> usize {
+        self.dense.map_or(0, |d| d.standardizer.mean.len())
+            + self.prompt.map_or(0, |b| b.standardizer.mean.len())
+            + self.encoder.map_or(0, |e| e.standardizer.mean.len())
     }
-    row
+
+    /// The dense columns of one row: each block present, from its input when given; a
+    /// block without its input is neutral (zeros: the training mean), so the other blocks
+    /// keep their columns.
+    fn row(
+        &self,
+        states: Option<&PooledStates>,
+        prompt: Option<&[f64]>,
+        embedding: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let mut row = match (self.dense, states) {
+            (Some(d), Some(s)) => d.row(s),
+            (Some(d), None) => vec![0.0; d.standardizer.mean.len()],
+            (None, _) => Vec::new(),
+        };
+        match (self.prompt, prompt) {
+            (Some(b), Some(p)) => row.extend(b.row(p)),
+            (Some(b), None) => row.extend(vec![0.0; b.standardizer.mean.len()]),
+            (None, _) => {}
+        }
+        match (self.encoder, embedding) {
+            (Some(e), Some(v)) if v.len() == e.standardizer.mean.len() => row.extend(e.row(v)),
+            (Some(e), _) => row.extend(vec![0.0; e.standardizer.mean.len()]),
+            (None, _) => {}
+        }
+        row
+    }
 }
 
 /// The stack file saved next to a task.
@@ -332,7 +453,11 @@ impl StackFile {
         let n_sparse = s.text.as_ref().map_or(0, TextFeaturizer::width);
         let n_model = s.dense.as_ref().map_or(0, |d| d.standardizer.mean.len());
         let n_prompt = s.prompt.as_ref().map_or(0, |p| p.standardizer.mean.len());
-        let n_dense = n_model + n_prompt;
+        let n_encoder = s.encoder.as_ref().map_or(0, |e| e.standardizer.mean.len());
+        let n_dense = n_model + n_prompt + n_encoder;
+        let encoder_ok = s.encoder.as_ref().is_none_or(|e| {
+            !e.sha256.is_empty() && e.standardizer.scale.len() == n_encoder && n_encoder > 0
+        });
         let prompt_ok = n_prompt == 0 || n_prompt == f.labels.len();
         let dense_ok = s.dense.as_ref().is_none_or(|d| {
             let width = match d.feature.pooling {
@@ -347,6 +472,7 @@ impl StackFile {
             || s.model.n_sparse != n_sparse
             || s.model.n_dense != n_dense
             || !dense_ok
+            || !encoder_ok
             || (s.dense.is_some() && f.model_sha256.is_none())
         {
             return Err(invalid(format!(
@@ -541,5 +667,65 @@ mod tests {
         // Rows that do not match the texts are an error, not a panic.
         p.prompt = Some(1.0);
         assert!(StackModel::fit_blocks(&t, &[], &probs[..3], &y, 2, &p).is_err());
+    }
+
+    #[test]
+    fn the_encoder_block_carries_what_the_words_do_not_and_round_trips() {
+        // Words tell labels 0/1 apart; label 2 shares label 0's words and differs only in
+        // its (encoder) embedding.
+        let (t, _, y) = data();
+        let emb: Vec<Vec<f32>> = y
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let e = i as f32 * 0.01;
+                if l == 2 {
+                    vec![-1.0 + e, 0.2]
+                } else {
+                    vec![1.0 - e, 0.2 + e]
+                }
+            })
+            .collect();
+        let p = StackParams {
+            dense: None,
+            text: Some(TextParams::words_and_chars()),
+            prompt: None,
+            lr: LrParams {
+                alpha: 0.1,
+                ..LrParams::default()
+            },
+        };
+        let enc = EncoderFit {
+            sha256: "abc",
+            weight: 1.0,
+            rows: &emb,
+        };
+        let m = StackModel::fit_all(&t, &[], &[], Some(enc), &y, 3, &p).unwrap();
+        assert_eq!(m.kind(), "stack");
+        assert_eq!(m.needs_encoder(), Some("abc"));
+        assert!(m.needs_features().is_none() && m.to_linear_head().is_none());
+        let re = TextFeaturizer::regex();
+        let pred = |m: &StackModel, e: &[f32]| {
+            argmax(&m.predict_all(&re, "card stolen", None, None, Some(e)))
+        };
+        assert_eq!(pred(&m, &[1.0, 0.2]), 0);
+        assert_eq!(pred(&m, &[-1.0, 0.2]), 2);
+        let f = StackFile::new(vec!["a".into(), "b".into(), "c".into()], None, 0, m);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.stack.json");
+        f.save(&path).unwrap();
+        let g = StackFile::load(&path).unwrap();
+        assert_eq!(pred(&g.stack, &[-1.0, 0.2]), 2);
+        // A file whose encoder block lost its identity is refused.
+        let mut bad = g.clone();
+        if let Some(e) = bad.stack.encoder.as_mut() {
+            e.sha256.clear();
+        }
+        bad.save(&path).unwrap();
+        assert!(StackFile::load(&path).is_err());
+        // Without the encoder block the words alone cannot tell 0 from 2.
+        let words = StackModel::fit(&t, &[], &y, 3, &p).unwrap();
+        let probs = words.predict(&re, "card stolen", None);
+        assert!((probs[0] - probs[2]).abs() < 0.2, "{probs:?}");
     }
 }

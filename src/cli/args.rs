@@ -550,7 +550,8 @@ pub struct TuneArgs {
     #[arg(long, default_value_t = D::BATCH_SIZE)]
     pub batch_size: usize,
     /// Methods to choose among on dev: prompt (templates x shots x calibration), tfidf,
-    /// head, stack (comma-separated).
+    /// head, stack, encoder (stacks with the sentence encoder's embedding; needs
+    /// `scripts/fetch-model --encoder`) (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = D::tune::METHODS)]
     pub methods: Vec<String>,
     #[command(flatten)]

@@ -201,9 +201,11 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
     let engine = a.board.engine_config()?;
     let mut prompt_candidates = false;
     let mut methods = Vec::new();
+    let mut encoder = false;
     for m in &a.methods {
         match m.trim() {
             "prompt" => prompt_candidates = true,
+            "encoder" => encoder = true,
             "tfidf" => methods.push(Method::Tfidf),
             "head" => methods.push(Method::Head),
             "stack" => methods.push(Method::Stack),
@@ -211,7 +213,7 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
                 return Err(invalid(
                     command_line(),
                     "methods",
-                    format!("`{other}` is not prompt, tfidf, head or stack"),
+                    format!("`{other}` is not prompt, tfidf, head, stack or encoder"),
                 ))
             }
         }
@@ -236,6 +238,7 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
         },
         cache_dir: feature_cache(a.head.no_feature_cache),
         prompt_block_max_train: defaults::tune::STACK_PROMPT_MAX_TRAIN,
+        encoder,
     };
     Ok(cmd::tune::TuneConfig {
         prompt_candidates,

@@ -14,8 +14,9 @@ use crate::classify::stack::StackFile;
 use crate::classify::SetupError;
 use crate::eval::learn::{per_class_upto, xy, FeatureStore};
 use crate::eval::select::{
-    learned_candidates_with, LearnGrid, LearnedCandidate, PromptScores, Split,
+    learned_candidates_with, stack_feature, LearnGrid, LearnedCandidate, PromptScores, Split,
 };
+use crate::eval::select_encoder::{encoder_candidates, Embedded};
 use crate::eval::tune::{candidates, pick_best, Candidate};
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
@@ -34,6 +35,9 @@ pub struct LearnConfig {
     /// The stack's prompt block is tried only up to this many training texts (each is one
     /// more prompt run at tune time).
     pub prompt_block_max_train: usize,
+    /// Whether the stacks with the sentence encoder's embedding are tried
+    /// ([`crate::eval::select_encoder`]; the encoder beside the model).
+    pub encoder: bool,
 }
 
 /// Settings of `edgeact tune`.
@@ -65,7 +69,8 @@ enum Tried {
 /// Scores every candidate on the dev split and writes the best as a task file.
 pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
-    let needs_pool = cfg.shots.iter().any(|&k| k > 0) || !cfg.learn.grid.methods.is_empty();
+    let needs_pool =
+        cfg.shots.iter().any(|&k| k > 0) || !cfg.learn.grid.methods.is_empty() || cfg.learn.encoder;
     let pool = if needs_pool {
         eval::read_labeled(&cfg.data, Some(&cfg.train_split), usize::MAX)?
     } else {
@@ -302,7 +307,7 @@ fn learn(
     out: &mut dyn Write,
 ) -> Result<(Vec<LearnedCandidate>, usize, Option<usize>), AppError> {
     let grid = &cfg.learn.grid;
-    if grid.methods.is_empty() {
+    if grid.methods.is_empty() && !cfg.learn.encoder {
         return Ok((Vec::new(), 0, None));
     }
     let task = &cfg.templates[0];
@@ -327,7 +332,7 @@ fn learn(
         None => (Vec::new(), Vec::new()),
     };
     let block = match engine {
-        Some(engine) if grid.methods.contains(&Method::Stack) => {
+        Some(engine) if grid.methods.contains(&Method::Stack) || cfg.learn.encoder => {
             prompt_block(cfg, engine, &prompts, &train, &tx, out)?
         }
         _ => None,
@@ -337,7 +342,7 @@ fn learn(
         dev: &prompts.dev_probs[*k],
     });
     let mut failed = None;
-    let all = learned_candidates_with(
+    let mut all = learned_candidates_with(
         &labels,
         Split {
             texts: &tx,
@@ -361,7 +366,77 @@ fn learn(
     if let Some(e) = failed {
         return Err(e);
     }
+    if cfg.learn.encoder {
+        let train_split = Split {
+            texts: &tx,
+            states: &ts,
+            y: &ty,
+        };
+        let dev_split = Split {
+            texts: &dx,
+            states: &ds,
+            y: &dy,
+        };
+        let fitted = encoder_learn(cfg, &labels, (train_split, dev_split), scores, &all, out)?;
+        all.extend(fitted);
+    }
     Ok((all, train.len(), block.map(|(k, _)| k)))
+}
+
+/// The encoder candidates: the encoder beside the model embeds the train and dev texts,
+/// then each candidate is fitted and printed as a row.
+fn encoder_learn(
+    cfg: &TuneConfig,
+    labels: &[String],
+    (train, dev): (Split<'_>, Split<'_>),
+    scores: Option<PromptScores<'_>>,
+    fitted: &[LearnedCandidate],
+    out: &mut dyn Write,
+) -> Result<Vec<LearnedCandidate>, AppError> {
+    let task = &cfg.templates[0];
+    let dir = crate::encoder::dir_beside(&cfg.engine.model_path);
+    let enc = crate::encoder::shared(&dir)
+        .map_err(|e| head_err(task)(HeadError::Train(format!("method encoder: {e}"))))?;
+    let t0 = std::time::Instant::now();
+    let embed = |texts: &[&str]| texts.iter().map(|t| enc.embed(t)).collect::<Vec<_>>();
+    let (et, ed) = (embed(train.texts), embed(dev.texts));
+    let n = train.texts.len() + dev.texts.len();
+    let secs = t0.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "encoder: {n} texts embedded in {secs:.1} s ({:.1} texts/s)",
+        n as f64 / secs.max(1e-9)
+    )
+    .map_err(AppError::Output)?;
+    let grid = &cfg.learn.grid;
+    let feature = stack_feature(grid, fitted);
+    let mut failed = None;
+    let all = encoder_candidates(
+        labels,
+        (train, dev),
+        Embedded {
+            sha256: &enc.sha256,
+            train: &et,
+            dev: &ed,
+        },
+        Some(&feature),
+        scores,
+        grid,
+        |c| {
+            if let Err(e) = row(
+                out,
+                &format!("{} ({} train)", c.label, train.texts.len()),
+                &c.dev,
+            ) {
+                failed = Some(e);
+            }
+        },
+    )
+    .map_err(head_err(task))?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
 }
 
 /// A prompt candidate's index and its label probabilities of every train text.

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod plots;
 pub mod retrain;
 pub mod select;
+pub mod select_encoder;
 pub mod tune;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -273,7 +273,7 @@ pub fn learned_candidates_with(
 }
 
 /// The stack's model features: the best head's pooling (or the first pooling tried).
-fn stack_feature(grid: &LearnGrid, fitted: &[LearnedCandidate]) -> FeatureSpec {
+pub fn stack_feature(grid: &LearnGrid, fitted: &[LearnedCandidate]) -> FeatureSpec {
     let pooling = fitted
         .iter()
         .filter(|c| c.method == Method::Head)

@@ -187,6 +187,9 @@ pub struct Extras {
     pub feature_batch_tokens: Vec<u32>,
     /// Tensor bytes of the LoRA adapter (llama.cpp reads them into memory, F32 as stored).
     pub lora_bytes: u64,
+    /// The sentence encoder's f32 weights and one forward pass (`encoder::planned_bytes`),
+    /// when a task's stack reads it (one copy, shared by the tasks).
+    pub encoder_bytes: u64,
 }
 
 /// A feature context (`model::FeatureContext`): `n_batch` cells of KV cache (padded to 256),
@@ -223,6 +226,8 @@ pub struct Estimate {
     pub features_bytes: u64,
     /// The LoRA adapter's tensors.
     pub lora_bytes: u64,
+    /// The sentence encoder ([`Extras::encoder_bytes`]).
+    pub encoder_bytes: u64,
     pub overhead_bytes: u64,
 }
 
@@ -236,6 +241,7 @@ impl Estimate {
             + self.offload_bytes
             + self.features_bytes
             + self.lora_bytes
+            + self.encoder_bytes
             + self.overhead_bytes
     }
     pub fn total_mib(&self) -> u64 {
@@ -252,6 +258,7 @@ impl Estimate {
             ("GPU offload", self.offload_bytes, false),
             ("feature contexts", self.features_bytes, false),
             ("LoRA", self.lora_bytes, false),
+            ("encoder", self.encoder_bytes, false),
             ("overhead", self.overhead_bytes, true),
         ];
         let shown: Vec<String> = terms
@@ -324,6 +331,7 @@ pub fn estimate(shape: &ModelShape, plan: &ContextPlan, extras: &Extras) -> Esti
             .map(|&n| feature_context_bytes(shape, n))
             .sum(),
         lora_bytes: extras.lora_bytes,
+        encoder_bytes: extras.encoder_bytes,
         overhead_bytes: OVERHEAD_BYTES,
     }
 }
@@ -526,6 +534,7 @@ mod tests {
         let extras = Extras {
             feature_batch_tokens: vec![64, 64],
             lora_bytes: 3 * MIB,
+            encoder_bytes: 5 * MIB,
         };
         let with = estimate(&gemma(), &plan(2048), &extras);
         let one = feature_context_bytes(&gemma(), 64);
@@ -533,7 +542,8 @@ mod tests {
         // buffers) each, so over 128 MiB apiece.
         assert!(one > 128 * MIB, "{one}");
         assert_eq!(with.features_bytes, 2 * one);
-        assert_eq!(with.total_bytes() - base.total_bytes(), 2 * one + 3 * MIB);
+        assert_eq!(with.total_bytes() - base.total_bytes(), 2 * one + 8 * MIB);
+        assert!(with.detail().contains("encoder 5"), "{}", with.detail());
         assert!(
             with.detail().contains("feature contexts"),
             "{}",

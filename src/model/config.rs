@@ -108,6 +108,9 @@ pub struct EngineConfig {
     /// `n_batch_tokens` of each feature context the run creates (learned-head tasks; from
     /// the task files, not the board): counted in the memory estimate.
     pub feature_batch_tokens: Vec<u32>,
+    /// Bytes of the sentence encoder when a task's stack reads it (from the task files):
+    /// counted in the memory estimate.
+    pub encoder_bytes: u64,
 }
 
 /// Where board profiles are looked for, in order.
@@ -253,6 +256,7 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
         prefix_cache_dir: b.prefix_cache_dir,
         lora: None,
         feature_batch_tokens: Vec::new(),
+        encoder_bytes: 0,
     })
 }
 

@@ -153,6 +153,7 @@ pub fn preflight(
             Some(l) => gguf::read_header(&l.path)?.tensor_bytes(),
             None => 0,
         },
+        encoder_bytes: cfg.encoder_bytes,
     };
     let fitted = budget::fit(
         &shape,

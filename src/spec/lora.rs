@@ -108,5 +108,29 @@ pub fn config_for_tasks<'a>(
         })
         .map(|_| FeatureParams::default().n_batch_tokens)
         .collect();
+    // One encoder serves every task whose stack reads it; none is counted (or loaded)
+    // otherwise. A missing encoder counts 0 here: loading the task names the missing file.
+    cfg.encoder_bytes = if tasks.iter().any(|t| stack_uses_encoder(t)) {
+        crate::encoder::planned_bytes(&crate::encoder::dir_beside(&cfg.model_path)).unwrap_or(0)
+    } else {
+        0
+    };
     Ok(cfg)
+}
+
+/// Whether the task's stack file has an encoder block (a look at the one key; the stack
+/// file itself is read and checked by `classify::stack`). Unreadable: no.
+fn stack_uses_encoder(t: &Task) -> bool {
+    let Some(path) = t
+        .head
+        .as_ref()
+        .filter(|h| h.method.uses_stack_file())
+        .and_then(|_| t.head_path())
+    else {
+        return false;
+    };
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| !v["stack"]["encoder"].is_null())
 }
