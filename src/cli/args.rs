@@ -596,6 +596,10 @@ pub struct HeadArgs {
     /// Feature prompt with one {text} (default: PromptEOL).
     #[arg(long, default_value = crate::classify::features::PROMPT_EOL)]
     pub feature_prompt: String,
+    /// Layers whose outputs are the features, concatenated: comma-separated indices (0 =
+    /// the first layer) or `final` (the final normed output).
+    #[arg(long, default_value = D::tune::HEAD_LAYERS)]
+    pub layers: String,
     /// Poolings to try: last, mean, last+mean (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = D::tune::HEAD_POOLINGS)]
     pub pooling: Vec<String>,

@@ -96,6 +96,8 @@ pub mod tune {
     pub const STACK_PROMPT_MAX_TRAIN: usize = 2000;
     /// L-BFGS iterations of the learned methods.
     pub const LEARN_MAX_ITERATIONS: usize = 150;
+    /// Layers of the model features (see `tune --layers`).
+    pub const HEAD_LAYERS: &str = "final";
     /// Poolings tried for the head.
     pub const HEAD_POOLINGS: &str = "last,mean,last+mean";
     /// L2 strengths tried for the head.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::args::*;
 use super::defaults;
-use crate::classify::features::{FeatureSpec, Pooling};
+use crate::classify::features::{parse_layers, FeatureSpec, Pooling};
 use crate::classify::ScorePath;
 use crate::cmd::quantize::QuantizeConfig;
 use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
@@ -223,6 +223,7 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
                 prompt: a.head.feature_prompt.clone(),
                 pooling: Pooling::Last,
                 max_text_tokens: a.head.max_text_tokens,
+                layers: a.head.layers()?,
             },
             poolings: a.head.poolings()?,
             alphas: a.head.alpha.clone(),
@@ -267,6 +268,19 @@ impl HeadArgs {
                 )
             }),
         }
+    }
+
+    fn layers(&self) -> Result<Vec<u32>, AppError> {
+        parse_layers(&self.layers).ok_or_else(|| {
+            invalid(
+                command_line(),
+                "layers",
+                format!(
+                    "`{}` is not `final` or comma-separated layer indices",
+                    self.layers
+                ),
+            )
+        })
     }
 
     fn poolings(&self) -> Result<Vec<Pooling>, AppError> {
@@ -325,6 +339,7 @@ fn tune_head(a: TuneArgs) -> Result<cmd::tune_head::TuneHeadConfig, AppError> {
         per_class: a.head.per_class()?,
         limit: a.limit,
         prompt: a.head.feature_prompt.clone(),
+        layers: a.head.layers()?,
         poolings: a.head.poolings()?,
         alphas: a.head.alpha.clone(),
         max_text_tokens: a.head.max_text_tokens,

@@ -13,6 +13,7 @@ mod cli;
 mod home_assistant;
 mod kiosk;
 mod learn;
+mod layers;
 mod learned;
 mod lora;
 mod memory;
