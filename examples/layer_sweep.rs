@@ -103,6 +103,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..FeatureSpec::prompt_eol(Pooling::Last)
             },
             poolings: vec![Pooling::Last, Pooling::Mean],
+            layer_choices: Vec::new(),
+            final_layer: n_layer,
             alphas: alphas.clone(),
             stack_weights: vec![1.0],
             max_iterations: 150,

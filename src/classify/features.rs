@@ -234,6 +234,27 @@ mod tests {
     }
 
     #[test]
+    fn layers_parse_name_size_and_default_to_the_final_output() {
+        assert_eq!(parse_layers("final"), Some(vec![]));
+        assert_eq!(parse_layers(" 6, 9 "), Some(vec![6, 9]));
+        assert_eq!(parse_layers("six"), None);
+        assert_eq!(layers_name(&[]), "final");
+        assert_eq!(layers_name(&[6, 9]), "layers 6,9");
+        let mut s = FeatureSpec::prompt_eol(Pooling::LastMean);
+        assert_eq!(s.width(640), 1280);
+        s.layers = vec![6, 9, 12];
+        assert_eq!(s.width(640), 3 * 1280);
+        // A file written before layers could be chosen reads as the final output, and a
+        // spec on the final output writes no `layers` key.
+        let old = r#"{"prompt":"T: {text}","pooling":"last","max_text_tokens":96}"#;
+        let f: FeatureSpec = serde_json::from_str(old).unwrap();
+        assert!(f.layers.is_empty());
+        assert_eq!(serde_json::to_string(&f).unwrap(), old);
+        let back: FeatureSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
     fn pooling_names_and_widths() {
         let st = PooledStates {
             last: vec![1.0, 2.0],

@@ -226,6 +226,8 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
                 layers: a.head.layers()?,
             },
             poolings: a.head.poolings()?,
+            layer_choices: a.head.layer_choices()?,
+            final_layer: 0,
             alphas: a.head.alpha.clone(),
             stack_weights: defaults::tune::STACK_WEIGHTS.to_vec(),
             max_iterations: defaults::tune::LEARN_MAX_ITERATIONS,
@@ -270,17 +272,25 @@ impl HeadArgs {
         }
     }
 
+    /// The layer choices (`;`-separated), each `final` or comma-separated indices.
+    fn layer_choices(&self) -> Result<Vec<Vec<u32>>, AppError> {
+        self.layers
+            .split(';')
+            .map(|c| {
+                parse_layers(c).ok_or_else(|| {
+                    invalid(
+                        command_line(),
+                        "layers",
+                        format!("`{c}` is not `final` or comma-separated layer indices"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The first layer choice (`tune --head` fits one).
     fn layers(&self) -> Result<Vec<u32>, AppError> {
-        parse_layers(&self.layers).ok_or_else(|| {
-            invalid(
-                command_line(),
-                "layers",
-                format!(
-                    "`{}` is not `final` or comma-separated layer indices",
-                    self.layers
-                ),
-            )
-        })
+        Ok(self.layer_choices()?.swap_remove(0))
     }
 
     fn poolings(&self) -> Result<Vec<Pooling>, AppError> {

@@ -113,3 +113,112 @@ fn layer_tap_matches_the_full_graph_is_deterministic_and_stops_early() {
     }
     println!("feature cost (2 threads, 8 texts x {reps}): {}", line.join("; "));
 }
+
+/// A head file for `task` on the final output with fixed pseudo-random weights: the cost of
+/// a head does not depend on what it learned.
+fn head_task(
+    engine: &edgeact::model::Engine,
+    name: &str,
+    layers: Vec<u32>,
+    dir: &std::path::Path,
+) -> edgeact::spec::Task {
+    use edgeact::classify::head::{HeadFile, LinearHead, Standardizer, TrainParams};
+    let mut task = testkit::task(name);
+    let feature = FeatureSpec {
+        layers,
+        ..FeatureSpec::prompt_eol(Pooling::Last)
+    };
+    let d = feature.width(engine.n_embd());
+    let labels: Vec<String> = task.labels.iter().map(|l| l.name.clone()).collect();
+    let mut s = 7u64;
+    let mut rnd = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    };
+    let head = LinearHead {
+        standardizer: Standardizer {
+            mean: vec![0.0; d],
+            scale: vec![1.0; d],
+        },
+        weights: labels
+            .iter()
+            .map(|_| (0..d).map(|_| rnd() * 0.01).collect())
+            .collect(),
+        bias: vec![0.0; labels.len()],
+    };
+    let file = HeadFile {
+        version: 1,
+        labels,
+        feature,
+        model_sha256: engine.info.sha256.clone(),
+        n_embd: engine.n_embd(),
+        train: TrainParams::default(),
+        measured: Default::default(),
+        head,
+    };
+    let path = dir.join(format!("{name}.head.json"));
+    file.save(&path).unwrap();
+    task.head = Some(edgeact::spec::HeadRef {
+        file: path,
+        method: edgeact::spec::Method::Head,
+    });
+    task
+}
+
+#[test]
+fn a_head_on_77_labels_costs_about_what_one_on_2_does() {
+    use edgeact::classify::runner::TaskRunner;
+    use edgeact::classify::{Request, ScorePath};
+    let mut engine = testkit::engine(1);
+    let dir = tempfile::tempdir().unwrap();
+    let reqs: Vec<Request> = TEXTS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Request::text(i.to_string(), *t))
+        .collect();
+    let reps = 3;
+    let mut per_req_ms = Vec::new();
+    for (name, layers) in [
+        ("banking77", vec![]),
+        ("sentiment", vec![]),
+        ("banking77", vec![9]),
+        ("sentiment", vec![9]),
+    ] {
+        let task = head_task(&engine, name, layers.clone(), dir.path());
+        let n_labels = task.labels.len();
+        let mut runner = TaskRunner::new(
+            &mut engine,
+            task,
+            0,
+            None,
+            None,
+            None,
+            FeatureParams::default(),
+        )
+        .unwrap();
+        // Warm: the first call builds the graph.
+        runner.classify_many(&mut engine, &reqs, ScorePath::Fast);
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            for r in runner.classify_many(&mut engine, &reqs, ScorePath::Fast) {
+                let r = r.unwrap();
+                assert_eq!(r.provenance.method, edgeact::spec::Method::Head);
+                assert_eq!(r.scores.len(), n_labels);
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / (reps * reqs.len()) as f64;
+        per_req_ms.push(ms);
+        println!(
+            "head cost: {name} ({n_labels} labels, {}): {ms:.1} ms per request (batches of {})",
+            edgeact::classify::features::layers_name(&layers),
+            reqs.len()
+        );
+    }
+    println!(
+        "head cost ratio 77 labels / 2 labels: {:.2} (final output), {:.2} (layer 9)",
+        per_req_ms[0] / per_req_ms[1],
+        per_req_ms[2] / per_req_ms[3]
+    );
+}
