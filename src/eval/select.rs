@@ -166,9 +166,9 @@ fn plan(grid: &LearnGrid) -> Vec<(Method, String, StackParams)> {
                     out.push((
                         Method::Head,
                         format!("head, {what}{} pooling, alpha {a}", p.name()),
-                    StackParams {
-                        dense: Some((feature, -1.0)),
-                        text: None,
+                        StackParams {
+                            dense: Some((feature, -1.0)),
+                            text: None,
                             prompt: None,
                             lr: lr(a, grid.max_iterations),
                         },

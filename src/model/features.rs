@@ -43,7 +43,9 @@ impl PooledStates {
         let want: Vec<Option<usize>> = if to.is_empty() {
             vec![from.is_empty().then_some(0)]
         } else {
-            to.iter().map(|l| from.iter().position(|f| f == l)).collect()
+            to.iter()
+                .map(|l| from.iter().position(|f| f == l))
+                .collect()
         };
         for i in want {
             let r = i? * n_embd..(i? + 1) * n_embd;
@@ -320,7 +322,11 @@ fn pool<'a>(len: usize, row: impl Fn(usize) -> &'a [f32]) -> PooledStates {
     }
     let n = (len.saturating_sub(1)).max(1) as f64;
     PooledStates {
-        last: if len == 0 { Vec::new() } else { row(len - 1).to_vec() },
+        last: if len == 0 {
+            Vec::new()
+        } else {
+            row(len - 1).to_vec()
+        },
         mean: sum.into_iter().map(|v| (v / n) as f32).collect(),
     }
 }

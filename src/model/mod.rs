@@ -26,8 +26,8 @@ mod load;
 mod prefix;
 pub mod quantize;
 mod score;
-mod tap;
 pub mod scoring;
+mod tap;
 mod text;
 
 use std::path::PathBuf;

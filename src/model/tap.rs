@@ -67,7 +67,11 @@ impl LayerTap {
     }
 
     fn wanted(&self, name: &str) -> Option<usize> {
-        let name = if name == FINAL_POOLED { FINAL_NORM } else { name };
+        let name = if name == FINAL_POOLED {
+            FINAL_NORM
+        } else {
+            name
+        };
         self.names.iter().position(|n| n == name)
     }
 

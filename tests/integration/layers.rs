@@ -34,7 +34,10 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn close(a: &PooledStates, b: &PooledStates, tol: f32, what: &str) {
-    let (l, m) = (max_rel_diff(&a.last, &b.last), max_rel_diff(&a.mean, &b.mean));
+    let (l, m) = (
+        max_rel_diff(&a.last, &b.last),
+        max_rel_diff(&a.mean, &b.mean),
+    );
     assert!(l <= tol && m <= tol, "{what}: last {l}, mean {m}");
 }
 
@@ -62,8 +65,16 @@ fn layer_tap_matches_the_full_graph_is_deterministic_and_stops_early() {
     let tapped_final = fctx.hidden_states(&seqs, &[n_layer], |_| {}).unwrap();
     for i in 0..seqs.len() {
         assert_eq!(tapped[i].last.len(), n_embd);
-        close(&full[i], &tapped[i], 1e-4, &format!("text {i}, final vs full graph"));
-        assert_eq!(tapped[i], tapped_final[i], "text {i}: [] and [n_layer] differ");
+        close(
+            &full[i],
+            &tapped[i],
+            1e-4,
+            &format!("text {i}, final vs full graph"),
+        );
+        assert_eq!(
+            tapped[i], tapped_final[i],
+            "text {i}: [] and [n_layer] differ"
+        );
     }
 
     // Deterministic, and the same whether the graph stops at layer 3 or goes on to 17.
@@ -75,12 +86,31 @@ fn layer_tap_matches_the_full_graph_is_deterministic_and_stops_early() {
     let late = fctx.hidden_states(&seqs, &[17, 3], |_| {}).unwrap();
     for i in 0..seqs.len() {
         assert_eq!(every[i].last.len(), (n_layer as usize + 1) * n_embd);
-        assert!(every[i].last.iter().chain(&every[i].mean).all(|v| v.is_finite()));
+        assert!(every[i]
+            .last
+            .iter()
+            .chain(&every[i].mean)
+            .all(|v| v.is_finite()));
         let from_every = every[i].select(&all, &[3]).unwrap();
-        close(&early[i], &from_every, 1e-5, &format!("text {i}, layer 3 alone vs all"));
-        close(&early[i], &late[i].select(&[17, 3], &[3]).unwrap(), 1e-5, "layer 3 vs 17,3");
+        close(
+            &early[i],
+            &from_every,
+            1e-5,
+            &format!("text {i}, layer 3 alone vs all"),
+        );
+        close(
+            &early[i],
+            &late[i].select(&[17, 3], &[3]).unwrap(),
+            1e-5,
+            "layer 3 vs 17,3",
+        );
         let last_final = every[i].select(&all, &[n_layer]).unwrap();
-        close(&last_final, &tapped[i], 1e-5, &format!("text {i}, final among all"));
+        close(
+            &last_final,
+            &tapped[i],
+            1e-5,
+            &format!("text {i}, final among all"),
+        );
     }
     // Layers differ from each other (the tap did not copy one tensor twice).
     let l3 = every[0].select(&all, &[3]).unwrap();
@@ -111,7 +141,10 @@ fn layer_tap_matches_the_full_graph_is_deterministic_and_stops_early() {
         let rate = (reps * seqs.len()) as f64 / t0.elapsed().as_secs_f64();
         line.push(format!("{what}: {rate:.1} texts/s"));
     }
-    println!("feature cost (2 threads, 8 texts x {reps}): {}", line.join("; "));
+    println!(
+        "feature cost (2 threads, 8 texts x {reps}): {}",
+        line.join("; ")
+    );
 }
 
 /// A head file for `task` on the final output with fixed pseudo-random weights: the cost of
