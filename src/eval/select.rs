@@ -48,6 +48,11 @@ impl LearnGrid {
         if self.layer_choices.is_empty() {
             return;
         }
+        // A default choice deeper than a smaller model goes; the final output stays.
+        self.layer_choices.retain(|c| c.iter().all(|&l| l <= n_layer));
+        if self.layer_choices.is_empty() {
+            self.layer_choices.push(Vec::new());
+        }
         for c in self.layer_choices.iter_mut() {
             if c.is_empty() {
                 c.push(n_layer);
@@ -486,6 +491,13 @@ mod tests {
         };
         f.resolve_layers(18);
         assert!(f.feature.layers.is_empty() && f.layer_choices.is_empty());
+        // A model with fewer layers drops the choices it does not have.
+        let mut small = LearnGrid {
+            layer_choices: vec![vec![], vec![12]],
+            ..g.clone()
+        };
+        small.resolve_layers(6);
+        assert!(small.feature.layers.is_empty() && small.layer_choices.is_empty());
 
         // Layer 9 separates the labels, layer 3 and the final output do not.
         let st = |sign: f32, k: f32| PooledStates {
