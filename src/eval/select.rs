@@ -49,7 +49,8 @@ impl LearnGrid {
             return;
         }
         // A default choice deeper than a smaller model goes; the final output stays.
-        self.layer_choices.retain(|c| c.iter().all(|&l| l <= n_layer));
+        self.layer_choices
+            .retain(|c| c.iter().all(|&l| l <= n_layer));
         if self.layer_choices.is_empty() {
             self.layer_choices.push(Vec::new());
         }
