@@ -62,6 +62,11 @@ pub struct FeatureSpec {
     pub pooling: Pooling,
     /// Most tokens of the text kept (the head of the text).
     pub max_text_tokens: usize,
+    /// The layers whose outputs are pooled, concatenated in this order (0 = the first
+    /// layer's output); empty: the model's final normed output, as before layers could be
+    /// chosen (files without this key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<u32>,
 }
 
 impl FeatureSpec {
@@ -70,7 +75,22 @@ impl FeatureSpec {
             prompt: PROMPT_EOL.into(),
             pooling,
             max_text_tokens: 96,
+            layers: Vec::new(),
         }
+    }
+
+    /// Width of one pooled feature vector for a model of width `n_embd`.
+    pub fn width(&self, n_embd: usize) -> usize {
+        let per = match self.pooling {
+            Pooling::LastMean => 2,
+            _ => 1,
+        };
+        per * self.layers.len().max(1) * n_embd
+    }
+
+    /// How the layers are named in candidate labels and reports: `final` or `layers 6,9`.
+    pub fn layers_name(&self) -> String {
+        layers_name(&self.layers)
     }
 
     /// The prompt's literal text before and after `{text}`.
@@ -90,6 +110,25 @@ impl FeatureSpec {
             _ => Err(bad("{text} may appear once")),
         }
     }
+}
+
+/// `final` for no layers, else `layers 6,9,12`.
+pub fn layers_name(layers: &[u32]) -> String {
+    if layers.is_empty() {
+        return "final".into();
+    }
+    let l: Vec<String> = layers.iter().map(u32::to_string).collect();
+    format!("layers {}", l.join(","))
+}
+
+/// Parses a layer list as users write it: `final` (or empty) for the final output, else
+/// comma-separated layer indices (`6,9,12`).
+pub fn parse_layers(s: &str) -> Option<Vec<u32>> {
+    let s = s.trim();
+    if s.is_empty() || s == "final" {
+        return Some(Vec::new());
+    }
+    s.split(',').map(|p| p.trim().parse().ok()).collect()
 }
 
 /// Turns texts into feature-prompt tokens that always fit the feature context:
@@ -152,7 +191,7 @@ pub fn extract_states(
     let tok = FeatureTokenizer::new(engine, spec, fctx.max_tokens())?;
     let seqs: Vec<Vec<Token>> = texts.iter().map(|t| tok.tokens(engine, t).0).collect();
     let base = progress.map(|b| b.position()).unwrap_or(0);
-    Ok(fctx.hidden_states(&seqs, |done| {
+    Ok(fctx.hidden_states(&seqs, &spec.layers, |done| {
         if let Some(b) = progress {
             b.set_position(base + done as u64);
         }
@@ -192,6 +231,27 @@ mod tests {
         assert!(s.split().is_err());
         s.prompt = "{text} {other}".into();
         assert!(s.split().is_err());
+    }
+
+    #[test]
+    fn layers_parse_name_size_and_default_to_the_final_output() {
+        assert_eq!(parse_layers("final"), Some(vec![]));
+        assert_eq!(parse_layers(" 6, 9 "), Some(vec![6, 9]));
+        assert_eq!(parse_layers("six"), None);
+        assert_eq!(layers_name(&[]), "final");
+        assert_eq!(layers_name(&[6, 9]), "layers 6,9");
+        let mut s = FeatureSpec::prompt_eol(Pooling::LastMean);
+        assert_eq!(s.width(640), 1280);
+        s.layers = vec![6, 9, 12];
+        assert_eq!(s.width(640), 3 * 1280);
+        // A file written before layers could be chosen reads as the final output, and a
+        // spec on the final output writes no `layers` key.
+        let old = r#"{"prompt":"T: {text}","pooling":"last","max_text_tokens":96}"#;
+        let f: FeatureSpec = serde_json::from_str(old).unwrap();
+        assert!(f.layers.is_empty());
+        assert_eq!(serde_json::to_string(&f).unwrap(), old);
+        let back: FeatureSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

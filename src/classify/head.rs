@@ -12,7 +12,7 @@ use ndarray::{Array1, Array2};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::features::{FeatureSpec, Pooling};
+use super::features::FeatureSpec;
 use crate::model::scoring::softmax;
 use crate::model::EngineError;
 
@@ -214,10 +214,7 @@ impl HeadFile {
         }
         let n = h.labels.len();
         let d = h.head.standardizer.mean.len();
-        let width = match h.feature.pooling {
-            Pooling::LastMean => 2 * h.n_embd,
-            _ => h.n_embd,
-        };
+        let width = h.feature.width(h.n_embd);
         if n < 2
             || h.head.weights.len() != n
             || h.head.bias.len() != n
@@ -271,6 +268,7 @@ pub(crate) fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::features::Pooling;
 
     /// Three well-separated clusters in 4 dimensions (one feature constant), by a fixed
     /// pseudo-random walk: deterministic.

@@ -366,9 +366,13 @@ impl HeadClassifier {
         }
         let t_decode = Instant::now();
         // TF-IDF alone needs no model pass.
+        let layers = self
+            .learned
+            .feature()
+            .map_or(&[][..], |f| f.layers.as_slice());
         let states = match &mut self.features {
             Some((fctx, _)) => fctx
-                .hidden_states(&seqs, |_| {})
+                .hidden_states(&seqs, layers, |_| {})
                 .map(|v| v.into_iter().map(Some).collect()),
             None => Ok(vec![None; seqs.len()]),
         };

@@ -460,10 +460,7 @@ impl StackFile {
         });
         let prompt_ok = n_prompt == 0 || n_prompt == f.labels.len();
         let dense_ok = s.dense.as_ref().is_none_or(|d| {
-            let width = match d.feature.pooling {
-                super::features::Pooling::LastMean => 2 * f.n_embd,
-                _ => f.n_embd,
-            };
+            let width = d.feature.width(f.n_embd);
             d.standardizer.scale.len() == n_model && n_model == width && d.feature.split().is_ok()
         });
         if !s.model.consistent()

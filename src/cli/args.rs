@@ -597,6 +597,11 @@ pub struct HeadArgs {
     /// Feature prompt with one {text} (default: PromptEOL).
     #[arg(long, default_value = crate::classify::features::PROMPT_EOL)]
     pub feature_prompt: String,
+    /// Layers whose outputs are the features: `final` (the final normed output) or
+    /// comma-separated layer indices (0 = the first layer; several are concatenated).
+    /// `tune` tries each of several `;`-separated choices on dev; `tune --head` the first.
+    #[arg(long, default_value = D::tune::HEAD_LAYERS)]
+    pub layers: String,
     /// Poolings to try: last, mean, last+mean (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = D::tune::HEAD_POOLINGS)]
     pub pooling: Vec<String>,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::args::*;
 use super::defaults;
-use crate::classify::features::{FeatureSpec, Pooling};
+use crate::classify::features::{parse_layers, FeatureSpec, Pooling};
 use crate::classify::ScorePath;
 use crate::cmd::quantize::QuantizeConfig;
 use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
@@ -225,8 +225,11 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
                 prompt: a.head.feature_prompt.clone(),
                 pooling: Pooling::Last,
                 max_text_tokens: a.head.max_text_tokens,
+                layers: a.head.layers()?,
             },
             poolings: a.head.poolings()?,
+            layer_choices: a.head.layer_choices()?,
+            final_layer: 0,
             alphas: a.head.alpha.clone(),
             stack_weights: defaults::tune::STACK_WEIGHTS.to_vec(),
             max_iterations: defaults::tune::LEARN_MAX_ITERATIONS,
@@ -270,6 +273,27 @@ impl HeadArgs {
                 )
             }),
         }
+    }
+
+    /// The layer choices (`;`-separated), each `final` or comma-separated indices.
+    fn layer_choices(&self) -> Result<Vec<Vec<u32>>, AppError> {
+        self.layers
+            .split(';')
+            .map(|c| {
+                parse_layers(c).ok_or_else(|| {
+                    invalid(
+                        command_line(),
+                        "layers",
+                        format!("`{c}` is not `final` or comma-separated layer indices"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The first layer choice (`tune --head` fits one).
+    fn layers(&self) -> Result<Vec<u32>, AppError> {
+        Ok(self.layer_choices()?.swap_remove(0))
     }
 
     fn poolings(&self) -> Result<Vec<Pooling>, AppError> {
@@ -328,6 +352,7 @@ fn tune_head(a: TuneArgs) -> Result<cmd::tune_head::TuneHeadConfig, AppError> {
         per_class: a.head.per_class()?,
         limit: a.limit,
         prompt: a.head.feature_prompt.clone(),
+        layers: a.head.layers()?,
         poolings: a.head.poolings()?,
         alphas: a.head.alpha.clone(),
         max_text_tokens: a.head.max_text_tokens,

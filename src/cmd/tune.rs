@@ -327,10 +327,12 @@ fn learn(
     let labels: Vec<String> = task.labels.iter().map(|l| l.name.clone()).collect();
     let (tx, ty) = xy(task, &train);
     let (dx, dy) = xy(task, dev);
+    let mut grid = grid.clone();
     let (ts, ds) = match engine.as_deref().filter(|_| grid.needs_features()) {
-        Some(engine) => features(cfg, engine, (&tx, &dx))?,
+        Some(engine) => features(cfg, engine, &mut grid, (&tx, &dx))?,
         None => (Vec::new(), Vec::new()),
     };
+    let grid = &grid;
     let block = match engine {
         Some(engine) if grid.methods.contains(&Method::Stack) || cfg.learn.encoder => {
             prompt_block(cfg, engine, &prompts, &train, &tx, out)?
@@ -484,17 +486,20 @@ fn prompt_block(
     Ok(Some((k, probs)))
 }
 
-/// Pooled states of the train and dev texts, through the feature cache.
+/// Pooled states of the train and dev texts, through the feature cache, at the union of
+/// the grid's layer choices (resolved here, where the model's layer count is known).
 fn features(
     cfg: &TuneConfig,
     engine: &Engine,
+    grid: &mut LearnGrid,
     (tx, dx): (&[&str], &[&str]),
 ) -> Result<(Vec<PooledStates>, Vec<PooledStates>), AppError> {
     let err = head_err(&cfg.templates[0]);
-    let spec = &cfg.learn.grid.feature;
     let mut fctx = engine
         .feature_context(cfg.learn.features)
         .map_err(|e| err(e.into()))?;
+    grid.resolve_layers(fctx.n_layer());
+    let spec = &grid.feature;
     let tok = FeatureTokenizer::new(engine, spec, fctx.max_tokens()).map_err(&err)?;
     let mut store = FeatureStore::open(cfg.learn.cache_dir.as_deref(), engine, spec, &tok);
     let ts = store

@@ -31,6 +31,8 @@ pub struct TuneHeadConfig {
     /// Dev examples at most (evenly spaced sample).
     pub limit: usize,
     pub prompt: String,
+    /// Layers of the features (empty: the final output).
+    pub layers: Vec<u32>,
     pub poolings: Vec<Pooling>,
     pub alphas: Vec<f64>,
     pub max_text_tokens: usize,
@@ -70,6 +72,7 @@ pub fn run(cfg: TuneHeadConfig, out: &mut dyn Write) -> Result<(), AppError> {
         prompt: cfg.prompt.clone(),
         pooling: Pooling::Last,
         max_text_tokens: cfg.max_text_tokens,
+        layers: cfg.layers.clone(),
     };
     let head_err = |e: HeadError| SetupError::Head {
         task: cfg.task.name.clone(),

@@ -19,7 +19,8 @@ use crate::model::{Engine, FeatureContext, PooledStates};
 use crate::spec::Task;
 
 /// Pooled states by text, for one model and feature prompt, kept in memory and appended
-/// to a file: `[16-byte key][last: n_embd f32 LE][mean: n_embd f32 LE]` records.
+/// to a file: `[16-byte key][last: width f32 LE][mean: width f32 LE]` records (width: n_embd
+/// per layer of the spec). The key includes the layers.
 pub struct FeatureStore {
     n_embd: usize,
     map: HashMap<[u8; 16], PooledStates>,
@@ -37,12 +38,18 @@ impl FeatureStore {
         spec: &FeatureSpec,
         tok: &FeatureTokenizer,
     ) -> FeatureStore {
+        // No layers (the final output) keeps the key it had before layers could be chosen.
+        let layers = match spec.layers.is_empty() {
+            true => String::new(),
+            false => format!("{}|", features::layers_name(&spec.layers)),
+        };
         let salt = format!(
-            "{}|{}|{}|",
+            "{}|{}|{}|{layers}",
             engine.info.sha256, spec.prompt, tok.text_budget
         )
         .into_bytes();
-        let n_embd = engine.n_embd();
+        // Width of one pooling: every layer's vector.
+        let n_embd = engine.n_embd() * spec.layers.len().max(1);
         let file = dir.map(|d| {
             let h = Sha256::digest(&salt);
             d.join(format!("{}.f32", hex::encode(&h[..12])))

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use crate::classify::features::{FeatureSpec, Pooling};
+use crate::classify::features::{layers_name, FeatureSpec, Pooling};
 use crate::classify::head::HeadError;
 use crate::classify::linear::LrParams;
 use crate::classify::stack::{StackModel, StackParams};
@@ -23,8 +23,15 @@ use crate::spec::Method;
 pub struct LearnGrid {
     /// Which of head, stack, tfidf (others are ignored).
     pub methods: Vec<Method>,
-    /// The feature prompt (its pooling is replaced by each of `poolings`).
+    /// The feature prompt (its pooling is replaced by each of `poolings`); its `layers` are
+    /// the ones the splits' states were taken at.
     pub feature: FeatureSpec,
+    /// The layer choices the head tries, each a subset of `feature.layers` (empty list: the
+    /// states as taken). [`final_layer`](LearnGrid::final_layer) in a choice is the final
+    /// output; a choice that is only that is saved as `[]` (the final output).
+    pub layer_choices: Vec<Vec<u32>>,
+    /// The model's layer count: its index is the final normed output.
+    pub final_layer: u32,
     pub poolings: Vec<Pooling>,
     pub alphas: Vec<f64>,
     /// Weights of the model block against the TF-IDF blocks in the stack.
@@ -33,6 +40,35 @@ pub struct LearnGrid {
 }
 
 impl LearnGrid {
+    /// Fixes the layers for a model of `n_layer` layers: each choice explicit (`[]`, the
+    /// final output, becomes `[n_layer]`), and `feature.layers` (what is extracted, once for
+    /// all choices) their union in model order. Only the final output keeps `[]`.
+    pub fn resolve_layers(&mut self, n_layer: u32) {
+        self.final_layer = n_layer;
+        if self.layer_choices.is_empty() {
+            return;
+        }
+        // A default choice deeper than a smaller model goes; the final output stays.
+        self.layer_choices
+            .retain(|c| c.iter().all(|&l| l <= n_layer));
+        if self.layer_choices.is_empty() {
+            self.layer_choices.push(Vec::new());
+        }
+        for c in self.layer_choices.iter_mut() {
+            if c.is_empty() {
+                c.push(n_layer);
+            }
+        }
+        let mut union: Vec<u32> = self.layer_choices.iter().flatten().copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        if union == [n_layer] {
+            union.clear();
+            self.layer_choices.clear();
+        }
+        self.feature.layers = union;
+    }
+
     pub fn needs_features(&self) -> bool {
         self.methods
             .iter()
@@ -114,38 +150,106 @@ fn plan(grid: &LearnGrid) -> Vec<(Method, String, StackParams)> {
         }
     }
     if has(Method::Head) {
-        for &p in &grid.poolings {
-            for &a in &grid.alphas {
-                let feature = FeatureSpec {
-                    pooling: p,
-                    ..grid.feature.clone()
-                };
-                // Weight -1: unscaled standardized features (see `fit_one`), as `tune --head`.
-                out.push((
-                    Method::Head,
-                    format!("head, {} pooling, alpha {a}", p.name()),
-                    StackParams {
-                        dense: Some((feature, -1.0)),
-                        text: None,
-                        prompt: None,
-                        lr: lr(a, grid.max_iterations),
-                    },
-                ));
+        let whole = [grid.feature.layers.clone()];
+        let choices = match grid.layer_choices.is_empty() {
+            true => &whole[..],
+            false => &grid.layer_choices[..],
+        };
+        for layers in choices {
+            let layers = saved_layers(layers, grid.final_layer);
+            let what = match layers.is_empty() {
+                true => String::new(),
+                false => format!("{}, ", layers_name(&layers)),
+            };
+            for &p in &grid.poolings {
+                for &a in &grid.alphas {
+                    let feature = FeatureSpec {
+                        pooling: p,
+                        layers: layers.clone(),
+                        ..grid.feature.clone()
+                    };
+                    // Weight -1: unscaled standardized features (see `fit_one`), as `tune --head`.
+                    out.push((
+                        Method::Head,
+                        format!("head, {what}{} pooling, alpha {a}", p.name()),
+                        StackParams {
+                            dense: Some((feature, -1.0)),
+                            text: None,
+                            prompt: None,
+                            lr: lr(a, grid.max_iterations),
+                        },
+                    ));
+                }
             }
         }
     }
     out
 }
 
+/// `layers 9, ` for a label; nothing for the final output.
+fn layers_prefix(f: &FeatureSpec) -> String {
+    match f.layers.is_empty() {
+        true => String::new(),
+        false => format!("{}, ", f.layers_name()),
+    }
+}
+
+/// A layer choice as saved in the head or stack file: only the final output is `[]`.
+fn saved_layers(layers: &[u32], final_layer: u32) -> Vec<u32> {
+    match layers {
+        [l] if *l == final_layer => Vec::new(),
+        _ => layers.to_vec(),
+    }
+}
+
+/// The states of `split` at the layers of `feature` (taken at `from`; `final_layer` is the
+/// final output): borrowed when they are the same, else selected.
+fn states_for<'a>(
+    states: &'a [PooledStates],
+    from: &[u32],
+    feature: &FeatureSpec,
+    final_layer: u32,
+) -> std::borrow::Cow<'a, [PooledStates]> {
+    let to: Vec<u32> = match feature.layers.is_empty() {
+        true => vec![final_layer],
+        false => feature.layers.clone(),
+    };
+    if feature.layers == from || states.is_empty() {
+        return std::borrow::Cow::Borrowed(states);
+    }
+    // An unknown layer (none: choices are subsets) keeps the states as taken.
+    std::borrow::Cow::Owned(
+        states
+            .iter()
+            .map(|s| s.select(from, &to).unwrap_or_else(|| s.clone()))
+            .collect(),
+    )
+}
+
 /// Fits one parameter set and scores it on dev. A negative dense weight means "unscaled"
 /// (weight sqrt(width): each standardized feature as is).
 fn fit_one(
     labels: &[String],
-    train: Split<'_>,
-    dev: Split<'_>,
+    (train, dev): (Split<'_>, Split<'_>),
+    (from, final_layer): (&[u32], u32),
     prompt: Option<PromptScores<'_>>,
     (method, label, mut p): (Method, String, StackParams),
 ) -> Result<LearnedCandidate, HeadError> {
+    let (train_states, dev_states) = match &p.dense {
+        Some((f, _)) => (
+            states_for(train.states, from, f, final_layer),
+            states_for(dev.states, from, f, final_layer),
+        ),
+        None => (train.states.into(), dev.states.into()),
+    };
+    let train = Split {
+        states: &train_states,
+        ..train
+    };
+    let dev = Split {
+        states: &dev_states,
+        ..dev
+    };
     if let Some((f, w)) = p.dense.as_mut() {
         if *w < 0.0 {
             let width = train.states.first().map_or(1, |s| f.pooling.apply(s).len());
@@ -211,12 +315,13 @@ pub fn learned_candidates_with(
 ) -> Result<Vec<LearnedCandidate>, HeadError> {
     let features = !train.states.is_empty() && !dev.states.is_empty();
     let prompt = prompt.filter(|p| p.train.len() == train.y.len() && p.dev.len() == dev.y.len());
+    let at = (grid.feature.layers.as_slice(), grid.final_layer);
     let mut out: Vec<LearnedCandidate> = Vec::new();
     for step in plan(grid) {
         if step.2.dense.is_some() && !features {
             continue;
         }
-        let c = fit_one(labels, train, dev, None, step)?;
+        let c = fit_one(labels, (train, dev), at, None, step)?;
         on_fit(&c);
         out.push(c);
     }
@@ -228,7 +333,11 @@ pub fn learned_candidates_with(
             for &a in &grid.alphas {
                 let step = (
                     Method::Stack,
-                    format!("stack, {} pooling, weight {w}, alpha {a}", pooling.name()),
+                    format!(
+                        "stack, {}{} pooling, weight {w}, alpha {a}",
+                        layers_prefix(&feature),
+                        pooling.name()
+                    ),
                     StackParams {
                         dense: Some((feature.clone(), w)),
                         text: Some(TextParams::words_and_chars()),
@@ -236,7 +345,7 @@ pub fn learned_candidates_with(
                         lr: lr(a, grid.max_iterations),
                     },
                 );
-                let c = fit_one(labels, train, dev, None, step)?;
+                let c = fit_one(labels, (train, dev), at, None, step)?;
                 on_fit(&c);
                 out.push(c);
             }
@@ -248,7 +357,11 @@ pub fn learned_candidates_with(
                 let (dense, what) = if features {
                     (
                         Some((feature.clone(), 1.0)),
-                        format!("{} pooling weight 1, ", feature.pooling.name()),
+                        format!(
+                            "{}{} pooling weight 1, ",
+                            layers_prefix(&feature),
+                            feature.pooling.name()
+                        ),
                     )
                 } else {
                     (None, String::new())
@@ -263,7 +376,7 @@ pub fn learned_candidates_with(
                         lr: lr(a, grid.max_iterations),
                     },
                 );
-                let c = fit_one(labels, train, dev, Some(scores), step)?;
+                let c = fit_one(labels, (train, dev), at, Some(scores), step)?;
                 on_fit(&c);
                 out.push(c);
             }
@@ -274,15 +387,28 @@ pub fn learned_candidates_with(
 
 /// The stack's model features: the best head's pooling (or the first pooling tried).
 pub fn stack_feature(grid: &LearnGrid, fitted: &[LearnedCandidate]) -> FeatureSpec {
-    let pooling = fitted
+    // The earliest (simplest) of equals, as `pick_best`.
+    let best = fitted
         .iter()
         .filter(|c| c.method == Method::Head)
-        .max_by(|a, b| a.dev.macro_f1.total_cmp(&b.dev.macro_f1))
-        .and_then(|c| c.model.needs_features().map(|f| f.pooling))
-        .or(grid.poolings.first().copied())
-        .unwrap_or(Pooling::Last);
+        .fold(None::<&LearnedCandidate>, |b, c| match b {
+            Some(b) if b.dev.macro_f1 >= c.dev.macro_f1 => Some(b),
+            _ => Some(c),
+        })
+        .and_then(|c| c.model.needs_features());
+    if let Some(f) = best {
+        return f.clone();
+    }
+    // No head fitted: the first pooling and layer choice.
+    let layers = grid
+        .layer_choices
+        .first()
+        .map_or(grid.feature.layers.clone(), |l| {
+            saved_layers(l, grid.final_layer)
+        });
     FeatureSpec {
-        pooling,
+        pooling: grid.poolings.first().copied().unwrap_or(Pooling::Last),
+        layers,
         ..grid.feature.clone()
     }
 }
@@ -313,6 +439,8 @@ mod tests {
             methods: vec![Method::Tfidf, Method::Head, Method::Stack],
             feature: FeatureSpec::prompt_eol(Pooling::Last),
             poolings: vec![Pooling::Last, Pooling::Mean],
+            layer_choices: Vec::new(),
+            final_layer: 18,
             alphas: vec![0.1, 1.0],
             stack_weights: vec![1.0],
             max_iterations: 100,
@@ -343,6 +471,68 @@ mod tests {
     }
 
     #[test]
+    fn layer_choices_resolve_to_one_extraction_and_the_best_is_kept() {
+        let mut g = LearnGrid {
+            methods: vec![Method::Head, Method::Stack],
+            feature: FeatureSpec::prompt_eol(Pooling::Last),
+            poolings: vec![Pooling::Last],
+            layer_choices: vec![vec![], vec![9], vec![3, 9]],
+            final_layer: 0,
+            alphas: vec![1.0],
+            stack_weights: vec![1.0],
+            max_iterations: 100,
+        };
+        g.resolve_layers(18);
+        assert_eq!(g.feature.layers, vec![3, 9, 18]);
+        assert_eq!(g.layer_choices, vec![vec![18], vec![9], vec![3, 9]]);
+        // Only the final output: nothing to select, the key of the plain features.
+        let mut f = LearnGrid {
+            layer_choices: vec![vec![]],
+            ..g.clone()
+        };
+        f.resolve_layers(18);
+        assert!(f.feature.layers.is_empty() && f.layer_choices.is_empty());
+        // A model with fewer layers drops the choices it does not have.
+        let mut small = LearnGrid {
+            layer_choices: vec![vec![], vec![12]],
+            ..g.clone()
+        };
+        small.resolve_layers(6);
+        assert!(small.feature.layers.is_empty() && small.layer_choices.is_empty());
+
+        // Layer 9 separates the labels, layer 3 and the final output do not.
+        let st = |sign: f32, k: f32| PooledStates {
+            last: vec![0.1 * k, -0.1 * k, sign, 0.3 * sign + 0.2, 0.05 * k, 0.1],
+            mean: vec![0.0; 6],
+        };
+        let states = [st(1.0, 1.0), st(-1.0, 2.0), st(1.0, 3.0), st(-1.0, 1.0)];
+        let y = [0, 1, 0, 1];
+        let texts = ["a b", "a b", "a b", "a b"];
+        let split = Split {
+            texts: &texts,
+            states: &states,
+            y: &y,
+        };
+        let labels = vec!["pos".to_string(), "neg".to_string()];
+        let all = learned_candidates(&labels, split, split, &g, |_| {}).unwrap();
+        let heads: Vec<&LearnedCandidate> =
+            all.iter().filter(|c| c.method == Method::Head).collect();
+        assert_eq!(heads.len(), 3);
+        assert_eq!(heads[0].label, "head, last pooling, alpha 1");
+        assert_eq!(heads[1].label, "head, layers 9, last pooling, alpha 1");
+        // The final output is saved as [] (files and caches as before layers).
+        let spec = |c: &LearnedCandidate| c.model.needs_features().unwrap().layers.clone();
+        assert_eq!(spec(heads[0]), Vec::<u32>::new());
+        assert_eq!(spec(heads[1]), vec![9]);
+        assert_eq!(spec(heads[2]), vec![3, 9]);
+        assert!(heads[1].dev.accuracy == 1.0, "{}", heads[1].dev.accuracy);
+        assert!(heads[0].dev.accuracy < 1.0, "{}", heads[0].dev.accuracy);
+        // The stack takes the best head's layers.
+        let stack = all.iter().find(|c| c.method == Method::Stack).unwrap();
+        assert!(stack.label.contains("layers 9"), "{}", stack.label);
+    }
+
+    #[test]
     fn prompt_scores_add_stacks_with_the_prompt_block() {
         // The words say nothing; the prompt's scores do.
         let texts = ["same words"; 6];
@@ -367,6 +557,8 @@ mod tests {
             methods: vec![Method::Tfidf, Method::Stack],
             feature: FeatureSpec::prompt_eol(Pooling::Last),
             poolings: vec![Pooling::Last],
+            layer_choices: Vec::new(),
+            final_layer: 18,
             alphas: vec![0.1, 1.0],
             stack_weights: vec![1.0, 3.0],
             max_iterations: 100,

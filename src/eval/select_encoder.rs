@@ -191,6 +191,8 @@ mod tests {
         let grid = LearnGrid {
             methods: vec![Method::Stack],
             feature: FeatureSpec::prompt_eol(Pooling::Last),
+            layer_choices: Vec::new(),
+            final_layer: 18,
             poolings: vec![Pooling::Last],
             alphas: vec![0.1, 1.0],
             stack_weights: vec![1.0, 3.0],

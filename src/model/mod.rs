@@ -11,7 +11,8 @@
 //! - `score`: label scoring; the batch plan is pure and tested without a model.
 //! - `generate`: generation under a GBNF grammar, sampling.
 //! - [`quantize`]: another weight type of a model file (`llama_model_quantize`).
-//! - `features`: a second, embeddings context for pooled hidden states.
+//! - `features`: a second, embeddings context for pooled hidden states; `tap`: its eval
+//!   callback, which copies chosen layers' outputs and stops the graph after the deepest.
 //! - [`budget`], [`config`], [`gguf`], [`scoring`]: pure parts (memory plan, board config,
 //!   GGUF header, label math).
 
@@ -26,6 +27,7 @@ mod prefix;
 pub mod quantize;
 mod score;
 pub mod scoring;
+mod tap;
 mod text;
 
 use std::path::PathBuf;

@@ -93,7 +93,8 @@ fn tune_chooses_a_learned_method_and_serve_runs_it_as_classify_does() {
     for m in [
         "tfidf, words (the baseline",
         "head, last pooling",
-        "stack, last pooling",
+        // The stack on the best head's layers: `stack, last pooling` or `stack, layers 12, ...`.
+        "last pooling, weight",
     ] {
         assert!(report.contains(m), "{m} missing: {report}");
     }

@@ -13,6 +13,7 @@ mod cli;
 mod encoder;
 mod home_assistant;
 mod kiosk;
+mod layers;
 mod learn;
 mod learned;
 mod lora;

@@ -514,5 +514,5 @@ fn hidden_state_features_are_finite_model_wide_and_differ() {
     }
     // A sequence longer than one decode is refused, not cut silently.
     let long = vec![2; fctx.max_tokens() + 1];
-    assert!(fctx.hidden_states(&[long], |_| {}).is_err());
+    assert!(fctx.hidden_states(&[long], &[], |_| {}).is_err());
 }
