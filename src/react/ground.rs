@@ -315,11 +315,28 @@ pub fn pick_sentences(
             chosen.sort();
         }
     }
-    chosen
-        .iter()
-        .map(|&i| sentences[i].as_str())
-        .collect::<Vec<_>>()
-        .join(" ")
+    // Pieces are sentences or clauses cut at `;`: a piece that does not end a sentence
+    // is joined to the next with `;` again, and the answer starts with a capital ("the
+    // card is ready at once" alone); letters change case, numbers stay as copied.
+    let mut out = String::new();
+    for &i in &chosen {
+        if !out.is_empty() {
+            if !out.ends_with(['.', '!', '?']) {
+                out.push(';');
+            }
+            out.push(' ');
+        }
+        out.push_str(&sentences[i]);
+    }
+    capitalised(&out)
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
 }
 
 /// What grounded selection decided, with its evidence for the trace.

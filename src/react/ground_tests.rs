@@ -249,3 +249,18 @@ fn the_sentence_holding_the_asked_fact_is_chosen_and_a_close_one_joins() {
         "{g:?}"
     );
 }
+
+#[test]
+fn a_clause_cut_at_a_semicolon_starts_with_a_capital() {
+    let s = split_sentences("Sign up at the desk; the card is ready at once.");
+    assert_eq!(s[1], "the card is ready at once.");
+    assert_eq!(
+        pick_sentences(&s, &[0.1, 0.9], 0.0, 200),
+        "The card is ready at once."
+    );
+    // Two clauses of one sentence keep their `;`.
+    assert_eq!(
+        pick_sentences(&s, &[0.9, 0.9], 0.5, 200),
+        "Sign up at the desk; the card is ready at once."
+    );
+}
