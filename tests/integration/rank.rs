@@ -135,7 +135,9 @@ fn a_task_that_does_not_weigh_the_model_never_asks_it() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    assert!(scored.iter().all(|r| r.model_scored && r.tokens_decoded > 0));
+    assert!(scored
+        .iter()
+        .all(|r| r.model_scored && r.tokens_decoded > 0));
     let with = with_model.rank(scored, &items, None, None);
     let key = |v: &[edgeact::rank::Ranked]| -> Vec<(String, Option<f64>)> {
         v.iter().map(|r| (r.id.clone(), r.fused)).collect()

@@ -470,7 +470,10 @@ fn rank_requests_over_mqtt_come_back_sorted() {
     // item is scored by the model (the model's stage: tests/integration/rank.rs).
     assert_eq!(q1["prefix_tokens_decoded"], 0, "{q1}");
     assert_eq!(q2["prefix_tokens_decoded"], 0, "{q2}");
-    assert!(ranked(&q2).iter().all(|r| r["model_scored"] == false), "{q2}");
+    assert!(
+        ranked(&q2).iter().all(|r| r["model_scored"] == false),
+        "{q2}"
+    );
     let err = probe.on("edgeact/rk/errors")[0].json();
     assert_eq!(err["error"]["kind"], "invalid_request");
     assert!(
