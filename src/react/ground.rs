@@ -353,6 +353,10 @@ pub fn pick_sentences(
             out.push_str(&sentences[i]);
         }
     }
+    // A clause cut at `;` that ends the answer ends it with a full stop.
+    if !out.is_empty() && !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
     out
 }
 

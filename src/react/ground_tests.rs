@@ -264,6 +264,10 @@ fn a_clause_cut_at_a_semicolon_starts_with_a_capital() {
         pick_sentences(&t, &[0.9, 0.1, 0.85], 0.5, 200),
         "The card is free. The card is ready at once."
     );
+    assert_eq!(
+        pick_sentences(&t, &[0.9, 0.85, 0.1], 0.5, 200),
+        "The card is free. Sign up at the desk."
+    );
     // Two clauses of one sentence keep their `;`.
     assert_eq!(
         pick_sentences(&s, &[0.9, 0.9], 0.5, 200),
