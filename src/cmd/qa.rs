@@ -6,8 +6,7 @@
 use std::io::Write;
 
 use super::react::{load_kb, write_json, ReactConfig};
-use crate::model::Engine;
-use crate::react::generator::EngineGenerator;
+use crate::react::generator::LazyGenerator;
 use crate::react::policy::follow_up_context;
 use crate::react::qa;
 use crate::react::trace::Turn;
@@ -27,11 +26,13 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
     let Some(kb) = load_kb(&cfg.spec)? else {
         return Err(ReactError::Usage("qa needs a knowledge base".into()));
     };
-    let mut engine = Engine::load(&cfg.engine, 1)?;
     let max_chars = cfg.spec.kb.as_ref().map_or(220, |k| k.max_passage_chars);
-    let (mut gen, source) = EngineGenerator::new(&mut engine, cfg.spec.temperature)
-        .with_prefix(0, &qa::render_prefix(&qa_spec, &kb, max_chars))?;
-    tracing::info!(?source, "qa prefix ready");
+    // Loaded when a question first needs it: the selected answer (the default) does not.
+    let mut gen = LazyGenerator::new(
+        cfg.engine.clone(),
+        cfg.spec.temperature,
+        qa::render_prefix(&qa_spec, &kb, max_chars),
+    );
     for q in &cfg.questions {
         let history = match &cfg.session {
             Some(id) => cfg.sessions.load(id)?,

@@ -45,10 +45,15 @@ pub fn run(cfg: RankRunConfig, out: &mut dyn Write) -> Result<(), AppError> {
         }
     }
     let mut engine = Engine::load(&cfg.engine, 1)?;
+    // A minimum score given here cuts on the model's score, so the model is then asked.
+    let mut rank_cfg = cfg.rank.clone();
+    if let Some(m) = cfg.min_score {
+        rank_cfg.min_score = m;
+    }
     let ranker = Ranker::new(
         &mut engine,
         &cfg.task,
-        &cfg.rank,
+        &rank_cfg,
         &cfg.profile,
         0,
         cfg.calibrate,

@@ -330,7 +330,7 @@ fn family(
     out: &mut dyn Write,
 ) -> Result<FamilyScore, AppError> {
     let ranker = match engine.as_deref_mut() {
-        Some(e) => Some(Ranker::new(
+        Some(e) => Some(Ranker::with_model(
             e,
             &cfg.task,
             &cfg.rank,

@@ -100,7 +100,8 @@ fn judge(
         let p_yes = match engine.as_mut() {
             None => vec![0.0; e.items.len()],
             Some(engine) => {
-                let ranker = Ranker::new(engine, &cfg.task, &cfg.rank, &e.query, 0, cfg.calibrate)?;
+                let ranker =
+                    Ranker::with_model(engine, &cfg.task, &cfg.rank, &e.query, 0, cfg.calibrate)?;
                 ranker
                     .score(engine, &e.items, cfg.batch_size)
                     .into_iter()

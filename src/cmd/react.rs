@@ -7,9 +7,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use crate::model::config::EngineConfig;
-use crate::model::Engine;
 use crate::react::agent::{self, RunOptions};
-use crate::react::generator::EngineGenerator;
+use crate::react::generator::LazyGenerator;
 use crate::react::kb::Kb;
 use crate::react::policy;
 use crate::react::session::Sessions;
@@ -61,11 +60,13 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
         return Err(ReactError::Usage("give a question".into()));
     }
     let kb = load_kb(&cfg.spec)?;
-    let mut engine = Engine::load(&cfg.engine, 1)?;
     let mut tools = Toolbox::new(&cfg.spec, kb.clone());
-    let (mut gen, source) = EngineGenerator::new(&mut engine, cfg.spec.temperature)
-        .with_prefix(0, &agent::render_prefix(&cfg.spec))?;
-    tracing::info!(?source, "task prefix ready");
+    // Loaded when a question first needs it: a knowledge-base answer does not.
+    let mut gen = LazyGenerator::new(
+        cfg.engine.clone(),
+        cfg.spec.temperature,
+        agent::render_prefix(&cfg.spec),
+    );
     for q in &cfg.questions {
         let history = match &cfg.session {
             Some(id) => cfg.sessions.load(id)?,

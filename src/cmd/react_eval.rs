@@ -270,6 +270,7 @@ fn qa_mode(
     let mut tokens = 0usize;
     let mut not_retrieved = 0usize;
     let mut ungrounded = 0usize;
+    let (mut refused_unanswerable, mut refused_answerable) = (Rate::default(), Rate::default());
     let mode = if generated { "qa_generated" } else { "qa" };
     for s in ctx.scenarios {
         if s.expect_tool != "kb_search" {
@@ -299,6 +300,9 @@ fn qa_mode(
         }
         if let Some(p) = &s.expect_passage {
             cited.add(r.cited.as_deref() == Some(p.as_str()));
+            refused_answerable.add(r.cited.is_none());
+        } else {
+            refused_unanswerable.add(r.cited.is_none());
         }
         if let Some(f) = &s.expect_fact {
             fact.add(r.answer.to_lowercase().contains(&f.to_lowercase()));
@@ -311,12 +315,13 @@ fn qa_mode(
     let n = cited.n.max(fact.n).max(1) as f64;
     writeln!(
         out,
-        "{mode} (kb_search scenarios): correct passage cited {cited}, fact in answer {fact}, cited not retrieved {not_retrieved}, ungrounded numbers {ungrounded}, mean {:.1} tokens, {:.2} s",
+        "{mode} (kb_search scenarios): correct passage cited {cited}, fact in answer {fact}, not found: unanswerable {refused_unanswerable}, answerable {refused_answerable}; cited not retrieved {not_retrieved}, ungrounded numbers {ungrounded}, mean {:.1} tokens, {:.2} s",
         tokens as f64 / n,
         ms / 1e3 / n
     )
     .map_err(io)?;
     Ok(json!({"passage_cited": cited, "fact_in_answer": fact,
+              "refused_unanswerable": refused_unanswerable, "refused_answerable": refused_answerable,
               "cited_not_retrieved": not_retrieved, "ungrounded_numbers": ungrounded,
               "mean_generated_tokens": tokens as f64 / n, "mean_seconds": ms / 1e3 / n}))
 }
@@ -332,6 +337,11 @@ fn print_metrics(out: &mut dyn Write, mode: &str, m: &LoopMetrics) -> std::io::R
     writeln!(out, "  passage retrieved       {}", m.passage_retrieved)?;
     writeln!(out, "  passage cited in answer {}", m.passage_cited)?;
     writeln!(out, "  fact in answer          {}", m.fact_in_answer)?;
+    writeln!(
+        out,
+        "  not found: unanswerable {}, answerable {}",
+        m.refused_unanswerable, m.refused_answerable
+    )?;
     writeln!(out, "  ended with final        {}", m.finished)?;
     writeln!(
         out,

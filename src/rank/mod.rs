@@ -99,6 +99,15 @@ impl RankConfig {
         }
         Ok(Some(cfg))
     }
+
+    /// Whether ranking needs the model's P(yes): it orders (no lexical stage), weighs in
+    /// the fusion, or a minimum score cuts on it. Otherwise the model is not asked at all
+    /// (no prefix decode, no item decode): the order is the same, since a stage of weight
+    /// 0 adds nothing to the fused score.
+    pub fn uses_model(&self) -> bool {
+        let w = &self.fusion;
+        w.model != 0.0 || (w.lexical == 0.0 && w.char == 0.0) || self.min_score > 0.0
+    }
 }
 
 /// A candidate item: `title` and `description` (or `text`), and any other fields.
@@ -137,7 +146,8 @@ impl Item {
 pub struct Ranked {
     pub rank: usize,
     pub id: String,
-    /// P(positive label), calibrated when the task calibrates.
+    /// P(positive label), calibrated when the task calibrates; 0 when the model was not
+    /// asked (`model_scored` false).
     pub score: f64,
     /// P(positive label) before calibration.
     pub score_raw: f64,
@@ -151,11 +161,15 @@ pub struct Ranked {
     /// Prompt tokens reused from the profile prefix / decoded for this item.
     pub tokens_reused: usize,
     pub tokens_decoded: usize,
+    /// Whether the model scored this item; false when the task's weights do not use the
+    /// model ([`RankConfig::uses_model`]): then `score` is 0 and only `fused` orders.
+    pub model_scored: bool,
 }
 
 /// A profile prepared on an engine: its prompt prefix decoded in a slot.
 pub struct Ranker {
-    classifier: Classifier,
+    /// None when the task's weights do not use the model: nothing is decoded.
+    classifier: Option<Classifier>,
     cfg: RankConfig,
     positive: String,
     profile: String,
@@ -163,7 +177,8 @@ pub struct Ranker {
 
 impl Ranker {
     /// Decodes `task`'s prefix with `profile` in it (slot `slot`) and, when the task
-    /// calibrates, measures the content-free prior for this profile.
+    /// calibrates, measures the content-free prior for this profile; neither when `cfg`
+    /// does not use the model ([`RankConfig::uses_model`]).
     pub fn new(
         engine: &mut Engine,
         task: &Task,
@@ -172,6 +187,39 @@ impl Ranker {
         slot: usize,
         calibrate: Option<bool>,
     ) -> Result<Ranker, RankError> {
+        Self::build(
+            engine,
+            task,
+            cfg,
+            profile,
+            slot,
+            calibrate,
+            cfg.uses_model(),
+        )
+    }
+
+    /// As [`Ranker::new`], but the model scores every item whatever the weights: for
+    /// `rank-eval` and `rank-learn`, which measure the model's stage.
+    pub fn with_model(
+        engine: &mut Engine,
+        task: &Task,
+        cfg: &RankConfig,
+        profile: &str,
+        slot: usize,
+        calibrate: Option<bool>,
+    ) -> Result<Ranker, RankError> {
+        Self::build(engine, task, cfg, profile, slot, calibrate, true)
+    }
+
+    fn build(
+        engine: &mut Engine,
+        task: &Task,
+        cfg: &RankConfig,
+        profile: &str,
+        slot: usize,
+        calibrate: Option<bool>,
+        model: bool,
+    ) -> Result<Ranker, RankError> {
         let mut t = task.clone();
         let line = cfg.profile_template.replace("{profile}", profile.trim());
         t.instruction = if t.instruction.is_empty() {
@@ -179,7 +227,17 @@ impl Ranker {
         } else {
             format!("{}{}{}", t.instruction, t.separator, line)
         };
-        let classifier = Classifier::new(engine, t, slot, calibrate, Some(AbstainRule::default()))?;
+        let classifier = if model {
+            Some(Classifier::new(
+                engine,
+                t,
+                slot,
+                calibrate,
+                Some(AbstainRule::default()),
+            )?)
+        } else {
+            None
+        };
         Ok(Ranker {
             classifier,
             cfg: cfg.clone(),
@@ -190,7 +248,7 @@ impl Ranker {
 
     /// Tokens of the prefix (instruction, profile, examples), decoded once.
     pub fn prefix_tokens(&self) -> usize {
-        self.classifier.prefix_len()
+        self.classifier.as_ref().map_or(0, Classifier::prefix_len)
     }
 
     /// Scores every item (micro-batches of `batch_size`), in input order.
@@ -200,12 +258,13 @@ impl Ranker {
         items: &[Item],
         batch_size: usize,
     ) -> Vec<Result<Ranked, RecordError>> {
+        let Some(classifier) = &self.classifier else {
+            return items.iter().map(|it| Ok(unscored(it))).collect();
+        };
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(batch_size.max(1)) {
             let reqs: Vec<Request> = chunk.iter().map(Item::request).collect();
-            let results = self
-                .classifier
-                .classify_many(engine, &reqs, ScorePath::Fast);
+            let results = classifier.classify_many(engine, &reqs, ScorePath::Fast);
             for (item, r) in chunk.iter().zip(results) {
                 out.push(r.map(|r| {
                     let raw: Vec<f64> = r
@@ -232,6 +291,7 @@ impl Ranker {
                         fused: None,
                         tokens_reused: r.tokens.reused,
                         tokens_decoded: r.tokens.decoded,
+                        model_scored: true,
                     }
                 }));
             }
@@ -253,7 +313,8 @@ impl Ranker {
         self.fuse(&mut scored, items);
         sort_ranked(&mut scored);
         let min = min_score.unwrap_or(self.cfg.min_score);
-        scored.retain(|r| r.score >= min);
+        // The cut is on the model's score: items it did not score are not cut.
+        scored.retain(|r| !r.model_scored || r.score >= min);
         scored.truncate(top_k.or(self.cfg.top_k).unwrap_or(usize::MAX));
         for (i, r) in scored.iter_mut().enumerate() {
             r.rank = i + 1;
@@ -272,6 +333,21 @@ impl Ranker {
                 r.fused = Some(f);
             }
         }
+    }
+}
+
+/// An item the model was not asked about: only the fusion's lexical stages order it.
+fn unscored(item: &Item) -> Ranked {
+    Ranked {
+        rank: 0,
+        id: item.id.clone(),
+        score: 0.0,
+        score_raw: 0.0,
+        title: item.fields.get("title").cloned(),
+        fused: None,
+        tokens_reused: 0,
+        tokens_decoded: 0,
+        model_scored: false,
     }
 }
 
@@ -553,6 +629,7 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
                 fused: None,
                 tokens_reused: 0,
                 tokens_decoded: 0,
+                model_scored: true,
             })
             .collect();
         let w = hybrid::FusionWeights::default();
@@ -566,6 +643,30 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
         assert!(f[1] > f[0] && f[1] > f[2], "{f:?}");
         let model_only = hybrid::FusionWeights::from_array([0.0, 0.0, 1.0]);
         assert!(fused_scores("pasta", &model_only, &scored, &items).is_none());
+        // At model weight 0 the model's scores change nothing: skipping the model pass
+        // (every score 0) gives the same fused scores.
+        let unscored: Vec<Ranked> = items.iter().map(unscored).collect();
+        let g = fused_scores(
+            "Cooks Italian food, makes pasta and bread",
+            &w,
+            &unscored,
+            &items,
+        )
+        .expect("the default weights fuse");
+        assert_eq!(f, g);
+    }
+
+    #[test]
+    fn the_model_is_used_only_where_it_counts() {
+        let cfg = |fusion: &str, min: f64| {
+            let mut c = parse(&format!("[rank]\n{fusion}")).unwrap().unwrap();
+            c.min_score = min;
+            c
+        };
+        assert!(!cfg("", 0.0).uses_model(), "default weights: model 0");
+        assert!(cfg("[rank.fusion]\nmodel = 0.5\n", 0.0).uses_model());
+        assert!(cfg("[rank.fusion]\nlexical = 0\nchar = 0\nmodel = 1\n", 0.0).uses_model());
+        assert!(cfg("", 0.3).uses_model(), "a minimum score cuts on P(yes)");
     }
 
     #[test]
@@ -579,6 +680,7 @@ labels = [{ name = "yes", text = " yes" }, { name = "no", text = " no" }]
             fused: None,
             tokens_reused: 0,
             tokens_decoded: 0,
+            model_scored: true,
         };
         let mut v = vec![r("a", 0.2), r("b", 0.9), r("c", 0.2), r("d", 0.5)];
         sort_ranked(&mut v);

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use super::ground::TextScorer;
+use crate::model::config::EngineConfig;
 use crate::model::scoring::LabelTrie;
 use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop, ScoreJob};
 
@@ -218,6 +219,111 @@ impl TextScorer for EngineGenerator<'_> {
             .first()
             .map(|o| o.labels.iter().map(|l| (l.total, l.n_tokens)).collect())
             .unwrap_or_default())
+    }
+}
+
+/// The engine, loaded at its first use. The scored policy answers a knowledge-base
+/// question without the model (`w_model` 0 and no thought: retrieval and selection), so
+/// `edgeact react` and `edgeact qa` asked such questions neither load the model nor decode
+/// the task's prefix; a question that needs it (a sensor value, a calculator argument, the
+/// generated loop) loads it then, once.
+pub struct LazyGenerator {
+    cfg: EngineConfig,
+    temperature: f32,
+    /// The task's fixed prompt beginning, decoded into prefix slot 0 at load.
+    prefix: String,
+    engine: Option<Engine>,
+    cache: GenCache,
+}
+
+impl LazyGenerator {
+    pub fn new(cfg: EngineConfig, temperature: f32, prefix: String) -> LazyGenerator {
+        LazyGenerator {
+            cfg,
+            temperature,
+            prefix,
+            engine: None,
+            cache: GenCache::default(),
+        }
+    }
+
+    /// Whether the model has been loaded (some question needed it).
+    pub fn is_loaded(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    fn engine(&mut self) -> Result<&mut Engine, EngineError> {
+        let engine = match self.engine.take() {
+            Some(e) => e,
+            None => {
+                let mut e = Engine::load(&self.cfg, 1)?;
+                let tokens = e.tokenize(&self.prefix, true, false);
+                let source = e.set_prefix_cached(0, &tokens)?;
+                tracing::info!(?source, "model loaded at first use; task prefix ready");
+                e
+            }
+        };
+        Ok(self.engine.insert(engine))
+    }
+
+    /// Runs `f` on the engine as an [`EngineGenerator`] (loading it first if need be); the
+    /// generation cache carries over between calls.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut EngineGenerator<'_>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let cache = std::mem::take(&mut self.cache);
+        let temperature = self.temperature;
+        let mut g = EngineGenerator {
+            engine: self.engine()?,
+            cache,
+            temperature,
+            prefix_slot: Some(0),
+        };
+        let out = f(&mut g);
+        let cache = std::mem::take(&mut g.cache);
+        self.cache = cache;
+        out
+    }
+}
+
+impl StepGenerator for LazyGenerator {
+    fn generate(
+        &mut self,
+        prompt: &str,
+        mode: GenMode<'_>,
+        max_tokens: usize,
+        seed: u64,
+        deadline: Instant,
+    ) -> Result<GenStep, EngineError> {
+        self.with(|g| g.generate(prompt, mode, max_tokens, seed, deadline))
+    }
+
+    /// Before the model is loaded: the text's length in bytes plus one, an upper bound (a
+    /// token covers one byte or more), so a session's history never overflows its budget
+    /// and counting alone does not load the model.
+    fn count_tokens(&mut self, text: &str) -> usize {
+        match self.engine.as_mut() {
+            Some(e) => e.tokenize(text, true, false).len(),
+            None => text.len() + 1,
+        }
+    }
+}
+
+impl TextScorer for LazyGenerator {
+    fn continuation_logprobs(
+        &mut self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(f64, usize)>, EngineError> {
+        self.with(|g| g.continuation_logprobs(pairs))
+    }
+
+    fn label_logprobs(
+        &mut self,
+        prompt: &str,
+        labels: &[String],
+    ) -> Result<Vec<(f64, usize)>, EngineError> {
+        self.with(|g| g.label_logprobs(prompt, labels))
     }
 }
 

@@ -167,6 +167,9 @@ pub enum FactKind {
     Duration,
     /// "where", "which floor", "which street": a place.
     Place,
+    /// "how do I", "how can I", "how to": a way to do it, told by an instruction (a
+    /// sentence that starts with a verb: "Sign up at the service desk ...").
+    Way,
 }
 
 /// The kind of fact `question` asks for, if its wording tells (first match wins, so "how
@@ -204,10 +207,26 @@ pub fn fact_kind(question: &str) -> Option<FactKind> {
         "which entrance",
     ]) {
         Some(FactKind::Place)
+    } else if has(&[
+        "how do i",
+        "how can i",
+        "how to",
+        "how should i",
+        "how do you",
+    ]) {
+        Some(FactKind::Way)
     } else {
         None
     }
 }
+
+/// Verbs an instruction starts with (general English, not one knowledge base's).
+const IMPERATIVES: [&str; 36] = [
+    "ask", "apply", "book", "bring", "buy", "call", "check", "collect", "come", "contact", "email",
+    "enter", "fill", "follow", "get", "go", "keep", "leave", "order", "pay", "pick", "press",
+    "register", "report", "return", "scan", "see", "send", "show", "sign", "speak", "take", "talk",
+    "use", "validate", "visit",
+];
 
 fn words_lower(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric() && c != '\'')
@@ -248,6 +267,9 @@ pub fn holds_kind(sentence: &str, kind: FactKind) -> bool {
                 .iter()
                 .any(|x| x.ends_with("-year") || x.ends_with("-day"))
         }
+        FactKind::Way => w
+            .first()
+            .is_some_and(|first| IMPERATIVES.contains(&first.as_str())),
         FactKind::Place => any(&[
             "floor", "entrance", "street", "unit", "next", "behind", "square", "stairs", "metres",
             "office",
@@ -315,11 +337,35 @@ pub fn pick_sentences(
             chosen.sort();
         }
     }
-    chosen
-        .iter()
-        .map(|&i| sentences[i].as_str())
-        .collect::<Vec<_>>()
-        .join(" ")
+    // Pieces are sentences or clauses cut at `;`: a piece that does not end a sentence
+    // is joined to the next with `;` again, and a piece that starts a sentence starts with
+    // a capital ("the card is ready at once" after "The loyalty card is free."); letters
+    // change case, numbers stay as copied.
+    let mut out = String::new();
+    for &i in &chosen {
+        if out.is_empty() || out.ends_with(['.', '!', '?']) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&capitalised(&sentences[i]));
+        } else {
+            out.push_str("; ");
+            out.push_str(&sentences[i]);
+        }
+    }
+    // A clause cut at `;` that ends the answer ends it with a full stop.
+    if !out.is_empty() && !out.ends_with(['.', '!', '?']) {
+        out.push('.');
+    }
+    out
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
 }
 
 /// What grounded selection decided, with its evidence for the trace.

@@ -249,3 +249,50 @@ fn the_sentence_holding_the_asked_fact_is_chosen_and_a_close_one_joins() {
         "{g:?}"
     );
 }
+
+#[test]
+fn a_clause_cut_at_a_semicolon_starts_with_a_capital() {
+    let s = split_sentences("Sign up at the desk; the card is ready at once.");
+    assert_eq!(s[1], "the card is ready at once.");
+    assert_eq!(
+        pick_sentences(&s, &[0.1, 0.9], 0.0, 200),
+        "The card is ready at once."
+    );
+    // After a sentence's end the clause starts a sentence.
+    let t = split_sentences("The card is free. Sign up at the desk; the card is ready at once.");
+    assert_eq!(
+        pick_sentences(&t, &[0.9, 0.1, 0.85], 0.5, 200),
+        "The card is free. The card is ready at once."
+    );
+    assert_eq!(
+        pick_sentences(&t, &[0.9, 0.85, 0.1], 0.5, 200),
+        "The card is free. Sign up at the desk."
+    );
+    // Two clauses of one sentence keep their `;`.
+    assert_eq!(
+        pick_sentences(&s, &[0.9, 0.9], 0.5, 200),
+        "Sign up at the desk; the card is ready at once."
+    );
+}
+
+#[test]
+fn a_how_to_question_prefers_the_instruction() {
+    assert_eq!(
+        fact_kind("how do i get a loyalty card"),
+        Some(FactKind::Way)
+    );
+    // A more specific kind wins: the price, the place.
+    assert_eq!(
+        fact_kind("How do I pay, how much is it?"),
+        Some(FactKind::Price)
+    );
+    assert_eq!(
+        fact_kind("how can i find where the toilets are"),
+        Some(FactKind::Place)
+    );
+    assert!(holds_kind(
+        "Sign up at the service desk with an email address",
+        FactKind::Way
+    ));
+    assert!(!holds_kind("The loyalty card is free.", FactKind::Way));
+}

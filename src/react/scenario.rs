@@ -127,6 +127,12 @@ pub struct LoopMetrics {
     pub passage_retrieved: Rate,
     pub passage_cited: Rate,
     pub fact_in_answer: Rate,
+    /// Knowledge-base questions the knowledge base cannot answer (`kb_search`, no expected
+    /// passage) whose answer cites nothing: said so and offered staff, no guess.
+    pub refused_unanswerable: Rate,
+    /// Knowledge-base questions it can answer whose answer cites nothing: the other side
+    /// of the "not found" threshold.
+    pub refused_answerable: Rate,
     pub finished: Rate,
     pub steps: usize,
     pub unparsable_steps: usize,
@@ -212,6 +218,13 @@ pub fn score(pairs: &[(&Scenario, &Trace)], kb: Option<&Kb>) -> LoopMetrics {
             m.fact_in_answer
                 .add(t.answer.to_lowercase().contains(&f.to_lowercase()));
         }
+        if s.expect_tool == "kb_search" {
+            let refused = cited_ids(&t.answer).is_empty();
+            match s.expect_passage {
+                Some(_) => m.refused_answerable.add(refused),
+                None => m.refused_unanswerable.add(refused),
+            }
+        }
         m.finished.add(t.stop_reason == StopReason::Final);
         m.steps += t.steps.len();
         m.unparsable_steps += t.unparsable_steps;
@@ -293,6 +306,37 @@ mod tests {
         assert_eq!(m.stop_reasons["final"], 1);
         assert_eq!(m.stop_reasons["max_steps"], 1);
         assert!((m.mean_seconds - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn not_found_answers_are_counted_by_whether_the_question_had_an_answer() {
+        let unanswerable = scenario("kb_search", None, None);
+        let answerable = scenario("kb_search", Some("hours"), None);
+        let not_found = trace(
+            Some("kb_search"),
+            &["hours"],
+            crate::react::ground::NOT_FOUND,
+            StopReason::Final,
+        );
+        let guess = trace(
+            Some("kb_search"),
+            &["hours"],
+            "At 18:00 [hours]",
+            StopReason::Final,
+        );
+        let m = score(
+            &[
+                (&unanswerable, &not_found),
+                (&unanswerable, &guess),
+                (&answerable, &not_found),
+            ],
+            None,
+        );
+        assert_eq!(
+            (m.refused_unanswerable.hits, m.refused_unanswerable.n),
+            (1, 2)
+        );
+        assert_eq!((m.refused_answerable.hits, m.refused_answerable.n), (1, 1));
     }
 
     #[test]

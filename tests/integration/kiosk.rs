@@ -115,3 +115,42 @@ fn a_follow_up_resolves_against_the_session() {
     assert!(next.answer.contains("[hours-saturday]"), "{next:#?}");
     assert!(next.answer.contains("18:00"), "{next:#?}");
 }
+
+/// `edgeact react` and `edgeact qa` load the model when a question first needs it: an
+/// answer from the knowledge base (the default scored policy, `w_model` 0) needs none, so
+/// it comes even with a model path that does not exist; a calculator question, whose
+/// argument is generated, then fails on loading the model. Runs without the model.
+#[test]
+fn a_knowledge_base_answer_does_not_load_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model.gguf");
+    let run = |cmd: &str, q: &str| {
+        std::process::Command::new(testkit::bin())
+            .current_dir(testkit::root())
+            .env("EDGEACT_CACHE", dir.path())
+            .args([cmd, "--task", "kiosk", "--model"])
+            .arg(&missing)
+            .arg(q)
+            .output()
+            .unwrap()
+    };
+    for cmd in ["react", "qa"] {
+        let out = run(cmd, "Where is the pharmacy?");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer = stdout.lines().next().unwrap_or_default();
+        assert!(answer.contains("[dir-pharmacy]"), "{cmd}: {stdout}");
+    }
+    let out = run("react", "What is 7 times 2.50?");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-model"), "{err}");
+}

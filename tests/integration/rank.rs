@@ -52,7 +52,8 @@ fn ranking_is_sorted_by_the_fused_score_with_the_relevant_item_first() {
     let task = testkit::task("rank-interest");
     let cfg = RankConfig::from_task(&task).unwrap().expect("[rank]");
     let mut engine = testkit::engine(1);
-    let ranker = Ranker::new(&mut engine, &task, &cfg, PROFILE, 0, None).unwrap();
+    // The model's stage is measured here: scored whatever the task's weight for it.
+    let ranker = Ranker::with_model(&mut engine, &task, &cfg, PROFILE, 0, None).unwrap();
     let items = items();
     let scored: Vec<_> = ranker
         .score(&mut engine, &items, 4)
@@ -103,6 +104,47 @@ fn ranking_is_sorted_by_the_fused_score_with_the_relevant_item_first() {
     assert!(above.len() < items.len());
 }
 
+/// The shipped task weighs the model's P(yes) 0 in `[rank.fusion]`: the model is then not
+/// asked (no profile prefix, no item decoded), and the ranking is the one the model pass
+/// would have given.
+#[test]
+fn a_task_that_does_not_weigh_the_model_never_asks_it() {
+    let task = testkit::task("rank-interest");
+    let cfg = RankConfig::from_task(&task).unwrap().expect("[rank]");
+    assert_eq!(cfg.fusion.model, 0.0, "the shipped task's weight");
+    let mut engine = testkit::engine(1);
+    let items = items();
+    let lexical = Ranker::new(&mut engine, &task, &cfg, PROFILE, 0, None).unwrap();
+    assert_eq!(lexical.prefix_tokens(), 0);
+    let scored: Vec<_> = lexical
+        .score(&mut engine, &items, 4)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        scored
+            .iter()
+            .all(|r| !r.model_scored && r.tokens_decoded == 0 && r.tokens_reused == 0),
+        "{scored:#?}"
+    );
+    let without = lexical.rank(scored, &items, None, None);
+    let with_model = Ranker::with_model(&mut engine, &task, &cfg, PROFILE, 0, None).unwrap();
+    assert!(with_model.prefix_tokens() > 0);
+    let scored: Vec<_> = with_model
+        .score(&mut engine, &items, 4)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(scored
+        .iter()
+        .all(|r| r.model_scored && r.tokens_decoded > 0));
+    let with = with_model.rank(scored, &items, None, None);
+    let key = |v: &[edgeact::rank::Ranked]| -> Vec<(String, Option<f64>)> {
+        v.iter().map(|r| (r.id.clone(), r.fused)).collect()
+    };
+    assert_eq!(key(&without), key(&with));
+}
+
 #[test]
 fn cli_rank_prints_the_ranking() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,10 +179,13 @@ fn cli_rank_prints_the_ranking() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 3);
-    // The task fuses: the fused score orders, the model's P(yes) stays beside it.
+    // The task fuses: the fused score orders; its model weight is 0, so the model was not
+    // asked (`model_scored` false, nothing decoded).
     let fused: Vec<f64> = rows.iter().map(|r| r["fused"].as_f64().unwrap()).collect();
     assert!(fused.windows(2).all(|w| w[0] >= w[1]), "{fused:?}");
-    assert!(rows.iter().all(|r| r["score"].as_f64().is_some()));
+    assert!(rows
+        .iter()
+        .all(|r| r["model_scored"] == false && r["tokens_decoded"] == 0));
     assert_eq!(rows[0]["rank"], 1);
     assert!(rows.iter().all(|r| r["id"] != "tax" || r["rank"] == 3));
 }
