@@ -551,9 +551,10 @@ pub struct TuneArgs {
     pub batch_size: usize,
     /// Methods to choose among on dev: prompt (templates x shots x calibration), tfidf,
     /// head, stack, encoder (stacks with the sentence encoder's embedding; needs
-    /// `scripts/fetch-model --encoder`) (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = D::tune::METHODS)]
-    pub methods: Vec<String>,
+    /// `scripts/fetch-model --encoder`) (comma-separated). Default: prompt,tfidf,head,stack,
+    /// and encoder when the encoder is fetched beside the model.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
     #[command(flatten)]
     pub head: HeadArgs,
     #[command(flatten)]

@@ -193,6 +193,19 @@ fn eval(a: EvalArgs) -> Result<cmd::eval::EvalConfig, AppError> {
     })
 }
 
+/// `tune`'s methods when the user names none: the encoder's stacks join when the encoder
+/// is there to run them (fetched beside the model), so a task tuned without it never needs it.
+fn default_methods(encoder_fetched: bool) -> Vec<String> {
+    let mut m: Vec<String> = defaults::tune::METHODS
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    if encoder_fetched {
+        m.push("encoder".into());
+    }
+    m
+}
+
 fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
     let mut templates = Vec::new();
     for t in &a.task {
@@ -202,7 +215,10 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
     let mut prompt_candidates = false;
     let mut methods = Vec::new();
     let mut encoder = false;
-    for m in &a.methods {
+    let listed = a.methods.clone().unwrap_or_else(|| {
+        default_methods(crate::encoder::dir_beside(&engine.model_path).is_dir())
+    });
+    for m in &listed {
         match m.trim() {
             "prompt" => prompt_candidates = true,
             "encoder" => encoder = true,
@@ -560,4 +576,18 @@ fn rank_learn(a: RankLearnArgs) -> Result<cmd::rank_learn::RankLearnConfig, AppE
         calibrate: a.calibration.choice(),
         batch_size: a.batch_size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_methods;
+
+    #[test]
+    fn the_encoder_joins_tunes_default_methods_only_when_fetched() {
+        assert_eq!(default_methods(false), ["prompt", "tfidf", "head", "stack"]);
+        assert_eq!(
+            default_methods(true),
+            ["prompt", "tfidf", "head", "stack", "encoder"]
+        );
+    }
 }
