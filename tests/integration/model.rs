@@ -338,6 +338,73 @@ fn accuracy_on_obvious_sentiment_and_calibration() {
     );
 }
 
+/// Single-token labels need no branch sequences, so one decode holds as many requests as
+/// the board has work sequences and logits rows (32 on x86-dev, not 16): 40 requests take
+/// two decodes, one logits row each, and get the labels and scores they get one at a time
+/// (within the rounding llama.cpp's kernels show across batch sizes).
+#[test]
+fn single_token_labels_fill_a_decode_with_the_same_results() {
+    let data = labeled("tests/data/sentiment-obvious.jsonl");
+    let mut engine = testkit::engine(1);
+    let c = Classifier::new(
+        &mut engine,
+        testkit::task("sentiment"),
+        0,
+        Some(false),
+        None,
+    )
+    .unwrap();
+    assert!(
+        c.trie().decoded.is_empty(),
+        "sentiment labels are one token each"
+    );
+    assert_eq!(engine.jobs_per_decode_for(c.trie()), 32);
+    assert_eq!(
+        engine.jobs_per_decode(),
+        16,
+        "multi-token label sets keep half for branches"
+    );
+    let prepared: Vec<Prepared> = data
+        .iter()
+        .map(|(r, _)| c.prepare(&engine, r).unwrap())
+        .collect();
+    let jobs: Vec<ScoreJob> = prepared
+        .iter()
+        .map(|p| ScoreJob {
+            prefix: Some(0),
+            tokens: &p.tokens,
+            trie: c.trie(),
+            pruning: None,
+        })
+        .collect();
+    let before = engine.decode_counts();
+    let batched = engine.score(&jobs).unwrap();
+    let work = engine.decode_counts().since(&before);
+    assert_eq!((work.decodes, work.rows), (2, 40), "{work:?}");
+    let suffix: usize = prepared
+        .iter()
+        .map(|p| p.tokens.len() - c.prefix_len())
+        .sum();
+    assert_eq!(
+        work.tokens as usize, suffix,
+        "only the suffixes are decoded"
+    );
+    assert!(batched
+        .iter()
+        .all(|b| b.batch_jobs == 32 || b.batch_jobs == 8));
+    let mut worst = 0.0f64;
+    for (job, b) in jobs.iter().zip(&batched) {
+        let single = engine.score(std::slice::from_ref(job)).unwrap().remove(0);
+        let (lb, ls) = (label_lps(b), label_lps(&single));
+        let top = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
+        assert_eq!(top(&lb), top(&ls), "top label differs: {lb:?} vs {ls:?}");
+        worst = worst.max(max_abs_diff(&softmax(&lb), &softmax(&ls)));
+        assert!(max_abs_diff(&lb, &ls) < 0.3, "{lb:?} vs {ls:?}");
+    }
+    eprintln!("32 per decode vs one at a time: max |prob difference| {worst:.5}");
+    assert!(worst < 0.02, "label probabilities differ by {worst}");
+}
+
 #[test]
 fn truncation_policies_and_budget() {
     let mut engine = testkit::engine(3);
