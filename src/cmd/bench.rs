@@ -104,8 +104,8 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         writeln!(out, "pruning margin {m} nats (task prune_margin_nats)")
             .map_err(AppError::Output)?;
     }
-    // Prompt processing inside edgeact, comparable with llama-bench's pp test: a fresh
-    // sequence decoded in batches of n, logits for the last token only.
+    // Prompt processing inside edgeact, comparable with llama-bench's pp test: batches of n
+    // tokens, each from an empty sequence, logits for the last token only.
     let mut pp = Vec::new();
     for n in [16usize, 64, 256] {
         if n <= engine.n_batch() {
@@ -128,9 +128,9 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
 }
 
 /// For each fast-path row: llama.cpp alone on decodes of the same shape (tokens and logits
-/// rows per decode, from [`model::DecodeCounts`]), against the row's decoded tokens/s. What
-/// is left between them is edgeact's own work per decode (batch building, KV-cache copies,
-/// scoring) and attention over the cached prefix.
+/// rows per decode, from [`model::DecodeCounts`], each decode from an empty sequence),
+/// against the row's decoded tokens/s. What is left between them is edgeact's own work per
+/// decode (batch building, KV-cache copies, scoring) and attention over the cached prefix.
 fn same_shape(
     engine: &mut Engine,
     shapes: &[(String, Measured)],

@@ -107,9 +107,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Prompt-processing rate in tokens/s, measured like llama-bench's `pp` test: `n_tokens`
-    /// tokens (at most the free cells) decoded on an empty sequence in batches of `batch`,
-    /// logits for each batch's last token only.
+    /// Prompt-processing rate in tokens/s, measured like llama-bench's `pp<batch>` test:
+    /// batches of `batch` tokens, each decoded from an empty sequence (position 0), about
+    /// `n_tokens` tokens in all; logits for each batch's last token only.
     pub fn prompt_rate(&mut self, n_tokens: usize, batch: usize) -> Result<f64, EngineError> {
         self.prompt_rate_rows(n_tokens, batch, 1)
     }
@@ -124,8 +124,9 @@ impl Engine {
         rows: usize,
     ) -> Result<f64, EngineError> {
         let free = self.n_ctx().saturating_sub(self.used_cells());
-        let n = n_tokens.min(free);
-        let batch = batch.clamp(1, self.n_batch);
+        let batch = batch.clamp(1, self.n_batch).min(free);
+        // Whole batches only: each is one llama-bench-like test.
+        let n = n_tokens.max(batch) / batch.max(1) * batch;
         let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
                     the quarterly budget and the weather turns to rain over the harbour. ";
         let pool = self.tokenize(text, false, false);
@@ -136,15 +137,15 @@ impl Engine {
         let entries: Vec<Entry> = (0..n)
             .map(|i| Entry {
                 token: pool[i % pool.len()],
-                pos: i as i32,
+                pos: (i % batch) as i32,
                 seqs: vec![seq],
-                row: row_at(i % batch, batch.min(n - i / batch * batch), rows)
-                    .then_some(RowId { job: 0, node: None }),
+                row: row_at(i % batch, batch, rows).then_some(RowId { job: 0, node: None }),
             })
             .collect();
-        self.clear_seq(seq as usize);
         let t = Instant::now();
         for chunk in entries.chunks(batch) {
+            // Clearing a sequence is bookkeeping in llama.cpp (no memory is touched).
+            self.clear_seq(seq as usize);
             self.run_entries(chunk, |_, _| {})?;
         }
         let s = t.elapsed().as_secs_f64();
