@@ -232,6 +232,18 @@ impl TaskRunner {
         }
     }
 
+    /// Requests worth one micro-batch: what one decode scores together for this task's
+    /// labels (a head without a prompt pass: the engine's general figure).
+    pub fn jobs_per_decode(&self, engine: &Engine) -> usize {
+        let prompt = match self {
+            TaskRunner::Prompt(c) => Some(&**c),
+            TaskRunner::Head(h) => h.prompt.as_ref(),
+        };
+        prompt.map_or(engine.jobs_per_decode(), |c| {
+            engine.jobs_per_decode_for(c.trie())
+        })
+    }
+
     pub fn classify_many(
         &mut self,
         engine: &mut Engine,

@@ -390,7 +390,8 @@ pub struct ServeSettings {
     pub queue_capacity: Option<usize>,
     /// Classifications scored together at most when several wait for the same task (the
     /// micro-batch follows the queue: a lone request runs alone). Default: as many as one
-    /// decode of the board's context holds (max_logit_rows / 2).
+    /// decode of the board's context holds for the task's labels (max_logit_rows when every
+    /// label is one token, half of it otherwise; `edgeact plan` shows both).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Folder of the durable outbox (default: $EDGEACT_STATE_DIR or ./state).

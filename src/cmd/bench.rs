@@ -43,13 +43,14 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let rows = rows(&classifier, &cfg.batch_sizes);
     writeln!(
         out,
-        "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs",
+        "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs | up to {} requests per decode",
         engine.info.path.display(),
         engine.info.board,
         classifier.task.name,
         classifier.task.labels.len(),
         classifier.prefix_len(),
-        reqs.len()
+        reqs.len(),
+        engine.jobs_per_decode_for(classifier.trie())
     )
     .map_err(AppError::Output)?;
     writeln!(
@@ -62,10 +63,11 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     .map_err(AppError::Output)?;
     writeln!(
         out,
-        "| path | batch | classif/s | p50 ms | p99 ms | decoded tok/request | accuracy | speed-up |\n|---|---|---|---|---|---|---|---|"
+        "| path | batch | classif/s | p50 ms | p99 ms | decoded tok/request | accuracy | speed-up | tokens/decode | rows/decode |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     .map_err(AppError::Output)?;
     let mut base_rate = None;
+    let mut shapes = Vec::new();
     for row in rows {
         classifier.task.prune_margin_nats = if row.prune { pruning } else { None };
         // The two slow reference paths run on the first `naive_limit` requests only.
@@ -82,23 +84,28 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         };
         writeln!(
             out,
-            "| {name} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2}x |",
+            "| {name} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2}x | {:.1} | {:.1} |",
             row.batch,
             m.rate,
             percentile(&m.latencies_ms, 50),
             percentile(&m.latencies_ms, 99),
             m.decoded as f64 / n.max(1) as f64,
             m.accuracy,
-            m.rate / base
+            m.rate / base,
+            m.work.tokens_per_decode(),
+            m.work.rows_per_decode()
         )
         .map_err(AppError::Output)?;
+        if row.path == Some(ScorePath::Fast) && (row.batch > 1 || !row.prune) {
+            shapes.push((format!("{} at batch {}", row.name, row.batch), m));
+        }
     }
     if let Some(m) = pruning {
         writeln!(out, "pruning margin {m} nats (task prune_margin_nats)")
             .map_err(AppError::Output)?;
     }
-    // Prompt processing inside edgeact, comparable with llama-bench's pp test: a fresh
-    // sequence decoded in batches of n, logits for the last token only.
+    // Prompt processing inside edgeact, comparable with llama-bench's pp test: batches of n
+    // tokens, each from an empty sequence, logits for the last token only.
     let mut pp = Vec::new();
     for n in [16usize, 64, 256] {
         if n <= engine.n_batch() {
@@ -109,6 +116,7 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         }
     }
     writeln!(out, "prompt processing: {}", pp.join(", ")).map_err(AppError::Output)?;
+    same_shape(&mut engine, &shapes, out)?;
     let (peak, now) = rss_mib();
     writeln!(
         out,
@@ -116,6 +124,32 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         engine.info.estimate_mib
     )
     .map_err(AppError::Output)?;
+    Ok(())
+}
+
+/// For each fast-path row: llama.cpp alone on decodes of the same shape (tokens and logits
+/// rows per decode, from [`model::DecodeCounts`], each decode from an empty sequence),
+/// against the row's decoded tokens/s. What is left between them is edgeact's own work per
+/// decode (batch building, KV-cache copies, scoring) and attention over the cached prefix.
+fn same_shape(
+    engine: &mut Engine,
+    shapes: &[(String, Measured)],
+    out: &mut dyn Write,
+) -> Result<(), AppError> {
+    for (name, m) in shapes {
+        let tokens = m.work.tokens_per_decode().round().max(1.0) as usize;
+        let rows = m.work.rows_per_decode().round().max(1.0) as usize;
+        let alone = engine.prompt_rate_rows(512.max(4 * tokens), tokens, rows)?;
+        let path = m.rate * m.decoded_per_request;
+        writeln!(
+            out,
+            "same shape, llama.cpp alone ({tokens} tokens, {rows} logits rows a decode): {alone:.0} tok/s; \
+             {name}: {path:.0} decoded tok/s ({:.2}x); with 1 row a decode: {:.0} tok/s",
+            path / alone,
+            engine.prompt_rate(512.max(4 * tokens), tokens)?
+        )
+        .map_err(AppError::Output)?;
+    }
     Ok(())
 }
 
@@ -191,8 +225,11 @@ struct Measured {
     /// Per request (a batch's time for each of its requests), sorted.
     latencies_ms: Vec<f64>,
     decoded: usize,
+    decoded_per_request: f64,
     /// `0.875`, or `-` without gold labels.
     accuracy: String,
+    /// The decodes the row ran (llama.cpp calls, tokens, logits rows).
+    work: model::DecodeCounts,
 }
 
 fn measure(
@@ -206,6 +243,7 @@ fn measure(
     let mut decoded = 0usize;
     let mut correct = 0usize;
     let mut labeled = 0usize;
+    let counts = engine.decode_counts();
     let start = std::time::Instant::now();
     for (chunk, g) in reqs.chunks(row.batch).zip(gold.chunks(row.batch)) {
         let t = std::time::Instant::now();
@@ -233,11 +271,14 @@ fn measure(
         }
     }
     let rate = reqs.len() as f64 / start.elapsed().as_secs_f64();
+    let work = engine.decode_counts().since(&counts);
     lat.sort_by(f64::total_cmp);
     Measured {
         rate,
         latencies_ms: lat,
         decoded,
+        decoded_per_request: decoded as f64 / reqs.len().max(1) as f64,
+        work,
         accuracy: if labeled > 0 {
             format!("{:.3}", correct as f64 / labeled as f64)
         } else {

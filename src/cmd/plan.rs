@@ -12,6 +12,10 @@ use crate::model::{self, config::EngineConfig};
 /// nothing.
 pub fn run(cfg: &EngineConfig, n_tasks: usize, out: &mut dyn Write) -> Result<(), AppError> {
     let (sha, shape, fitted) = model::preflight(cfg, n_tasks.max(1))?;
+    // What serve's micro-batch grows to with a deep queue (the board's max_logit_rows and
+    // the sequences left after the tasks' prefix slots).
+    let work_seqs = (fitted.plan.n_seq_max as usize).saturating_sub(n_tasks.max(1));
+    let rows = fitted.plan.max_logit_rows as usize;
     let v = json!({
         "board": cfg.board,
         "model": cfg.model_path,
@@ -25,6 +29,10 @@ pub fn run(cfg: &EngineConfig, n_tasks: usize, out: &mut dyn Write) -> Result<()
         "estimate_mib": fitted.estimate.total_mib(),
         "estimate": fitted.estimate.detail(),
         "tasks": n_tasks,
+        "requests_per_decode": {
+            "one_token_labels": model::requests_per_decode(work_seqs, rows, true),
+            "longer_labels": model::requests_per_decode(work_seqs, rows, false),
+        },
     });
     write_json(out, &v, true)
 }

@@ -342,6 +342,7 @@ impl Engine {
             prefix_cache_dir: cfg.prefix_cache_dir.clone(),
             kv_cache_type: cfg.kv_cache_type,
             lora,
+            decode_counts: super::DecodeCounts::default(),
         })
     }
 }

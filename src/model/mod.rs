@@ -40,6 +40,7 @@ use crate::model::budget::{BudgetError, KvCacheType};
 use crate::model::gguf::GgufError;
 use crate::model::scoring::Token;
 
+pub use self::decode::{requests_per_decode, DecodeCounts};
 pub use self::features::{FeatureContext, FeatureParams, PooledStates};
 pub use self::generate::{GenCache, GenerateRequest, GenerateStop, Generated};
 pub use self::load::{backend, file_sha256, preflight, ModelInfo};
@@ -100,6 +101,8 @@ pub struct Engine {
     /// The applied LoRA adapter (kept with the context that uses it) and its identity
     /// (`sha256|scale`) for the prefix-state key.
     lora: Option<(LlamaLoraAdapter, String)>,
+    /// Work done by `run_entries` so far (benchmarks read it; see [`DecodeCounts`]).
+    decode_counts: DecodeCounts,
 }
 
 impl Engine {

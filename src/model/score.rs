@@ -195,7 +195,11 @@ impl Engine {
     pub fn score(&mut self, jobs: &[ScoreJob]) -> Result<Vec<ScoreOut>, EngineError> {
         let mut outs = Vec::with_capacity(jobs.len());
         let free_cells = self.n_ctx().saturating_sub(self.used_cells());
-        let max_jobs = self.jobs_per_decode();
+        let max_jobs = jobs
+            .iter()
+            .map(|j| self.jobs_per_decode_for(j.trie))
+            .min()
+            .unwrap_or(1);
         let needs: Vec<usize> = jobs
             .iter()
             .map(|j| job_cells(j, self.reuse_len(j)))

@@ -76,7 +76,8 @@ pub struct ServeConfig {
     /// Context name -> topic; the latest value is the template field `context.<name>`.
     pub context_topics: BTreeMap<String, String>,
     pub queue_capacity: usize,
-    /// Largest micro-batch; `None`: what one decode holds ([`crate::model::Engine::jobs_per_decode`]).
+    /// Largest micro-batch; `None`: what one decode holds for the task's labels
+    /// ([`crate::classify::runner::TaskRunner::jobs_per_decode`]).
     pub batch_size: Option<usize>,
     pub outbox_dir: PathBuf,
     pub outbox: OutboxLimits,

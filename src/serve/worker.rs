@@ -486,10 +486,6 @@ fn run(
     depth: &AtomicUsize,
     on_done: impl Fn(Done),
 ) {
-    let batch_size = opts
-        .batch_size
-        .unwrap_or_else(|| engine.jobs_per_decode())
-        .max(1);
     let mut held: Option<Work> = None;
     // A retrain's feature context, kept between its feature jobs.
     let mut fctx: Option<FeatureContext> = None;
@@ -501,7 +497,15 @@ fn run(
                 None => return,
             },
         };
-        // Micro-batch whatever other classifications already wait for the same task.
+        // Micro-batch whatever other classifications already wait for the same task, up to
+        // what one decode of its labels holds.
+        let batch_size = opts
+            .batch_size
+            .unwrap_or_else(|| match runners.get(first.task) {
+                Some(Runner::Classify(r)) => r.jobs_per_decode(engine),
+                _ => 1,
+            })
+            .max(1);
         let mut batch = vec![first];
         while batch.len() < batch_size && matches!(batch[0].job, Job::Classify(_)) {
             match queues.rx.try_recv() {

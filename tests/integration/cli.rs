@@ -234,6 +234,9 @@ fn plan_prints_the_estimate_without_loading() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["board"], "rpi4");
     assert!(v["estimate_mib"].as_u64().unwrap() <= v["memory_budget_mib"].as_u64().unwrap());
+    // rpi4 returns 16 logits rows a decode: 16 one-token-label requests, or 8 with branches.
+    assert_eq!(v["requests_per_decode"]["one_token_labels"], 16);
+    assert_eq!(v["requests_per_decode"]["longer_labels"], 8);
 }
 
 #[test]

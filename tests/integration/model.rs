@@ -338,6 +338,104 @@ fn accuracy_on_obvious_sentiment_and_calibration() {
     );
 }
 
+/// Single-token labels need no branch sequences, so one decode holds as many requests as
+/// the board has work sequences and logits rows (32 on x86-dev, not 16): 40 requests take
+/// two decodes, one logits row each, and get the labels and scores they get one at a time
+/// (within the rounding llama.cpp's kernels show across batch sizes).
+#[test]
+fn single_token_labels_fill_a_decode_with_the_same_results() {
+    let data = labeled("tests/data/sentiment-obvious.jsonl");
+    let mut engine = testkit::engine(1);
+    let c = Classifier::new(
+        &mut engine,
+        testkit::task("sentiment"),
+        0,
+        Some(false),
+        None,
+    )
+    .unwrap();
+    assert!(
+        c.trie().decoded.is_empty(),
+        "sentiment labels are one token each"
+    );
+    assert_eq!(engine.jobs_per_decode_for(c.trie()), 32);
+    assert_eq!(
+        engine.jobs_per_decode(),
+        16,
+        "multi-token label sets keep half for branches"
+    );
+    let prepared: Vec<Prepared> = data
+        .iter()
+        .map(|(r, _)| c.prepare(&engine, r).unwrap())
+        .collect();
+    let jobs: Vec<ScoreJob> = prepared
+        .iter()
+        .map(|p| ScoreJob {
+            prefix: Some(0),
+            tokens: &p.tokens,
+            trie: c.trie(),
+            pruning: None,
+        })
+        .collect();
+    let before = engine.decode_counts();
+    let batched = engine.score(&jobs).unwrap();
+    let work = engine.decode_counts().since(&before);
+    assert_eq!((work.decodes, work.rows), (2, 40), "{work:?}");
+    let suffix: usize = prepared
+        .iter()
+        .map(|p| p.tokens.len() - c.prefix_len())
+        .sum();
+    assert_eq!(
+        work.tokens as usize, suffix,
+        "only the suffixes are decoded"
+    );
+    assert!(batched
+        .iter()
+        .all(|b| b.batch_jobs == 32 || b.batch_jobs == 8));
+    // The grouping before: 16 a decode.
+    let by16: Vec<ScoreOut> = jobs
+        .chunks(16)
+        .flat_map(|c| engine.score(c).unwrap())
+        .collect();
+    let singles: Vec<ScoreOut> = jobs
+        .iter()
+        .map(|j| engine.score(std::slice::from_ref(j)).unwrap().remove(0))
+        .collect();
+    for (what, outs) in [("32 a decode", &batched), ("16 a decode", &by16)] {
+        let mut worst = 0.0f64;
+        for (b, single) in outs.iter().zip(&singles) {
+            let (lb, ls) = (label_lps(b), label_lps(single));
+            let top = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
+            assert_eq!(
+                top(&lb),
+                top(&ls),
+                "{what}: top label differs: {lb:?} vs {ls:?}"
+            );
+            worst = worst.max(max_abs_diff(&softmax(&lb), &softmax(&ls)));
+            // The tolerances of fast_paths_match_naive_reference: llama.cpp's kernels round
+            // differently with batch size (measured up to 0.3 nats on a label at p = 0.08).
+            assert!(max_abs_diff(&lb, &ls) < 0.5, "{what}: {lb:?} vs {ls:?}");
+        }
+        eprintln!("{what} vs one at a time: max |prob difference| {worst:.5}");
+        assert!(
+            worst < 0.05,
+            "{what}: label probabilities differ by {worst}"
+        );
+    }
+    // Before and after: 32 a decode against 16 a decode, within the same rounding.
+    let (mut d_lp, mut d_prob) = (0.0f64, 0.0f64);
+    for (a, b) in batched.iter().zip(&by16) {
+        let (la, lb) = (label_lps(a), label_lps(b));
+        d_lp = d_lp.max(max_abs_diff(&la, &lb));
+        d_prob = d_prob.max(max_abs_diff(&softmax(&la), &softmax(&lb)));
+    }
+    eprintln!("32 a decode vs 16 a decode: max |logprob difference| {d_lp:.4}, |prob| {d_prob:.4}");
+    assert!(
+        d_lp < 0.5 && d_prob < 0.05,
+        "32 and 16 a decode differ by {d_lp} nats, {d_prob}"
+    );
+}
+
 #[test]
 fn truncation_policies_and_budget() {
     let mut engine = testkit::engine(3);
