@@ -234,6 +234,18 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
             }
         }
     }
+    let encoder_dir = crate::encoder::dir_beside(&engine.model_path);
+    if encoder && !encoder_dir.is_dir() {
+        // Said now, not after the other candidates have run.
+        return Err(invalid(
+            command_line(),
+            "methods",
+            format!(
+                "`encoder` needs the sentence encoder in {} (fetch it with `scripts/fetch-model --encoder`)",
+                encoder_dir.display()
+            ),
+        ));
+    }
     let learn = cmd::tune::LearnConfig {
         grid: LearnGrid {
             methods,

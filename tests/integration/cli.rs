@@ -218,6 +218,36 @@ fn model_and_config_errors_are_one_clear_line() {
     }
 }
 
+/// `tune --methods ...,encoder` without the encoder beside the model stops at once with one
+/// line naming the folder and the fetch, before any candidate runs.
+#[test]
+fn tune_with_the_encoder_missing_says_so_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.gguf");
+    std::fs::write(&model, "not read: the check comes first").unwrap();
+    let o = edgeact(
+        &[
+            "tune",
+            "--task",
+            "sentiment",
+            "--data",
+            "/nonexistent.jsonl",
+            "--methods",
+            "tfidf,encoder",
+            "--model",
+            model.to_str().unwrap(),
+        ],
+        None,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("all-MiniLM-L6-v2") && err.contains("fetch-model --encoder"),
+        "{err}"
+    );
+}
+
 #[test]
 fn plan_prints_the_estimate_without_loading() {
     let o = edgeact(
