@@ -32,8 +32,10 @@ fn round_trip_results_state_and_availability() {
     for i in 0..n {
         probe.publish("edgeact/rt/sentiment/request", request(i));
     }
-    probe.wait_for(120, "12 results", |_| {
+    // Each result's trace is published beside it, not before it: wait for both.
+    probe.wait_for(120, "12 results and their traces", |_| {
         result_ids(&probe, "edgeact/rt/sentiment/result").len() == n
+            && probe.on("edgeact/rt/sentiment/trace").len() >= n
     });
     for r in probe.on("edgeact/rt/sentiment/result") {
         let v = r.json();
