@@ -63,27 +63,11 @@ impl Learned {
 
     /// Probabilities in the file's label order.
     pub fn predict(&self, re: &Regex, text: &str, states: Option<&PooledStates>) -> Vec<f64> {
-        self.predict_with(re, text, states, None)
+        self.predict_all(re, text, states, None, None)
     }
 
-    /// [`Learned::predict`] with the prompt's label probabilities (file label order) for a
-    /// stack with the prompt block.
-    pub fn predict_with(
-        &self,
-        re: &Regex,
-        text: &str,
-        states: Option<&PooledStates>,
-        prompt: Option<&[f64]>,
-    ) -> Vec<f64> {
-        match (self, states) {
-            (Learned::Head(h), Some(st)) => h.head.predict(&h.feature.pooling.apply(st)),
-            (Learned::Head(h), None) => vec![1.0 / h.labels.len() as f64; h.labels.len()],
-            (Learned::Stack(s), st) => s.stack.predict_with(re, text, st, prompt),
-        }
-    }
-
-    /// [`Learned::predict_with`] with the sentence encoder's embedding of the text (a
-    /// stack's encoder block).
+    /// [`Learned::predict`] with what a stack's other blocks read: the prompt's label
+    /// probabilities (file label order) and the sentence encoder's embedding of the text.
     pub fn predict_all(
         &self,
         re: &Regex,
@@ -92,9 +76,10 @@ impl Learned {
         prompt: Option<&[f64]>,
         embedding: Option<&[f32]>,
     ) -> Vec<f64> {
-        match self {
-            Learned::Stack(s) => s.stack.predict_all(re, text, states, prompt, embedding),
-            Learned::Head(_) => self.predict_with(re, text, states, prompt),
+        match (self, states) {
+            (Learned::Head(h), Some(st)) => h.head.predict(&h.feature.pooling.apply(st)),
+            (Learned::Head(h), None) => vec![1.0 / h.labels.len() as f64; h.labels.len()],
+            (Learned::Stack(s), st) => s.stack.predict_all(re, text, st, prompt, embedding),
         }
     }
 

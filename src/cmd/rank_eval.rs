@@ -296,14 +296,7 @@ fn model_scores(
     ranker: &Ranker,
     texts: &[String],
 ) -> (Vec<f64>, Vec<Ranked>) {
-    let items: Vec<Item> = texts
-        .iter()
-        .enumerate()
-        .map(|(i, text)| Item {
-            id: i.to_string(),
-            fields: BTreeMap::from([("text".to_string(), text.clone())]),
-        })
-        .collect();
+    let items = items_of(texts);
     let scored: Vec<Ranked> = ranker
         .score(engine, &items, cfg.batch_size)
         .into_iter()
@@ -422,16 +415,21 @@ fn family(
     })
 }
 
-/// One draw as a feedback event: the profile is the query, the relevant items clicked.
-fn as_event(task: &str, profile: &str, grades: &[f64], texts: &[String]) -> FeedbackEvent {
-    let items: Vec<Item> = texts
+/// The candidates as ranking items: the id is the index, the text the only field.
+fn items_of(texts: &[String]) -> Vec<Item> {
+    texts
         .iter()
         .enumerate()
         .map(|(i, text)| Item {
             id: i.to_string(),
             fields: BTreeMap::from([("text".to_string(), text.clone())]),
         })
-        .collect();
+        .collect()
+}
+
+/// One draw as a feedback event: the profile is the query, the relevant items clicked.
+fn as_event(task: &str, profile: &str, grades: &[f64], texts: &[String]) -> FeedbackEvent {
+    let items = items_of(texts);
     FeedbackEvent {
         task: Some(task.to_string()),
         query: profile.to_string(),
