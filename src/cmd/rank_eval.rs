@@ -220,11 +220,22 @@ pub fn run(cfg: RankEvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     }
     let secs = started.elapsed().as_secs_f64();
     let m = Scores::mean(&all);
+    let model_line = if cfg.no_model {
+        format!("no model pass (--no-model), {secs:.1} s")
+    } else {
+        format!(
+            "{} items scored by the model in {:.1} s ({:.1} items/s, profile prefix reused: {:.0} tokens per item on average)",
+            scored_items, secs, scored_items as f64 / secs.max(1e-9), mean(&reused)
+        )
+    };
     writeln!(
         out,
-        "{}\nNDCG@{} over {} families, {} draw(s) each; fusion weights {:?}; {} items scored by the model in {:.1} s ({:.1} items/s, profile prefix reused: {:.0} tokens per item on average)",
-        m.line("mean", "", cfg.no_model, ""), cfg.k, rows.len(), cfg.draws.max(1), cfg.rank.fusion,
-        scored_items, secs, scored_items as f64 / secs.max(1e-9), mean(&reused)
+        "{}\nNDCG@{} over {} families, {} draw(s) each; fusion weights {:?}; {model_line}",
+        m.line("mean", "", cfg.no_model, ""),
+        cfg.k,
+        rows.len(),
+        cfg.draws.max(1),
+        cfg.rank.fusion,
     )
     .map_err(AppError::Output)?;
     if let Some(path) = &cfg.feedback_out {

@@ -100,17 +100,18 @@ pub fn config_for_tasks<'a>(
     cfg.lora = lora_for_tasks(tasks.iter().copied())?;
     cfg.feature_batch_tokens = tasks
         .iter()
-        // TF-IDF alone needs no model pass, so no feature context.
-        .filter(|t| {
-            t.head
-                .as_ref()
-                .is_some_and(|h| !matches!(h.method, Method::Prompt | Method::Tfidf))
+        // Only a scorer that reads the model's hidden states needs a feature context: a head,
+        // or a stack with a model-feature block (not TF-IDF or encoder blocks alone).
+        .filter(|t| match t.head.as_ref().map(|h| h.method) {
+            None | Some(Method::Prompt | Method::Tfidf) => false,
+            Some(m) if m.uses_stack_file() => stack_has_block(t, "dense"),
+            Some(_) => true,
         })
         .map(|_| FeatureParams::default().n_batch_tokens)
         .collect();
     // One encoder serves every task whose stack reads it; none is counted (or loaded)
     // otherwise. A missing encoder counts 0 here: loading the task names the missing file.
-    cfg.encoder_bytes = if tasks.iter().any(|t| stack_uses_encoder(t)) {
+    cfg.encoder_bytes = if tasks.iter().any(|t| stack_has_block(t, "encoder")) {
         crate::encoder::planned_bytes(&crate::encoder::dir_beside(&cfg.model_path)).unwrap_or(0)
     } else {
         0
@@ -118,9 +119,10 @@ pub fn config_for_tasks<'a>(
     Ok(cfg)
 }
 
-/// Whether the task's stack file has an encoder block (a look at the one key; the stack
-/// file itself is read and checked by `classify::stack`). Unreadable: no.
-fn stack_uses_encoder(t: &Task) -> bool {
+/// Whether the task's stack file has the block `key` (`dense`: model features, `encoder`:
+/// sentence-encoder embeddings), a look at the one key; the stack file itself is read and
+/// checked by `classify::stack`. Unreadable: no.
+fn stack_has_block(t: &Task, key: &str) -> bool {
     let Some(path) = t
         .head
         .as_ref()
@@ -132,5 +134,36 @@ fn stack_uses_encoder(t: &Task) -> bool {
     std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| !v["stack"]["encoder"].is_null())
+        .is_some_and(|v| !v["stack"][key].is_null())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{parse_board, validate};
+
+    fn task_with_stack(dir: &Path, stack: &str) -> Task {
+        std::fs::write(dir.join("t.stack.json"), stack).unwrap();
+        let src = "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\n\
+                   labels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n\
+                   [head]\nfile = \"t.stack.json\"\nmethod = \"stack\"\n";
+        Task::parse(src, &dir.join("t.toml"), "t").unwrap()
+    }
+
+    #[test]
+    fn only_a_stack_with_model_features_counts_a_feature_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.toml");
+        let board = validate(
+            parse_board("memory_budget_mib = 1024\nmodel_path = \"m.gguf\"", &p).unwrap(),
+            &p,
+        )
+        .unwrap();
+        let words_only = task_with_stack(dir.path(), r#"{"stack": {"dense": null}}"#);
+        let cfg = config_for_tasks(&board, [&words_only]).unwrap();
+        assert!(cfg.feature_batch_tokens.is_empty());
+        let with_features = task_with_stack(dir.path(), r#"{"stack": {"dense": {"x": 1}}}"#);
+        let cfg = config_for_tasks(&board, [&with_features]).unwrap();
+        assert_eq!(cfg.feature_batch_tokens.len(), 1);
+    }
 }
