@@ -641,6 +641,10 @@ pub struct BenchArgs {
     /// column stays the baseline. Default: all of them.
     #[arg(long)]
     pub naive_limit: Option<usize>,
+    /// Run the fast rows this many times, alternating (a loaded machine drifts); where
+    /// the labels can be scored over the labels alone, each fast row runs both ways.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     #[command(flatten)]
     pub board: BoardArgs,
 }

@@ -401,6 +401,7 @@ fn bench(a: BenchArgs) -> Result<cmd::bench::BenchConfig, AppError> {
         limit: a.limit,
         batch_sizes: a.batch_size,
         naive_limit: a.naive_limit.unwrap_or(a.limit),
+        rounds: a.rounds.max(1),
     })
 }
 
