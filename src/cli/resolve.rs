@@ -17,7 +17,7 @@ use crate::eval::learn::default_cache_dir;
 use crate::eval::select::LearnGrid;
 use crate::model::budget::KvCacheType;
 use crate::model::config::{self, BoardFile, ConfigError, EngineConfig};
-use crate::model::scoring::AbstainRule;
+use crate::model::scoring::{AbstainRule, LogprobOver};
 use crate::model::FeatureParams;
 use crate::rank::RankConfig;
 use crate::react::session::Sessions;
@@ -143,7 +143,12 @@ impl CalibrateArgs {
 
 fn classify(a: ClassifyArgs) -> Result<ClassifyConfig, AppError> {
     let engine = a.board.engine_config()?;
-    let task = find_task(&a.task)?;
+    let mut task = find_task(&a.task)?;
+    match a.logprob_over.as_deref() {
+        Some("vocab") => task.logprob_over = LogprobOver::Vocab,
+        Some("labels") => task.logprob_over = LogprobOver::Labels,
+        _ => {}
+    }
     let inputs = match (&a.input, a.texts.is_empty()) {
         (Some(p), _) if p.as_os_str() == "-" => Inputs::Stdin,
         (Some(p), _) => Inputs::File(p.clone()),
