@@ -221,7 +221,8 @@ impl Engine {
                 tap.get()
                     .arm(vec![tap::FINAL_NORM.to_string()], n_embd, rows.len());
             } else if let Some(tap) = self.tap.as_mut() {
-                // Nothing asked for: the callback lets the whole graph run.
+                // Nothing asked for: the callback lets the whole graph run. Every decode of
+                // the scoring context comes through here, so none runs with a stale arm.
                 tap.get().arm(Vec::new(), n_embd, 0);
             }
             self.ctx.decode(&mut self.batch).map_err(|e| match e {
