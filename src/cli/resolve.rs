@@ -600,6 +600,31 @@ fn rank_learn(a: RankLearnArgs) -> Result<cmd::rank_learn::RankLearnConfig, AppE
 mod tests {
     use super::default_methods;
 
+    /// `classify --logprob-over` overrides the task file's key; without it the task's
+    /// default (over the labels) stays.
+    #[test]
+    fn classify_logprob_over_flag_overrides_the_task() {
+        use clap::Parser;
+        let over = |extra: &[&str]| {
+            let mut argv = vec!["edgeact", "classify"];
+            argv.extend_from_slice(extra);
+            argv.push("a text");
+            let cli = super::Cli::try_parse_from(argv).unwrap();
+            let super::Command::Classify(a) = cli.command else {
+                panic!("not classify")
+            };
+            super::classify(a).unwrap().task.logprob_over
+        };
+        use crate::model::scoring::LogprobOver;
+        assert_eq!(over(&[]), LogprobOver::Labels);
+        assert_eq!(over(&["--logprob-over", "vocab"]), LogprobOver::Vocab);
+        assert_eq!(over(&["--logprob-over", "labels"]), LogprobOver::Labels);
+        assert!(
+            super::Cli::try_parse_from(["edgeact", "classify", "--logprob-over", "x", "t"])
+                .is_err()
+        );
+    }
+
     #[test]
     fn the_encoder_joins_tunes_default_methods_only_when_fetched() {
         assert_eq!(default_methods(false), ["prompt", "tfidf", "head", "stack"]);

@@ -47,7 +47,9 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let pruning = classifier.task.prune_margin_nats;
     let both =
         engine.logprob_over_for(classifier.trie(), LogprobOver::Labels) == LogprobOver::Labels;
-    let rows = rows(&classifier, &cfg.batch_sizes, cfg.rounds, both);
+    let prunable =
+        classifier.task.prune_margin_nats.is_some() && !classifier.trie().decoded.is_empty();
+    let rows = rows(prunable, &cfg.batch_sizes, cfg.rounds, both);
     writeln!(
         out,
         "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs | up to {} requests per decode",
@@ -211,9 +213,10 @@ struct Row {
     round: usize,
 }
 
-/// The rows, slowest first; the pruned row only where pruning can change anything. The
-/// fast rows run `rounds` times; with `both`, each over the vocabulary then over the labels.
-fn rows(classifier: &Classifier, depths: &[usize], rounds: usize, both: bool) -> Vec<Row> {
+/// The rows, slowest first; the pruned row only where pruning can change anything
+/// (`prunable`: the task prunes and has multi-token labels). The fast rows run `rounds`
+/// times; with `both`, each over the vocabulary then over the labels.
+fn rows(prunable: bool, depths: &[usize], rounds: usize, both: bool) -> Vec<Row> {
     let row = |name, path, batch, prune| Row {
         name,
         path,
@@ -222,7 +225,6 @@ fn rows(classifier: &Classifier, depths: &[usize], rounds: usize, both: bool) ->
         over: None,
         round: 0,
     };
-    let multi_token = !classifier.trie().decoded.is_empty();
     let mut rows = vec![
         row(
             "naive (every label from scratch)",
@@ -238,7 +240,7 @@ fn rows(classifier: &Classifier, depths: &[usize], rounds: usize, both: bool) ->
         1,
         false,
     )];
-    if classifier.task.prune_margin_nats.is_some() && multi_token {
+    if prunable {
         fast.push(row("+ pruned label search", Some(ScorePath::Fast), 1, true));
     }
     for &depth in depths {
@@ -382,4 +384,29 @@ fn labels_one_by_one(
         }
     }
     best.map(|(_, i)| (classifier.task.labels[i].name.clone(), decoded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_rows_alternate_both_ways_each_round() {
+        let r = rows(false, &[8, 32], 2, true);
+        // naive, one by one, then 2 rounds x 3 fast rows x 2 ways.
+        assert_eq!(r.len(), 2 + 2 * 3 * 2);
+        assert!(r[..2].iter().all(|x| x.over.is_none() && x.round == 0));
+        let fast: Vec<(usize, usize, Option<LogprobOver>)> =
+            r[2..].iter().map(|x| (x.round, x.batch, x.over)).collect();
+        assert_eq!(fast[0], (0, 1, Some(LogprobOver::Vocab)));
+        assert_eq!(fast[1], (0, 1, Some(LogprobOver::Labels)));
+        assert_eq!(fast[5], (0, 32, Some(LogprobOver::Labels)));
+        assert_eq!(fast[6], (1, 1, Some(LogprobOver::Vocab)));
+        // Without the label-rows path: the task's own setting, once per round; pruning adds
+        // its row.
+        let one = rows(true, &[8], 1, false);
+        assert_eq!(one.len(), 2 + 3);
+        assert!(one.iter().all(|x| x.over.is_none()));
+        assert!(one.iter().any(|x| x.prune && x.batch == 1));
+    }
 }
