@@ -113,8 +113,9 @@ pub struct Engine {
     decode_counts: DecodeCounts,
     /// The model's output rows tied to its embedding, or why the label-rows path is off.
     tied: Result<label_rows::TiedOutput, String>,
-    /// Output rows read so far, one per one-token label set scored over its labels.
-    label_rows: Vec<label_rows::LabelRows>,
+    /// Output rows read so far, one entry per one-token label set scored over its labels
+    /// (None: they could not be read, the set stays on the full rows).
+    label_rows: Vec<(Vec<Token>, Option<label_rows::LabelRows>)>,
 }
 
 impl Engine {

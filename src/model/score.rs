@@ -245,19 +245,16 @@ impl Engine {
             .iter()
             .map(|p| (p.len() == 1).then(|| trie.nodes[p[0]].token))
             .collect::<Option<Vec<Token>>>()?;
-        if let Some(r) = self.label_rows.iter().find(|r| r.tokens == tokens) {
-            return Some(r.clone());
+        if let Some((_, r)) = self.label_rows.iter().find(|(t, _)| *t == tokens) {
+            return r.clone();
         }
-        match tied.label_rows(&tokens) {
-            Ok(r) => {
-                self.label_rows.push(r.clone());
-                Some(r)
-            }
-            Err(why) => {
-                tracing::warn!("labels scored over the vocabulary: {why}");
-                None
-            }
-        }
+        // Read once per label set; a failure (said once) keeps that set on the full rows.
+        let rows = tied
+            .label_rows(&tokens)
+            .map_err(|why| tracing::warn!("labels scored over the vocabulary: {why}"))
+            .ok();
+        self.label_rows.push((tokens, rows.clone()));
+        rows
     }
 
     /// Each job's label rows when the whole group is scored over its labels, else None.
