@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::model::scoring::{decide, softmax, AbstainRule, LabelLogprob, LabelTrie, Prior, Token};
+use crate::model::scoring::{
+    decide, softmax, AbstainRule, LabelLogprob, LabelTrie, LogprobOver, Prior, Token,
+};
 use crate::model::{Engine, EngineError, ScoreJob, ScoreOut};
 use crate::spec::{ScoreNorm, SpecError, Task, TruncatePolicy, TRUNCATED_FIELD};
 
@@ -181,6 +183,9 @@ pub struct ClassifyResult {
     pub scores: BTreeMap<String, f64>,
     pub labels: BTreeMap<String, LabelDetail>,
     pub score_norm: ScoreNorm,
+    /// What `labels.*.logprob_total`/`logprob_mean` are normalized over: `vocab` (absolute
+    /// log-likelihoods) or `labels` (log-softmax over the labels; `prob` is the same).
+    pub logprob_over: LogprobOver,
     pub calibration: CalibrationApplied,
     pub truncated: Option<Truncation>,
     pub tokens: TokenCounts,
@@ -296,6 +301,7 @@ impl Classifier {
                 tokens: &tokens,
                 trie: &self.trie,
                 pruning: None,
+                logprob_over: self.task.logprob_over,
             }])?;
             runs.push(softmax(&self.raw_scores(&out[0].labels)));
         }
@@ -422,6 +428,7 @@ impl Classifier {
                         tokens: &p.tokens,
                         trie: &self.trie,
                         pruning: self.task.pruning(),
+                        logprob_over: self.task.logprob_over,
                     })
                     .collect();
                 engine.score(&jobs)
@@ -502,6 +509,7 @@ impl Classifier {
                 })
                 .collect(),
             score_norm: self.task.score,
+            logprob_over: out.logprob_over,
             calibration: CalibrationApplied {
                 applied: self.calibrate && self.prior.is_some(),
                 prior: self.prior.as_ref().filter(|_| self.calibrate).map(|pr| {

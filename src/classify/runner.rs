@@ -20,7 +20,7 @@ use crate::classify::{
     RecordError, Request, ScorePath, SetupError, Timings, TokenCounts, Truncation,
 };
 use crate::encoder::Encoder;
-use crate::model::scoring::{decide, softmax, AbstainRule};
+use crate::model::scoring::{decide, softmax, AbstainRule, LogprobOver};
 use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
 use crate::spec::{Method, Task, TRUNCATED_FIELD};
 
@@ -542,6 +542,8 @@ impl HeadClassifier {
                 .collect(),
             scores: self.scores(probs),
             score_norm: self.task.score,
+            // The head's probabilities, as logs: over the labels.
+            logprob_over: LogprobOver::Labels,
             calibration: CalibrationApplied {
                 applied: false,
                 prior: None,

@@ -641,6 +641,10 @@ pub struct BenchArgs {
     /// column stays the baseline. Default: all of them.
     #[arg(long)]
     pub naive_limit: Option<usize>,
+    /// Run the fast rows this many times, alternating (a loaded machine drifts); where
+    /// the labels can be scored over the labels alone, each fast row runs both ways.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     #[command(flatten)]
     pub board: BoardArgs,
 }
@@ -735,6 +739,11 @@ pub struct ClassifyArgs {
     /// `[head] method`, else prompt.
     #[arg(long, value_parser = ["prompt", "head", "both", "stack", "tfidf"])]
     pub method: Option<String>,
+    /// What label log-probabilities are normalized over (overrides the task file's
+    /// `logprob_over`): labels (one-token labels scored from their output rows alone, where
+    /// the model allows; else vocab) or vocab (full logits: absolute log-likelihoods).
+    #[arg(long, value_parser = ["labels", "vocab"])]
+    pub logprob_over: Option<String>,
     #[command(flatten)]
     pub board: BoardArgs,
 }

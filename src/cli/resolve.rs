@@ -17,7 +17,7 @@ use crate::eval::learn::default_cache_dir;
 use crate::eval::select::LearnGrid;
 use crate::model::budget::KvCacheType;
 use crate::model::config::{self, BoardFile, ConfigError, EngineConfig};
-use crate::model::scoring::AbstainRule;
+use crate::model::scoring::{AbstainRule, LogprobOver};
 use crate::model::FeatureParams;
 use crate::rank::RankConfig;
 use crate::react::session::Sessions;
@@ -143,7 +143,12 @@ impl CalibrateArgs {
 
 fn classify(a: ClassifyArgs) -> Result<ClassifyConfig, AppError> {
     let engine = a.board.engine_config()?;
-    let task = find_task(&a.task)?;
+    let mut task = find_task(&a.task)?;
+    match a.logprob_over.as_deref() {
+        Some("vocab") => task.logprob_over = LogprobOver::Vocab,
+        Some("labels") => task.logprob_over = LogprobOver::Labels,
+        _ => {}
+    }
     let inputs = match (&a.input, a.texts.is_empty()) {
         (Some(p), _) if p.as_os_str() == "-" => Inputs::Stdin,
         (Some(p), _) => Inputs::File(p.clone()),
@@ -401,6 +406,7 @@ fn bench(a: BenchArgs) -> Result<cmd::bench::BenchConfig, AppError> {
         limit: a.limit,
         batch_sizes: a.batch_size,
         naive_limit: a.naive_limit.unwrap_or(a.limit),
+        rounds: a.rounds.max(1),
     })
 }
 
@@ -593,6 +599,31 @@ fn rank_learn(a: RankLearnArgs) -> Result<cmd::rank_learn::RankLearnConfig, AppE
 #[cfg(test)]
 mod tests {
     use super::default_methods;
+
+    /// `classify --logprob-over` overrides the task file's key; without it the task's
+    /// default (over the labels) stays.
+    #[test]
+    fn classify_logprob_over_flag_overrides_the_task() {
+        use clap::Parser;
+        let over = |extra: &[&str]| {
+            let mut argv = vec!["edgeact", "classify"];
+            argv.extend_from_slice(extra);
+            argv.push("a text");
+            let cli = super::Cli::try_parse_from(argv).unwrap();
+            let super::Command::Classify(a) = cli.command else {
+                panic!("not classify")
+            };
+            super::classify(a).unwrap().task.logprob_over
+        };
+        use crate::model::scoring::LogprobOver;
+        assert_eq!(over(&[]), LogprobOver::Labels);
+        assert_eq!(over(&["--logprob-over", "vocab"]), LogprobOver::Vocab);
+        assert_eq!(over(&["--logprob-over", "labels"]), LogprobOver::Labels);
+        assert!(
+            super::Cli::try_parse_from(["edgeact", "classify", "--logprob-over", "x", "t"])
+                .is_err()
+        );
+    }
 
     #[test]
     fn the_encoder_joins_tunes_default_methods_only_when_fetched() {

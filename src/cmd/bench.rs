@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::classify::input;
 use crate::classify::{Classifier, Request, ScorePath};
 use crate::model::config::EngineConfig;
+use crate::model::scoring::LogprobOver;
 use crate::model::{self, Engine};
 use crate::spec::Task;
 use crate::util::jsonl::JsonLines;
@@ -27,6 +28,10 @@ pub struct BenchConfig {
     pub batch_sizes: Vec<usize>,
     /// Requests the naive path runs on (the first ones).
     pub naive_limit: usize,
+    /// Times the fast rows run, alternating (on a loaded machine one round says little).
+    /// Where the task's labels can be scored over the labels alone, each fast row runs
+    /// over the vocabulary and over the labels in every round.
+    pub rounds: usize,
 }
 
 /// `edgeact bench`: load time, memory against the estimate, and classifications per
@@ -40,7 +45,11 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let prefix_ms = t1.elapsed().as_secs_f64() * 1e3;
     let (reqs, gold) = read_requests(&cfg.data, cfg.limit)?;
     let pruning = classifier.task.prune_margin_nats;
-    let rows = rows(&classifier, &cfg.batch_sizes);
+    let both =
+        engine.logprob_over_for(classifier.trie(), LogprobOver::Labels) == LogprobOver::Labels;
+    let prunable =
+        classifier.task.prune_margin_nats.is_some() && !classifier.trie().decoded.is_empty();
+    let rows = rows(prunable, &cfg.batch_sizes, cfg.rounds, both);
     writeln!(
         out,
         "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs | up to {} requests per decode",
@@ -63,13 +72,15 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     .map_err(AppError::Output)?;
     writeln!(
         out,
-        "| path | batch | classif/s | p50 ms | p99 ms | decoded tok/request | accuracy | speed-up | tokens/decode | rows/decode |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| path | logprob over | batch | classif/s | p50 ms | p99 ms | decoded tok/request | accuracy | speed-up | tokens/decode | rows/decode |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     .map_err(AppError::Output)?;
+    let task_over = classifier.task.logprob_over;
     let mut base_rate = None;
     let mut shapes = Vec::new();
     for row in rows {
         classifier.task.prune_margin_nats = if row.prune { pruning } else { None };
+        classifier.task.logprob_over = row.over.unwrap_or(task_over);
         // The two slow reference paths run on the first `naive_limit` requests only.
         let n = match row.path {
             Some(ScorePath::Fast) => reqs.len(),
@@ -84,7 +95,11 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
         };
         writeln!(
             out,
-            "| {name} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2}x | {:.1} | {:.1} |",
+            "| {name} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2}x | {:.1} | {:.1} |",
+            m.over.map_or("-", |o| match o {
+                LogprobOver::Labels => "labels",
+                LogprobOver::Vocab => "vocab",
+            }),
             row.batch,
             m.rate,
             percentile(&m.latencies_ms, 50),
@@ -96,9 +111,18 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
             m.work.rows_per_decode()
         )
         .map_err(AppError::Output)?;
-        if row.path == Some(ScorePath::Fast) && (row.batch > 1 || !row.prune) {
+        // The same-shape comparison once per row kind (the first round), over the vocabulary.
+        if row.path == Some(ScorePath::Fast)
+            && (row.batch > 1 || !row.prune)
+            && row.round == 0
+            && m.over != Some(LogprobOver::Labels)
+        {
             shapes.push((format!("{} at batch {}", row.name, row.batch), m));
         }
+    }
+    classifier.task.logprob_over = task_over;
+    if let Some(why) = engine.label_rows_unavailable() {
+        writeln!(out, "labels scored over the vocabulary only: {why}").map_err(AppError::Output)?;
     }
     if let Some(m) = pruning {
         writeln!(out, "pruning margin {m} nats (task prune_margin_nats)")
@@ -184,17 +208,23 @@ struct Row {
     path: Option<ScorePath>,
     batch: usize,
     prune: bool,
+    /// What a fast row asks the labels to be normalized over (None: the task's setting).
+    over: Option<LogprobOver>,
+    round: usize,
 }
 
-/// The rows, slowest first; the pruned row only where pruning can change anything.
-fn rows(classifier: &Classifier, depths: &[usize]) -> Vec<Row> {
+/// The rows, slowest first; the pruned row only where pruning can change anything
+/// (`prunable`: the task prunes and has multi-token labels). The fast rows run `rounds`
+/// times; with `both`, each over the vocabulary then over the labels.
+fn rows(prunable: bool, depths: &[usize], rounds: usize, both: bool) -> Vec<Row> {
     let row = |name, path, batch, prune| Row {
         name,
         path,
         batch,
         prune,
+        over: None,
+        round: 0,
     };
-    let multi_token = !classifier.trie().decoded.is_empty();
     let mut rows = vec![
         row(
             "naive (every label from scratch)",
@@ -203,18 +233,39 @@ fn rows(classifier: &Classifier, depths: &[usize]) -> Vec<Row> {
             false,
         ),
         row("prefix reuse, labels one by one", None, 1, false),
-        row("prefix reuse + label trie", Some(ScorePath::Fast), 1, false),
     ];
-    if classifier.task.prune_margin_nats.is_some() && multi_token {
-        rows.push(row("+ pruned label search", Some(ScorePath::Fast), 1, true));
+    let mut fast = vec![row(
+        "prefix reuse + label trie",
+        Some(ScorePath::Fast),
+        1,
+        false,
+    )];
+    if prunable {
+        fast.push(row("+ pruned label search", Some(ScorePath::Fast), 1, true));
     }
     for &depth in depths {
-        rows.push(row(
+        fast.push(row(
             "+ micro-batching",
             Some(ScorePath::Fast),
             depth.max(1),
             true,
         ));
+    }
+    let overs: &[Option<LogprobOver>] = if both {
+        &[Some(LogprobOver::Vocab), Some(LogprobOver::Labels)]
+    } else {
+        &[None]
+    };
+    for round in 0..rounds.max(1) {
+        for f in &fast {
+            for &over in overs {
+                rows.push(Row {
+                    over,
+                    round,
+                    ..row(f.name, f.path, f.batch, f.prune)
+                });
+            }
+        }
     }
     rows
 }
@@ -230,6 +281,9 @@ struct Measured {
     accuracy: String,
     /// The decodes the row ran (llama.cpp calls, tokens, logits rows).
     work: model::DecodeCounts,
+    /// What the results say their log-probabilities were normalized over (None: no result
+    /// carried it, as on the one-by-one path).
+    over: Option<LogprobOver>,
 }
 
 fn measure(
@@ -243,6 +297,7 @@ fn measure(
     let mut decoded = 0usize;
     let mut correct = 0usize;
     let mut labeled = 0usize;
+    let mut over = None;
     let counts = engine.decode_counts();
     let start = std::time::Instant::now();
     for (chunk, g) in reqs.chunks(row.batch).zip(gold.chunks(row.batch)) {
@@ -251,7 +306,12 @@ fn measure(
             Some(path) => classifier
                 .classify_many(engine, chunk, path)
                 .into_iter()
-                .map(|r| r.ok().map(|r| (r.top_label, r.tokens.decoded)))
+                .map(|r| {
+                    r.ok().map(|r| {
+                        over = Some(r.logprob_over);
+                        (r.top_label, r.tokens.decoded)
+                    })
+                })
                 .collect(),
             None => chunk
                 .iter()
@@ -279,6 +339,7 @@ fn measure(
         decoded,
         decoded_per_request: decoded as f64 / reqs.len().max(1) as f64,
         work,
+        over,
         accuracy: if labeled > 0 {
             format!("{:.3}", correct as f64 / labeled as f64)
         } else {
@@ -309,6 +370,7 @@ fn labels_one_by_one(
             tokens: &prepared.tokens,
             trie: &one,
             pruning: None,
+            logprob_over: LogprobOver::Vocab,
         };
         let out = engine.score(std::slice::from_ref(&job)).ok()?.pop()?;
         let label = out.labels.first()?;
@@ -322,4 +384,29 @@ fn labels_one_by_one(
         }
     }
     best.map(|(_, i)| (classifier.task.labels[i].name.clone(), decoded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_rows_alternate_both_ways_each_round() {
+        let r = rows(false, &[8, 32], 2, true);
+        // naive, one by one, then 2 rounds x 3 fast rows x 2 ways.
+        assert_eq!(r.len(), 2 + 2 * 3 * 2);
+        assert!(r[..2].iter().all(|x| x.over.is_none() && x.round == 0));
+        let fast: Vec<(usize, usize, Option<LogprobOver>)> =
+            r[2..].iter().map(|x| (x.round, x.batch, x.over)).collect();
+        assert_eq!(fast[0], (0, 1, Some(LogprobOver::Vocab)));
+        assert_eq!(fast[1], (0, 1, Some(LogprobOver::Labels)));
+        assert_eq!(fast[5], (0, 32, Some(LogprobOver::Labels)));
+        assert_eq!(fast[6], (1, 1, Some(LogprobOver::Vocab)));
+        // Without the label-rows path: the task's own setting, once per round; pruning adds
+        // its row.
+        let one = rows(true, &[8], 1, false);
+        assert_eq!(one.len(), 2 + 3);
+        assert!(one.iter().all(|x| x.over.is_none()));
+        assert!(one.iter().any(|x| x.prune && x.batch == 1));
+    }
 }

@@ -6,8 +6,17 @@ use std::time::Instant;
 
 use llama_cpp_2::token::LlamaToken;
 
-use super::{Engine, EngineError};
+use super::{tap, Engine, EngineError};
 use crate::model::scoring::{LabelTrie, Token};
+
+/// Where a requested row comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RowSource {
+    /// The logits row (n_vocab floats).
+    Logits,
+    /// The final normed hidden state (`result_norm`, n_embd floats), through the layer tap.
+    FinalNorm,
+}
 
 /// Which logits row an entry asks for, as its caller names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,13 +167,38 @@ impl Engine {
     pub(super) fn run_entries(
         &mut self,
         entries: &[Entry],
+        on_row: impl FnMut(RowId, &[f32]),
+    ) -> Result<(), EngineError> {
+        self.run_entries_from(entries, RowSource::Logits, on_row)
+    }
+
+    /// [`Engine::run_entries`] with the rows read from `source`: with
+    /// [`RowSource::FinalNorm`] `on_row` gets each requested row's final normed hidden state
+    /// (`n_embd` floats) and the graph stops before the output projection. A decode is
+    /// then at most one ubatch, so the tap sees each tensor once.
+    pub(super) fn run_entries_from(
+        &mut self,
+        entries: &[Entry],
+        source: RowSource,
         mut on_row: impl FnMut(RowId, &[f32]),
     ) -> Result<(), EngineError> {
+        let tapped = source == RowSource::FinalNorm && self.tap.is_some();
+        if source == RowSource::FinalNorm && !tapped {
+            return Err(EngineError::Decode(
+                "hidden-state rows asked for on a context without the layer tap".into(),
+            ));
+        }
+        let max_tokens = if tapped {
+            self.n_ubatch.min(self.n_batch)
+        } else {
+            self.n_batch
+        };
+        let n_embd = self.n_embd();
         let mut i = 0;
         while i < entries.len() {
             self.batch.clear();
             let mut rows = Vec::new();
-            while i < entries.len() && (self.batch.n_tokens() as usize) < self.n_batch {
+            while i < entries.len() && (self.batch.n_tokens() as usize) < max_tokens {
                 let e = &entries[i];
                 if e.row.is_some() && rows.len() == self.max_logit_rows {
                     break;
@@ -178,6 +212,19 @@ impl Engine {
                 }
                 i += 1;
             }
+            let tap = if tapped && !rows.is_empty() {
+                self.tap.as_mut()
+            } else {
+                None
+            };
+            if let Some(tap) = tap {
+                tap.get()
+                    .arm(vec![tap::FINAL_NORM.to_string()], n_embd, rows.len());
+            } else if let Some(tap) = self.tap.as_mut() {
+                // Nothing asked for: the callback lets the whole graph run. Every decode of
+                // the scoring context comes through here, so none runs with a stale arm.
+                tap.get().arm(Vec::new(), n_embd, 0);
+            }
             self.ctx.decode(&mut self.batch).map_err(|e| match e {
                 llama_cpp_2::DecodeError::NoKvCacheSlot => EngineError::ContextFull {
                     need: self.batch.n_tokens() as usize,
@@ -189,8 +236,21 @@ impl Engine {
             self.decode_counts.decodes += 1;
             self.decode_counts.tokens += self.batch.n_tokens() as u64;
             self.decode_counts.rows += rows.len() as u64;
-            for (idx, r) in rows {
-                on_row(r, self.ctx.get_logits_ith(idx));
+            match self.tap.as_mut().filter(|_| tapped && !rows.is_empty()) {
+                Some(tap) => {
+                    let tap = tap.get();
+                    tap.check().map_err(EngineError::Decode)?;
+                    // The graph's output rows follow the batch order of the tokens that ask
+                    // for one (a single ubatch, split in order on the unified cache).
+                    for (k, (_, r)) in rows.into_iter().enumerate() {
+                        on_row(r, &tap.out[0][k * n_embd..(k + 1) * n_embd]);
+                    }
+                }
+                None => {
+                    for (idx, r) in rows {
+                        on_row(r, self.ctx.get_logits_ith(idx));
+                    }
+                }
             }
         }
         Ok(())

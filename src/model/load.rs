@@ -15,6 +15,8 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use sha2::{Digest, Sha256};
 
+use super::label_rows;
+use super::tap::{self, TapBox};
 use super::{Engine, EngineError};
 use crate::model::budget::{self, ContextPlan, Fitted, KvCacheType, ModelShape};
 use crate::model::config::{EngineConfig, LoraAdapter};
@@ -123,6 +125,14 @@ pub fn preflight(
     cfg: &EngineConfig,
     n_prefix_slots: usize,
 ) -> Result<(String, ModelShape, Fitted), EngineError> {
+    preflight_header(cfg, n_prefix_slots).map(|(sha, shape, fitted, _)| (sha, shape, fitted))
+}
+
+/// [`preflight`], also returning the header it read.
+fn preflight_header(
+    cfg: &EngineConfig,
+    n_prefix_slots: usize,
+) -> Result<(String, ModelShape, Fitted, gguf::Header), EngineError> {
     let header = gguf::read_header(&cfg.model_path)?;
     let sha = file_sha256(&cfg.model_path)?;
     if let Some(expected) = &cfg.model_sha256 {
@@ -167,7 +177,7 @@ pub fn preflight(
         path: cfg.model_path.clone(),
         source,
     })?;
-    Ok((sha, shape, fitted))
+    Ok((sha, shape, fitted, header))
 }
 
 /// Sequences: one per prefix slot, plus work sequences for requests and label branches.
@@ -269,7 +279,24 @@ impl Engine {
     /// stay cached.
     pub fn load(cfg: &EngineConfig, n_prefix_slots: usize) -> Result<Engine, EngineError> {
         let started = Instant::now();
-        let (sha256, shape, fitted) = preflight(cfg, n_prefix_slots)?;
+        let (sha256, shape, fitted, header) = preflight_header(cfg, n_prefix_slots)?;
+        let tied = label_rows::tied_output(&cfg.model_path, &header).and_then(|t| {
+            // A GPU computes the projection with its own kernels, and an adapter on the
+            // embedding changes the output rows: both keep the full logits row.
+            if cfg.gpu_layers > 0 {
+                return Err("layers are offloaded to a GPU".to_string());
+            }
+            if let Some(l) = &cfg.lora {
+                let adapter = gguf::read_header(&l.path).map_err(|e| e.to_string())?;
+                if label_rows::adapter_changes_output(&adapter) {
+                    return Err("the LoRA adapter changes the token embedding".to_string());
+                }
+            }
+            Ok(t)
+        });
+        if let Err(why) = &tied {
+            tracing::info!("one-token labels keep the full logits row: {why}");
+        }
         if let Some(from) = fitted.shrunk_from_ctx {
             tracing::warn!(
                 from,
@@ -298,6 +325,11 @@ impl Engine {
         let n_seq_max = plan.n_seq_max;
         let n_batch = cfg.n_batch.min(plan.n_ctx);
         let params = context_params(cfg, &plan, n_batch);
+        let tap = tied.is_ok().then(TapBox::new);
+        let params = match &tap {
+            Some(t) => tap::with_tap(params, t),
+            None => params,
+        };
         let mut ctx = model
             .new_context(backend, params)
             .map_err(|e| EngineError::Context {
@@ -332,9 +364,11 @@ impl Engine {
         Ok(Engine {
             model,
             ctx,
+            tap,
             batch: LlamaBatch::new(n_batch as usize, n_seq_max as i32),
             info,
             n_batch: n_batch as usize,
+            n_ubatch: cfg.n_ubatch.min(n_batch) as usize,
             max_logit_rows: cfg.max_logit_rows as usize,
             n_prefix_slots,
             n_seq_max: n_seq_max as usize,
@@ -343,6 +377,8 @@ impl Engine {
             kv_cache_type: cfg.kv_cache_type,
             lora,
             decode_counts: super::DecodeCounts::default(),
+            tied,
+            label_rows: Vec::new(),
         })
     }
 }

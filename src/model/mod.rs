@@ -11,6 +11,9 @@
 //! - `score`: label scoring; the batch plan is pure and tested without a model.
 //! - `generate`: generation under a GBNF grammar, sampling.
 //! - [`quantize`]: another weight type of a model file (`llama_model_quantize`).
+//! - `label_rows`: one-token labels scored from the final hidden state and the labels'
+//!   embedding rows when the output projection is tied to the embedding (no 262 144-wide
+//!   logits row).
 //! - `features`: a second, embeddings context for pooled hidden states; `tap`: its eval
 //!   callback, which copies chosen layers' outputs and stops the graph after the deepest.
 //! - [`budget`], [`config`], [`gguf`], [`scoring`]: pure parts (memory plan, board config,
@@ -22,6 +25,7 @@ mod decode;
 mod features;
 mod generate;
 pub mod gguf;
+mod label_rows;
 mod load;
 mod prefix;
 pub mod quantize;
@@ -88,9 +92,13 @@ pub enum EngineError {
 pub struct Engine {
     model: &'static LlamaModel,
     ctx: LlamaContext<'static>,
+    /// After `ctx`: the scoring context's eval callback points into it, so the context is
+    /// dropped first. Present when the label-rows path is available (see `tied`).
+    tap: Option<tap::TapBox>,
     batch: LlamaBatch<'static>,
     pub info: ModelInfo,
     n_batch: usize,
+    n_ubatch: usize,
     max_logit_rows: usize,
     n_prefix_slots: usize,
     n_seq_max: usize,
@@ -103,6 +111,11 @@ pub struct Engine {
     lora: Option<(LlamaLoraAdapter, String)>,
     /// Work done by `run_entries` so far (benchmarks read it; see [`DecodeCounts`]).
     decode_counts: DecodeCounts,
+    /// The model's output rows tied to its embedding, or why the label-rows path is off.
+    tied: Result<label_rows::TiedOutput, String>,
+    /// Output rows read so far, one entry per one-token label set scored over its labels
+    /// (None: they could not be read, the set stays on the full rows).
+    label_rows: Vec<(Vec<Token>, Option<label_rows::LabelRows>)>,
 }
 
 impl Engine {

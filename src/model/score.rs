@@ -7,9 +7,13 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use super::decode::RowSource;
 use super::decode::{Entry, RowId};
+use super::label_rows::LabelRows;
 use super::{Engine, EngineError};
-use crate::model::scoring::{logsumexp, LabelLogprob, LabelSearch, LabelTrie, Pruning, Token};
+use crate::model::scoring::{
+    logsumexp, LabelLogprob, LabelSearch, LabelTrie, LogprobOver, Pruning, Token,
+};
 
 /// One request to score: the whole prompt's tokens, and the labels.
 pub struct ScoreJob<'a> {
@@ -19,6 +23,9 @@ pub struct ScoreJob<'a> {
     pub trie: &'a LabelTrie,
     /// Leave labels that cannot win unfinished (None: score every label fully).
     pub pruning: Option<Pruning>,
+    /// What to normalize the label log-probabilities over: `Labels` where the engine and
+    /// label set allow it (else the vocabulary); `Vocab` always reads full logits rows.
+    pub logprob_over: LogprobOver,
 }
 
 /// What scoring one job measured.
@@ -35,6 +42,8 @@ pub struct ScoreOut {
     pub scoring_ms: f64,
     /// How many jobs shared the decode.
     pub batch_jobs: usize,
+    /// What the label log-probabilities were normalized over.
+    pub logprob_over: LogprobOver,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -210,8 +219,61 @@ impl Engine {
         Ok(outs)
     }
 
+    /// Why labels cannot be scored over the labels alone on this engine (the model's output
+    /// is not tied to its embedding, an adapter or GPU is in use), or None when they can be
+    /// for one-token label sets.
+    pub fn label_rows_unavailable(&self) -> Option<&str> {
+        self.tied.as_ref().err().map(String::as_str)
+    }
+
+    /// What `trie`'s labels are normalized over when a job asks for `over`: labels only for
+    /// one-token label sets on an engine that can (see [`Engine::label_rows_unavailable`]).
+    pub fn logprob_over_for(&self, trie: &LabelTrie, over: LogprobOver) -> LogprobOver {
+        let one_token = trie.paths.iter().all(|p| p.len() == 1);
+        match over {
+            LogprobOver::Labels if one_token && self.tied.is_ok() => LogprobOver::Labels,
+            _ => LogprobOver::Vocab,
+        }
+    }
+
+    /// The output rows of `trie`'s labels when they can be scored over the labels: every
+    /// label one token, the model's output tied to its embedding. Read on first use.
+    fn label_rows_for(&mut self, trie: &LabelTrie) -> Option<LabelRows> {
+        let tied = self.tied.as_ref().ok()?;
+        let tokens = trie
+            .paths
+            .iter()
+            .map(|p| (p.len() == 1).then(|| trie.nodes[p[0]].token))
+            .collect::<Option<Vec<Token>>>()?;
+        if let Some((_, r)) = self.label_rows.iter().find(|(t, _)| *t == tokens) {
+            return r.clone();
+        }
+        // Read once per label set; a failure (said once) keeps that set on the full rows.
+        let rows = tied
+            .label_rows(&tokens)
+            .map_err(|why| tracing::warn!("labels scored over the vocabulary: {why}"))
+            .ok();
+        self.label_rows.push((tokens, rows.clone()));
+        rows
+    }
+
+    /// Each job's label rows when the whole group is scored over its labels, else None.
+    fn group_label_rows(&mut self, jobs: &[ScoreJob]) -> Option<Vec<LabelRows>> {
+        jobs.iter()
+            .map(|j| match j.logprob_over {
+                LogprobOver::Labels => self.label_rows_for(j.trie),
+                LogprobOver::Vocab => None,
+            })
+            .collect()
+    }
+
     fn score_group(&mut self, jobs: &[ScoreJob]) -> Result<Vec<ScoreOut>, EngineError> {
         let t0 = Instant::now();
+        let label_rows = self.group_label_rows(jobs);
+        let (source, over) = match label_rows {
+            Some(_) => (RowSource::FinalNorm, LogprobOver::Labels),
+            None => (RowSource::Logits, LogprobOver::Vocab),
+        };
         let base = self.n_prefix_slots;
         let reuse: Vec<usize> = jobs.iter().map(|j| self.reuse_len(j)).collect();
         let need: usize = jobs.iter().zip(&reuse).map(|(j, &r)| job_cells(j, r)).sum();
@@ -238,13 +300,28 @@ impl Engine {
             .map(|(j, r)| j.tokens.len() - r)
             .collect();
         let mut scoring_s = 0.0;
-        let mut collect = |row: RowId, logits: &[f32], searches: &mut Vec<LabelSearch>| {
+        let mut collect = |row: RowId, values: &[f32], searches: &mut Vec<LabelSearch>| {
             let t = Instant::now();
-            let lse = logsumexp(logits);
-            searches[row.job].record_row(row.node, |tok| logits[tok as usize] as f64 - lse);
+            match &label_rows {
+                // `values` is the final hidden state; only one-token labels get here.
+                Some(rows) => {
+                    let rows = &rows[row.job];
+                    let lp = rows.logprobs(values);
+                    searches[row.job].record_row(row.node, |tok| {
+                        rows.tokens
+                            .iter()
+                            .position(|&t| t == tok)
+                            .map_or(f64::NEG_INFINITY, |i| lp[i])
+                    });
+                }
+                None => {
+                    let lse = logsumexp(values);
+                    searches[row.job].record_row(row.node, |tok| values[tok as usize] as f64 - lse);
+                }
+            }
             scoring_s += t.elapsed().as_secs_f64();
         };
-        self.run_entries(&entries, |row, logits| collect(row, logits, &mut searches))?;
+        self.run_entries_from(&entries, source, |row, v| collect(row, v, &mut searches))?;
         // Phase B: label-trie nodes in rounds (one round unless pruning asks for more). In a
         // round each branch (a chosen node with no chosen descendant) gets a sequence copied
         // from its request; its path from the first label token is decoded, with logits only
@@ -286,6 +363,7 @@ impl Engine {
                 decode_ms: (total_s - scoring_s) * 1e3,
                 scoring_ms: scoring_s * 1e3,
                 batch_jobs: jobs.len(),
+                logprob_over: over,
             })
             .collect())
     }
@@ -340,6 +418,7 @@ impl Engine {
             decode_ms: (total_s - scoring_s) * 1e3,
             scoring_ms: scoring_s * 1e3,
             batch_jobs: 1,
+            logprob_over: LogprobOver::Vocab,
         })
     }
 }
@@ -354,6 +433,7 @@ mod tests {
             tokens,
             trie,
             pruning: None,
+            logprob_over: LogprobOver::Vocab,
         }
     }
 

@@ -332,6 +332,26 @@ pub struct LabelLogprob {
     pub pruned: bool,
 }
 
+/// What label log-probabilities are normalized over (task key, result and trace field
+/// `logprob_over`).
+///
+/// `Vocab`: the model's full next-token distribution, so a label's log-probability is its
+/// absolute log-likelihood after the prompt. `Labels`: the label tokens alone (one-token
+/// label sets on a model whose output is tied to its embedding): the scorer computes only
+/// the labels' logits, skipping the vocabulary-wide output projection. The two differ by one
+/// constant per request (the log of the labels' share of the vocabulary's mass), so label
+/// probabilities, calibration (a per-request constant divides out) and abstention are the
+/// same; only the absolute values of `logprob_total`/`logprob_mean` differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogprobOver {
+    /// Over the labels where the model and label set allow it, else over the vocabulary
+    /// (as asked for: a job's request; results say which one was used).
+    #[default]
+    Labels,
+    Vocab,
+}
+
 /// log(sum(exp(x))) of a logits row, computed stably.
 pub fn logsumexp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::ground::TextScorer;
 use crate::model::config::EngineConfig;
-use crate::model::scoring::LabelTrie;
+use crate::model::scoring::{LabelTrie, LogprobOver};
 use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop, ScoreJob};
 
 /// How a step is generated.
@@ -186,6 +186,7 @@ impl TextScorer for EngineGenerator<'_> {
                 tokens,
                 trie,
                 pruning: None,
+                logprob_over: LogprobOver::Vocab,
             })
             .collect();
         Ok(self
@@ -213,6 +214,7 @@ impl TextScorer for EngineGenerator<'_> {
             tokens: &tokens,
             trie: &trie,
             pruning: None,
+            logprob_over: LogprobOver::Vocab,
         };
         let out = self.engine.score(std::slice::from_ref(&job))?;
         Ok(out

@@ -171,6 +171,7 @@ pub fn trace_of(r: &ClassifyResult) -> Value {
         "n_labels": r.scores.len(),
         "truncated": r.truncated,
         "calibration": r.calibration.applied,
+        "logprob_over": r.logprob_over,
         "ts_ms": now_ms(),
     })
 }

@@ -237,6 +237,7 @@ fn classified(id: &str) -> Output {
         scores: BTreeMap::from([("hello".to_string(), 0.9)]),
         labels: BTreeMap::new(),
         score_norm: Default::default(),
+        logprob_over: Default::default(),
         calibration: CalibrationApplied {
             applied: false,
             prior: None,

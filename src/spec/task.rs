@@ -13,7 +13,7 @@ use super::template::Template;
 use super::train::TrainSource;
 use super::SpecError;
 use crate::model::config::LoraAdapter;
-use crate::model::scoring::AbstainRule;
+use crate::model::scoring::{AbstainRule, LogprobOver};
 
 /// How a too-long input is cut to its token budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -25,6 +25,10 @@ pub enum TruncatePolicy {
     KeepTail,
     /// Refuse the input with an error.
     Reject,
+}
+
+fn is_default_over(o: &LogprobOver) -> bool {
+    *o == LogprobOver::default()
 }
 
 /// How label log-likelihoods become scores.
@@ -58,6 +62,10 @@ struct RawTask {
     /// (multi-token label sets only; the top label is unchanged). Absent: score all fully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     prune_margin_nats: Option<f64>,
+    /// `labels` (default): one-token labels on a tied-output model are scored from their
+    /// output rows alone; `vocab`: always over the full vocabulary (absolute log-likelihoods).
+    #[serde(default, skip_serializing_if = "is_default_over")]
+    logprob_over: LogprobOver,
     #[serde(default)]
     calibration: Calibration,
     #[serde(default)]
@@ -283,6 +291,8 @@ pub struct Task {
     pub score: ScoreNorm,
     /// See `scoring::Pruning`: None scores every label fully.
     pub prune_margin_nats: Option<f64>,
+    /// What label log-probabilities are normalized over (see `scoring::LogprobOver`).
+    pub logprob_over: LogprobOver,
     pub calibration: Calibration,
     pub abstain: AbstainRule,
     pub input: InputBudget,
@@ -358,6 +368,7 @@ impl Task {
             examples: raw.examples,
             score: raw.score,
             prune_margin_nats: raw.prune_margin_nats,
+            logprob_over: raw.logprob_over,
             calibration: raw.calibration,
             abstain: raw.abstain,
             input: raw.input,
@@ -442,6 +453,7 @@ impl Task {
             examples: self.examples.clone(),
             score: self.score,
             prune_margin_nats: self.prune_margin_nats,
+            logprob_over: self.logprob_over,
             calibration: self.calibration.clone(),
             abstain: self.abstain,
             input: self.input.clone(),

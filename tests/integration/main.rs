@@ -16,6 +16,7 @@ mod kiosk;
 mod layers;
 mod learn;
 mod learned;
+mod logprob_over;
 mod lora;
 mod memory;
 mod model;

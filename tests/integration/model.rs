@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use edgeact::classify::{Classifier, Prepared, RecordError, Request, ScorePath};
-use edgeact::model::scoring::{softmax, Pruning};
+use edgeact::model::scoring::{softmax, LogprobOver, Pruning};
 use edgeact::model::{Engine, ScoreJob, ScoreOut};
 use edgeact::spec::Task;
 
@@ -144,6 +144,7 @@ fn fast_paths_match_naive_reference() {
                 tokens: &p.tokens,
                 trie: c.trie(),
                 pruning: None,
+                logprob_over: LogprobOver::Vocab,
             })
             .collect();
         let batched = engine.score(&jobs).unwrap();
@@ -181,6 +182,7 @@ fn check_prompt_against_naive(
             tokens: &p.tokens,
             trie: c.trie(),
             pruning: None,
+            logprob_over: LogprobOver::Vocab,
         }])
         .unwrap();
     let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
@@ -240,6 +242,7 @@ fn check_pruned_against_naive(
             tokens: &p.tokens,
             trie: c.trie(),
             pruning: Some(pruning),
+            logprob_over: LogprobOver::Vocab,
         }])
         .unwrap()
         .remove(0);
@@ -375,6 +378,7 @@ fn single_token_labels_fill_a_decode_with_the_same_results() {
             tokens: &p.tokens,
             trie: c.trie(),
             pruning: None,
+            logprob_over: LogprobOver::Vocab,
         })
         .collect();
     let before = engine.decode_counts();
