@@ -228,7 +228,8 @@ const IMPERATIVES: [&str; 36] = [
     "use", "validate", "visit",
 ];
 
-fn words_lower(text: &str) -> Vec<String> {
+/// Lowercase words of `text` (letters, digits and apostrophes), unstemmed.
+pub fn words_lower(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric() && c != '\'')
         .filter(|w| !w.is_empty())
         .map(str::to_lowercase)
