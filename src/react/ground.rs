@@ -39,6 +39,12 @@ pub trait TextScorer {
     }
 }
 
+/// Words that frame a request rather than name its topic (general English): a knowledge
+/// base rarely uses them, so as question terms they would weigh most and make an
+/// answerable question look unanswerable ("I want my money back ..., is that possible?").
+pub const FRAME_WORDS: &str =
+    "want wants need needs possible please like would could know tell anything something somewhere still also just really";
+
 /// The question's distinct terms with their weights (IDF); terms of an earlier question
 /// (a follow-up's context) count `context_weight` as much.
 pub fn weighted_terms(
@@ -64,6 +70,22 @@ pub fn weighted_terms(
         }
     }
     out
+}
+
+/// The question's terms as [`weighted_terms`] without the words that frame a request
+/// ([`FRAME_WORDS`]): what an answer must cover. Tool choice keeps them ("I want to
+/// complain" asks for staff).
+pub fn topic_terms(
+    kb: &Kb,
+    question: &str,
+    context: Option<&str>,
+    context_weight: f64,
+) -> Vec<(String, f64)> {
+    let frame = kb.terms(FRAME_WORDS);
+    weighted_terms(kb, question, context, context_weight)
+        .into_iter()
+        .filter(|(t, _)| !frame.contains(t))
+        .collect()
 }
 
 /// Share of the question's term weight that `terms` contain (0 when the question has none).
@@ -432,7 +454,7 @@ pub fn select(
     mut scorer: Option<&mut dyn TextScorer>,
     cfg: &GroundConfig,
 ) -> Result<Grounded, EngineError> {
-    let q_terms = weighted_terms(kb, query.question, query.context, CONTEXT_WEIGHT);
+    let q_terms = topic_terms(kb, query.question, query.context, CONTEXT_WEIGHT);
     let passages: Vec<_> = hits
         .iter()
         .filter_map(|(id, s)| kb.get(id).map(|p| (p, *s)))
