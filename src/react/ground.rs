@@ -88,6 +88,48 @@ pub fn topic_terms(
         .collect()
 }
 
+/// How a question asks whether something exists or is sold (general English): "do you
+/// have", "is there", "do you sell".
+const EXISTENCE_CUES: [&[&str]; 9] = [
+    &["do", "you", "have"],
+    &["do", "you", "sell"],
+    &["do", "you", "offer"],
+    &["do", "u", "have"],
+    &["do", "u", "sell"],
+    &["have", "you", "got"],
+    &["is", "there"],
+    &["are", "there"],
+    &["can", "i", "buy"],
+];
+
+/// Words that end the thing asked about ("a cinema *in* the hall", "a hotel *nearby*").
+const OBJECT_ENDS: [&str; 14] = [
+    "in", "at", "on", "for", "near", "nearby", "here", "around", "close", "inside", "to", "with",
+    "that", "which",
+];
+
+/// For a question asking whether something exists ("Do you have a cinema in the hall?"),
+/// a word of that thing the knowledge base never uses ("cinema"), after its synonyms: the
+/// knowledge base cannot say it has it, so the answer is "not found", however much of the
+/// frame it covers ("hall"). None for other questions or known things.
+pub fn unknown_object(kb: &Kb, question: &str) -> Option<String> {
+    let w = words_lower(question);
+    let start = EXISTENCE_CUES.iter().find_map(|cue| {
+        w.windows(cue.len())
+            .position(|win| win == *cue)
+            .map(|i| i + cue.len())
+    })?;
+    let object: Vec<&str> = w[start..]
+        .iter()
+        .map(String::as_str)
+        .skip_while(|x| matches!(*x, "a" | "an" | "any" | "some" | "the"))
+        .take_while(|x| !OBJECT_ENDS.contains(x))
+        .collect();
+    kb.query_terms(&object.join(" "))
+        .into_iter()
+        .find(|t| !kb.knows(t))
+}
+
 /// Share of the question's term weight that `terms` contain (0 when the question has none).
 pub fn coverage(question: &[(String, f64)], terms: &[String]) -> f64 {
     let total: f64 = question.iter().map(|(_, w)| w).sum();
@@ -490,7 +532,7 @@ pub fn select(
     let Some(b) = best(&scores) else {
         return Ok(not_found(cands));
     };
-    if cands[b].coverage < cfg.min_coverage {
+    if cands[b].coverage < cfg.min_coverage || unknown_object(kb, query.question).is_some() {
         return Ok(not_found(cands));
     }
     let passage = passages[b].0;
