@@ -1,8 +1,10 @@
 //! The scored policy, the default for a small model: score and select, do not generate.
-//! Step one: a short thought (grammar-bound), then every allowed action line
-//! (`Action: name[`) is scored after it, as classification; the argument comes from the
-//! question's own words (text, JSON), from scoring the values (choice), or from generation
-//! under the argument's grammar (expressions). The tool runs through the [`Toolbox`]
+//! Step one: the action, chosen by its evidence ([`super::action`]: the tool's words, the
+//! knowledge base's coverage, a question about the present; optionally a thought and the
+//! model's score of each action line `Action: name[`, as classification); the argument
+//! comes from the question's own words (text, JSON), from the value its words name
+//! (choice; the model breaks ties), or from generation under the argument's grammar
+//! (expressions). The tool runs through the [`Toolbox`]
 //! allow-list. Step two: the final answer, selected from what the tool returned: for
 //! `kb_search` a sentence of a retrieved passage with its id ([`super::ground`]), for the
 //! others the observation in a fixed sentence. The free grammar loop ([`super::agent`])
