@@ -224,29 +224,37 @@ impl TextScorer for EngineGenerator<'_> {
     }
 }
 
-/// The engine, loaded at its first use. The scored policy answers a knowledge-base
-/// question without the model (`w_model` 0 and no thought: retrieval and selection), so
-/// `edgeact react` and `edgeact qa` asked such questions neither load the model nor decode
-/// the task's prefix; a question that needs it (a sensor value, a calculator argument, the
-/// generated loop) loads it then, once.
-pub struct LazyGenerator {
+/// The engine, loaded at its first use, with the task prefixes to decode into their slots
+/// then. The scored policy answers a knowledge-base question without the model (`w_model`
+/// 0 and no thought: retrieval and selection), so `edgeact react`, `edgeact qa` and a
+/// kiosk served by `edgeact serve` asked such questions neither load the model nor decode
+/// a prefix; a question that needs it (a calculator argument, a sensor value the words do
+/// not decide, the generated loop) loads it then, once.
+pub struct LazyEngine {
     cfg: EngineConfig,
-    temperature: f32,
-    /// The task's fixed prompt beginning, decoded into prefix slot 0 at load.
-    prefix: String,
+    n_slots: usize,
+    /// (slot, text) of each prefix to decode at load.
+    prefixes: Vec<(usize, String)>,
     engine: Option<Engine>,
-    cache: GenCache,
 }
 
-impl LazyGenerator {
-    pub fn new(cfg: EngineConfig, temperature: f32, prefix: String) -> LazyGenerator {
-        LazyGenerator {
+impl LazyEngine {
+    pub fn new(cfg: EngineConfig, n_slots: usize) -> LazyEngine {
+        LazyEngine {
             cfg,
-            temperature,
-            prefix,
+            n_slots,
+            prefixes: Vec::new(),
             engine: None,
-            cache: GenCache::default(),
         }
+    }
+
+    /// A prefix for `slot`: decoded now when the engine is loaded, else at load.
+    pub fn add_prefix(&mut self, slot: usize, text: String) -> Result<(), EngineError> {
+        if let Some(e) = self.engine.as_mut() {
+            decode_prefix(e, slot, &text)?;
+        }
+        self.prefixes.push((slot, text));
+        Ok(())
     }
 
     /// Whether the model has been loaded (some question needed it).
@@ -254,38 +262,148 @@ impl LazyGenerator {
         self.engine.is_some()
     }
 
-    fn engine(&mut self) -> Result<&mut Engine, EngineError> {
+    /// What was loaded, once it is.
+    pub fn info(&self) -> Option<&crate::model::ModelInfo> {
+        self.engine.as_ref().map(|e| &e.info)
+    }
+
+    /// The engine, loaded (and its prefixes decoded) first if need be.
+    pub fn engine(&mut self) -> Result<&mut Engine, EngineError> {
         let engine = match self.engine.take() {
             Some(e) => e,
             None => {
-                let mut e = Engine::load(&self.cfg, 1)?;
-                let tokens = e.tokenize(&self.prefix, true, false);
-                let source = e.set_prefix_cached(0, &tokens)?;
-                tracing::info!(?source, "model loaded at first use; task prefix ready");
+                let mut e = Engine::load(&self.cfg, self.n_slots)?;
+                for (slot, text) in &self.prefixes {
+                    decode_prefix(&mut e, *slot, text)?;
+                }
+                tracing::info!(prefixes = self.prefixes.len(), "model loaded at first use");
                 e
             }
         };
         Ok(self.engine.insert(engine))
     }
 
-    /// Runs `f` on the engine as an [`EngineGenerator`] (loading it first if need be); the
-    /// generation cache carries over between calls.
+    /// Before the model is loaded: the text's length in bytes plus one, an upper bound (a
+    /// token covers one byte or more), so a session's history never overflows its budget
+    /// and counting alone does not load the model.
+    pub fn count_tokens(&mut self, text: &str) -> usize {
+        match self.engine.as_mut() {
+            Some(e) => e.tokenize(text, true, false).len(),
+            None => text.len() + 1,
+        }
+    }
+
+    /// Runs `f` on the engine as an [`EngineGenerator`] on prefix `slot` (loading it first
+    /// if need be); `cache` carries over between calls.
     fn with<T>(
         &mut self,
+        cache: &mut GenCache,
+        temperature: f32,
+        slot: usize,
         f: impl FnOnce(&mut EngineGenerator<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        let cache = std::mem::take(&mut self.cache);
-        let temperature = self.temperature;
         let mut g = EngineGenerator {
             engine: self.engine()?,
-            cache,
+            cache: std::mem::take(cache),
             temperature,
-            prefix_slot: Some(0),
+            prefix_slot: Some(slot),
         };
         let out = f(&mut g);
-        let cache = std::mem::take(&mut g.cache);
-        self.cache = cache;
+        *cache = std::mem::take(&mut g.cache);
         out
+    }
+}
+
+fn decode_prefix(engine: &mut Engine, slot: usize, text: &str) -> Result<(), EngineError> {
+    let tokens = engine.tokenize(text, true, false);
+    let source = engine.set_prefix_cached(slot, &tokens)?;
+    tracing::info!(slot, ?source, tokens = tokens.len(), "task prefix ready");
+    Ok(())
+}
+
+/// A [`LazyEngine`] borrowed as the model of one run on prefix slot `prefix_slot`, with
+/// the generation cache that carries over between runs (serve's inference thread shares
+/// one engine between its tasks).
+pub struct LazyEngineGenerator<'a> {
+    pub lazy: &'a mut LazyEngine,
+    pub cache: &'a mut GenCache,
+    pub temperature: f32,
+    pub prefix_slot: usize,
+}
+
+impl StepGenerator for LazyEngineGenerator<'_> {
+    fn generate(
+        &mut self,
+        prompt: &str,
+        mode: GenMode<'_>,
+        max_tokens: usize,
+        seed: u64,
+        deadline: Instant,
+    ) -> Result<GenStep, EngineError> {
+        self.lazy
+            .with(self.cache, self.temperature, self.prefix_slot, |g| {
+                g.generate(prompt, mode, max_tokens, seed, deadline)
+            })
+    }
+
+    fn count_tokens(&mut self, text: &str) -> usize {
+        self.lazy.count_tokens(text)
+    }
+}
+
+impl TextScorer for LazyEngineGenerator<'_> {
+    fn continuation_logprobs(
+        &mut self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(f64, usize)>, EngineError> {
+        self.lazy
+            .with(self.cache, self.temperature, self.prefix_slot, |g| {
+                g.continuation_logprobs(pairs)
+            })
+    }
+
+    fn label_logprobs(
+        &mut self,
+        prompt: &str,
+        labels: &[String],
+    ) -> Result<Vec<(f64, usize)>, EngineError> {
+        self.lazy
+            .with(self.cache, self.temperature, self.prefix_slot, |g| {
+                g.label_logprobs(prompt, labels)
+            })
+    }
+}
+
+/// A [`LazyEngine`] of its own with one prefix in slot 0 (`edgeact react`, `edgeact qa`).
+pub struct LazyGenerator {
+    lazy: LazyEngine,
+    temperature: f32,
+    cache: GenCache,
+}
+
+impl LazyGenerator {
+    pub fn new(cfg: EngineConfig, temperature: f32, prefix: String) -> LazyGenerator {
+        let mut lazy = LazyEngine::new(cfg, 1);
+        lazy.prefixes.push((0, prefix));
+        LazyGenerator {
+            lazy,
+            temperature,
+            cache: GenCache::default(),
+        }
+    }
+
+    /// Whether the model has been loaded (some question needed it).
+    pub fn is_loaded(&self) -> bool {
+        self.lazy.is_loaded()
+    }
+
+    fn borrowed(&mut self) -> LazyEngineGenerator<'_> {
+        LazyEngineGenerator {
+            lazy: &mut self.lazy,
+            cache: &mut self.cache,
+            temperature: self.temperature,
+            prefix_slot: 0,
+        }
     }
 }
 
@@ -298,17 +416,12 @@ impl StepGenerator for LazyGenerator {
         seed: u64,
         deadline: Instant,
     ) -> Result<GenStep, EngineError> {
-        self.with(|g| g.generate(prompt, mode, max_tokens, seed, deadline))
+        self.borrowed()
+            .generate(prompt, mode, max_tokens, seed, deadline)
     }
 
-    /// Before the model is loaded: the text's length in bytes plus one, an upper bound (a
-    /// token covers one byte or more), so a session's history never overflows its budget
-    /// and counting alone does not load the model.
     fn count_tokens(&mut self, text: &str) -> usize {
-        match self.engine.as_mut() {
-            Some(e) => e.tokenize(text, true, false).len(),
-            None => text.len() + 1,
-        }
+        self.lazy.count_tokens(text)
     }
 }
 
@@ -317,7 +430,7 @@ impl TextScorer for LazyGenerator {
         &mut self,
         pairs: &[(String, String)],
     ) -> Result<Vec<(f64, usize)>, EngineError> {
-        self.with(|g| g.continuation_logprobs(pairs))
+        self.borrowed().continuation_logprobs(pairs)
     }
 
     fn label_logprobs(
@@ -325,7 +438,7 @@ impl TextScorer for LazyGenerator {
         prompt: &str,
         labels: &[String],
     ) -> Result<Vec<(f64, usize)>, EngineError> {
-        self.with(|g| g.label_logprobs(prompt, labels))
+        self.borrowed().label_logprobs(prompt, labels)
     }
 }
 

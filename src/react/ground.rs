@@ -39,6 +39,12 @@ pub trait TextScorer {
     }
 }
 
+/// Words that frame a request rather than name its topic (general English): a knowledge
+/// base rarely uses them, so as question terms they would weigh most and make an
+/// answerable question look unanswerable ("I want my money back ..., is that possible?").
+pub const FRAME_WORDS: &str =
+    "want wants need needs possible please like would could know tell anything something somewhere still also just really";
+
 /// The question's distinct terms with their weights (IDF); terms of an earlier question
 /// (a follow-up's context) count `context_weight` as much.
 pub fn weighted_terms(
@@ -64,6 +70,64 @@ pub fn weighted_terms(
         }
     }
     out
+}
+
+/// The question's terms as [`weighted_terms`] without the words that frame a request
+/// ([`FRAME_WORDS`]): what an answer must cover. Tool choice keeps them ("I want to
+/// complain" asks for staff).
+pub fn topic_terms(
+    kb: &Kb,
+    question: &str,
+    context: Option<&str>,
+    context_weight: f64,
+) -> Vec<(String, f64)> {
+    let frame = kb.terms(FRAME_WORDS);
+    weighted_terms(kb, question, context, context_weight)
+        .into_iter()
+        .filter(|(t, _)| !frame.contains(t))
+        .collect()
+}
+
+/// How a question asks whether something exists or is sold (general English): "do you
+/// have", "is there", "do you sell".
+const EXISTENCE_CUES: [&[&str]; 9] = [
+    &["do", "you", "have"],
+    &["do", "you", "sell"],
+    &["do", "you", "offer"],
+    &["do", "u", "have"],
+    &["do", "u", "sell"],
+    &["have", "you", "got"],
+    &["is", "there"],
+    &["are", "there"],
+    &["can", "i", "buy"],
+];
+
+/// Words that end the thing asked about ("a cinema *in* the hall", "a hotel *nearby*").
+const OBJECT_ENDS: [&str; 14] = [
+    "in", "at", "on", "for", "near", "nearby", "here", "around", "close", "inside", "to", "with",
+    "that", "which",
+];
+
+/// For a question asking whether something exists ("Do you have a cinema in the hall?"),
+/// a word of that thing the knowledge base never uses ("cinema"), after its synonyms: the
+/// knowledge base cannot say it has it, so the answer is "not found", however much of the
+/// frame it covers ("hall"). None for other questions or known things.
+pub fn unknown_object(kb: &Kb, question: &str) -> Option<String> {
+    let w = words_lower(question);
+    let start = EXISTENCE_CUES.iter().find_map(|cue| {
+        w.windows(cue.len())
+            .position(|win| win == *cue)
+            .map(|i| i + cue.len())
+    })?;
+    let object: Vec<&str> = w[start..]
+        .iter()
+        .map(String::as_str)
+        .skip_while(|x| matches!(*x, "a" | "an" | "any" | "some" | "the"))
+        .take_while(|x| !OBJECT_ENDS.contains(x))
+        .collect();
+    kb.query_terms(&object.join(" "))
+        .into_iter()
+        .find(|t| !kb.knows(t))
 }
 
 /// Share of the question's term weight that `terms` contain (0 when the question has none).
@@ -228,7 +292,8 @@ const IMPERATIVES: [&str; 36] = [
     "use", "validate", "visit",
 ];
 
-fn words_lower(text: &str) -> Vec<String> {
+/// Lowercase words of `text` (letters, digits and apostrophes), unstemmed.
+pub fn words_lower(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric() && c != '\'')
         .filter(|w| !w.is_empty())
         .map(str::to_lowercase)
@@ -431,7 +496,7 @@ pub fn select(
     mut scorer: Option<&mut dyn TextScorer>,
     cfg: &GroundConfig,
 ) -> Result<Grounded, EngineError> {
-    let q_terms = weighted_terms(kb, query.question, query.context, CONTEXT_WEIGHT);
+    let q_terms = topic_terms(kb, query.question, query.context, CONTEXT_WEIGHT);
     let passages: Vec<_> = hits
         .iter()
         .filter_map(|(id, s)| kb.get(id).map(|p| (p, *s)))
@@ -467,7 +532,7 @@ pub fn select(
     let Some(b) = best(&scores) else {
         return Ok(not_found(cands));
     };
-    if cands[b].coverage < cfg.min_coverage {
+    if cands[b].coverage < cfg.min_coverage || unknown_object(kb, query.question).is_some() {
         return Ok(not_found(cands));
     }
     let passage = passages[b].0;

@@ -72,6 +72,69 @@ fn coverage_weighs_rare_terms_most() {
 }
 
 #[test]
+fn words_that_frame_a_request_are_not_what_an_answer_must_cover() {
+    let kb = kb();
+    let question = "I would like home delivery, is that possible?";
+    let passage = kb.terms("Home delivery costs 6.90 euro.");
+    let all = coverage(&weighted_terms(&kb, question, None, 0.5), &passage);
+    let topic = coverage(&topic_terms(&kb, question, None, 0.5), &passage);
+    assert!(all < 0.5, "{all}");
+    assert!(topic > 0.99, "{topic}");
+    // A knowledge base with this home delivery passage answers it rather than turning it away.
+    let g = select(
+        &kb,
+        Query {
+            question,
+            context: None,
+        },
+        &[("delivery".to_string(), 1.0)],
+        None,
+        &GroundConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(g.cited.as_deref(), Some("delivery"), "{g:?}");
+}
+
+#[test]
+fn asking_for_a_thing_the_knowledge_base_never_names_is_not_found() {
+    let kb = kb();
+    assert_eq!(
+        unknown_object(&kb, "Do you have a cinema open on Sunday?").as_deref(),
+        Some("cinema")
+    );
+    assert!(unknown_object(&kb, "do u sell live lobsters").is_some());
+    assert_eq!(
+        unknown_object(&kb, "Is there home delivery on Saturday?"),
+        None
+    );
+    assert_eq!(unknown_object(&kb, "Are there dogs in the hall?"), None);
+    // Not a question whether something exists: the coverage decides.
+    assert_eq!(
+        unknown_object(&kb, "Can I order a sofa for delivery?"),
+        None
+    );
+    let ask = |question: &str| {
+        select(
+            &kb,
+            Query {
+                question,
+                context: None,
+            },
+            &[("hours-sunday".to_string(), 1.0)],
+            None,
+            &GroundConfig::default(),
+        )
+        .unwrap()
+    };
+    // "open on Sunday" is well covered, the cinema is not there.
+    assert_eq!(ask("Is there a cinema open on Sunday?").cited, None);
+    assert_eq!(
+        ask("Is the hall open on Sunday?").cited.as_deref(),
+        Some("hours-sunday")
+    );
+}
+
+#[test]
 fn fusion_and_best_prefer_earlier_on_ties() {
     assert_eq!(best(&[1.0, 2.0, 2.0]), Some(1));
     assert_eq!(best(&[]), None);

@@ -369,6 +369,11 @@ impl Kb {
         self.tokenizer.tokenize(text)
     }
 
+    /// Whether any passage (title or text) holds `term` (a term as [`Kb::terms`] gives it).
+    pub fn knows(&self, term: &str) -> bool {
+        self.doc_freq.contains_key(term)
+    }
+
     /// Inverse document frequency, `ln(1 + N / (1 + df))`: a term the knowledge base never
     /// uses weighs most, so questions about things it does not hold score low.
     pub fn idf(&self, term: &str) -> f64 {

@@ -13,6 +13,8 @@
 //! - [`kb`]: the knowledge base and its BM25 index.
 //! - [`ground`]: grounded answers: passage re-ranking and sentence selection, the
 //!   number check, the not-found answer.
+//! - [`action`]: which tool: each allowed action's evidence (the tool's words, the
+//!   knowledge base's coverage, a question about the present), as plain functions.
 //! - [`policy`]: the scored policy (the default): actions chosen by scoring, answers
 //!   selected from what the tool returned.
 //! - [`qa`]: one retrieval, one grammar-constrained answer citing a retrieved passage.
@@ -22,6 +24,7 @@
 //!
 //! The modes themselves (`react`, `qa`, `react-eval`) are in the command layer.
 
+pub mod action;
 pub mod agent;
 pub mod generator;
 pub mod grammar;

@@ -1,8 +1,10 @@
 //! The scored policy, the default for a small model: score and select, do not generate.
-//! Step one: a short thought (grammar-bound), then every allowed action line
-//! (`Action: name[`) is scored after it, as classification; the argument comes from the
-//! question's own words (text, JSON), from scoring the values (choice), or from generation
-//! under the argument's grammar (expressions). The tool runs through the [`Toolbox`]
+//! Step one: the action, chosen by its evidence ([`super::action`]: the tool's words, the
+//! knowledge base's coverage, a question about the present; optionally a thought and the
+//! model's score of each action line `Action: name[`, as classification); the argument
+//! comes from the question's own words (text, JSON), from the value its words name
+//! (choice; the model breaks ties), or from generation under the argument's grammar
+//! (expressions). The tool runs through the [`Toolbox`]
 //! allow-list. Step two: the final answer, selected from what the tool returned: for
 //! `kb_search` a sentence of a retrieved passage with its id ([`super::ground`]), for the
 //! others the observation in a fixed sentence. The free grammar loop ([`super::agent`])
@@ -10,6 +12,7 @@
 
 use std::time::Instant;
 
+use super::action::{self, action_labels};
 use super::agent::{fit_history, render_prefix, render_prompt};
 use super::generator::{GenEnd, GenMode, StepGenerator};
 use super::grammar::{arg_grammar, thought_grammar};
@@ -20,7 +23,6 @@ use super::tools::Toolbox;
 use super::trace::{StepRecord, StepTokens, StopReason, Trace, Turn};
 use crate::model::EngineError;
 use crate::spec::react::ReactSpec;
-use crate::spec::step::split_trajectory;
 use crate::spec::tool::{ArgSchema, ToolName};
 
 /// A model that both generates and scores.
@@ -31,16 +33,6 @@ pub use crate::spec::policy::PolicyConfig;
 
 /// The question used for calibration: no content.
 pub const CONTENT_FREE: &str = "N/A";
-
-/// The action line scored for each allowed tool: `Action: name[`, the same shape for every
-/// tool (a closing `]` for tools without an argument would add a token only they pay for,
-/// and the model then never chose them).
-pub fn action_labels(spec: &ReactSpec) -> Vec<(ToolName, String)> {
-    spec.tools
-        .iter()
-        .map(|t| (t.name, format!("Action: {}[", t.name)))
-        .collect()
-}
 
 /// Text fit for a bracketed argument: one line, no brackets, quotes or backslashes, cut
 /// at a word boundary to `max_chars`.
@@ -154,7 +146,13 @@ pub fn run(
         context: context.as_deref(),
         history,
     };
-    let (tool, arg) = choose_action(spec, kb, &prefix, ask, model, cfg, &mut rec, deadline)?;
+    let cx = StepCtx {
+        spec,
+        kb,
+        cfg,
+        deadline,
+    };
+    let (tool, arg) = choose_action(&cx, &prefix, ask, model, &mut rec)?;
     trace.generated_tokens += rec.tokens.generated;
     let t = Instant::now();
     let result = tools.call(tool.as_str(), &arg);
@@ -263,7 +261,6 @@ fn grounded(
     )
 }
 
-/// Step one: the thought (when `cfg.think`), the scored action and its argument.
 /// The question, the follow-up's context and the earlier turns.
 #[derive(Clone, Copy)]
 struct Ask<'a> {
@@ -272,263 +269,175 @@ struct Ask<'a> {
     history: &'a [Turn],
 }
 
-/// The words that describe a tool: its description (or its `[policy.tool_words]`), its
-/// choice values, the sentences of the instruction that name it, and the few-shot questions
-/// whose first action calls it.
-pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
-    let mut out = String::new();
-    for sentence in ground::split_sentences(&spec.instruction) {
-        if sentence.contains(tool.as_str()) {
-            out.push_str(&sentence);
-            out.push(' ');
-        }
-    }
-    if let Some(t) = spec.tool(tool) {
-        match spec.policy.tool_words.get(tool.as_str()) {
-            Some(words) => out.push_str(words),
-            None => out.push_str(&t.description),
-        }
-        if let ArgSchema::Choice { values } = &t.arg {
-            for v in values {
-                out.push(' ');
-                out.push_str(&v.replace('_', " "));
-            }
-        }
-    }
-    let call = format!("Action: {tool}[");
-    for ex in &spec.examples {
-        let first = split_trajectory(&ex.steps)
-            .unwrap_or_default()
-            .into_iter()
-            .next();
-        if first.is_some_and(|(step, _)| step.contains(&call)) {
-            out.push(' ');
-            out.push_str(&ex.question);
-        }
-    }
-    out
+/// What choosing the action needs besides the question and the model: the task, the
+/// knowledge base, the policy and the deadline.
+struct StepCtx<'a> {
+    spec: &'a ReactSpec,
+    kb: Option<&'a Kb>,
+    cfg: &'a PolicyConfig,
+    deadline: Instant,
 }
 
-/// The evidence for one allowed action, each in 0..=1: the model's score (min-max over the
-/// tools), the question's coverage by the tool's words, the best retrieved passage's
-/// coverage (kb_search only), and whether an expression tool meets two numbers or more.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct ActionFeatures {
-    pub model: f64,
-    pub lex: f64,
-    pub kb: f64,
-    pub numbers: f64,
-}
-
-impl ActionFeatures {
-    /// The fused score (weights in `cfg`).
-    pub fn score(&self, cfg: &PolicyConfig) -> f64 {
-        cfg.w_model * self.model
-            + cfg.w_lex * self.lex
-            + cfg.w_kb * self.kb
-            + cfg.w_numbers * self.numbers
-    }
-}
-
-/// Each allowed action's evidence, in the order of [`action_labels`].
-pub fn action_features(
-    spec: &ReactSpec,
-    kb: Option<&Kb>,
-    question: &str,
-    model: &[f64],
-) -> Vec<ActionFeatures> {
-    let model = ground::min_max(model);
-    let labels = action_labels(spec);
-    let n_numbers = ground::numbers(question).len();
-    let q_terms = kb.map(|k| ground::weighted_terms(k, question, None, 0.0));
-    let kb_cover = match (kb, &q_terms) {
-        (Some(k), Some(q)) => k
-            .search(question, 3)
-            .iter()
-            .map(|h| {
-                let p = &k.passages[h.index];
-                ground::coverage(q, &k.terms(&format!("{} {}", p.title, p.text)))
-            })
-            .fold(0.0, f64::max),
-        _ => 0.0,
-    };
-    labels
-        .iter()
-        .zip(model)
-        .map(|((tool, _), m)| {
-            let lex = match (kb, &q_terms) {
-                (Some(k), Some(q)) => ground::coverage(q, &k.terms(&tool_words(spec, *tool))),
-                _ => 0.0,
-            };
-            let schema = spec.tool(*tool).map(|t| &t.arg);
-            let numbers = matches!(schema, Some(ArgSchema::Expr { .. })) && n_numbers >= 2;
-            ActionFeatures {
-                model: m,
-                lex,
-                kb: if *tool == ToolName::KbSearch {
-                    kb_cover
-                } else {
-                    0.0
-                },
-                numbers: f64::from(u8::from(numbers)),
-            }
-        })
-        .collect()
-}
-
-/// Fuses each allowed action's model score with lexical evidence (weights in `cfg`).
-pub fn fuse_actions(
-    spec: &ReactSpec,
-    kb: Option<&Kb>,
-    question: &str,
-    model: &[f64],
-    cfg: &PolicyConfig,
-) -> Vec<f64> {
-    action_features(spec, kb, question, model)
-        .iter()
-        .map(|f| f.score(cfg))
-        .collect()
-}
-
-#[allow(clippy::too_many_arguments)]
+/// Step one: the thought (when `cfg.think`), the scored action and its argument.
 fn choose_action(
-    spec: &ReactSpec,
-    kb: Option<&Kb>,
+    cx: &StepCtx,
     prefix: &str,
     ask: Ask,
     model: &mut dyn Model,
-    cfg: &PolicyConfig,
     rec: &mut StepRecord,
-    deadline: Instant,
 ) -> Result<(ToolName, String), EngineError> {
-    let Ask {
-        question,
-        context,
-        history,
-    } = ask;
-    let mut prompt = render_prompt(prefix, history, question, &[], 0);
-    let thought_for = |model: &mut dyn Model,
-                       prompt: &mut String,
-                       rec: &mut StepRecord|
-     -> Result<(), EngineError> {
-        prompt.push_str("Thought:");
-        if cfg.think {
-            let g = model.generate(
-                prompt,
-                GenMode::Grammar {
-                    gbnf: &thought_grammar(spec.max_thought_chars),
-                    lines: 1,
-                },
-                spec.max_step_tokens,
-                spec.seed,
-                deadline,
-            )?;
-            rec.tokens = StepTokens {
-                prompt: g.prompt_tokens,
-                reused: g.reused_tokens,
-                generated: g.generated_tokens,
-            };
-            rec.gen_ms += g.ms;
-            rec.prefill_ms += g.prefill_ms;
-            let text = if g.end == GenEnd::Complete {
-                g.text
-            } else {
-                format!("{}\n", g.text.trim_end())
-            };
-            prompt.push_str(&text);
-            rec.thought = Some(text.trim().to_string());
-        } else {
-            prompt.push_str(" I choose the tool for this question.\n");
-        }
-        Ok(())
-    };
-    thought_for(model, &mut prompt, rec)?;
-    let labels = action_labels(spec);
-    let texts: Vec<String> = labels.iter().map(|(_, l)| l.clone()).collect();
+    let mut prompt = render_prompt(prefix, ask.history, ask.question, &[], 0);
+    thought(cx, model, &mut prompt, rec)?;
+    let labels = action_labels(cx.spec);
     let t = Instant::now();
-    // With no weight on the model's score (the default: on the dev sets it added nothing
-    // to the lexical evidence) the action lines are not scored at all.
-    let mut scores: Vec<f64> = if cfg.w_model > 0.0 {
-        model
-            .label_logprobs(&prompt, &texts)?
-            .into_iter()
-            .map(|(lp, _)| lp)
-            .collect()
-    } else {
-        vec![0.0; texts.len()]
+    let model_scores = score_action_lines(cx, prefix, model, &prompt, &labels, rec)?;
+    rec.gen_ms += t.elapsed().as_secs_f64() * 1e3;
+    let feats = action::action_features(cx.spec, cx.kb, ask.question, &model_scores);
+    let scores: Vec<f64> = feats.iter().map(|f| f.score(cx.cfg)).collect();
+    if rec.thought.is_none() {
+        rec.thought = Some(action::explain(&labels, &scores, &feats));
+    }
+    let Some(b) = ground::best(&scores) else {
+        return Err(EngineError::Decode("the task allows no tools".into()));
     };
-    if cfg.calibrate && cfg.w_model > 0.0 {
+    let (tool, label) = &labels[b];
+    let action_prompt = format!("{prompt}{label}");
+    let arg = choose_arg(cx, *tool, &action_prompt, ask, model, rec)?;
+    Ok((*tool, arg))
+}
+
+/// Appends `Thought:` and the thought to `prompt`: generated under the thought grammar when
+/// `cfg.think`, else a fixed sentence (no model call).
+fn thought(
+    cx: &StepCtx,
+    model: &mut dyn Model,
+    prompt: &mut String,
+    rec: &mut StepRecord,
+) -> Result<(), EngineError> {
+    prompt.push_str("Thought:");
+    if !cx.cfg.think {
+        prompt.push_str(" I choose the tool for this question.\n");
+        return Ok(());
+    }
+    let g = model.generate(
+        prompt,
+        GenMode::Grammar {
+            gbnf: &thought_grammar(cx.spec.max_thought_chars),
+            lines: 1,
+        },
+        cx.spec.max_step_tokens,
+        cx.spec.seed,
+        cx.deadline,
+    )?;
+    rec.tokens = StepTokens {
+        prompt: g.prompt_tokens,
+        reused: g.reused_tokens,
+        generated: g.generated_tokens,
+    };
+    rec.gen_ms += g.ms;
+    rec.prefill_ms += g.prefill_ms;
+    let text = if g.end == GenEnd::Complete {
+        g.text
+    } else {
+        format!("{}\n", g.text.trim_end())
+    };
+    prompt.push_str(&text);
+    rec.thought = Some(text.trim().to_string());
+    Ok(())
+}
+
+/// The model's log-probability of each action line after `prompt` (less its score after a
+/// content-free question when `cfg.calibrate`); all 0 without a model weight (the default:
+/// on the dev sets it added nothing to the lexical evidence), then nothing is scored.
+fn score_action_lines(
+    cx: &StepCtx,
+    prefix: &str,
+    model: &mut dyn Model,
+    prompt: &str,
+    labels: &[(ToolName, String)],
+    rec: &mut StepRecord,
+) -> Result<Vec<f64>, EngineError> {
+    if cx.cfg.w_model <= 0.0 {
+        return Ok(vec![0.0; labels.len()]);
+    }
+    let texts: Vec<String> = labels.iter().map(|(_, l)| l.clone()).collect();
+    let mut scores: Vec<f64> = model
+        .label_logprobs(prompt, &texts)?
+        .into_iter()
+        .map(|(lp, _)| lp)
+        .collect();
+    if cx.cfg.calibrate {
         let mut cf = render_prompt(prefix, &[], CONTENT_FREE, &[], 0);
         let mut scratch = StepRecord::default();
-        thought_for(model, &mut cf, &mut scratch)?;
+        thought(cx, model, &mut cf, &mut scratch)?;
         rec.tokens.generated += scratch.tokens.generated;
         let prior = model.label_logprobs(&cf, &texts)?;
         for (s, (p, _)) in scores.iter_mut().zip(prior) {
             *s -= p;
         }
     }
-    rec.gen_ms += t.elapsed().as_secs_f64() * 1e3;
-    let feats = action_features(spec, kb, question, &scores);
-    let scores: Vec<f64> = feats.iter().map(|f| f.score(cfg)).collect();
-    if rec.thought.is_none() {
-        // The choice, explained: each action's fused score and its evidence.
-        let shown: Vec<String> = labels
-            .iter()
-            .zip(&scores)
-            .zip(&feats)
-            .map(|(((t, _), s), f)| {
-                format!(
-                    "{t} {s:.2} (model {:.3} lex {:.3} kb {:.3} numbers {})",
-                    f.model, f.lex, f.kb, f.numbers
-                )
-            })
-            .collect();
-        rec.thought = Some(format!("action scores: {}", shown.join(", ")));
-    }
-    let Some(b) = ground::best(&scores) else {
-        return Err(EngineError::Decode("the task allows no tools".into()));
-    };
-    let (tool, label) = &labels[b];
-    let schema = spec.tool(*tool).map(|t| t.arg.clone()).unwrap_or_default();
-    let arg = match &schema {
+    Ok(scores)
+}
+
+/// The chosen tool's argument: the question's own words (text, JSON), the value whose
+/// words the question uses (choice; the model breaks ties), or generation under the
+/// argument's grammar after `action_prompt` (expressions).
+fn choose_arg(
+    cx: &StepCtx,
+    tool: ToolName,
+    action_prompt: &str,
+    ask: Ask,
+    model: &mut dyn Model,
+    rec: &mut StepRecord,
+) -> Result<String, EngineError> {
+    let schema = cx
+        .spec
+        .tool(tool)
+        .map(|t| t.arg.clone())
+        .unwrap_or_default();
+    Ok(match &schema {
         ArgSchema::None => String::new(),
-        ArgSchema::Text { max_chars } => search_query(question, context, *max_chars),
+        ArgSchema::Text { max_chars } => search_query(ask.question, ask.context, *max_chars),
         ArgSchema::Json {
             keys,
             max_value_chars,
         } => {
             // clean_arg leaves no quote, backslash or bracket: the value needs no escaping.
-            let v = clean_arg(question, *max_value_chars);
+            let v = clean_arg(ask.question, *max_value_chars);
             let key = keys.first().map_or("reason", String::as_str);
             format!("{{\"{key}\": \"{v}\"}}")
         }
         ArgSchema::Choice { values } => {
-            let p = format!("{prompt}{label}");
-            let s: Vec<f64> = model
-                .label_logprobs(&p, values)?
-                .into_iter()
-                .map(|(l, _)| l)
-                .collect();
-            values[ground::best(&s).unwrap_or(0)].clone()
+            let ties = action::top_ties(&action::choice_by_words(cx.kb, ask.question, values));
+            let pick = if ties.len() == 1 {
+                ties[0]
+            } else {
+                let s: Vec<f64> = model
+                    .label_logprobs(action_prompt, values)?
+                    .into_iter()
+                    .map(|(l, _)| l)
+                    .collect();
+                let tied: Vec<f64> = ties.iter().map(|&i| s[i]).collect();
+                ground::best(&tied).map_or(0, |b| ties[b])
+            };
+            values[pick].clone()
         }
         ArgSchema::Expr { .. } => {
-            let p = format!("{prompt}{label}");
             let g = model.generate(
-                &p,
+                action_prompt,
                 GenMode::Grammar {
                     gbnf: &arg_grammar(&schema),
                     lines: 1,
                 },
-                spec.max_step_tokens,
-                spec.seed,
-                deadline,
+                cx.spec.max_step_tokens,
+                cx.spec.seed,
+                cx.deadline,
             )?;
             rec.tokens.generated += g.generated_tokens;
             rec.gen_ms += g.ms;
             g.text.trim_end().trim_end_matches(']').trim().to_string()
         }
-    };
-    Ok((*tool, arg))
+    })
 }
 
 #[cfg(test)]

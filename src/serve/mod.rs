@@ -37,6 +37,7 @@ pub mod monitors;
 pub mod mqtt;
 pub mod mqtt_loop;
 pub mod outbox;
+mod react_runner;
 pub mod redact;
 pub mod state;
 pub mod stats;

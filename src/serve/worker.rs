@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{
     channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError,
     TrySendError,
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::serve::react_runner;
 use crate::serve::turns::BackgroundTurns;
 
 use serde_json::Value;
@@ -21,16 +22,11 @@ use serde_json::Value;
 use crate::classify::runner::TaskRunner;
 use crate::classify::{ClassifyResult, RecordError, Request, ScorePath, SetupError};
 use crate::model::config::EngineConfig;
-use crate::model::{Engine, EngineError, FeatureContext, GenCache, ModelInfo, PooledStates};
+use crate::model::{Engine, EngineError, FeatureContext, ModelInfo, PooledStates};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
-use crate::react::agent;
-use crate::react::generator::EngineGenerator;
-use crate::react::kb::Kb;
-use crate::react::policy;
-use crate::react::request::{qa_trace, ReactRequest, ReactResult, RequestMode};
+use crate::react::generator::LazyEngine;
+use crate::react::request::{ReactRequest, ReactResult};
 use crate::react::session::Sessions;
-use crate::react::tools::Toolbox;
-use crate::react::trace::Turn;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
 use crate::spec::Task;
@@ -210,7 +206,12 @@ pub struct WorkerHandle {
     pub background: BackgroundSender,
     depth: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
+    /// The model as planned (checked and fitted to the budget) or, once loaded, as loaded.
     pub model: ModelInfo,
+    /// Whether the model has been loaded: at start when a served task needs it to set up
+    /// (a classifier), else at the first request that needs it (a kiosk answering from its
+    /// knowledge base never does).
+    pub model_loaded: Arc<AtomicBool>,
     pub task_names: Vec<String>,
     pub task_kinds: Vec<TaskKind>,
 }
@@ -295,27 +296,21 @@ struct RankRunner {
     current: Option<(String, Ranker)>,
 }
 
-/// A ReAct task: its prefix decoded in the task's slot, its tools, and the generation
-/// cache carried over between runs.
-struct ReactRunner {
-    spec: ReactSpec,
-    kb: Option<Arc<Kb>>,
-    tools: Toolbox,
-    cache: GenCache,
-    slot: usize,
-}
-
 enum Runner {
     Classify(Box<TaskRunner>),
     Rank(Box<RankRunner>),
-    React(Box<ReactRunner>),
+    React(Box<react_runner::ReactRunner>),
 }
 
-fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Runner, WorkerError> {
+fn setup_runner(
+    lazy: &mut LazyEngine,
+    task: ServedTask,
+    slot: usize,
+) -> Result<Runner, WorkerError> {
     Ok(match task {
         // The task's own method (prompt, head, both, stack, tfidf), as `classify` runs it.
         ServedTask::Classify(t) => Runner::Classify(Box::new(TaskRunner::new(
-            engine,
+            lazy.engine()?,
             t,
             slot,
             None,
@@ -329,32 +324,7 @@ fn setup_runner(engine: &mut Engine, task: ServedTask, slot: usize) -> Result<Ru
             slot,
             current: None,
         })),
-        ServedTask::React(spec) => {
-            let react_err = |source: ReactError| WorkerError::ReactTask {
-                path: spec.path.clone(),
-                source,
-            };
-            let kb = match &spec.kb {
-                Some(k) => Some(Arc::new(
-                    Kb::load(&k.dir).map_err(|e| react_err(ReactError::from(e)))?,
-                )),
-                None => None,
-            };
-            let mut tools = Toolbox::new(&spec, kb.clone());
-            tools.collect_notifications();
-            let tokens = engine.tokenize(&agent::render_prefix(&spec), true, false);
-            let source = engine
-                .set_prefix_cached(slot, &tokens)
-                .map_err(|e| react_err(ReactError::from(e)))?;
-            tracing::info!(task = %spec.name, ?source, tokens = tokens.len(), "ReAct prefix ready");
-            Runner::React(Box::new(ReactRunner {
-                spec,
-                kb,
-                tools,
-                cache: GenCache::default(),
-                slot,
-            }))
-        }
+        ServedTask::React(spec) => Runner::React(Box::new(react_runner::setup(lazy, spec, slot)?)),
     })
 }
 
@@ -374,8 +344,26 @@ pub fn engine_config(
     Ok(cfg)
 }
 
-/// Starts the inference thread: loads the model and prepares every task there, and returns
-/// once it is ready (or with the error that stopped it). Outcomes go to `on_done`.
+/// The model as planned before it is loaded: the file checked (GGUF header, checksum)
+/// and the memory fitted to the budget for `n_slots` prefix slots.
+fn planned_info(cfg: &EngineConfig, n_slots: usize) -> Result<ModelInfo, EngineError> {
+    let (sha256, shape, fitted) = crate::model::preflight(cfg, n_slots)?;
+    Ok(ModelInfo {
+        path: cfg.model_path.clone(),
+        sha256,
+        architecture: shape.architecture.clone(),
+        board: cfg.board.clone(),
+        n_ctx: fitted.plan.n_ctx,
+        shrunk_from_ctx: fitted.shrunk_from_ctx,
+        estimate_mib: fitted.estimate.total_mib(),
+        estimate: fitted.estimate.clone(),
+        load_ms: 0.0,
+    })
+}
+
+/// Starts the inference thread: checks the model, prepares every task there (loading the
+/// model if a task needs it to set up), and returns once it is ready (or with the error
+/// that stopped it). Outcomes go to `on_done`.
 pub fn spawn(
     engine_cfg: EngineConfig,
     tasks: Vec<ServedTask>,
@@ -387,36 +375,40 @@ pub fn spawn(
     let (ready_tx, ready_rx) = sync_channel(1);
     let depth = Arc::new(AtomicUsize::new(0));
     let thread_depth = depth.clone();
+    let model_loaded = Arc::new(AtomicBool::new(false));
+    let thread_loaded = model_loaded.clone();
     let task_names: Vec<String> = tasks.iter().map(|t| t.name().to_string()).collect();
     let task_kinds: Vec<TaskKind> = tasks.iter().map(ServedTask::kind).collect();
     let thread = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
-            let setup = || -> Result<(Engine, Vec<Runner>), WorkerError> {
+            let setup = || -> Result<(LazyEngine, ModelInfo, Vec<Runner>), WorkerError> {
                 let engine_cfg = engine_config(&engine_cfg, &tasks)?;
-                let mut engine = Engine::load(&engine_cfg, tasks.len())?;
+                // The file is checked and the memory planned now, so a model that is
+                // missing or does not fit stops serve at start even when it loads later.
+                let planned = planned_info(&engine_cfg, tasks.len())?;
+                let mut lazy = LazyEngine::new(engine_cfg, tasks.len());
                 let mut runners = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {
-                    runners.push(setup_runner(&mut engine, t, slot)?);
+                    runners.push(setup_runner(&mut lazy, t, slot)?);
                 }
-                Ok((engine, runners))
+                let info = lazy.info().cloned().unwrap_or(planned);
+                Ok((lazy, info, runners))
             };
             match setup() {
-                Ok((mut engine, mut runners)) => {
-                    let _ = ready_tx.send(Ok(engine.info.clone()));
+                Ok((mut engine, info, mut runners)) => {
+                    thread_loaded.store(engine.is_loaded(), Ordering::SeqCst);
+                    let _ = ready_tx.send(Ok(info));
                     let queues = Queues {
                         rx,
                         bg: bg_rx,
                         turns: BackgroundTurns::new(Instant::now()),
                     };
-                    run(
-                        &mut engine,
-                        &mut runners,
-                        queues,
-                        &opts,
-                        &thread_depth,
-                        on_done,
-                    );
+                    let shared = Shared {
+                        depth: &thread_depth,
+                        loaded: &thread_loaded,
+                    };
+                    run(&mut engine, &mut runners, queues, &opts, shared, on_done);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -431,6 +423,7 @@ pub fn spawn(
         depth,
         thread: Some(thread),
         model,
+        model_loaded,
         task_names,
         task_kinds,
     })
@@ -448,7 +441,7 @@ impl Queues {
     /// The next request; background jobs run while none waits. None: the queue closed.
     fn next(
         &mut self,
-        engine: &mut Engine,
+        engine: &mut LazyEngine,
         runners: &mut [Runner],
         fctx: &mut Option<FeatureContext>,
     ) -> Option<Work> {
@@ -478,12 +471,20 @@ impl Queues {
     }
 }
 
+/// What the inference thread shares with the caller's handle.
+struct Shared<'a> {
+    /// Requests queued or being worked on.
+    depth: &'a AtomicUsize,
+    /// Whether the model has been loaded.
+    loaded: &'a AtomicBool,
+}
+
 fn run(
-    engine: &mut Engine,
+    engine: &mut LazyEngine,
     runners: &mut [Runner],
     mut queues: Queues,
     opts: &WorkerOptions,
-    depth: &AtomicUsize,
+    shared: Shared,
     on_done: impl Fn(Done),
 ) {
     let mut held: Option<Work> = None;
@@ -502,7 +503,10 @@ fn run(
         let batch_size = opts
             .batch_size
             .unwrap_or_else(|| match runners.get(first.task) {
-                Some(Runner::Classify(r)) => r.jobs_per_decode(engine),
+                Some(Runner::Classify(r)) => match engine.engine() {
+                    Ok(e) => r.jobs_per_decode(e),
+                    Err(_) => 1,
+                },
                 _ => 1,
             })
             .max(1);
@@ -521,8 +525,9 @@ fn run(
         }
         let task = batch[0].task;
         let outcomes = run_batch(engine, runners.get_mut(task), &batch, &opts.sessions);
+        shared.loaded.store(engine.is_loaded(), Ordering::SeqCst);
         for (w, outcome) in batch.into_iter().zip(outcomes) {
-            depth.fetch_sub(1, Ordering::SeqCst);
+            shared.depth.fetch_sub(1, Ordering::SeqCst);
             on_done(Done {
                 ticket: w.ticket,
                 task: w.task,
@@ -536,7 +541,7 @@ fn run(
 
 /// Runs one background job (see [`Background`]); its reply says how it went.
 fn background(
-    engine: &mut Engine,
+    lazy: &mut LazyEngine,
     runners: &mut [Runner],
     fctx: &mut Option<FeatureContext>,
     job: Background,
@@ -553,6 +558,13 @@ fn background(
             let got = match spec {
                 None => Err(format!("task #{task} reads no model features")),
                 Some(spec) => {
+                    let engine = match lazy.engine() {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = reply.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
                     if fctx.is_none() {
                         match engine.feature_context(crate::model::FeatureParams::default()) {
                             Ok(c) => *fctx = Some(c),
@@ -584,7 +596,7 @@ fn background(
                         .map_err(|e| e.to_string())
                         .and_then(|t| {
                             TaskRunner::new(
-                                engine,
+                                lazy.engine().map_err(|e| e.to_string())?,
                                 t,
                                 task,
                                 None,
@@ -609,7 +621,7 @@ fn background(
 
 /// One outcome per work item, in order.
 fn run_batch(
-    engine: &mut Engine,
+    lazy: &mut LazyEngine,
     runner: Option<&mut Runner>,
     batch: &[Work],
     sessions: &Sessions,
@@ -634,6 +646,20 @@ fn run_batch(
                     _ => None,
                 })
                 .collect();
+            let engine = match lazy.engine() {
+                Ok(e) => e,
+                Err(e) => {
+                    let e = e.to_string();
+                    return batch
+                        .iter()
+                        .map(|_| {
+                            Err(JobError::Record(RecordError::Engine(EngineError::Decode(
+                                e.clone(),
+                            ))))
+                        })
+                        .collect();
+                }
+            };
             c.classify_many(engine, &reqs, ScorePath::Fast)
                 .into_iter()
                 .map(|r| {
@@ -642,8 +668,13 @@ fn run_batch(
                 })
                 .collect()
         }
-        (Some(Runner::Rank(r)), Job::Rank(req)) => vec![rank(engine, r, req)],
-        (Some(Runner::React(r)), Job::React(req)) => vec![react(engine, r, req, sessions)],
+        (Some(Runner::Rank(r)), Job::Rank(req)) => vec![lazy
+            .engine()
+            .map_err(|e| JobError::React(ReactError::from(e)))
+            .and_then(|engine| rank(engine, r, req))],
+        (Some(Runner::React(r)), Job::React(req)) => {
+            vec![react_runner::react(lazy, r, req, sessions)]
+        }
         (Some(_), _) => wrong(
             format!("#{}", batch[0].task),
             "the request's kind does not match the task's",
@@ -696,78 +727,6 @@ fn rank(engine: &mut Engine, r: &mut RankRunner, req: &RankRequest) -> Result<Ou
         prefix_tokens_decoded,
         ms: (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0,
     }))
-}
-
-fn react(
-    engine: &mut Engine,
-    r: &mut ReactRunner,
-    req: &ReactRequest,
-    sessions: &Sessions,
-) -> Result<Output, JobError> {
-    let history = match &req.session {
-        Some(id) => sessions.load(id).map_err(ReactError::from)?,
-        None => Vec::new(),
-    };
-    match &req.sensors {
-        Some(v) => r.tools.set_sensor_values(v.clone()),
-        None => r.tools.clear_sensor_values(),
-    }
-    let mut gen = EngineGenerator {
-        engine,
-        cache: std::mem::take(&mut r.cache),
-        temperature: r.spec.temperature,
-        prefix_slot: Some(r.slot),
-    };
-    // The same scored, grounded policy as `edgeact react` (or, for `"mode": "qa"`, the
-    // grounded retrieve-then-answer of `edgeact qa`), with the task's `[policy]`.
-    let trace = match (req.mode, &r.spec.qa, r.kb.as_deref()) {
-        (RequestMode::React, ..) => policy::run(
-            &r.spec,
-            r.kb.as_deref(),
-            &req.question,
-            &history,
-            &mut gen,
-            &mut r.tools,
-            &r.spec.policy,
-        ),
-        (RequestMode::Qa, Some(qa_spec), Some(kb)) => {
-            let context = policy::follow_up_context(Some(kb), &history, &req.question);
-            crate::react::qa::answer(
-                &r.spec,
-                qa_spec,
-                kb,
-                &req.question,
-                context.as_deref(),
-                &mut gen,
-                &r.spec.policy.ground,
-            )
-            .map(|a| qa_trace(&a))
-        }
-        (RequestMode::Qa, ..) => {
-            r.cache = std::mem::take(&mut gen.cache);
-            return Err(JobError::WrongKind {
-                task: r.spec.name.clone(),
-                reason: "\"mode\": \"qa\" needs a task with a [qa] section".into(),
-            });
-        }
-    };
-    r.cache = std::mem::take(&mut gen.cache);
-    let trace = trace.map_err(ReactError::from)?;
-    let notify = r.tools.take_notifications();
-    if let Some(id) = &req.session {
-        sessions
-            .append(
-                id,
-                Turn {
-                    question: req.question.clone(),
-                    answer: trace.answer.clone(),
-                },
-            )
-            .map_err(ReactError::from)?;
-    }
-    let result = ReactResult::new(&req.id, req.session.clone(), trace, notify)
-        .with_citation(r.kb.as_deref(), req.mode);
-    Ok(Output::Reacted(Box::new(result)))
 }
 
 /// The latest value of each context topic by name, from the daemon's `context.NAME` fields.

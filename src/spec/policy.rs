@@ -72,6 +72,17 @@ pub struct PolicyConfig {
     pub w_lex: f64,
     pub w_kb: f64,
     pub w_numbers: f64,
+    /// How much the knowledge base's coverage of the question discounts the lexical
+    /// evidence of a tool other than `kb_search` and `notify` (its words times
+    /// `1 - kb_shadow * coverage`): a word the knowledge base explains ("opening times",
+    /// "is parking free") is weaker evidence for the clock or the car park sensor.
+    /// `notify` is never discounted: an emergency in a place the knowledge base knows
+    /// ("a fire in the food court") must still reach staff.
+    pub kb_shadow: f64,
+    /// A tool that reads the present (clock, sensor) meeting a question that asks about
+    /// the present ("now", "today", "currently", "at the moment"): its lexical evidence
+    /// counts `1 + w_present` times and is not discounted.
+    pub w_present: f64,
     /// Words that describe a tool for the lexical evidence, by tool name, instead of its
     /// `description` (which the model reads in the prompt: a generated loop on a small
     /// model is sensitive to its wording, the lexical evidence wants the situations the
@@ -89,6 +100,8 @@ impl Default for PolicyConfig {
             w_lex: 1.0,
             w_kb: 0.75,
             w_numbers: 1.0,
+            kb_shadow: 1.0,
+            w_present: 0.5,
             tool_words: BTreeMap::new(),
             ground: GroundConfig::default(),
         }
@@ -105,6 +118,8 @@ impl PolicyConfig {
             ("policy.w_lex", self.w_lex),
             ("policy.w_kb", self.w_kb),
             ("policy.w_numbers", self.w_numbers),
+            ("policy.kb_shadow", self.kb_shadow),
+            ("policy.w_present", self.w_present),
             ("policy.ground.w_bm25", g.w_bm25),
             ("policy.ground.w_cover", g.w_cover),
             ("policy.ground.w_model", g.w_model),
@@ -120,6 +135,13 @@ impl PolicyConfig {
                     format!("{v} is not a finite number >= 0"),
                 ));
             }
+        }
+        if self.kb_shadow > 1.0 {
+            return Err(SpecError::invalid(
+                path,
+                "policy.kb_shadow",
+                format!("{} is not a share within 0..=1", self.kb_shadow),
+            ));
         }
         if !(0.0..=1.0).contains(&g.min_coverage) {
             return Err(SpecError::invalid(
@@ -170,6 +192,7 @@ mod tests {
             ("w_foo = 1.0", "w_foo"),
             ("[ground]\nw_bar = 1.0", "w_bar"),
             ("w_kb = -1.0", "policy.w_kb"),
+            ("kb_shadow = 1.5", "policy.kb_shadow"),
             ("[ground]\nmin_coverage = 1.5", "policy.ground.min_coverage"),
             (
                 "[ground]\nmax_answer_chars = 0",

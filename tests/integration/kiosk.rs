@@ -154,3 +154,61 @@ fn a_knowledge_base_answer_does_not_load_the_model() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-model"), "{err}");
 }
+
+/// serve's kiosk loads the model at the first question that needs it, not at start: the
+/// inference thread starts with the file checked and the memory planned, answers a
+/// knowledge-base question without the model, and loads it for a calculator question
+/// (whose argument is generated). On the real model.
+#[test]
+fn a_served_kiosk_loads_the_model_only_when_a_question_needs_it() {
+    use edgeact::serve::worker::{self, Job, Output, ServedTask, TaskKind, Work, WorkerOptions};
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc::channel;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = testkit::board();
+    cfg.threads = 1;
+    let opts = WorkerOptions {
+        queue_capacity: 4,
+        batch_size: None,
+        sessions: Sessions::new(
+            dir.path().join("sessions"),
+            edgeact::cli::defaults::session_limits(true),
+        ),
+    };
+    let (tx, rx) = channel();
+    let mut w = worker::spawn(cfg, vec![ServedTask::React(kiosk())], opts, move |d| {
+        let _ = tx.send(d);
+    })
+    .expect("worker");
+    assert!(!w.model_loaded.load(Ordering::SeqCst), "loaded at start");
+    assert!(w.model.estimate_mib > 0, "{:?}", w.model);
+    let ask = |ticket: u64, question: &str| {
+        let job = Job::from_json(TaskKind::React, question.into(), "q").unwrap();
+        w.submit(Work {
+            task: 0,
+            job,
+            ticket,
+            received: Instant::now(),
+        })
+        .unwrap();
+        let done = rx
+            .recv_timeout(Duration::from_secs(600))
+            .expect("an answer");
+        match done.outcome {
+            Ok(Output::Reacted(r)) => r.answer.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let answer = ask(1, "Where is the pharmacy?");
+    assert!(answer.contains("[dir-pharmacy]"), "{answer}");
+    assert!(
+        !w.model_loaded.load(Ordering::SeqCst),
+        "loaded for a kb answer"
+    );
+    let answer = ask(2, "What is 7 times 2.50?");
+    assert!(answer.contains("17.5"), "{answer}");
+    assert!(w.model_loaded.load(Ordering::SeqCst));
+    w.join();
+}
