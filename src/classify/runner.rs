@@ -571,6 +571,7 @@ impl HeadClassifier {
                 board: engine.info.board.clone(),
                 method: self.method,
             },
+            demos: Vec::new(),
         }
     }
 
