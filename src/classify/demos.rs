@@ -216,6 +216,10 @@ per_label = 1
             t.render_demos(&[2]),
             "Q: what is the exchange rate for euros\nA: fx\n\n"
         );
-        assert_eq!(t.render_prefix(), "Classify.\n\n", "the pool is not in the prefix");
+        assert_eq!(
+            t.render_prefix(),
+            "Classify.\n\n",
+            "the pool is not in the prefix"
+        );
     }
 }

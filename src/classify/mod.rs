@@ -338,7 +338,10 @@ impl Classifier {
 
     /// The pool indices shown with `text` (none without `[demos]`).
     fn pick_demos(&self, text: &str) -> Vec<usize> {
-        self.demos.as_ref().map(|d| d.pick(text)).unwrap_or_default()
+        self.demos
+            .as_ref()
+            .map(|d| d.pick(text))
+            .unwrap_or_default()
     }
 
     fn prompt_tokens(

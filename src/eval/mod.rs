@@ -202,8 +202,7 @@ pub fn with_demos(task: &Task, pool: &[Example], per_label: usize, demos: Demos)
     let mut per: Vec<Vec<&Example>> = vec![Vec::new(); task.labels.len()];
     for e in pool {
         if let Some(i) = task.label_index(&e.label) {
-            if per[i].len() < per_label && fields.iter().all(|f| e.request.fields.contains_key(f))
-            {
+            if per[i].len() < per_label && fields.iter().all(|f| e.request.fields.contains_key(f)) {
                 per[i].push(e);
             }
         }
@@ -344,10 +343,15 @@ pub fn run_probs(
                     let predicted = classifier.task().label_index(&r.top_label).unwrap_or(0);
                     decoded += r.tokens.decoded;
                     lat.push(per);
-                    predictions.push(json!({
+                    let mut record = json!({
                         "id": r.id, "gold": ex.label, "predicted": r.top_label,
                         "confidence": r.confidence, "abstained": r.abstained,
-                    }));
+                    });
+                    // Retrieved demonstrations: which examples this request was shown.
+                    if !r.demos.is_empty() {
+                        record["demos"] = json!(r.demos);
+                    }
+                    predictions.push(record);
                     outcomes.push(Outcome {
                         gold,
                         predicted,

@@ -148,7 +148,10 @@ mod tests {
         let c = candidates(&[t], &[0, 1], &pool, &grid).unwrap();
         assert_eq!(c.len(), 8);
         assert_eq!(c[6].label, "t, 1 of 8 per label retrieved by tfidf");
-        assert_eq!(c[7].label, "t, 1 of 8 per label retrieved by tfidf, calibrated");
+        assert_eq!(
+            c[7].label,
+            "t, 1 of 8 per label retrieved by tfidf, calibrated"
+        );
         assert_eq!(c[6].task.examples.len(), 4);
         assert_eq!(c[6].task.demos.map(|d| d.per_label), Some(1));
     }
