@@ -87,10 +87,10 @@ pub fn lora_for_tasks<'a>(
     Ok(first.and_then(|t| t.lora.clone()))
 }
 
-/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]) and a feature
+/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]), a feature
 /// context (default size) for each task classified from model features (head, both,
-/// stack), so the memory
-/// estimate counts them.
+/// stack), and the sentence encoder when a stack or the demonstrations' choice reads it, so
+/// the memory estimate counts them.
 pub fn config_for_tasks<'a>(
     cfg: &EngineConfig,
     tasks: impl IntoIterator<Item = &'a Task>,
@@ -110,12 +110,21 @@ pub fn config_for_tasks<'a>(
         .collect();
     // One encoder serves every task whose stack reads it; none is counted (or loaded)
     // otherwise. A missing encoder counts 0 here: loading the task names the missing file.
-    cfg.encoder_bytes = if tasks.iter().any(|t| stack_uses_encoder(t)) {
+    cfg.encoder_bytes = if tasks
+        .iter()
+        .any(|t| stack_uses_encoder(t) || demos_use_encoder(t))
+    {
         crate::encoder::planned_bytes(&crate::encoder::dir_beside(&cfg.model_path)).unwrap_or(0)
     } else {
         0
     };
     Ok(cfg)
+}
+
+/// Whether the task retrieves its demonstrations by the encoder's similarity.
+fn demos_use_encoder(t: &Task) -> bool {
+    t.demos
+        .is_some_and(|d| d.by == super::DemoSimilarity::Encoder)
 }
 
 /// Whether the task's stack file has an encoder block (a look at the one key; the stack
@@ -133,4 +142,43 @@ fn stack_uses_encoder(t: &Task) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| !v["stack"]["encoder"].is_null())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{load_board, BoardFile};
+    use std::path::Path;
+
+    #[test]
+    fn the_encoder_counts_when_demonstrations_are_chosen_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let enc = crate::encoder::dir_beside(&dir.path().join("m.gguf"));
+        std::fs::create_dir_all(&enc).unwrap();
+        std::fs::write(enc.join("model.safetensors"), vec![0u8; 1000]).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut cfg = load_board(
+            "x86-dev",
+            &[root.join("board-configs")],
+            &BoardFile::default(),
+        )
+        .unwrap();
+        cfg.model_path = dir.path().join("m.gguf");
+        let task = |by: &str| {
+            Task::parse(
+                &format!(
+                    "instruction = \"x\"\nquery = \"R: {{text}}\\nS:\"\nlabels = [{{ name = \"a\", text = \" a\" }}, {{ name = \"b\", text = \" b\" }}]\nexamples = [{{ text = \"t\", label = \"a\" }}]\n[demos]\nper_label = 1\nby = \"{by}\"\n"
+                ),
+                Path::new("t.toml"),
+                "t",
+            )
+            .unwrap()
+        };
+        let (by_tfidf, by_encoder) = (task("tfidf"), task("encoder"));
+        assert_eq!(
+            config_for_tasks(&cfg, [&by_tfidf]).unwrap().encoder_bytes,
+            0
+        );
+        assert!(config_for_tasks(&cfg, [&by_encoder]).unwrap().encoder_bytes > 1000);
+    }
 }
