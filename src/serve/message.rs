@@ -158,7 +158,7 @@ pub fn trace_of(r: &ClassifyResult) -> Value {
         .take(8)
         .map(|(k, v)| ((*k).clone(), json!((**v * 1e4).round() / 1e4)))
         .collect();
-    json!({
+    let mut trace = json!({
         "id": r.id,
         "task": r.task,
         "label": r.label,
@@ -172,7 +172,12 @@ pub fn trace_of(r: &ClassifyResult) -> Value {
         "truncated": r.truncated,
         "calibration": r.calibration.applied,
         "ts_ms": now_ms(),
-    })
+    });
+    // Retrieved demonstrations: which pool examples this request was shown.
+    if !r.demos.is_empty() {
+        trace["demos"] = json!(r.demos);
+    }
+    trace
 }
 
 /// The compact trace of a ranking: the top items' ids and scores, counts and time.
