@@ -2,6 +2,7 @@
 //! suffix, with the input token budget), scores the labels on the engine, and turns
 //! scores into a calibrated, explainable result.
 
+pub mod demos;
 pub mod features;
 pub mod head;
 pub mod input;
@@ -47,6 +48,8 @@ pub enum SetupError {
     ChatTemplate { task: String, reason: String },
     #[error("task `{task}`: {source}")]
     Engine { task: String, source: EngineError },
+    #[error("task `{task}`: [demos]: {reason}")]
+    Demos { task: String, reason: String },
     #[error("task `{task}`: {source}")]
     Head {
         task: String,
@@ -191,6 +194,10 @@ pub struct ClassifyResult {
     pub tokens: TokenCounts,
     pub timings_ms: Timings,
     pub provenance: Provenance,
+    /// The demonstrations shown with this request (a task with `[demos]`): indices into the
+    /// task's `examples`, in prompt order (the last sits next to the query).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub demos: Vec<usize>,
 }
 
 /// A task prepared on an engine: its prefix cached in a slot, its label tokens known.
@@ -212,6 +219,8 @@ pub struct Classifier {
     slot_len: usize,
     template_sha256: String,
     provenance_model: String,
+    /// The pool search of a task with `[demos]`: each request gets its own examples.
+    demos: Option<demos::DemoPicker>,
 }
 
 const CHAT_SPLIT: &str = "\u{1}EDGEACT-QUERY\u{1}";
@@ -247,6 +256,7 @@ impl Classifier {
                 n_ctx,
             });
         }
+        let picker = demo_picker(engine, &task)?;
         let prefix_source = engine
             .set_prefix_cached(slot, &slot_tokens)
             .map_err(|source| SetupError::Engine {
@@ -272,6 +282,7 @@ impl Classifier {
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             task,
+            demos: picker,
         };
         if c.calibrate {
             c.prior = Some(
@@ -294,7 +305,9 @@ impl Classifier {
                 fields.insert(f.to_string(), cf.clone());
             }
             // Content-free inputs are short and come from the task file: cannot fail the budget.
-            let tokens = self.prompt_tokens(engine, &fields);
+            // With retrieved demonstrations, each gets the ones it would retrieve.
+            let demos = self.pick_demos(cf);
+            let tokens = self.prompt_tokens(engine, &fields, &demos);
             // Calibration needs every label's probability: no pruning here.
             let out = engine.score(&[ScoreJob {
                 prefix: Some(self.slot),
@@ -329,10 +342,26 @@ impl Classifier {
             .collect()
     }
 
-    fn prompt_tokens(&self, engine: &Engine, fields: &BTreeMap<String, String>) -> Vec<Token> {
+    /// The pool indices shown with `text` (none without `[demos]`).
+    fn pick_demos(&self, text: &str) -> Vec<usize> {
+        self.demos
+            .as_ref()
+            .map(|d| d.pick(text))
+            .unwrap_or_default()
+    }
+
+    fn prompt_tokens(
+        &self,
+        engine: &Engine,
+        fields: &BTreeMap<String, String>,
+        demos: &[usize],
+    ) -> Vec<Token> {
         // Only called with fields that cover the query (checked by `prepare`).
         let query = self.task.render_query(fields).unwrap_or_default();
         let mut t = self.prefix.clone();
+        if !demos.is_empty() {
+            t.extend(engine.tokenize(&self.task.render_demos(demos), false, false));
+        }
         t.extend(engine.tokenize(&query, false, false));
         t.extend_from_slice(&self.chat_tail);
         t
@@ -355,9 +384,11 @@ impl Classifier {
             }));
         }
         let text_tokens = engine.tokenize(text, false, false);
+        // Chosen on the whole text, before any cut (their tokens count against the room).
+        let demos = self.pick_demos(text);
         let mut fields = req.fields.clone();
         fields.insert(TRUNCATED_FIELD.into(), String::new());
-        let empty_len = self.prompt_tokens(engine, &fields).len() - self.prefix.len();
+        let empty_len = self.prompt_tokens(engine, &fields, &demos).len() - self.prefix.len();
         let room = self.suffix_room.saturating_sub(empty_len + 2);
         let max = (self.task.input.max_tokens as usize).min(room);
         let mut truncated = None;
@@ -382,7 +413,7 @@ impl Classifier {
         } else {
             fields.insert(TRUNCATED_FIELD.into(), text.to_string());
         }
-        let mut tokens = self.prompt_tokens(engine, &fields);
+        let mut tokens = self.prompt_tokens(engine, &fields, &demos);
         // Re-tokenizing cut text can merge differently; never let it overflow the context.
         let limit = self.prefix.len() + self.suffix_room;
         if tokens.len() > limit {
@@ -396,6 +427,7 @@ impl Classifier {
             id: req.id.clone(),
             tokens,
             truncated,
+            demos,
         })
     }
 
@@ -540,6 +572,7 @@ impl Classifier {
                 board: engine.info.board.clone(),
                 method: crate::spec::Method::Prompt,
             },
+            demos: p.demos,
         }
     }
 
@@ -583,6 +616,23 @@ fn prefix_tokens(engine: &Engine, task: &Task) -> Result<(Vec<Token>, Vec<Token>
         (engine.tokenize(&body, true, true), Vec::new())
     };
     Ok(tokens)
+}
+
+/// The pool search of a task with `[demos]`, with the sentence encoder beside the model
+/// when it measures similarity.
+fn demo_picker(engine: &Engine, task: &Task) -> Result<Option<demos::DemoPicker>, SetupError> {
+    let err = |reason: String| SetupError::Demos {
+        task: task.name.clone(),
+        reason,
+    };
+    let encoder = match task.demos {
+        Some(d) if d.by == crate::spec::DemoSimilarity::Encoder => {
+            let dir = crate::encoder::dir_beside(&engine.info.path);
+            Some(crate::encoder::shared(&dir).map_err(|e| err(e.to_string()))?)
+        }
+        _ => None,
+    };
+    demos::DemoPicker::new(task, encoder).map_err(err)
 }
 
 /// Inputs that start differently (a word, a digit, punctuation, a non-Latin letter), so the
@@ -672,6 +722,8 @@ pub struct Prepared {
     pub id: String,
     pub tokens: Vec<Token>,
     pub truncated: Option<Truncation>,
+    /// The demonstrations in `tokens` (pool indices; empty without `[demos]`).
+    pub demos: Vec<usize>,
 }
 
 fn round3(x: f64) -> f64 {

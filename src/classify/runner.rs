@@ -573,6 +573,7 @@ impl HeadClassifier {
                 board: engine.info.board.clone(),
                 method: self.method,
             },
+            demos: Vec::new(),
         }
     }
 

@@ -556,6 +556,12 @@ pub struct TuneArgs {
     /// and encoder when the encoder is fetched beside the model.
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
+    /// Prompt candidates with retrieved demonstrations: each K of --shots nearest of each
+    /// label per request, from a pool of --per-class examples per label, by these
+    /// similarities: tfidf, encoder (comma-separated). Default: none (on dev they did not
+    /// win and cost 6-19x the tokens per request; docs/accuracy.md).
+    #[arg(long, value_delimiter = ',')]
+    pub demos: Option<Vec<String>>,
     #[command(flatten)]
     pub head: HeadArgs,
     #[command(flatten)]

@@ -87,6 +87,9 @@ pub mod tune {
     pub const DEV_LIMIT: usize = 200;
     /// Training examples per label of the learned methods (`all`: the whole train split).
     pub const HEAD_PER_CLASS: &str = "8";
+    /// Most pool examples per label of a retrieved-demonstration candidate (`--per-class
+    /// all` would put the whole train split in the task file).
+    pub const DEMO_POOL_MAX_PER_LABEL: usize = 32;
     /// Methods `tune` chooses among.
     pub const METHODS: &str = "prompt,tfidf,head,stack";
     /// Weights of the model-feature block against the TF-IDF blocks tried for the stack.

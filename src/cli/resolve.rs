@@ -15,6 +15,7 @@ use crate::cmd::quantize::QuantizeConfig;
 use crate::cmd::{self, AppError, ClassifyConfig, Inputs};
 use crate::eval::learn::default_cache_dir;
 use crate::eval::select::LearnGrid;
+use crate::eval::tune::DemoGrid;
 use crate::model::budget::KvCacheType;
 use crate::model::config::{self, BoardFile, ConfigError, EngineConfig};
 use crate::model::scoring::{AbstainRule, LogprobOver};
@@ -23,7 +24,7 @@ use crate::rank::RankConfig;
 use crate::react::session::Sessions;
 use crate::react::ReactError;
 use crate::spec::react::ReactSpec;
-use crate::spec::{Method, Task};
+use crate::spec::{DemoSimilarity, Method, Task};
 use crate::util::invalid::Invalid;
 
 /// The command with its validated config.
@@ -251,6 +252,7 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
             ),
         ));
     }
+    let demos = demo_grid(&a, prompt_candidates)?;
     let learn = cmd::tune::LearnConfig {
         grid: LearnGrid {
             methods,
@@ -278,6 +280,7 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
     };
     Ok(cmd::tune::TuneConfig {
         prompt_candidates,
+        demos,
         learn,
         engine,
         out: a
@@ -290,6 +293,33 @@ fn tune(a: TuneArgs) -> Result<cmd::tune::TuneConfig, AppError> {
         dev_split: a.dev_split,
         limit: a.limit,
         batch_size: a.batch_size,
+    })
+}
+
+/// `tune --demos`: the retrieved-demonstration candidates (only with the prompt ones).
+fn demo_grid(a: &TuneArgs, prompt: bool) -> Result<DemoGrid, AppError> {
+    // Off unless asked for: measured on dev they won nowhere and cost 6-19x the tokens a
+    // request decodes (docs/accuracy.md), so they would only make every tune slower.
+    let listed = a.demos.clone().unwrap_or_else(|| vec!["none".to_string()]);
+    let mut by = Vec::new();
+    for d in &listed {
+        match d.trim() {
+            "none" => {}
+            s => by.push(DemoSimilarity::parse(s).ok_or_else(|| {
+                invalid(
+                    command_line(),
+                    "demos",
+                    format!("`{s}` is not tfidf, encoder or none"),
+                )
+            })?),
+        }
+    }
+    Ok(DemoGrid {
+        by: if prompt { by } else { Vec::new() },
+        pool_per_label: a
+            .head
+            .per_class()?
+            .min(defaults::tune::DEMO_POOL_MAX_PER_LABEL),
     })
 }
 

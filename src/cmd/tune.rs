@@ -17,7 +17,7 @@ use crate::eval::select::{
     learned_candidates_with, stack_feature, LearnGrid, LearnedCandidate, PromptScores, Split,
 };
 use crate::eval::select_encoder::{encoder_candidates, Embedded};
-use crate::eval::tune::{candidates, pick_best, Candidate};
+use crate::eval::tune::{candidates, pick_best, Candidate, DemoGrid};
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, FeatureParams, PooledStates};
@@ -57,6 +57,8 @@ pub struct TuneConfig {
     pub batch_size: usize,
     /// Whether the prompt candidates (templates x shots x calibration) are tried.
     pub prompt_candidates: bool,
+    /// The prompt candidates with retrieved demonstrations (with `prompt_candidates`).
+    pub demos: DemoGrid,
     pub learn: LearnConfig,
 }
 
@@ -69,8 +71,10 @@ enum Tried {
 /// Scores every candidate on the dev split and writes the best as a task file.
 pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
-    let needs_pool =
-        cfg.shots.iter().any(|&k| k > 0) || !cfg.learn.grid.methods.is_empty() || cfg.learn.encoder;
+    let needs_pool = cfg.shots.iter().any(|&k| k > 0)
+        || !cfg.learn.grid.methods.is_empty()
+        || cfg.learn.encoder
+        || !cfg.demos.by.is_empty();
     let pool = if needs_pool {
         eval::read_labeled(&cfg.data, Some(&cfg.train_split), usize::MAX)?
     } else {
@@ -80,7 +84,7 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         eval::check_labels(t, &dev, &cfg.data)?;
     }
     let cands = if cfg.prompt_candidates {
-        candidates(&cfg.templates, &cfg.shots, &pool)?
+        candidates(&cfg.templates, &cfg.shots, &pool, &cfg.demos)?
     } else {
         Vec::new()
     };

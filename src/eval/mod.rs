@@ -24,7 +24,7 @@ use crate::classify::runner::TaskRunner;
 use crate::classify::{Request, ScorePath};
 use crate::eval::metrics::Outcome;
 use crate::model::{Engine, FeatureParams};
-use crate::spec::Task;
+use crate::spec::{Demos, Task};
 use crate::util::jsonl::JsonLines;
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +189,47 @@ pub fn with_shots(task: &Task, pool: &[Example], k: usize) -> Result<Task, EvalE
     Ok(t)
 }
 
+/// The task with `[demos]`: its examples replaced by a pool of up to `per_label` examples of
+/// each label from `pool` (the first ones in file order; a label with fewer keeps what it
+/// has), of which each request is shown its `demos.per_label` most similar.
+pub fn with_demos(task: &Task, pool: &[Example], per_label: usize, demos: Demos) -> Task {
+    let fields = task
+        .query
+        .fields()
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<BTreeSet<_>>();
+    let mut per: Vec<Vec<&Example>> = vec![Vec::new(); task.labels.len()];
+    for e in pool {
+        if let Some(i) = task.label_index(&e.label) {
+            if per[i].len() < per_label && fields.iter().all(|f| e.request.fields.contains_key(f)) {
+                per[i].push(e);
+            }
+        }
+    }
+    let mut t = task.clone();
+    t.examples.clear();
+    // Interleaved, as `with_shots`: pool order breaks ties between equally similar ones.
+    for round in 0..per.iter().map(Vec::len).max().unwrap_or(0) {
+        for (i, exs) in per.iter().enumerate() {
+            if let Some(e) = exs.get(round) {
+                let mut m: BTreeMap<String, String> = e.request.fields.clone();
+                m.insert("label".into(), t.labels[i].name.clone());
+                t.examples.push(m);
+            }
+        }
+    }
+    t.demos = Some(demos);
+    t.name = format!(
+        "{}-{}of{}-{}",
+        task.name,
+        demos.per_label,
+        per_label,
+        demos.by.name()
+    );
+    t
+}
+
 /// One candidate's run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalRun {
@@ -302,10 +343,15 @@ pub fn run_probs(
                     let predicted = classifier.task().label_index(&r.top_label).unwrap_or(0);
                     decoded += r.tokens.decoded;
                     lat.push(per);
-                    predictions.push(json!({
+                    let mut record = json!({
                         "id": r.id, "gold": ex.label, "predicted": r.top_label,
                         "confidence": r.confidence, "abstained": r.abstained,
-                    }));
+                    });
+                    // Retrieved demonstrations: which examples this request was shown.
+                    if !r.demos.is_empty() {
+                        record["demos"] = json!(r.demos);
+                    }
+                    predictions.push(record);
                     outcomes.push(Outcome {
                         gold,
                         predicted,
@@ -410,6 +456,32 @@ mod tests {
         );
         let e = with_shots(&task(), &pool, 3).unwrap_err().to_string();
         assert!(e.contains("`neg`") && e.contains("has 2"), "{e}");
+    }
+
+    #[test]
+    fn a_demo_pool_takes_what_each_label_has_and_runs_as_demos() {
+        let pool = vec![
+            ex("p1", "pos"),
+            ex("p2", "pos"),
+            ex("n1", "neg"),
+            ex("p3", "pos"),
+        ];
+        let d = Demos {
+            per_label: 1,
+            by: crate::spec::DemoSimilarity::Tfidf,
+        };
+        let t = with_demos(&task(), &pool, 2, d);
+        let got: Vec<&str> = t.examples.iter().map(|e| e["text"].as_str()).collect();
+        assert_eq!(got, vec!["p1", "n1", "p2"], "neg has one: it keeps it");
+        assert_eq!(t.demos, Some(d));
+        // The task file written for it reads back with the same pool and choice.
+        let back = Task::parse(&t.to_toml(), Path::new("b.toml"), "b").unwrap();
+        assert_eq!(back.demos, Some(d));
+        assert_eq!(back.examples, t.examples);
+        assert_eq!(back.template_sha256(), t.template_sha256());
+        let mut other = t.clone();
+        other.demos = Some(Demos { per_label: 2, ..d });
+        assert_ne!(other.template_sha256(), t.template_sha256());
     }
 
     #[test]

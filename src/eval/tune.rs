@@ -2,7 +2,7 @@
 //! K-shot example set x calibration on/off, in a fixed order, and the pick of the best.
 
 use crate::eval::{self, EvalError, Example};
-use crate::spec::Task;
+use crate::spec::{DemoSimilarity, Demos, Task};
 
 /// One candidate: a task (template + examples) and the calibration switch.
 #[derive(Debug, Clone)]
@@ -13,12 +13,23 @@ pub struct Candidate {
     pub label: String,
 }
 
+/// The retrieved-demonstration candidates (`[demos]`) of `tune`.
+#[derive(Debug, Clone, Default)]
+pub struct DemoGrid {
+    /// Similarities tried (none: no such candidates).
+    pub by: Vec<DemoSimilarity>,
+    /// Pool examples per label (the first ones of the train split).
+    pub pool_per_label: usize,
+}
+
 /// Every combination, in a fixed order: template, then examples (the file's own, then each
-/// K), then calibration off / on.
+/// K, then each K retrieved per request by each of `demos.by` from the pool), then
+/// calibration off / on.
 pub fn candidates(
     templates: &[Task],
     shots: &[usize],
     pool: &[Example],
+    demos: &DemoGrid,
 ) -> Result<Vec<Candidate>, EvalError> {
     let mut out = Vec::new();
     for t in templates {
@@ -36,6 +47,19 @@ pub fn candidates(
                 eval::with_shots(t, pool, k)?
             };
             variants.push((v, format!("{}, {k}-shot", t.name)));
+        }
+        for &by in &demos.by {
+            for &k in shots.iter().filter(|&&k| k > 0) {
+                let d = Demos { per_label: k, by };
+                let v = eval::with_demos(t, pool, demos.pool_per_label, d);
+                let label = format!(
+                    "{}, {k} of {} per label retrieved by {}",
+                    t.name,
+                    demos.pool_per_label,
+                    by.name()
+                );
+                variants.push((v, label));
+            }
         }
         for (task, label) in variants {
             for calibrate in [false, true] {
@@ -95,7 +119,8 @@ mod tests {
                 split: Some("train".into()),
             })
             .collect();
-        let c = candidates(std::slice::from_ref(&t), &[0, 2], &pool).unwrap();
+        let none = DemoGrid::default();
+        let c = candidates(std::slice::from_ref(&t), &[0, 2], &pool, &none).unwrap();
         let labels: Vec<&str> = c.iter().map(|c| c.label.as_str()).collect();
         assert_eq!(
             labels,
@@ -111,8 +136,23 @@ mod tests {
         assert_eq!(c[2].task.examples.len(), 0);
         assert_eq!(c[4].task.examples.len(), 4);
         assert!(
-            candidates(&[t], &[3], &pool).is_err(),
+            candidates(std::slice::from_ref(&t), &[3], &pool, &none).is_err(),
             "3 per label are not in the pool"
         );
+        // Retrieved demonstrations: one more variant per K > 0 and similarity, the pool
+        // taking what each label has.
+        let grid = DemoGrid {
+            by: vec![DemoSimilarity::Tfidf],
+            pool_per_label: 8,
+        };
+        let c = candidates(&[t], &[0, 1], &pool, &grid).unwrap();
+        assert_eq!(c.len(), 8);
+        assert_eq!(c[6].label, "t, 1 of 8 per label retrieved by tfidf");
+        assert_eq!(
+            c[7].label,
+            "t, 1 of 8 per label retrieved by tfidf, calibrated"
+        );
+        assert_eq!(c[6].task.examples.len(), 4);
+        assert_eq!(c[6].task.demos.map(|d| d.per_label), Some(1));
     }
 }

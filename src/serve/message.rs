@@ -158,7 +158,7 @@ pub fn trace_of(r: &ClassifyResult) -> Value {
         .take(8)
         .map(|(k, v)| ((*k).clone(), json!((**v * 1e4).round() / 1e4)))
         .collect();
-    json!({
+    let mut trace = json!({
         "id": r.id,
         "task": r.task,
         "label": r.label,
@@ -173,7 +173,12 @@ pub fn trace_of(r: &ClassifyResult) -> Value {
         "calibration": r.calibration.applied,
         "logprob_over": r.logprob_over,
         "ts_ms": now_ms(),
-    })
+    });
+    // Retrieved demonstrations: which pool examples this request was shown.
+    if !r.demos.is_empty() {
+        trace["demos"] = json!(r.demos);
+    }
+    trace
 }
 
 /// The compact trace of a ranking: the top items' ids and scores, counts and time.

@@ -262,6 +262,7 @@ fn classified(id: &str) -> Output {
             board: "b".into(),
             method: crate::spec::Method::Prompt,
         },
+        demos: Vec::new(),
     }))
 }
 

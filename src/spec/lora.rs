@@ -87,10 +87,10 @@ pub fn lora_for_tasks<'a>(
     Ok(first.and_then(|t| t.lora.clone()))
 }
 
-/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]) and a feature
+/// `cfg` with the LoRA adapter that `tasks` name (see [`lora_for_tasks`]), a feature
 /// context (default size) for each task classified from model features (head, both,
-/// stack), so the memory
-/// estimate counts them.
+/// stack), and the sentence encoder when a stack or the demonstrations' choice reads it, so
+/// the memory estimate counts them.
 pub fn config_for_tasks<'a>(
     cfg: &EngineConfig,
     tasks: impl IntoIterator<Item = &'a Task>,
@@ -111,12 +111,21 @@ pub fn config_for_tasks<'a>(
         .collect();
     // One encoder serves every task whose stack reads it; none is counted (or loaded)
     // otherwise. A missing encoder counts 0 here: loading the task names the missing file.
-    cfg.encoder_bytes = if tasks.iter().any(|t| stack_has_block(t, "encoder")) {
+    cfg.encoder_bytes = if tasks
+        .iter()
+        .any(|t| stack_has_block(t, "encoder") || demos_use_encoder(t))
+    {
         crate::encoder::planned_bytes(&crate::encoder::dir_beside(&cfg.model_path)).unwrap_or(0)
     } else {
         0
     };
     Ok(cfg)
+}
+
+/// Whether the task retrieves its demonstrations by the encoder's similarity.
+fn demos_use_encoder(t: &Task) -> bool {
+    t.demos
+        .is_some_and(|d| d.by == super::DemoSimilarity::Encoder)
 }
 
 /// Whether the task's stack file has the block `key` (`dense`: model features, `encoder`:
@@ -140,7 +149,7 @@ fn stack_has_block(t: &Task, key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{parse_board, validate};
+    use crate::model::config::{load_board, parse_board, validate, BoardFile};
 
     fn task_with_stack(dir: &Path, stack: &str) -> Task {
         std::fs::write(dir.join("t.stack.json"), stack).unwrap();
@@ -165,5 +174,37 @@ mod tests {
         let with_features = task_with_stack(dir.path(), r#"{"stack": {"dense": {"x": 1}}}"#);
         let cfg = config_for_tasks(&board, [&with_features]).unwrap();
         assert_eq!(cfg.feature_batch_tokens.len(), 1);
+    }
+
+    #[test]
+    fn the_encoder_counts_when_demonstrations_are_chosen_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let enc = crate::encoder::dir_beside(&dir.path().join("m.gguf"));
+        std::fs::create_dir_all(&enc).unwrap();
+        std::fs::write(enc.join("model.safetensors"), vec![0u8; 1000]).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut cfg = load_board(
+            "x86-dev",
+            &[root.join("board-configs")],
+            &BoardFile::default(),
+        )
+        .unwrap();
+        cfg.model_path = dir.path().join("m.gguf");
+        let task = |by: &str| {
+            Task::parse(
+                &format!(
+                    "instruction = \"x\"\nquery = \"R: {{text}}\\nS:\"\nlabels = [{{ name = \"a\", text = \" a\" }}, {{ name = \"b\", text = \" b\" }}]\nexamples = [{{ text = \"t\", label = \"a\" }}]\n[demos]\nper_label = 1\nby = \"{by}\"\n"
+                ),
+                Path::new("t.toml"),
+                "t",
+            )
+            .unwrap()
+        };
+        let (by_tfidf, by_encoder) = (task("tfidf"), task("encoder"));
+        assert_eq!(
+            config_for_tasks(&cfg, [&by_tfidf]).unwrap().encoder_bytes,
+            0
+        );
+        assert!(config_for_tasks(&cfg, [&by_encoder]).unwrap().encoder_bytes > 1000);
     }
 }

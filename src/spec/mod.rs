@@ -3,6 +3,7 @@
 //! loader ([`TaskFile`]) that tells the kind once; query templates; the ReAct step format
 //! and tool schemas; and [`SpecError`], the one error of this layer.
 
+pub mod demos;
 mod error;
 mod file;
 pub mod lora;
@@ -14,6 +15,7 @@ pub mod template;
 pub mod tool;
 pub mod train;
 
+pub use demos::{DemoSimilarity, Demos};
 pub use error::SpecError;
 pub use file::{find_task_file, is_react_file, searched_dirs, TaskFile};
 pub use lora::{config_for_tasks, lora_for_tasks};

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::demos::Demos;
 use super::template::Template;
 use super::train::TrainSource;
 use super::SpecError;
@@ -90,6 +91,9 @@ struct RawTask {
     /// Where the head's train and dev rows come from (`super::train`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     train: Option<TrainSource>,
+    /// Retrieved demonstrations: `examples` is a pool, each request shows its nearest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    demos: Option<Demos>,
 }
 
 impl RawTask {
@@ -308,6 +312,9 @@ pub struct Task {
     pub train: Option<TrainSource>,
     /// The LoRA adapter the model runs with for this task (path absolute, file checked).
     pub lora: Option<LoraAdapter>,
+    /// Retrieved demonstrations: when set, `examples` is the pool they come from and the
+    /// fixed prefix holds the instruction only.
+    pub demos: Option<Demos>,
 }
 
 /// The field the token budget truncates.
@@ -351,6 +358,9 @@ impl Task {
         if let Some(t) = &raw.train {
             t.validate(path, raw.head.is_some())?;
         }
+        if let Some(d) = &raw.demos {
+            d.validate(path, raw.examples.len())?;
+        }
         let lora = match &raw.lora {
             Some(l) => Some(l.validated(path)?),
             None => None,
@@ -378,33 +388,51 @@ impl Task {
             head: raw.head,
             train: raw.train,
             lora,
+            demos: raw.demos,
         })
     }
 
     /// The fixed part of every prompt: the instruction and the few-shot examples, each
-    /// rendered with the query template followed by its label's text.
+    /// rendered with the query template followed by its label's text. With `[demos]` the
+    /// examples are a pool shown per request ([`Task::render_demos`]), not part of it.
     pub fn render_prefix(&self) -> String {
         let mut out = String::new();
         if !self.instruction.is_empty() {
             out.push_str(&self.instruction);
             out.push_str(&self.separator);
         }
-        for ex in &self.examples {
-            // Validated at load: every example has every field and a known label.
-            let q = self
-                .query
-                .render(|f| ex.get(f).map(String::as_str))
-                .unwrap_or_default();
-            let label = ex
-                .get("label")
-                .and_then(|n| self.labels.iter().find(|l| &l.name == n))
-                .map(|l| l.text.as_str())
-                .unwrap_or_default();
-            out.push_str(&q);
-            out.push_str(label);
-            out.push_str(&self.separator);
+        if self.demos.is_none() {
+            for ex in &self.examples {
+                self.render_example(ex, &mut out);
+            }
         }
         out
+    }
+
+    /// The examples at `indices` (into `examples`; unknown ones skipped), in that order,
+    /// rendered as the prefix renders its examples: the demonstrations of one request.
+    pub fn render_demos(&self, indices: &[usize]) -> String {
+        let mut out = String::new();
+        for ex in indices.iter().filter_map(|&i| self.examples.get(i)) {
+            self.render_example(ex, &mut out);
+        }
+        out
+    }
+
+    fn render_example(&self, ex: &BTreeMap<String, String>, out: &mut String) {
+        // Validated at load: every example has every field and a known label.
+        let q = self
+            .query
+            .render(|f| ex.get(f).map(String::as_str))
+            .unwrap_or_default();
+        let label = ex
+            .get("label")
+            .and_then(|n| self.labels.iter().find(|l| &l.name == n))
+            .map(|l| l.text.as_str())
+            .unwrap_or_default();
+        out.push_str(&q);
+        out.push_str(label);
+        out.push_str(&self.separator);
     }
 
     /// The per-request part: the query rendered with the request's fields.
@@ -428,6 +456,16 @@ impl Task {
             h.update(l.text.as_bytes());
         }
         h.update([u8::from(self.use_chat_template)]);
+        // With retrieved demonstrations, the pool and how it is searched are the template.
+        if let Some(d) = &self.demos {
+            h.update(format!("demos {} {}", d.per_label, d.by.name()).as_bytes());
+            for ex in &self.examples {
+                let mut one = String::new();
+                self.render_example(ex, &mut one);
+                h.update([0]);
+                h.update(one.as_bytes());
+            }
+        }
         hex::encode(&h.finalize()[..8])
     }
 
@@ -463,6 +501,7 @@ impl Task {
             measured: self.measured.clone(),
             head: self.head.clone(),
             train: self.train.clone(),
+            demos: self.demos,
         };
         // Plain strings, numbers, tables and arrays (the LoRA path was checked to be UTF-8
         // at load): serializing cannot fail.

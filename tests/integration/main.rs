@@ -10,6 +10,7 @@ mod testkit;
 
 mod bad_input;
 mod cli;
+mod demos;
 mod encoder;
 mod home_assistant;
 mod kiosk;
