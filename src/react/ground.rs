@@ -557,7 +557,8 @@ pub fn select(
         cfg.min_coverage,
         cands[b].cosine,
         min_cosine,
-    ) || unknown_object(kb, query.question).is_some()
+    ) || (unknown_object(kb, query.question).is_some()
+        && !cands[b].cosine.is_some_and(|c| sem.is_some_and(|s| c >= s.cfg.known_cosine)))
     {
         return Ok(not_found(cands));
     }

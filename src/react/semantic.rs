@@ -30,6 +30,10 @@ pub struct SemanticConfig {
     /// A passage whose word coverage is below `min_coverage` is still an answer when its
     /// cosine reaches this.
     pub min_cosine: f64,
+    /// A question asking whether something exists, naming a word the knowledge base never
+    /// uses ([`super::ground::unknown_object`]), is still answered when the best passage's
+    /// cosine reaches this (the customer's word for a thing the passage names otherwise).
+    pub known_cosine: f64,
 }
 
 impl Default for SemanticConfig {
@@ -38,9 +42,10 @@ impl Default for SemanticConfig {
             w_bm25: 0.5,
             w_cosine: 1.0,
             min_hit_cosine: 0.35,
-            w_passage: 1.0,
+            w_passage: 2.0,
             w_sentence: 0.5,
-            min_cosine: 0.55,
+            min_cosine: 0.4,
+            known_cosine: 0.6,
         }
     }
 }
