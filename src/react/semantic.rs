@@ -34,6 +34,10 @@ pub struct SemanticConfig {
     /// uses ([`super::ground::unknown_object`]), is still answered when the best passage's
     /// cosine reaches this (the customer's word for a thing the passage names otherwise).
     pub known_cosine: f64,
+    /// Tool choice: the knowledge base's semantic evidence is `w_tool * (best cosine -
+    /// tool_floor)`, at least 0 (0: not used); it counts as the word coverage does.
+    pub w_tool: f64,
+    pub tool_floor: f64,
 }
 
 impl Default for SemanticConfig {
@@ -46,8 +50,17 @@ impl Default for SemanticConfig {
             w_sentence: 0.5,
             min_cosine: 0.4,
             known_cosine: 0.6,
+            w_tool: 1.0,
+            tool_floor: 0.3,
         }
     }
+}
+
+/// The knowledge base's semantic evidence for tool choice from the question's cosines to
+/// the passages: `w_tool * (best - tool_floor)`, at least 0.
+pub fn kb_match(cosines: &[f64], cfg: &SemanticConfig) -> f64 {
+    let best = cosines.iter().copied().fold(0.0, f64::max);
+    (cfg.w_tool * (best - cfg.tool_floor)).max(0.0)
 }
 
 /// Dot product of two L2-normalized embeddings: their cosine similarity.
@@ -200,6 +213,14 @@ mod tests {
         assert!(!answerable(0.1, 0.22, None, 0.55));
         assert!(answerable(0.1, 0.22, Some(0.6), 0.55));
         assert!(!answerable(0.1, 0.22, Some(0.3), 0.55));
+    }
+
+    #[test]
+    fn tool_evidence_counts_the_cosine_above_the_floor() {
+        let cfg = SemanticConfig::default();
+        assert_eq!(kb_match(&[0.1, 0.2], &cfg), 0.0);
+        assert!((kb_match(&[0.1, 0.7, 0.5], &cfg) - 0.4).abs() < 1e-9);
+        assert_eq!(kb_match(&[], &cfg), 0.0);
     }
 
     #[test]
