@@ -347,6 +347,8 @@ pub fn holds_kind(sentence: &str, kind: FactKind) -> bool {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Candidate {
     pub id: String,
+    /// The retriever's score: BM25, or with the sentence encoder BM25 fused with the
+    /// cosine ([`super::semantic::fused_scores`]).
     pub bm25: f64,
     pub coverage: f64,
     /// The model's mean log-probability of the question given the passage.
@@ -558,7 +560,9 @@ pub fn select(
         cands[b].cosine,
         min_cosine,
     ) || (unknown_object(kb, query.question).is_some()
-        && !cands[b].cosine.is_some_and(|c| sem.is_some_and(|s| c >= s.cfg.known_cosine)))
+        && !cands[b]
+            .cosine
+            .is_some_and(|c| sem.is_some_and(|s| c >= s.cfg.known_cosine)))
     {
         return Ok(not_found(cands));
     }

@@ -57,7 +57,8 @@ impl Passage {
     }
 }
 
-/// A search hit: the passage's index in [`Kb::passages`] and its BM25 score.
+/// A search hit: the passage's index in [`Kb::passages`] and its score (BM25; with the
+/// sentence encoder, BM25 fused with the cosine).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hit {
     pub index: usize,
@@ -383,8 +384,7 @@ impl Kb {
 
     /// Every passage sharing a term with `query`, with its BM25 score (unordered).
     fn bm25(&self, query: &str) -> Vec<Hit> {
-        self
-            .engine
+        self.engine
             .search(&self.expand(query), None)
             .into_iter()
             .map(|r| Hit {

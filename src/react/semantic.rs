@@ -182,8 +182,7 @@ impl SemanticIndex {
 
     /// Bytes the embeddings take.
     pub fn bytes(&self) -> u64 {
-        let n: usize =
-            self.passages.len() + self.sentences.iter().map(Vec::len).sum::<usize>();
+        let n: usize = self.passages.len() + self.sentences.iter().map(Vec::len).sum::<usize>();
         (n * self.encoder.dim() * std::mem::size_of::<f32>()) as u64
     }
 }
@@ -199,7 +198,10 @@ mod tests {
         assert_eq!(s[2], None, "no shared word, far meaning");
         let (a, b, d) = (s[0].unwrap(), s[1].unwrap(), s[3].unwrap());
         assert!((a - (0.5 + 0.2)).abs() < 1e-9);
-        assert!((b - 0.6).abs() < 1e-9, "a paraphrase is retrieved by meaning");
+        assert!(
+            (b - 0.6).abs() < 1e-9,
+            "a paraphrase is retrieved by meaning"
+        );
         assert!((d - (0.25 + 0.5)).abs() < 1e-9);
         assert!(d > a && a > 0.0 && b < d);
         // Without any word hit the cosines alone rank.
