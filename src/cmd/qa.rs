@@ -23,7 +23,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
     if cfg.questions.is_empty() {
         return Err(ReactError::Usage("give a question".into()));
     }
-    let Some(kb) = load_kb(&cfg.spec)? else {
+    let Some(kb) = load_kb(&cfg.spec, &cfg.engine.model_path)? else {
         return Err(ReactError::Usage("qa needs a knowledge base".into()));
     };
     let max_chars = cfg.spec.kb.as_ref().map_or(220, |k| k.max_passage_chars);

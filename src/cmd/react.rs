@@ -32,10 +32,14 @@ pub struct ReactConfig {
     pub pretty: bool,
 }
 
-/// The task's knowledge base, when it has one.
-pub(super) fn load_kb(spec: &ReactSpec) -> Result<Option<Arc<Kb>>, ReactError> {
+/// The task's knowledge base, when it has one (with the sentence encoder fetched beside
+/// the model at `model_path`, if it is).
+pub(super) fn load_kb(
+    spec: &ReactSpec,
+    model_path: &std::path::Path,
+) -> Result<Option<Arc<Kb>>, ReactError> {
     Ok(match &spec.kb {
-        Some(k) => Some(Arc::new(Kb::load(&k.dir)?)),
+        Some(k) => Some(Arc::new(Kb::load_beside(&k.dir, model_path)?)),
         None => None,
     })
 }
@@ -59,7 +63,7 @@ pub fn run(cfg: ReactConfig, out: &mut dyn Write) -> Result<(), ReactError> {
     if cfg.questions.is_empty() {
         return Err(ReactError::Usage("give a question".into()));
     }
-    let kb = load_kb(&cfg.spec)?;
+    let kb = load_kb(&cfg.spec, &cfg.engine.model_path)?;
     let mut tools = Toolbox::new(&cfg.spec, kb.clone());
     // Loaded when a question first needs it: a knowledge-base answer does not.
     let mut gen = LazyGenerator::new(

@@ -66,7 +66,7 @@ fn io(e: std::io::Error) -> ReactError {
 /// Runs every scenario through the loop (and the baseline, and QA) and prints the
 /// metrics; writes `metrics.json` and `traces.jsonl` to the output folder.
 pub fn run(cfg: ReactEvalConfig, out: &mut dyn Write) -> Result<(), ReactError> {
-    let Some(kb) = load_kb(&cfg.spec)? else {
+    let Some(kb) = load_kb(&cfg.spec, &cfg.engine.model_path)? else {
         return Err(ReactError::Usage(
             "react-eval needs a task with a knowledge base".into(),
         ));

@@ -126,16 +126,23 @@ impl ActionFeatures {
 }
 
 /// How well the knowledge base covers `question`: the best coverage of its term weight by
-/// one of the three best BM25 passages (title and text); 0 without a knowledge base.
+/// one of the three best passages (title and text); with the sentence encoder, the best
+/// of that and the semantic match ([`super::semantic::kb_match`]); 0 without a knowledge
+/// base.
 pub fn kb_coverage(kb: &Kb, question: &str) -> f64 {
     let q = ground::weighted_terms(kb, question, None, 0.0);
-    kb.search(question, 3)
+    let words = kb
+        .search(question, 3)
         .iter()
         .map(|h| {
             let p = &kb.passages[h.index];
             ground::coverage(&q, &kb.terms(&format!("{} {}", p.title, p.text)))
         })
-        .fold(0.0, f64::max)
+        .fold(0.0, f64::max);
+    match (kb.semantic(), kb.cosines(question)) {
+        (Some(sem), Some(c)) => words.max(super::semantic::kb_match(&c, &sem.cfg)),
+        _ => words,
+    }
 }
 
 /// Each allowed action's evidence, in the order of [`action_labels`].

@@ -249,6 +249,11 @@ impl LazyEngine {
     }
 
     /// A prefix for `slot`: decoded now when the engine is loaded, else at load.
+    /// The model file this engine loads (the sentence encoder lives beside it).
+    pub fn model_path(&self) -> &std::path::Path {
+        &self.cfg.model_path
+    }
+
     pub fn add_prefix(&mut self, slot: usize, text: String) -> Result<(), EngineError> {
         if let Some(e) = self.engine.as_mut() {
             decode_prefix(e, slot, &text)?;

@@ -8,6 +8,7 @@
 //! the question the answer says so and offers a member of staff instead of guessing.
 
 use super::kb::Kb;
+use super::semantic::answerable;
 use crate::model::EngineError;
 
 /// The answer when nothing retrieved is good enough.
@@ -346,11 +347,16 @@ pub fn holds_kind(sentence: &str, kind: FactKind) -> bool {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Candidate {
     pub id: String,
+    /// The retriever's score: BM25, or with the sentence encoder BM25 fused with the
+    /// cosine ([`super::semantic::fused_scores`]).
     pub bm25: f64,
     pub coverage: f64,
     /// The model's mean log-probability of the question given the passage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<f64>,
+    /// The cosine of meaning between question and passage (with the sentence encoder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine: Option<f64>,
     pub score: f64,
 }
 
@@ -497,6 +503,13 @@ pub fn select(
     cfg: &GroundConfig,
 ) -> Result<Grounded, EngineError> {
     let q_terms = topic_terms(kb, query.question, query.context, CONTEXT_WEIGHT);
+    // Meaning: a follow-up is embedded with the question it continues.
+    let sem_question = match query.context {
+        Some(c) => format!("{} {c}", query.question),
+        None => query.question.to_string(),
+    };
+    let sem = kb.semantic();
+    let cosines = kb.cosines(&sem_question);
     let passages: Vec<_> = hits
         .iter()
         .filter_map(|(id, s)| kb.get(id).map(|p| (p, *s)))
@@ -508,6 +521,9 @@ pub fn select(
             bm25: *s,
             coverage: coverage(&q_terms, &kb.terms(&format!("{} {}", p.title, p.text))),
             model: None,
+            cosine: cosines
+                .as_ref()
+                .and_then(|c| kb.index_of(&p.id).map(|i| c[i])),
             score: 0.0,
         })
         .collect();
@@ -522,6 +538,11 @@ pub fn select(
         }
     }
     fuse(&mut cands, cfg);
+    if let Some(sem) = sem {
+        for c in &mut cands {
+            c.score += sem.cfg.w_passage * c.cosine.unwrap_or(0.0);
+        }
+    }
     let scores: Vec<f64> = cands.iter().map(|c| c.score).collect();
     let not_found = |cands: Vec<Candidate>| Grounded {
         answer: NOT_FOUND.into(),
@@ -532,7 +553,17 @@ pub fn select(
     let Some(b) = best(&scores) else {
         return Ok(not_found(cands));
     };
-    if cands[b].coverage < cfg.min_coverage || unknown_object(kb, query.question).is_some() {
+    let min_cosine = sem.map_or(f64::INFINITY, |s| s.cfg.min_cosine);
+    if !answerable(
+        cands[b].coverage,
+        cfg.min_coverage,
+        cands[b].cosine,
+        min_cosine,
+    ) || (unknown_object(kb, query.question).is_some()
+        && !cands[b]
+            .cosine
+            .is_some_and(|c| sem.is_some_and(|s| c >= s.cfg.known_cosine)))
+    {
         return Ok(not_found(cands));
     }
     let passage = passages[b].0;
@@ -561,6 +592,14 @@ pub fn select(
             coverage(&s_terms, &kb.terms(s)) + cfg.w_kind * f64::from(u8::from(k)) - 1e-3 * i as f64
         })
         .collect();
+    if let (Some(sem), Some(i)) = (sem, kb.index_of(&passage.id)) {
+        let c = sem.sentence_cosines(&sem_question, i);
+        if c.len() == s_scores.len() {
+            for (s, c) in s_scores.iter_mut().zip(c) {
+                *s += sem.cfg.w_sentence * c;
+            }
+        }
+    }
     if let (true, Some(sc)) = (cfg.w_model > 0.0 && sentences.len() > 1, scorer) {
         let m = min_max(&model_scores(sc, &sentences, query.question)?);
         for (s, m) in s_scores.iter_mut().zip(m) {

@@ -145,6 +145,7 @@ fn fusion_and_best_prefer_earlier_on_ties() {
             bm25: 4.0,
             coverage: 0.2,
             model: None,
+            cosine: None,
             score: 0.0,
         },
         Candidate {
@@ -152,6 +153,7 @@ fn fusion_and_best_prefer_earlier_on_ties() {
             bm25: 2.0,
             coverage: 0.9,
             model: None,
+            cosine: None,
             score: 0.0,
         },
     ];

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::semantic::{self, SemanticIndex};
+use crate::encoder::{self, EncoderError};
 use crate::util::jsonl::JsonLines;
 use bm25::{DefaultTokenizer, Language, SearchEngine, SearchEngineBuilder, Tokenizer};
 
@@ -30,6 +32,8 @@ pub enum KbError {
     },
     #[error("knowledge base {0}: no passages (.md sections or .jsonl lines) found")]
     Empty(PathBuf),
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
 }
 
 /// One retrievable passage.
@@ -53,7 +57,8 @@ impl Passage {
     }
 }
 
-/// A search hit: the passage's index in [`Kb::passages`] and its BM25 score.
+/// A search hit: the passage's index in [`Kb::passages`] and its score (BM25; with the
+/// sentence encoder, BM25 fused with the cosine).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hit {
     pub index: usize,
@@ -72,6 +77,9 @@ pub struct Kb {
     /// The knowledge base's own synonyms (`synonyms.txt`): a phrase customers use (its
     /// lowercase words) and the knowledge base's words for it.
     synonyms: Vec<(Vec<String>, String)>,
+    /// Passage and sentence embeddings when the sentence encoder is attached
+    /// ([`Kb::attach_encoder`]): retrieval and selection then use meaning as well as words.
+    semantic: Option<SemanticIndex>,
 }
 
 /// The file of a knowledge base folder that lists its synonyms (not indexed).
@@ -299,22 +307,71 @@ impl Kb {
             tokenizer,
             doc_freq,
             synonyms: Vec::new(),
+            semantic: None,
         })
     }
 
-    /// The `k` best passages for `query` by BM25; passages sharing no term with the query
-    /// are not returned. Equal scores keep load order, so results are deterministic.
-    pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
-        let mut hits: Vec<Hit> = self
-            .engine
-            .search(&self.expand(query), None)
-            .into_iter()
-            .map(|r| Hit {
-                index: r.document.id,
-                score: r.score,
+    /// [`Kb::load`], with the sentence encoder attached when it is fetched beside the
+    /// model at `model_path` ([`encoder::dir_beside`]); without it the knowledge base
+    /// works on words alone. A fetched but damaged encoder is an error naming the file.
+    pub fn load_beside(dir: &Path, model_path: &Path) -> Result<Kb, KbError> {
+        let mut kb = Kb::load(dir)?;
+        let enc_dir = encoder::dir_beside(model_path);
+        if enc_dir.is_dir() {
+            kb.attach_encoder(encoder::shared(&enc_dir)?);
+        }
+        Ok(kb)
+    }
+
+    /// Embeds every passage and sentence with `enc` (once, kept in memory).
+    pub fn attach_encoder(&mut self, enc: std::sync::Arc<encoder::Encoder>) {
+        let items: Vec<(String, Vec<String>, String)> = self
+            .passages
+            .iter()
+            .map(|p| {
+                (
+                    p.title.clone(),
+                    super::ground::split_sentences(&p.text),
+                    p.text.clone(),
+                )
             })
-            .filter(|h| h.score > 0.0)
             .collect();
+        self.semantic = Some(SemanticIndex::build(enc, &items));
+    }
+
+    /// The semantic index, when the encoder is attached.
+    pub fn semantic(&self) -> Option<&SemanticIndex> {
+        self.semantic.as_ref()
+    }
+
+    /// Cosine of `question` to each passage (None without the encoder).
+    pub fn cosines(&self, question: &str) -> Option<Vec<f64>> {
+        self.semantic.as_ref().map(|s| s.passage_cosines(question))
+    }
+
+    /// The `k` best passages for `query`: by BM25, fused with the cosine of meaning when
+    /// the encoder is attached ([`semantic::fused_scores`]). Passages sharing no term with
+    /// the query are not returned (with the encoder: unless their meaning is close).
+    /// Equal scores keep load order, so results are deterministic.
+    pub fn search(&self, query: &str, k: usize) -> Vec<Hit> {
+        let mut hits = self.bm25(query);
+        if let Some(sem) = &self.semantic {
+            let mut bm25 = vec![0.0; self.passages.len()];
+            for h in &hits {
+                bm25[h.index] = f64::from(h.score);
+            }
+            let fused = semantic::fused_scores(&bm25, &sem.passage_cosines(query), &sem.cfg);
+            hits = fused
+                .into_iter()
+                .enumerate()
+                .filter_map(|(index, s)| {
+                    s.map(|s| Hit {
+                        index,
+                        score: s as f32,
+                    })
+                })
+                .collect();
+        }
         hits.sort_by(|a, b| {
             b.score
                 .partial_cmp(&a.score)
@@ -323,6 +380,24 @@ impl Kb {
         });
         hits.truncate(k);
         hits
+    }
+
+    /// Every passage sharing a term with `query`, with its BM25 score (unordered).
+    fn bm25(&self, query: &str) -> Vec<Hit> {
+        self.engine
+            .search(&self.expand(query), None)
+            .into_iter()
+            .map(|r| Hit {
+                index: r.document.id,
+                score: r.score,
+            })
+            .filter(|h| h.score > 0.0)
+            .collect()
+    }
+
+    /// The index in [`Kb::passages`] of passage `id`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.passages.iter().position(|p| p.id == id)
     }
 
     pub fn get(&self, id: &str) -> Option<&Passage> {

@@ -11,6 +11,7 @@
 //! - [`trace`]: what a run records: steps, stop reason, answer; earlier turns.
 //! - [`tools`]: the tools and the per-task toolbox (allow-list, limits, rate limit).
 //! - [`kb`]: the knowledge base and its BM25 index.
+//! - [`semantic`]: the sentence encoder's evidence (cosine of meaning) when it is fetched.
 //! - [`ground`]: grounded answers: passage re-ranking and sentence selection, the
 //!   number check, the not-found answer.
 //! - [`action`]: which tool: each allowed action's evidence (the tool's words, the
@@ -34,6 +35,7 @@ pub mod policy;
 pub mod qa;
 pub mod request;
 pub mod scenario;
+pub mod semantic;
 pub mod session;
 pub mod tools;
 pub mod trace;

@@ -39,7 +39,8 @@ pub(super) fn setup(
     };
     let kb = match &spec.kb {
         Some(k) => Some(Arc::new(
-            Kb::load(&k.dir).map_err(|e| react_err(ReactError::from(e)))?,
+            Kb::load_beside(&k.dir, lazy.model_path())
+                .map_err(|e| react_err(ReactError::from(e)))?,
         )),
         None => None,
     };
