@@ -273,10 +273,9 @@ pub fn plan_config(a: PlanArgs) -> Result<(config::EngineConfig, usize), AppErro
         ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
         ServedTask::React(_) => None,
     });
-    Ok((
-        crate::spec::config_for_tasks(&engine, label_tasks)?,
-        tasks.len(),
-    ))
+    let cfg = crate::spec::config_for_tasks(&engine, label_tasks)?;
+    let cfg = crate::spec::count_kb_encoder(cfg, crate::serve::worker::react_specs(&tasks));
+    Ok((cfg, tasks.len()))
 }
 
 /// A task to serve, by name or path: a ReAct task file (`type = "react"`), a ranking task

@@ -341,7 +341,15 @@ pub fn engine_config(
     });
     let mut cfg = crate::spec::config_for_tasks(engine_cfg, label_tasks)?;
     cfg.feature_batch_tokens.clear();
-    Ok(cfg)
+    Ok(crate::spec::count_kb_encoder(cfg, react_specs(tasks)))
+}
+
+/// The ReAct tasks among `tasks`.
+pub fn react_specs(tasks: &[ServedTask]) -> impl Iterator<Item = &ReactSpec> {
+    tasks.iter().filter_map(|t| match t {
+        ServedTask::React(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// The model as planned before it is loaded: the file checked (GGUF header, checksum)

@@ -122,6 +122,21 @@ pub fn config_for_tasks<'a>(
     Ok(cfg)
 }
 
+/// `cfg` with the sentence encoder counted when a ReAct task of `specs` has a knowledge
+/// base and the encoder is beside the model: the knowledge base then embeds its passages
+/// with it (`react::Kb::load_beside`). One encoder serves every task, so it counts once.
+pub fn count_kb_encoder<'a>(
+    mut cfg: EngineConfig,
+    specs: impl IntoIterator<Item = &'a super::react::ReactSpec>,
+) -> EngineConfig {
+    if cfg.encoder_bytes == 0 && specs.into_iter().any(|s| s.kb.is_some()) {
+        cfg.encoder_bytes =
+            crate::encoder::planned_bytes(&crate::encoder::dir_beside(&cfg.model_path))
+                .unwrap_or(0);
+    }
+    cfg
+}
+
 /// Whether the task retrieves its demonstrations by the encoder's similarity.
 fn demos_use_encoder(t: &Task) -> bool {
     t.demos
@@ -206,5 +221,31 @@ mod tests {
             0
         );
         assert!(config_for_tasks(&cfg, [&by_encoder]).unwrap().encoder_bytes > 1000);
+    }
+
+    #[test]
+    fn a_kiosk_counts_the_encoder_when_it_is_beside_the_model() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = root.join("tasks/kiosk.toml");
+        let src = std::fs::read_to_string(&path).unwrap();
+        let kiosk = crate::spec::react::ReactSpec::parse(&src, &path, "kiosk").unwrap();
+        assert!(kiosk.kb.is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = load_board(
+            "x86-dev",
+            &[root.join("board-configs")],
+            &BoardFile::default(),
+        )
+        .unwrap();
+        cfg.model_path = dir.path().join("m.gguf");
+        // No encoder beside the model: nothing counted.
+        let without = count_kb_encoder(cfg.clone(), [&kiosk]);
+        assert_eq!(without.encoder_bytes, 0);
+        let enc = crate::encoder::dir_beside(&cfg.model_path);
+        std::fs::create_dir_all(&enc).unwrap();
+        std::fs::write(enc.join("model.safetensors"), vec![0u8; 1000]).unwrap();
+        assert!(count_kb_encoder(cfg.clone(), [&kiosk]).encoder_bytes > 1000);
+        // A task set without a knowledge base does not count it.
+        assert_eq!(count_kb_encoder(cfg, []).encoder_bytes, 0);
     }
 }
