@@ -328,9 +328,11 @@ fn setup_runner(
     })
 }
 
-/// The engine config for serving `tasks`: their LoRA adapter; no feature contexts (serve
-/// classifies learned-head tasks by their label scores). With `tasks.len()` prefix slots,
-/// this is what the memory estimate of the served set is made from.
+/// The engine config for serving `tasks`: their LoRA adapter, a feature context for each
+/// task whose learned scorer reads the model's hidden states (serve runs a task's head or
+/// stack as `classify` does, see `setup_runner`), and the sentence encoder when a stack or a
+/// kiosk's knowledge base uses it. With `tasks.len()` prefix slots, this is what the memory
+/// estimate of the served set is made from (the same as `plan`'s).
 pub fn engine_config(
     engine_cfg: &EngineConfig,
     tasks: &[ServedTask],
@@ -339,8 +341,7 @@ pub fn engine_config(
         ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
         ServedTask::React(_) => None,
     });
-    let mut cfg = crate::spec::config_for_tasks(engine_cfg, label_tasks)?;
-    cfg.feature_batch_tokens.clear();
+    let cfg = crate::spec::config_for_tasks(engine_cfg, label_tasks)?;
     Ok(crate::spec::count_kb_encoder(cfg, react_specs(tasks)))
 }
 
@@ -746,4 +747,30 @@ pub fn sensors_from_context(context: &BTreeMap<String, String>) -> BTreeMap<Stri
                 .map(|n| (n.to_string(), v.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{load_board, BoardFile};
+    use std::path::Path;
+
+    #[test]
+    fn the_served_estimate_counts_a_heads_feature_context_as_plan_does() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = load_board(
+            "x86-dev",
+            &[root.join("board-configs")],
+            &BoardFile::default(),
+        )
+        .unwrap();
+        let src = "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\n\
+                   labels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n\
+                   [head]\nfile = \"t.head.json\"\nmethod = \"head\"\n";
+        let task = Task::parse(src, Path::new("t.toml"), "t").unwrap();
+        let served = engine_config(&cfg, &[ServedTask::Classify(task.clone())]).unwrap();
+        let planned = crate::spec::config_for_tasks(&cfg, [&task]).unwrap();
+        assert_eq!(served.feature_batch_tokens.len(), 1);
+        assert_eq!(served.feature_batch_tokens, planned.feature_batch_tokens);
+    }
 }
