@@ -4,27 +4,11 @@
 //! examples; `tune` offers such candidates.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use edgeact::classify::{Classifier, Request, ScorePath};
 use edgeact::spec::Task;
 
-use crate::testkit;
-
-fn edgeact(args: &[&str], cache: &Path) -> Output {
-    Command::new(testkit::bin())
-        .args(args)
-        .current_dir(testkit::root())
-        .env_remove("RUST_LOG")
-        .env("EDGEACT_CACHE", cache)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn edgeact")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use crate::testkit::{self, edgeact_with_cache as edgeact, stderr};
 
 /// The sentiment task with a pool of the 6 train sentences of each label (the split data of
 /// the learned-method tests), 2 of each shown per request by TF-IDF similarity.

@@ -4,24 +4,9 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use crate::testkit;
-
-fn edgeact(args: &[&str], cache: &Path) -> Output {
-    Command::new(testkit::bin())
-        .args(args)
-        .current_dir(testkit::root())
-        .env_remove("RUST_LOG")
-        .env("EDGEACT_CACHE", cache)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn edgeact")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use crate::testkit::{self, edgeact_with_cache as edgeact, stderr};
 
 fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(bytes)

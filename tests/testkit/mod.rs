@@ -51,3 +51,21 @@ pub fn engine(slots: usize) -> Engine {
 pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_edgeact"))
 }
+
+/// Runs `edgeact args` from the repository root with `cache` as its cache folder (features,
+/// prefix states), no stdin and no RUST_LOG, and waits for it.
+pub fn edgeact_with_cache(args: &[&str], cache: &Path) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .env("EDGEACT_CACHE", cache)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("spawn edgeact")
+}
+
+/// A finished command's standard error as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
