@@ -139,7 +139,7 @@ impl DemoPicker {
             Index::Encoder { encoder, rows } => {
                 let q = encoder.embed(text);
                 rows.iter()
-                    .map(|r| r.iter().zip(&q).map(|(a, b)| a * b).sum())
+                    .map(|r| crate::encoder::cosine(r, &q) as f32)
                     .collect()
             }
         }

@@ -127,7 +127,7 @@ impl Encoder {
         self.tokenizer.encode(text, max)
     }
 
-    /// The L2-normalized sentence embedding of `text`.
+    /// The L2-normalized sentence embedding of `text` (compare two with [`cosine`]).
     pub fn embed(&self, text: &str) -> Vec<f32> {
         self.bert.embed(&self.token_ids(text))
     }
@@ -201,6 +201,12 @@ fn file_sha256(path: &Path) -> Result<String, EncoderError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The cosine similarity of two [`Encoder::embed`] vectors: their dot product, since both
+/// are L2-normalized (summed in f64).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| f64::from(x * y)).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +228,11 @@ mod tests {
             dir_beside(Path::new("models/gemma.gguf")),
             Path::new("models").join(ENCODER_DIR)
         );
+    }
+
+    #[test]
+    fn cosine_of_unit_vectors() {
+        assert!((cosine(&[1.0, 0.0], &[1.0, 0.0]) - 1.0).abs() < 1e-9);
+        assert!(cosine(&[1.0, 0.0], &[0.0, 1.0]).abs() < 1e-9);
     }
 }

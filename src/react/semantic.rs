@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::encoder::Encoder;
+use crate::encoder::{cosine, Encoder};
 
 /// Weights and thresholds of the semantic evidence.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,11 +61,6 @@ impl Default for SemanticConfig {
 pub fn kb_match(cosines: &[f64], cfg: &SemanticConfig) -> f64 {
     let best = cosines.iter().copied().fold(0.0, f64::max);
     (cfg.w_tool * (best - cfg.tool_floor)).max(0.0)
-}
-
-/// Dot product of two L2-normalized embeddings: their cosine similarity.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| f64::from(x * y)).sum()
 }
 
 /// Retrieval scores of every passage: `w_bm25 * bm25 / best bm25 + w_cosine * cosine`
@@ -223,11 +218,5 @@ mod tests {
         assert_eq!(kb_match(&[0.1, 0.2], &cfg), 0.0);
         assert!((kb_match(&[0.1, 0.7, 0.5], &cfg) - 0.4).abs() < 1e-9);
         assert_eq!(kb_match(&[], &cfg), 0.0);
-    }
-
-    #[test]
-    fn cosine_of_unit_vectors() {
-        assert!((cosine(&[1.0, 0.0], &[1.0, 0.0]) - 1.0).abs() < 1e-9);
-        assert!(cosine(&[1.0, 0.0], &[0.0, 1.0]).abs() < 1e-9);
     }
 }
