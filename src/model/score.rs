@@ -228,10 +228,19 @@ impl Engine {
 
     /// What `trie`'s labels are normalized over when a job asks for `over`: labels only for
     /// one-token label sets on an engine that can (see [`Engine::label_rows_unavailable`]).
+    /// A label set whose rows could not be read (warned once) is reported over the vocabulary,
+    /// as its results are.
     pub fn logprob_over_for(&self, trie: &LabelTrie, over: LogprobOver) -> LogprobOver {
-        let one_token = trie.paths.iter().all(|p| p.len() == 1);
-        match over {
-            LogprobOver::Labels if one_token && self.tied.is_ok() => LogprobOver::Labels,
+        let tokens = one_token_labels(trie);
+        let rows_failed = |tokens: &[Token]| {
+            self.label_rows
+                .iter()
+                .any(|(t, rows)| t.as_slice() == tokens && rows.is_none())
+        };
+        match (over, tokens) {
+            (LogprobOver::Labels, Some(t)) if self.tied.is_ok() && !rows_failed(&t) => {
+                LogprobOver::Labels
+            }
             _ => LogprobOver::Vocab,
         }
     }
@@ -240,11 +249,7 @@ impl Engine {
     /// label one token, the model's output tied to its embedding. Read on first use.
     fn label_rows_for(&mut self, trie: &LabelTrie) -> Option<LabelRows> {
         let tied = self.tied.as_ref().ok()?;
-        let tokens = trie
-            .paths
-            .iter()
-            .map(|p| (p.len() == 1).then(|| trie.nodes[p[0]].token))
-            .collect::<Option<Vec<Token>>>()?;
+        let tokens = one_token_labels(trie)?;
         if let Some((_, r)) = self.label_rows.iter().find(|(t, _)| *t == tokens) {
             return r.clone();
         }
@@ -423,6 +428,14 @@ impl Engine {
     }
 }
 
+/// The token of each label when every label of `trie` is one token, else None.
+fn one_token_labels(trie: &LabelTrie) -> Option<Vec<Token>> {
+    trie.paths
+        .iter()
+        .map(|p| (p.len() == 1).then(|| trie.nodes[p[0]].token))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,5 +573,13 @@ mod tests {
         );
         // A one-token label: the prompt's last row only.
         assert_eq!(naive_entries(&[10, 11], &[1], 4).len(), 2);
+    }
+
+    #[test]
+    fn one_token_labels_only_when_every_label_is_one_token() {
+        let single = LabelTrie::new(&[vec![5], vec![7]]).unwrap();
+        assert_eq!(one_token_labels(&single), Some(vec![5, 7]));
+        let mixed = LabelTrie::new(&[vec![5], vec![7, 8]]).unwrap();
+        assert_eq!(one_token_labels(&mixed), None);
     }
 }
