@@ -1,5 +1,5 @@
 use super::*;
-use crate::react::kb::Passage;
+use crate::react::kb::test_kb;
 use crate::spec::react::tests_support::SPEC;
 use std::path::Path;
 
@@ -13,34 +13,24 @@ fn spec() -> ReactSpec {
 }
 
 fn kb() -> Kb {
-    let p = |id: &str, title: &str, text: &str| Passage {
-        id: id.into(),
-        title: title.into(),
-        text: text.into(),
-        source: "t.md".into(),
-    };
-    Kb::from_passages(
-        Path::new("kb"),
-        vec![
-            p(
-                "hours-sunday",
-                "Opening hours on Sunday",
-                "On Sunday the hall is open from 10:00 to 16:00.",
-            ),
-            p(
-                "prices-parking",
-                "Parking prices",
-                "Parking in the car park is free for the first two hours, then 1.50 euro an hour.",
-            ),
-            p(
-                "food-court",
-                "Food court",
-                "The food court on the first floor has twelve stalls.",
-            ),
-            p("pets", "Dogs", "Dogs on a lead are welcome."),
-        ],
-    )
-    .unwrap()
+    test_kb(&[
+        (
+            "hours-sunday",
+            "Opening hours on Sunday",
+            "On Sunday the hall is open from 10:00 to 16:00.",
+        ),
+        (
+            "prices-parking",
+            "Parking prices",
+            "Parking in the car park is free for the first two hours, then 1.50 euro an hour.",
+        ),
+        (
+            "food-court",
+            "Food court",
+            "The food court on the first floor has twelve stalls.",
+        ),
+        ("pets", "Dogs", "Dogs on a lead are welcome."),
+    ])
 }
 
 fn chosen(spec: &ReactSpec, kb: &Kb, question: &str, cfg: &PolicyConfig) -> ToolName {

@@ -1,36 +1,25 @@
 use super::*;
-use crate::react::kb::Passage;
-use std::path::Path;
+use crate::react::kb::test_kb;
 
 fn kb() -> Kb {
-    let p = |id: &str, title: &str, text: &str| Passage {
-        id: id.into(),
-        title: title.into(),
-        text: text.into(),
-        source: "t.md".into(),
-    };
-    Kb::from_passages(
-        Path::new("kb"),
-        vec![
-            p(
-                "hours-saturday",
-                "Opening hours on Saturday",
-                "On Saturday the hall opens at 08:00 and closes at 18:00.",
-            ),
-            p(
-                "hours-sunday",
-                "Opening hours on Sunday",
-                "On Sunday the hall is open from 10:00 to 16:00. The bakery always opens.",
-            ),
-            p(
-                "delivery",
-                "Home delivery",
-                "Home delivery costs 6.90 euro. Order before 15:00 for delivery the same evening.",
-            ),
-            p("pets", "Dogs", "Dogs on a lead are welcome."),
-        ],
-    )
-    .unwrap()
+    test_kb(&[
+        (
+            "hours-saturday",
+            "Opening hours on Saturday",
+            "On Saturday the hall opens at 08:00 and closes at 18:00.",
+        ),
+        (
+            "hours-sunday",
+            "Opening hours on Sunday",
+            "On Sunday the hall is open from 10:00 to 16:00. The bakery always opens.",
+        ),
+        (
+            "delivery",
+            "Home delivery",
+            "Home delivery costs 6.90 euro. Order before 15:00 for delivery the same evening.",
+        ),
+        ("pets", "Dogs", "Dogs on a lead are welcome."),
+    ])
 }
 
 #[test]

@@ -458,17 +458,33 @@ impl Kb {
     }
 }
 
+/// A passage of file `t.md` for unit tests.
+#[cfg(test)]
+pub(crate) fn test_passage(id: &str, title: &str, text: &str) -> Passage {
+    Passage {
+        id: id.into(),
+        title: title.into(),
+        text: text.into(),
+        source: "t.md".into(),
+    }
+}
+
+/// A knowledge base in folder `kb` of `(id, title, text)` passages, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_kb(passages: &[(&str, &str, &str)]) -> Kb {
+    let passages = passages
+        .iter()
+        .map(|&(id, title, text)| test_passage(id, title, text))
+        .collect();
+    Kb::from_passages(Path::new("kb"), passages).expect("test passages are valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn p(id: &str, title: &str, text: &str) -> Passage {
-        Passage {
-            id: id.into(),
-            title: title.into(),
-            text: text.into(),
-            source: "t.md".into(),
-        }
+        test_passage(id, title, text)
     }
 
     #[test]
