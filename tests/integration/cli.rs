@@ -1,28 +1,12 @@
 //! The `edgeact` binary end to end on the real model: results, and a clear error (and exit
 //! code) for each kind of bad input, with the good lines of a batch still classified.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use crate::testkit;
+use crate::testkit::{self, stderr};
 
 fn edgeact(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(testkit::bin())
-        .args(args)
-        .current_dir(testkit::root())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn edgeact");
-    {
-        let mut input = child.stdin.take().unwrap();
-        if let Some(bytes) = stdin {
-            input.write_all(bytes).unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
+    testkit::edgeact(args, &[], stdin.unwrap_or_default())
 }
 
 fn lines(o: &Output) -> Vec<serde_json::Value> {
@@ -31,10 +15,6 @@ fn lines(o: &Output) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
         .collect()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

@@ -73,25 +73,8 @@ fn a_truncated_weights_file_is_a_clear_error() {
 }
 
 fn edgeact(args: &[&str], cache: &std::path::Path, stdin: Option<&str>) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(crate::testkit::bin())
-        .args(args)
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .env("EDGEACT_CACHE", cache)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn edgeact");
-    {
-        let mut s = child.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            s.write_all(text.as_bytes()).unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
+    let input = stdin.unwrap_or_default().as_bytes();
+    crate::testkit::edgeact(args, &[("EDGEACT_CACHE", cache)], input)
 }
 
 fn lines(bytes: &[u8]) -> Vec<serde_json::Value> {

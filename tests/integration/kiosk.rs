@@ -128,14 +128,15 @@ fn a_knowledge_base_answer_does_not_load_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model.gguf");
     let run = |cmd: &str, q: &str| {
-        std::process::Command::new(testkit::bin())
-            .current_dir(testkit::root())
-            .env("EDGEACT_CACHE", dir.path())
-            .args([cmd, "--task", "kiosk", "--model"])
-            .arg(&missing)
-            .arg(q)
-            .output()
-            .unwrap()
+        let args = [
+            cmd,
+            "--task",
+            "kiosk",
+            "--model",
+            missing.to_str().unwrap(),
+            q,
+        ];
+        testkit::edgeact_with_cache(&args, dir.path())
     };
     for cmd in ["react", "qa"] {
         let out = run(cmd, "Where is the pharmacy?");

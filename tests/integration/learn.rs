@@ -3,21 +3,18 @@
 //! not lower. A TF-IDF task (no model pass) and a head on the real model.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use crate::learned::{split_data, tune_args};
 use crate::testkit;
 
 fn edgeact(args: &[&str], dir: &Path) -> Output {
-    Command::new(testkit::bin())
-        .args(args)
-        .current_dir(testkit::root())
-        .env_remove("RUST_LOG")
-        .env("EDGEACT_CACHE", dir)
-        .env("EDGEACT_STATE_DIR", dir.join("state"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn edgeact")
+    let state = dir.join("state");
+    testkit::edgeact(
+        args,
+        &[("EDGEACT_CACHE", dir), ("EDGEACT_STATE_DIR", &state)],
+        b"",
+    )
 }
 
 fn text(o: &Output) -> String {

@@ -4,7 +4,6 @@
 //! used. The classifier's output is the data set's gold label here: the monitor is
 //! downstream of classification, and this isolates it (no model needed).
 
-use std::process::Command;
 use std::time::Duration;
 
 use edgeact::monitor::replay::{event_line, event_time_ms, observation};
@@ -179,21 +178,21 @@ fn cli_replay_prints_the_same_incidents_and_saves_state() {
     let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
     std::fs::write(&data, text).unwrap();
     let state = dir.path().join("state/monitor.json");
-    let out = Command::new(testkit::bin())
-        .current_dir(testkit::root())
-        .args([
+    let out = testkit::edgeact(
+        &[
             "monitor",
             "--task",
             "city-event",
             "--label-field",
             "label",
             "--data",
-        ])
-        .arg(&data)
-        .arg("--state")
-        .arg(&state)
-        .output()
-        .unwrap();
+            data.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
+        &[],
+        b"",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let printed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
@@ -209,19 +208,19 @@ fn cli_replay_prints_the_same_incidents_and_saves_state() {
     assert!(saved["rules"]["fire-jump"]["keys"]["d4"].is_object());
 
     // A task without [monitor] is a usage error naming the section.
-    let out = Command::new(testkit::bin())
-        .current_dir(testkit::root())
-        .args([
+    let out = testkit::edgeact(
+        &[
             "monitor",
             "--task",
             "sentiment",
             "--label-field",
             "label",
             "--data",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
+            data.to_str().unwrap(),
+        ],
+        &[],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("[monitor]"));
 }

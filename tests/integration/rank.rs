@@ -3,7 +3,6 @@
 //! relevant item outranks a clearly irrelevant one, and the profile prefix is reused.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use edgeact::rank::{Item, RankConfig, Ranker};
 
@@ -161,14 +160,19 @@ fn cli_rank_prints_the_ranking() {
         })
         .collect();
     std::fs::write(&items_path, text).unwrap();
-    let out = Command::new(testkit::bin())
-        .current_dir(testkit::root())
-        .args(["rank", "--top-k", "3", "--profile"])
-        .arg(&profile)
-        .arg("--items")
-        .arg(&items_path)
-        .output()
-        .unwrap();
+    let out = testkit::edgeact(
+        &[
+            "rank",
+            "--top-k",
+            "3",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--items",
+            items_path.to_str().unwrap(),
+        ],
+        &[],
+        b"",
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -217,16 +221,19 @@ fn cli_rank_learn_writes_weights_the_task_reads_back() {
         format!("{}\n{}\n", event(&["pasta"]), event(&["pizza", "pasta"])),
     )
     .unwrap();
-    let out = Command::new(testkit::bin())
-        .current_dir(testkit::root())
-        .args(["rank-learn", "--task"])
-        .arg(&task_path)
-        .arg("--feedback")
-        .arg(&feedback)
-        .arg("--corpus")
-        .arg(&corpus)
-        .output()
-        .unwrap();
+    let out = testkit::edgeact(
+        &[
+            "rank-learn",
+            "--task",
+            task_path.to_str().unwrap(),
+            "--feedback",
+            feedback.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+        ],
+        &[],
+        b"",
+    );
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -3,7 +3,6 @@
 //! stop, and a tool off the allow-list is never run, whatever the question says; a simple
 //! kiosk question ends with `final`; `qa` cites a retrieved passage.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use edgeact::model::Engine;
@@ -202,13 +201,7 @@ fn qa_cites_one_of_the_retrieved_passages() {
 
 #[test]
 fn cli_usage_errors_exit_2() {
-    let run = |args: &[&str]| {
-        Command::new(testkit::bin())
-            .args(args)
-            .current_dir(testkit::root())
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| testkit::edgeact(args, &[], b"");
     let o = run(&["react", "--task", "kiosk"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("give a question"));

@@ -52,17 +52,33 @@ pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_edgeact"))
 }
 
-/// Runs `edgeact args` from the repository root with `cache` as its cache folder (features,
-/// prefix states), no stdin and no RUST_LOG, and waits for it.
-pub fn edgeact_with_cache(args: &[&str], cache: &Path) -> std::process::Output {
-    std::process::Command::new(bin())
+/// Runs `edgeact args` from the repository root with no RUST_LOG, the variables `env` set
+/// and `stdin` as its whole input, and waits for it. The one way the tests spawn the binary
+/// for a single command (the daemon has [`daemon::Daemon`]).
+pub fn edgeact(args: &[&str], env: &[(&str, &Path)], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin())
         .args(args)
         .current_dir(root())
         .env_remove("RUST_LOG")
-        .env("EDGEACT_CACHE", cache)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("spawn edgeact")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn edgeact");
+    {
+        // Dropped at the end of the block: the child reads end-of-file after `stdin`.
+        let mut input = child.stdin.take().expect("piped stdin");
+        input.write_all(stdin).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for edgeact")
+}
+
+/// [`edgeact`] with `cache` as its cache folder (features, prefix states) and no input.
+pub fn edgeact_with_cache(args: &[&str], cache: &Path) -> std::process::Output {
+    edgeact(args, &[("EDGEACT_CACHE", cache)], b"")
 }
 
 /// A finished command's standard error as text.
