@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::features::FeatureSpec;
-use crate::model::scoring::softmax;
 use crate::model::EngineError;
 
 /// Head file format version.
@@ -102,6 +101,10 @@ pub struct LinearHead {
     pub weights: Vec<Vec<f64>>,
     /// One bias per label.
     pub bias: Vec<f64>,
+    /// The scores are divided by it before the softmax ([`super::temperature`]; 1 in files
+    /// written before temperatures existed).
+    #[serde(default = "super::temperature::unit")]
+    pub temperature: f64,
 }
 
 impl LinearHead {
@@ -162,6 +165,7 @@ impl LinearHead {
             standardizer,
             weights,
             bias,
+            temperature: super::temperature::UNIT,
         })
     }
 
@@ -174,7 +178,7 @@ impl LinearHead {
             .zip(&self.bias)
             .map(|(w, b)| b + w.iter().zip(&z).map(|(a, x)| a * x).sum::<f64>())
             .collect();
-        softmax(&scores)
+        super::temperature::softmax_at(&scores, self.temperature)
     }
 }
 

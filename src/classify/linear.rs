@@ -74,6 +74,10 @@ pub struct SoftmaxLr {
     pub bias: Vec<f32>,
     /// L-BFGS iterations run.
     pub iterations: usize,
+    /// The scores are divided by it before the softmax ([`super::temperature`]; 1 in files
+    /// written before temperatures existed).
+    #[serde(default = "super::temperature::unit")]
+    pub temperature: f64,
 }
 
 impl SoftmaxLr {
@@ -161,6 +165,7 @@ impl SoftmaxLr {
             weights: w.iter().map(|&v| v as f32).collect(),
             bias: b.iter().map(|&v| v as f32).collect(),
             iterations,
+            temperature: super::temperature::UNIT,
         })
     }
 
@@ -182,7 +187,7 @@ impl SoftmaxLr {
         for (j, &v) in dense.iter().take(self.n_dense).enumerate() {
             add(self.n_sparse + j, v);
         }
-        softmax(&z)
+        super::temperature::softmax_at(&z, self.temperature)
     }
 
     /// Whether the shapes agree with each other.

@@ -9,6 +9,7 @@ pub mod input;
 pub mod linear;
 pub mod runner;
 pub mod stack;
+pub mod temperature;
 pub mod tfidf;
 
 use std::collections::BTreeMap;

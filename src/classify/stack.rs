@@ -346,6 +346,7 @@ impl StackModel {
                 standardizer: d.standardizer.clone(),
                 weights,
                 bias: self.model.bias.iter().map(|&b| b as f64).collect(),
+                temperature: self.model.temperature,
             },
         ))
     }

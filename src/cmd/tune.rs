@@ -170,10 +170,12 @@ pub fn run(cfg: TuneConfig, out: &mut dyn Write) -> Result<(), AppError> {
         )?;
         writeln!(
             out,
-            "best: {} (dev macro-F1 {:.3}, accuracy {:.3}) -> {}",
+            "best: {} (dev macro-F1 {:.3}, accuracy {:.3}; confidences at temperature {:.3}, \
+             fitted on dev) -> {}",
             c.label,
             c.dev.macro_f1,
             c.dev.accuracy,
+            c.model.model.temperature,
             cfg.out.display()
         )
         .map_err(AppError::Output)?;
@@ -548,6 +550,7 @@ fn write_learned(
     measured.insert("dev_n".into(), dev_n.into());
     measured.insert("dev_accuracy".into(), r4(c.dev.accuracy).into());
     measured.insert("dev_macro_f1".into(), r4(c.dev.macro_f1).into());
+    measured.insert("temperature".into(), c.model.model.temperature.into());
     let labels: Vec<String> = task0.labels.iter().map(|l| l.name.clone()).collect();
     let (sha, n_embd) = engine.map_or((String::new(), 0), |e| (e.info.sha256.clone(), e.n_embd()));
     let file_name = match (c.method, c.model.to_linear_head()) {
@@ -594,6 +597,7 @@ fn write_learned(
     m.insert("dev_n".into(), (dev_n as i64).into());
     m.insert("dev_macro_f1".into(), r4(c.dev.macro_f1).into());
     m.insert("dev_accuracy".into(), r4(c.dev.accuracy).into());
+    m.insert("temperature".into(), c.model.model.temperature.into());
     if !sha.is_empty() {
         m.insert("model_sha256".into(), sha.into());
     }

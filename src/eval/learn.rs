@@ -292,7 +292,7 @@ pub fn fit_candidates(
         let dx: Vec<Vec<f32>> = dev.0.iter().map(|s| pooling.apply(s)).collect();
         for &alpha in alphas {
             let t0 = Instant::now();
-            let head = LinearHead::train(
+            let mut head = LinearHead::train(
                 &x,
                 train.1,
                 labels.len(),
@@ -303,12 +303,14 @@ pub fn fit_candidates(
             )?;
             let fit_ms = t0.elapsed().as_secs_f64() * 1e3;
             let probs: Vec<Vec<f64>> = dx.iter().map(|r| head.predict(r)).collect();
-            let dev = score_probs(labels, dev.1, &probs);
+            let dev_metrics = score_probs(labels, dev.1, &probs);
+            // Metrics of the unscaled probabilities, as for the stacks (select::fit_temperature).
+            head.temperature = crate::classify::temperature::fit(&probs, dev.1);
             all.push(Fitted {
                 pooling,
                 alpha,
                 head,
-                dev,
+                dev: dev_metrics,
                 fit_ms,
             });
         }

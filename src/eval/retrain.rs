@@ -16,7 +16,7 @@ use crate::classify::tfidf::TextFeaturizer;
 use crate::eval::feedback::{self, Feedback, Merge};
 use crate::eval::learn::{per_class_upto, score_probs, Shortfall};
 use crate::eval::metrics::Metrics;
-use crate::eval::select::Split;
+use crate::eval::select::{fit_temperature, Split};
 use crate::eval::{check_labels, read_labeled, EvalError, Example};
 use crate::spec::{Method, Task};
 
@@ -233,7 +233,7 @@ pub fn fit_and_compare(
         .collect();
     let old = score_probs(&labels, dev.y, &old_probs);
     let t0 = Instant::now();
-    let model = StackModel::fit(
+    let mut model = StackModel::fit(
         train.texts,
         train.states,
         train.y,
@@ -248,6 +248,9 @@ pub fn fit_and_compare(
         .map(|(i, t)| model.predict(&re, t, dev.states.get(i)))
         .collect();
     let new = score_probs(&labels, dev.y, &new_probs);
+    // As `tune` does: the refit's temperature from the same dev rows (its top labels, and
+    // so the verdict, do not depend on it).
+    fit_temperature(&mut model, &new_probs, dev.y);
     Ok(Compared {
         model,
         old,

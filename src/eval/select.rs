@@ -12,6 +12,7 @@ use crate::classify::features::{layers_name, FeatureSpec, Pooling};
 use crate::classify::head::HeadError;
 use crate::classify::linear::LrParams;
 use crate::classify::stack::{StackModel, StackParams};
+use crate::classify::temperature;
 use crate::classify::tfidf::{TextFeaturizer, TextParams};
 use crate::eval::learn::score_probs;
 use crate::eval::metrics::Metrics;
@@ -101,6 +102,14 @@ pub struct LearnedCandidate {
     pub model: StackModel,
     pub dev: Metrics,
     pub fit_ms: f64,
+}
+
+/// Sets `model`'s temperature to the one that fits its dev `probs` best
+/// ([`crate::classify::temperature`]). The candidate's dev metrics stay those of the
+/// unscaled probabilities: the top labels are the same, and an ECE measured on the rows the
+/// temperature was fitted on would flatter it (`eval` on another split shows it).
+pub fn fit_temperature(model: &mut StackModel, probs: &[Vec<f64>], gold: &[usize]) {
+    model.model.temperature = temperature::fit(probs, gold);
 }
 
 fn lr(alpha: f64, max_iterations: usize) -> LrParams {
@@ -261,7 +270,7 @@ fn fit_one(
         (Some(_), Some(s)) => (s.train, s.dev),
         _ => (&[][..], &[][..]),
     };
-    let model = StackModel::fit_blocks(
+    let mut model = StackModel::fit_blocks(
         train.texts,
         train.states,
         train_prompt,
@@ -280,6 +289,7 @@ fn fit_one(
             model.predict_with(&re, t, dev.states.get(i), pr)
         })
         .collect();
+    fit_temperature(&mut model, &probs, dev.y);
     Ok(LearnedCandidate {
         method,
         label,

@@ -13,7 +13,7 @@ use crate::classify::linear::LrParams;
 use crate::classify::stack::{EncoderFit, StackModel, StackParams};
 use crate::classify::tfidf::{TextFeaturizer, TextParams};
 use crate::eval::learn::score_probs;
-use crate::eval::select::{LearnGrid, LearnedCandidate, PromptScores, Split};
+use crate::eval::select::{fit_temperature, LearnGrid, LearnedCandidate, PromptScores, Split};
 use crate::spec::Method;
 
 /// The encoder's identity and its embedding of every train and dev text.
@@ -125,7 +125,7 @@ pub fn encoder_candidates(
             weight,
             rows: emb.train,
         };
-        let model = StackModel::fit_all(
+        let mut model = StackModel::fit_all(
             train.texts,
             train.states,
             tp,
@@ -149,6 +149,7 @@ pub fn encoder_candidates(
                 )
             })
             .collect();
+        fit_temperature(&mut model, &probs, dev.y);
         let c = LearnedCandidate {
             method: Method::Stack,
             label,

@@ -180,6 +180,7 @@ fn head_task(
             .map(|_| (0..d).map(|_| rnd() * 0.01).collect())
             .collect(),
         bias: vec![0.0; labels.len()],
+        temperature: 1.0,
     };
     let file = HeadFile {
         version: 1,
