@@ -89,9 +89,9 @@ pub fn topic_terms(
         .collect()
 }
 
-/// How a question asks whether something exists or is sold (general English): "do you
-/// have", "is there", "do you sell".
-const EXISTENCE_CUES: [&[&str]; 9] = [
+/// How a question asks whether something exists, is sold or can be had (general English):
+/// "do you have", "is there", "does anyone sell", "can I get / book / pay with".
+const EXISTENCE_CUES: [&[&str]; 15] = [
     &["do", "you", "have"],
     &["do", "you", "sell"],
     &["do", "you", "offer"],
@@ -101,7 +101,17 @@ const EXISTENCE_CUES: [&[&str]; 9] = [
     &["is", "there"],
     &["are", "there"],
     &["can", "i", "buy"],
+    &["can", "i", "get"],
+    &["can", "i", "book"],
+    &["can", "i", "hire"],
+    &["can", "i", "rent"],
+    &["can", "i", "pay", "with"],
+    &["can", "i", "pay", "by"],
 ];
+
+/// First words of a question about who sells a thing ("do any stalls sell X", "who sells
+/// X"): only then does "sell" open the thing asked about (not in "I'd like to sell my honey").
+const SELLER_QUESTION_STARTS: [&str; 5] = ["do", "does", "who", "which", "where"];
 
 /// Words that end the thing asked about ("a cinema *in* the hall", "a hotel *nearby*").
 const OBJECT_ENDS: [&str; 14] = [
@@ -115,11 +125,20 @@ const OBJECT_ENDS: [&str; 14] = [
 /// frame it covers ("hall"). None for other questions or known things.
 pub fn unknown_object(kb: &Kb, question: &str) -> Option<String> {
     let w = words_lower(question);
-    let start = EXISTENCE_CUES.iter().find_map(|cue| {
-        w.windows(cue.len())
-            .position(|win| win == *cue)
-            .map(|i| i + cue.len())
-    })?;
+    let seller = || {
+        SELLER_QUESTION_STARTS
+            .contains(&w.first()?.as_str())
+            .then(|| w.iter().position(|x| x == "sell" || x == "sells"))?
+            .map(|i| i + 1)
+    };
+    let start = EXISTENCE_CUES
+        .iter()
+        .find_map(|cue| {
+            w.windows(cue.len())
+                .position(|win| win == *cue)
+                .map(|i| i + cue.len())
+        })
+        .or_else(seller)?;
     let object: Vec<&str> = w[start..]
         .iter()
         .map(String::as_str)

@@ -102,6 +102,19 @@ fn asking_for_a_thing_the_knowledge_base_never_names_is_not_found() {
         unknown_object(&kb, "Can I order a sofa for delivery?"),
         None
     );
+    // Whether it can be had, booked or paid with, or who sells it.
+    assert_eq!(
+        unknown_object(&kb, "can i get a key cut here").as_deref(),
+        Some("key")
+    );
+    assert!(unknown_object(&kb, "Can I pay with bitcoin on Sunday?").is_some());
+    assert!(unknown_object(&kb, "do any stalls sell gluten free bread").is_some());
+    assert_eq!(unknown_object(&kb, "Can I get home delivery?"), None);
+    // Selling is the asker's plan here, not a question who sells it.
+    assert_eq!(
+        unknown_object(&kb, "I'd like to sell my honey at the hall"),
+        None
+    );
     let ask = |question: &str| {
         select(
             &kb,
