@@ -71,9 +71,36 @@ pub struct Example {
     pub split: Option<String>,
 }
 
-/// Reads `{"text", "label", "split"?, "id"?}` lines; `split` keeps only that split. Over
-/// `limit`, an evenly spaced sample is kept (files are often sorted by label, so the first
-/// lines would not be representative).
+/// The split of a row that names none: by a hash of its fields (FNV-1a; label and split
+/// left out), so every command and every run agrees: [`UNSPLIT_SHARES`] of `train`, `dev`
+/// and `test` in percent. A user's one labeled file can be tuned on (train, dev) and
+/// evaluated (test) without splitting it first.
+pub fn split_of_unsplit(fields: &std::collections::BTreeMap<String, String>) -> &'static str {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in fields {
+        for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let bucket = h % 100;
+    let [(train, _), (dev, _), _] = UNSPLIT_SHARES;
+    if bucket < train {
+        "train"
+    } else if bucket < train + dev {
+        "dev"
+    } else {
+        "test"
+    }
+}
+
+/// Percent of the rows without a `split` that [`split_of_unsplit`] puts in each split.
+pub const UNSPLIT_SHARES: [(u64, &str); 3] = [(70, "train"), (15, "dev"), (15, "test")];
+
+/// Reads `{"text", "label", "split"?, "id"?}` lines; `split` keeps only that split (a row
+/// without one is in the split [`split_of_unsplit`] gives it). Over `limit`, an evenly
+/// spaced sample is kept (files are often sorted by label, so the first lines would not be
+/// representative).
 pub fn read_labeled(
     path: &Path,
     split: Option<&str>,
@@ -85,6 +112,7 @@ pub fn read_labeled(
     };
     let mut lines = JsonLines::open(path).map_err(read_err)?;
     let mut out = Vec::new();
+    let mut found = std::collections::BTreeMap::new();
     while let Some((line_no, line)) = lines.next_line().map_err(read_err)? {
         let mut req = match input::parse_line(line, line_no) {
             Ok(Some(r)) => r,
@@ -102,10 +130,15 @@ pub fn read_labeled(
             line: line_no,
             reason: "no `label`".into(),
         })?;
-        let ex_split = req.fields.remove("split");
-        if split.is_some_and(|s| ex_split.as_deref() != Some(s)) {
+        let ex_split = req
+            .fields
+            .remove("split")
+            .unwrap_or_else(|| split_of_unsplit(&req.fields).to_string());
+        *found.entry(ex_split.clone()).or_insert(0usize) += 1;
+        if split.is_some_and(|s| ex_split != s) {
             continue;
         }
+        let ex_split = Some(ex_split);
         out.push(Example {
             request: req,
             label,
@@ -117,11 +150,20 @@ pub fn read_labeled(
         out = (0..limit).map(|i| out[i * n / limit].clone()).collect();
     }
     if out.is_empty() {
+        let present = found
+            .iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         return Err(EvalError::Empty {
             path: path.into(),
-            split: split
-                .map(|s| format!(" in split `{s}`"))
-                .unwrap_or_default(),
+            split: match split {
+                Some(s) if !found.is_empty() => {
+                    format!(" in split `{s}` (the file's splits: {present})")
+                }
+                Some(s) => format!(" in split `{s}`"),
+                None => String::new(),
+            },
         });
     }
     Ok(out)
@@ -505,10 +547,48 @@ mod tests {
             read_labeled(&p, Some("dev"), 10),
             Err(EvalError::Empty { .. })
         ));
+        let e = read_labeled(&p, Some("dev"), 10).unwrap_err().to_string();
+        assert!(
+            e.contains("split `dev` (the file's splits: test 2, train 1)"),
+            "{e}"
+        );
         std::fs::write(&p, "{\"text\":\"a\"}\n").unwrap();
         assert!(read_labeled(&p, None, 10)
             .unwrap_err()
             .to_string()
             .contains("line 1"));
+    }
+
+    #[test]
+    fn rows_without_a_split_are_split_by_their_text_the_same_every_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!("{{\"text\":\"message {i}\",\"label\":\"a\"}}\n"));
+        }
+        // One row keeps the split it names.
+        text.push_str("{\"text\":\"message 0\",\"label\":\"b\",\"split\":\"dev\"}\n");
+        std::fs::write(&p, text).unwrap();
+        let count = |s: &str| read_labeled(&p, Some(s), usize::MAX).unwrap();
+        let (train, dev, test) = (count("train"), count("dev"), count("test"));
+        assert_eq!(train.len() + dev.len() + test.len(), 2001);
+        for (rows, want) in [(&train, 1400.0), (&dev, 300.0), (&test, 300.0)] {
+            let n = rows.len() as f64;
+            assert!(
+                (n - want).abs() < want * 0.15,
+                "{n} rows, about {want} wanted"
+            );
+        }
+        assert!(dev.iter().any(|e| e.label == "b"));
+        // The same rows every time, and a split disjoint from the others.
+        assert_eq!(count("dev"), dev);
+        let ids = |rows: &[Example]| -> std::collections::BTreeSet<String> {
+            rows.iter()
+                .map(|e| e.request.fields["text"].clone())
+                .collect()
+        };
+        assert!(ids(&train).is_disjoint(&ids(&test)));
+        assert_eq!(train[0].split.as_deref(), Some("train"));
     }
 }
