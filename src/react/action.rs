@@ -24,6 +24,13 @@ pub fn action_labels(spec: &ReactSpec) -> Vec<(ToolName, String)> {
         .collect()
 }
 
+/// What calling staff is for, whatever the kiosk: added to the `notify` tool's own
+/// description when the task gives no `[policy.tool_words] notify`, so that an emergency
+/// calls staff even where the description only says "call a member of staff".
+pub const NOTIFY_WORDS: &str = "an emergency: fire, smoke, an accident, someone hurt, injured, \
+     bleeding, ill, fainted, collapsed or unconscious, a lost child, a fight or a theft; a \
+     complaint, or a customer who wants to speak to a person or a manager";
+
 /// The words that describe a tool: its description (or its `[policy.tool_words]`), its
 /// choice values, the sentences of the instruction that name it, and the few-shot questions
 /// whose first action calls it.
@@ -38,7 +45,13 @@ pub fn tool_words(spec: &ReactSpec, tool: ToolName) -> String {
     if let Some(t) = spec.tool(tool) {
         match spec.policy.tool_words.get(tool.as_str()) {
             Some(words) => out.push_str(words),
-            None => out.push_str(&t.description),
+            None => {
+                out.push_str(&t.description);
+                if tool == ToolName::Notify {
+                    out.push(' ');
+                    out.push_str(NOTIFY_WORDS);
+                }
+            }
         }
         if let ArgSchema::Choice { values } = &t.arg {
             for v in values {

@@ -134,3 +134,31 @@ fn a_choice_value_is_chosen_by_its_words_and_ties_are_left_to_the_model() {
     assert_eq!(top_ties(&s), vec![0, 1]);
     assert_eq!(choice_by_words(None, "outside", &values), vec![0.0, 0.0]);
 }
+
+#[test]
+fn a_bare_notify_description_still_calls_staff_for_an_emergency() {
+    // A task as a new user writes it: notify only "call a member of staff", no tool words.
+    let src = SPEC.replace(
+        "  { name = \"clock\", description = \"the current time\" },",
+        "  { name = \"clock\", description = \"the current time\" },\n  { name = \"notify\", description = \"call a member of staff\", arg = { kind = \"json\", keys = [\"reason\"], max_value_chars = 80 } },",
+    );
+    let spec = ReactSpec::parse(&src, Path::new("tasks/unit.toml"), "unit").unwrap();
+    assert!(tool_words(&spec, ToolName::Notify).contains("collapsed"));
+    let cfg = PolicyConfig::default();
+    let kb = kb();
+    for q in [
+        "Someone collapsed near the food court!",
+        "There is smoke coming out of a stall",
+        "I want to speak to the manager",
+    ] {
+        assert_eq!(chosen(&spec, &kb, q, &cfg), ToolName::Notify, "{q}");
+    }
+    assert_eq!(
+        chosen(&spec, &kb, "Parking prices for two hours?", &cfg),
+        ToolName::KbSearch
+    );
+    // Words the task gives for notify replace the built-in ones.
+    let own = format!("{src}[policy.tool_words]\nnotify = \"a complaint\"\n");
+    let spec = ReactSpec::parse(&own, Path::new("tasks/unit.toml"), "unit").unwrap();
+    assert!(!tool_words(&spec, ToolName::Notify).contains("collapsed"));
+}

@@ -91,7 +91,7 @@ pub fn topic_terms(
 
 /// How a question asks whether something exists, is sold or can be had (general English):
 /// "do you have", "is there", "does anyone sell", "can I get / book / pay with".
-const EXISTENCE_CUES: [&[&str]; 15] = [
+const EXISTENCE_CUES: [&[&str]; 16] = [
     &["do", "you", "have"],
     &["do", "you", "sell"],
     &["do", "you", "offer"],
@@ -103,6 +103,7 @@ const EXISTENCE_CUES: [&[&str]; 15] = [
     &["can", "i", "buy"],
     &["can", "i", "get"],
     &["can", "i", "book"],
+    &["can", "i", "borrow"],
     &["can", "i", "hire"],
     &["can", "i", "rent"],
     &["can", "i", "pay", "with"],
