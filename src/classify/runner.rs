@@ -21,9 +21,7 @@ use crate::classify::{
 };
 use crate::encoder::Encoder;
 use crate::model::scoring::{decide, softmax, AbstainRule, LogprobOver};
-use crate::model::{
-    Engine, EngineError, FeatureContext, FeatureParams, ModelInfo, PooledStates,
-};
+use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, ModelInfo, PooledStates};
 use crate::spec::{Method, Task, TRUNCATED_FIELD};
 
 /// The model a [`TaskRunner`] runs on: an [`Engine`] (loaded), or only the model file

@@ -8,11 +8,11 @@ use serde_json::json;
 
 use super::{write_json, AppError};
 use crate::classify::input::{self, InputError};
+use crate::classify::runner::{self, ModelSource};
 use crate::classify::{Request, ScorePath};
+use crate::model;
 use crate::model::config::EngineConfig;
 use crate::model::scoring::AbstainRule;
-use crate::classify::runner::{self, ModelSource};
-use crate::model;
 use crate::spec::Task;
 use crate::util::jsonl::JsonLines;
 

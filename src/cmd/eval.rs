@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::AppError;
+use crate::classify::runner::load_model;
 use crate::eval::{self, plots, EvalError, EvalRun};
 use crate::model::config::EngineConfig;
-use crate::classify::runner::load_model;
 use crate::model::ModelInfo;
 use crate::spec::Task;
 
@@ -66,15 +66,7 @@ pub fn run(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let mut runs = Vec::new();
     let mut best: Option<(usize, Vec<serde_json::Value>)> = None;
     for (slot, t) in tasks.into_iter().enumerate() {
-        let (run, preds) = eval::run(
-            engine,
-            t,
-            slot,
-            cfg.calibrate,
-            &data,
-            cfg.batch_size,
-            true,
-        )?;
+        let (run, preds) = eval::run(engine, t, slot, cfg.calibrate, &data, cfg.batch_size, true)?;
         let better = best.as_ref().is_none_or(|(b, _)| {
             run.metrics.macro_f1 > runs.get(*b).map_or(-1.0, |r: &EvalRun| r.metrics.macro_f1)
         });

@@ -283,7 +283,11 @@ impl Estimate {
             .filter(|(_, bytes, always)| (*always && loaded) || *bytes > 0)
             .map(|(name, bytes, _)| format!("{name} {}", bytes.div_ceil(MIB)))
             .collect();
-        let note = if loaded { "" } else { " (model weights not loaded)" };
+        let note = if loaded {
+            ""
+        } else {
+            " (model weights not loaded)"
+        };
         format!("{} MiB{note}", shown.join(" + "))
     }
 }
@@ -576,7 +580,14 @@ mod tests {
             "encoder 5 + overhead 64 MiB (model weights not loaded)"
         );
         // With the weights: the same encoder on top of the model's terms.
-        let with = estimate(&gemma(), &plan(2048), &Extras { load_weights: true, ..extras });
+        let with = estimate(
+            &gemma(),
+            &plan(2048),
+            &Extras {
+                load_weights: true,
+                ..extras
+            },
+        );
         assert!(with.total_bytes() > est.total_bytes() + gemma().tensor_bytes);
     }
 

@@ -521,7 +521,9 @@ fn run(
         }
         let task = batch[0].task;
         let outcomes = run_batch(engine, runners.get_mut(task), &batch, &opts.sessions);
-        shared.loaded.store(engine.lazy.is_loaded(), Ordering::SeqCst);
+        shared
+            .loaded
+            .store(engine.lazy.is_loaded(), Ordering::SeqCst);
         for (w, outcome) in batch.into_iter().zip(outcomes) {
             shared.depth.fetch_sub(1, Ordering::SeqCst);
             on_done(Done {
@@ -746,5 +748,35 @@ mod tests {
         let planned = crate::spec::config_for_tasks(&cfg, [&task]).unwrap();
         assert_eq!(served.feature_batch_tokens.len(), 1);
         assert_eq!(served.feature_batch_tokens, planned.feature_batch_tokens);
+    }
+
+    #[test]
+    fn a_words_only_stack_is_served_without_the_weights_unless_another_task_needs_them() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = load_board(
+            "x86-dev",
+            &[root.join("board-configs")],
+            &BoardFile::default(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("t.stack.json"),
+            r#"{"stack": {"text": {}}}"#,
+        )
+        .unwrap();
+        let src = "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\n\
+                   labels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n";
+        let stack = format!("{src}[head]\nfile = \"t.stack.json\"\nmethod = \"tfidf\"\n");
+        let words = Task::parse(&stack, &dir.path().join("t.toml"), "t").unwrap();
+        let alone = engine_config(&cfg, &[ServedTask::Classify(words.clone())]).unwrap();
+        assert!(!alone.load_weights);
+        let prompt = Task::parse(src, Path::new("p.toml"), "p").unwrap();
+        let rank = ServedTask::Rank(prompt, serde_json::from_str::<RankConfig>("{}").unwrap());
+        assert!(
+            engine_config(&cfg, &[ServedTask::Classify(words), rank])
+                .unwrap()
+                .load_weights
+        );
     }
 }

@@ -163,11 +163,8 @@ pub fn needs_model(task: &Task, method: Option<Method>) -> bool {
 pub fn method_needs_model(method: Method, stack_blocks: Option<&[String]>) -> bool {
     match method {
         Method::Prompt | Method::Head | Method::Both => true,
-        Method::Stack | Method::Tfidf => stack_blocks.is_none_or(|blocks| {
-            blocks
-                .iter()
-                .any(|b| MODEL_BLOCKS.contains(&b.as_str()))
-        }),
+        Method::Stack | Method::Tfidf => stack_blocks
+            .is_none_or(|blocks| blocks.iter().any(|b| MODEL_BLOCKS.contains(&b.as_str()))),
     }
 }
 
@@ -278,15 +275,27 @@ mod tests {
             "p",
         )
         .unwrap();
-        assert!(config_for_tasks(&board, [&words, &prompt]).unwrap().load_weights);
+        assert!(
+            config_for_tasks(&board, [&words, &prompt])
+                .unwrap()
+                .load_weights
+        );
         // No task at all (`plan` alone): the model counts.
-        assert!(config_for_tasks(&board, std::iter::empty::<&Task>()).unwrap().load_weights);
+        assert!(
+            config_for_tasks(&board, std::iter::empty::<&Task>())
+                .unwrap()
+                .load_weights
+        );
         let dir2 = tempfile::tempdir().unwrap();
         let reads_prompt = task_with_stack(
             dir2.path(),
             r#"{"stack": {"dense": null, "text": {}, "prompt": {"w": 1}}}"#,
         );
-        assert!(config_for_tasks(&board, [&reads_prompt]).unwrap().load_weights);
+        assert!(
+            config_for_tasks(&board, [&reads_prompt])
+                .unwrap()
+                .load_weights
+        );
     }
 
     #[test]
