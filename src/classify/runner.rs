@@ -672,3 +672,91 @@ impl HeadClassifier {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::linear::LrParams;
+    use crate::classify::stack::{StackModel, StackParams};
+    use crate::classify::tfidf::TextParams;
+    use crate::model::budget::Estimate;
+
+    /// The model as `plan` sees it, never loaded.
+    fn planned() -> ModelInfo {
+        ModelInfo {
+            path: "models/m.gguf".into(),
+            sha256: "ab".repeat(32),
+            architecture: "gemma3".into(),
+            board: "x86-dev".into(),
+            n_ctx: 2048,
+            shrunk_from_ctx: None,
+            estimate_mib: 64,
+            estimate: Estimate {
+                weights_bytes: 0,
+                repack_bytes: 0,
+                kv_bytes: 0,
+                compute_bytes: 0,
+                logits_bytes: 0,
+                offload_bytes: 0,
+                features_bytes: 0,
+                lora_bytes: 0,
+                encoder_bytes: 0,
+                overhead_bytes: 64 << 20,
+            },
+            load_ms: 0.0,
+        }
+    }
+
+    fn task(dir: &std::path::Path, head: &str) -> Task {
+        let src = format!(
+            "instruction = \"x\"\nquery = \"T: {{text}}\\nL:\"\n\
+             labels = [{{ name = \"card\", text = \" card\" }}, {{ name = \"rate\", text = \" rate\" }}]\n{head}"
+        );
+        Task::parse(&src, &dir.join("t.toml"), "t").unwrap()
+    }
+
+    #[test]
+    fn a_tfidf_stack_runs_on_the_planned_model_and_a_prompt_task_asks_for_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = ["card stolen today", "exchange rate wrong"].repeat(4);
+        let y = [0, 1].repeat(4);
+        let p = StackParams {
+            dense: None,
+            text: Some(TextParams::words_and_chars()),
+            prompt: None,
+            lr: LrParams::default(),
+        };
+        let m = StackModel::fit(&texts, &[], &y, 2, &p).unwrap();
+        let labels = vec!["card".to_string(), "rate".to_string()];
+        StackFile::new(labels, None, 0, m)
+            .save(&dir.path().join("t.stack.json"))
+            .unwrap();
+        let head = "[head]\nfile = \"t.stack.json\"\nmethod = \"tfidf\"\n";
+        let mut info = planned();
+        let f = FeatureParams::default();
+        let mut r =
+            TaskRunner::new(&mut info, task(dir.path(), head), 0, None, None, None, f).unwrap();
+        assert!(!r.needs_engine());
+        assert_eq!(r.jobs_per_decode(&mut info), NO_MODEL_BATCH);
+        let reqs = [Request::text("1", "my card was stolen")];
+        let res = r.classify_many(&mut info, &reqs, ScorePath::Fast);
+        let res = res[0].as_ref().unwrap();
+        assert_eq!(res.top_label, "card");
+        assert_eq!(res.provenance.model, "m.gguf");
+        assert_eq!(res.provenance.model_sha256, info.sha256);
+
+        // The prompt (or `--method prompt` on the same task) needs the weights: a clear
+        // error, not a panic.
+        for (head, method) in [("", None), (head, Some(Method::Prompt))] {
+            let t = task(dir.path(), head);
+            match TaskRunner::new(&mut info, t, 0, None, None, method, f) {
+                Err(SetupError::Engine {
+                    source: EngineError::NotLoaded,
+                    ..
+                }) => {}
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("a prompt task ran without the weights"),
+            }
+        }
+    }
+}
