@@ -21,8 +21,56 @@ use crate::classify::{
 };
 use crate::encoder::Encoder;
 use crate::model::scoring::{decide, softmax, AbstainRule, LogprobOver};
-use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, PooledStates};
+use crate::model::{Engine, EngineError, FeatureContext, FeatureParams, ModelInfo, PooledStates};
 use crate::spec::{Method, Task, TRUNCATED_FIELD};
+
+/// The model a [`TaskRunner`] runs on: an [`Engine`] (loaded), or only the model file
+/// checked and planned ([`ModelInfo`]) when no task of the run reads the model (a stack of
+/// TF-IDF and encoder blocks: see [`crate::spec::needs_model`]), or one loaded at first use.
+pub trait ModelSource {
+    /// The model's identity and plan, for provenance and reports.
+    fn info(&self) -> &ModelInfo;
+    /// The loaded engine (loaded now if need be); [`EngineError::NotLoaded`] where the run
+    /// planned without the weights.
+    fn engine(&mut self) -> Result<&mut Engine, EngineError>;
+}
+
+impl ModelSource for Engine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn engine(&mut self) -> Result<&mut Engine, EngineError> {
+        Ok(self)
+    }
+}
+
+impl ModelSource for ModelInfo {
+    fn info(&self) -> &ModelInfo {
+        self
+    }
+    fn engine(&mut self) -> Result<&mut Engine, EngineError> {
+        Err(EngineError::NotLoaded)
+    }
+}
+
+/// The engine for `cfg` when its tasks need the weights (`cfg.load_weights`, see
+/// [`crate::spec::config_for_tasks`]), else the model file checked and planned only (its
+/// weights not loaded, said on stderr's log).
+pub fn load_model(
+    cfg: &crate::model::config::EngineConfig,
+    n_prefix_slots: usize,
+) -> Result<Box<dyn ModelSource>, EngineError> {
+    if cfg.load_weights {
+        return Ok(Box::new(Engine::load(cfg, n_prefix_slots)?));
+    }
+    let info = crate::model::planned_info(cfg, n_prefix_slots)?;
+    tracing::info!(
+        model = %info.path.display(),
+        estimate_mib = info.estimate_mib,
+        "model weights not loaded: no task reads the model's hidden states or label scores"
+    );
+    Ok(Box::new(info))
+}
 
 /// A learned scorer read from the file of a task's `[head]`.
 pub enum Learned {
@@ -130,8 +178,8 @@ pub enum TaskRunner {
 impl TaskRunner {
     /// `method` overrides the task file's (`[head] method`); a head method on a task
     /// without a head file is an error.
-    pub fn new(
-        engine: &mut Engine,
+    pub fn new<M: ModelSource + ?Sized>(
+        model: &mut M,
         task: Task,
         slot: usize,
         calibrate: Option<bool>,
@@ -140,19 +188,25 @@ impl TaskRunner {
         features: FeatureParams,
     ) -> Result<TaskRunner, SetupError> {
         let method = method.unwrap_or(task.head.as_ref().map_or(Method::Prompt, |h| h.method));
+        let name = task.name.clone();
+        let engine_err = |source: EngineError| SetupError::Engine {
+            task: name.clone(),
+            source,
+        };
         if method == Method::Prompt {
+            let engine = model.engine().map_err(engine_err)?;
             return Ok(TaskRunner::Prompt(Box::new(Classifier::new(
                 engine, task, slot, calibrate, abstain,
             )?)));
         }
-        let name = task.name.clone();
         let err = |source: HeadError| SetupError::Head {
             task: name.clone(),
             source,
         };
-        let (learned, order) = load_head(engine, &task, method).map_err(err)?;
+        let (learned, order) = load_head(model, &task, method).map_err(err)?;
         let features = match learned.feature() {
             Some(spec) => {
+                let engine = model.engine().map_err(|e| err(HeadError::Engine(e)))?;
                 let fctx = engine
                     .feature_context(features)
                     .map_err(|e| err(HeadError::Engine(e)))?;
@@ -161,10 +215,10 @@ impl TaskRunner {
             }
             None => None,
         };
-        let encoder = load_encoder(engine, &task, &learned).map_err(err)?;
+        let encoder = load_encoder(model.info(), &task, &learned).map_err(err)?;
         let prompt = if method == Method::Both || learned.needs_prompt() {
             Some(Classifier::new(
-                engine,
+                model.engine().map_err(engine_err)?,
                 task.clone(),
                 slot,
                 calibrate,
@@ -218,34 +272,57 @@ impl TaskRunner {
     }
 
     /// Requests worth one micro-batch: what one decode scores together for this task's
-    /// labels (a head without a prompt pass: the engine's general figure).
-    pub fn jobs_per_decode(&self, engine: &Engine) -> usize {
+    /// labels (a head without a prompt pass: the engine's general figure; without the
+    /// model: [`NO_MODEL_BATCH`]).
+    pub fn jobs_per_decode<M: ModelSource + ?Sized>(&self, model: &mut M) -> usize {
         let prompt = match self {
             TaskRunner::Prompt(c) => Some(&**c),
             TaskRunner::Head(h) => h.prompt.as_ref(),
         };
-        prompt.map_or(engine.jobs_per_decode(), |c| {
-            engine.jobs_per_decode_for(c.trie())
-        })
+        if !self.needs_engine() {
+            return NO_MODEL_BATCH;
+        }
+        match model.engine() {
+            Ok(engine) => prompt.map_or(engine.jobs_per_decode(), |c| {
+                engine.jobs_per_decode_for(c.trie())
+            }),
+            Err(_) => 1,
+        }
     }
 
-    pub fn classify_many(
+    /// Whether classifying runs the model (its label scores or hidden states); a stack of
+    /// TF-IDF and encoder blocks does not.
+    pub fn needs_engine(&self) -> bool {
+        match self {
+            TaskRunner::Prompt(_) => true,
+            TaskRunner::Head(h) => h.prompt.is_some() || h.features.is_some(),
+        }
+    }
+
+    pub fn classify_many<M: ModelSource + ?Sized>(
         &mut self,
-        engine: &mut Engine,
+        model: &mut M,
         reqs: &[Request],
         path: ScorePath,
     ) -> Vec<Result<ClassifyResult, RecordError>> {
         match self {
-            TaskRunner::Prompt(c) => c.classify_many(engine, reqs, path),
-            TaskRunner::Head(h) => h.classify_many(engine, reqs, path),
+            TaskRunner::Prompt(c) => match model.engine() {
+                Ok(engine) => c.classify_many(engine, reqs, path),
+                Err(e) => fail_batch(reqs.iter().map(|_| Ok(())).collect(), &e),
+            },
+            TaskRunner::Head(h) => h.classify_many(model, reqs, path),
         }
     }
 }
 
+/// Requests per micro-batch of a task that runs without the model (nothing is shared by a
+/// batch: it only bounds how many wait together).
+pub const NO_MODEL_BATCH: usize = 16;
+
 /// The encoder beside the model when the stack reads one, checked to be the one it was
 /// trained on.
 fn load_encoder(
-    engine: &Engine,
+    info: &ModelInfo,
     task: &Task,
     learned: &Learned,
 ) -> Result<Option<Arc<Encoder>>, HeadError> {
@@ -257,7 +334,7 @@ fn load_encoder(
         path: file.clone(),
         reason,
     };
-    let dir = crate::encoder::dir_beside(&engine.info.path);
+    let dir = crate::encoder::dir_beside(&info.path);
     let enc = crate::encoder::shared(&dir)
         .map_err(|e| invalid(format!("its stack reads the sentence encoder: {e}")))?;
     if enc.sha256 != want {
@@ -272,8 +349,8 @@ fn load_encoder(
 
 /// The task's head or stack file, checked against the model and the task, and the task
 /// label -> file label index map.
-fn load_head(
-    engine: &Engine,
+fn load_head<M: ModelSource + ?Sized>(
+    model: &mut M,
     task: &Task,
     method: Method,
 ) -> Result<(Learned, Vec<usize>), HeadError> {
@@ -283,6 +360,7 @@ fn load_head(
     let learned = Learned::load(&file, method)?;
     let (sha, n_embd) = learned.model();
     if learned.feature().is_some() {
+        let engine = model.engine().map_err(HeadError::Engine)?;
         if sha != Some(engine.info.sha256.as_str()) {
             return Err(HeadError::Invalid {
                 path: file,
@@ -330,17 +408,26 @@ fn load_head(
 }
 
 impl HeadClassifier {
-    fn classify_many(
+    fn classify_many<M: ModelSource + ?Sized>(
         &mut self,
-        engine: &mut Engine,
+        model: &mut M,
         reqs: &[Request],
         path: ScorePath,
     ) -> Vec<Result<ClassifyResult, RecordError>> {
         let started = Instant::now();
-        let mut prompt_results = self
-            .prompt
-            .as_ref()
-            .map(|c| c.classify_many(engine, reqs, path).into_iter());
+        // Only a prompt pass or model features need the engine (a stack of TF-IDF and
+        // encoder blocks runs on the planned model, its weights not loaded).
+        let mut engine = None;
+        if self.prompt.is_some() || self.features.is_some() {
+            match model.engine() {
+                Ok(e) => engine = Some(e),
+                Err(e) => return fail_batch(reqs.iter().map(|_| Ok(())).collect(), &e),
+            }
+        }
+        let mut prompt_results = match (&self.prompt, engine.as_deref_mut()) {
+            (Some(c), Some(e)) => Some(c.classify_many(e, reqs, path).into_iter()),
+            _ => None,
+        };
         let mut seqs = Vec::new();
         let mut cuts = Vec::new();
         let mut texts = Vec::new();
@@ -349,9 +436,9 @@ impl HeadClassifier {
             let text = r.fields.get(TRUNCATED_FIELD).map(String::as_str);
             match text {
                 Some(t) if !t.trim().is_empty() => {
-                    let (tokens, cut) = match &self.features {
-                        Some((_, tok)) => tok.tokens(engine, t),
-                        None => (Vec::new(), None),
+                    let (tokens, cut) = match (&self.features, engine.as_deref()) {
+                        (Some((_, tok)), Some(e)) => tok.tokens(e, t),
+                        _ => (Vec::new(), None),
                     };
                     seqs.push(tokens);
                     cuts.push(cut);
@@ -388,6 +475,7 @@ impl HeadClassifier {
             .into_iter()
             .zip(embeddings)
             .zip(seqs.iter().zip(cuts).zip(texts));
+        let info = model.info();
         let mut out = Vec::with_capacity(reqs.len());
         for (req, c) in reqs.iter().zip(checked) {
             let prompt_res = prompt_results.as_mut().and_then(|it| it.next());
@@ -422,11 +510,9 @@ impl HeadClassifier {
             // In task label order.
             let head_probs: Vec<f64> = self.order.iter().map(|&i| hp[i]).collect();
             let res = match prompt_res {
-                None => Ok(self.result(engine, req, &head_probs, None, tokens.len(), cut)),
+                None => Ok(self.result(info, req, &head_probs, None, tokens.len(), cut)),
                 Some(Err(e)) => Err(e),
-                Some(Ok(p)) => {
-                    Ok(self.result(engine, req, &head_probs, Some(p), tokens.len(), cut))
-                }
+                Some(Ok(p)) => Ok(self.result(info, req, &head_probs, Some(p), tokens.len(), cut)),
             };
             out.push(res.map(|mut r| {
                 r.timings_ms.prefill_ms += decode_ms;
@@ -439,7 +525,7 @@ impl HeadClassifier {
 
     fn result(
         &self,
-        engine: &Engine,
+        info: &ModelInfo,
         req: &Request,
         head_probs: &[f64],
         prompt: Option<ClassifyResult>,
@@ -448,7 +534,7 @@ impl HeadClassifier {
     ) -> ClassifyResult {
         match prompt {
             Some(p) => self.combined_result(p, head_probs, n_tokens),
-            None => self.head_result(engine, req, head_probs, n_tokens, cut),
+            None => self.head_result(info, req, head_probs, n_tokens, cut),
         }
     }
 
@@ -506,7 +592,7 @@ impl HeadClassifier {
     /// Method `head`: a result from the head's probabilities alone.
     fn head_result(
         &self,
-        engine: &Engine,
+        info: &ModelInfo,
         req: &Request,
         probs: &[f64],
         n_tokens: usize,
@@ -561,16 +647,15 @@ impl HeadClassifier {
                 total_ms: 0.0,
             },
             provenance: Provenance {
-                model: engine
-                    .info
+                model: info
                     .path
                     .file_name()
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default(),
-                model_sha256: engine.info.sha256.clone(),
+                model_sha256: info.sha256.clone(),
                 task: self.task.name.clone(),
                 template_sha256: self.head_sha256.clone(),
-                board: engine.info.board.clone(),
+                board: info.board.clone(),
                 method: self.method,
             },
             demos: Vec::new(),
@@ -585,5 +670,93 @@ impl HeadClassifier {
             .zip(probs)
             .map(|(l, &p)| (l.name.clone(), p))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::linear::LrParams;
+    use crate::classify::stack::{StackModel, StackParams};
+    use crate::classify::tfidf::TextParams;
+    use crate::model::budget::Estimate;
+
+    /// The model as `plan` sees it, never loaded.
+    fn planned() -> ModelInfo {
+        ModelInfo {
+            path: "models/m.gguf".into(),
+            sha256: "ab".repeat(32),
+            architecture: "gemma3".into(),
+            board: "x86-dev".into(),
+            n_ctx: 2048,
+            shrunk_from_ctx: None,
+            estimate_mib: 64,
+            estimate: Estimate {
+                weights_bytes: 0,
+                repack_bytes: 0,
+                kv_bytes: 0,
+                compute_bytes: 0,
+                logits_bytes: 0,
+                offload_bytes: 0,
+                features_bytes: 0,
+                lora_bytes: 0,
+                encoder_bytes: 0,
+                overhead_bytes: 64 << 20,
+            },
+            load_ms: 0.0,
+        }
+    }
+
+    fn task(dir: &std::path::Path, head: &str) -> Task {
+        let src = format!(
+            "instruction = \"x\"\nquery = \"T: {{text}}\\nL:\"\n\
+             labels = [{{ name = \"card\", text = \" card\" }}, {{ name = \"rate\", text = \" rate\" }}]\n{head}"
+        );
+        Task::parse(&src, &dir.join("t.toml"), "t").unwrap()
+    }
+
+    #[test]
+    fn a_tfidf_stack_runs_on_the_planned_model_and_a_prompt_task_asks_for_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = ["card stolen today", "exchange rate wrong"].repeat(4);
+        let y = [0, 1].repeat(4);
+        let p = StackParams {
+            dense: None,
+            text: Some(TextParams::words_and_chars()),
+            prompt: None,
+            lr: LrParams::default(),
+        };
+        let m = StackModel::fit(&texts, &[], &y, 2, &p).unwrap();
+        let labels = vec!["card".to_string(), "rate".to_string()];
+        StackFile::new(labels, None, 0, m)
+            .save(&dir.path().join("t.stack.json"))
+            .unwrap();
+        let head = "[head]\nfile = \"t.stack.json\"\nmethod = \"tfidf\"\n";
+        let mut info = planned();
+        let f = FeatureParams::default();
+        let mut r =
+            TaskRunner::new(&mut info, task(dir.path(), head), 0, None, None, None, f).unwrap();
+        assert!(!r.needs_engine());
+        assert_eq!(r.jobs_per_decode(&mut info), NO_MODEL_BATCH);
+        let reqs = [Request::text("1", "my card was stolen")];
+        let res = r.classify_many(&mut info, &reqs, ScorePath::Fast);
+        let res = res[0].as_ref().unwrap();
+        assert_eq!(res.top_label, "card");
+        assert_eq!(res.provenance.model, "m.gguf");
+        assert_eq!(res.provenance.model_sha256, info.sha256);
+
+        // The prompt (or `--method prompt` on the same task) needs the weights: a clear
+        // error, not a panic.
+        for (head, method) in [("", None), (head, Some(Method::Prompt))] {
+            let t = task(dir.path(), head);
+            match TaskRunner::new(&mut info, t, 0, None, None, method, f) {
+                Err(SetupError::Engine {
+                    source: EngineError::NotLoaded,
+                    ..
+                }) => {}
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("a prompt task ran without the weights"),
+            }
+        }
     }
 }

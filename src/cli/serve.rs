@@ -269,12 +269,8 @@ pub fn plan_config(a: PlanArgs) -> Result<(config::EngineConfig, usize), AppErro
     for n in &a.task {
         tasks.push(served_task(n)?);
     }
-    let label_tasks = tasks.iter().filter_map(|t| match t {
-        ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
-        ServedTask::React(_) => None,
-    });
-    let cfg = crate::spec::config_for_tasks(&engine, label_tasks)?;
-    let cfg = crate::spec::count_kb_encoder(cfg, crate::serve::worker::react_specs(&tasks));
+    // The same config `serve` plans and loads with these tasks.
+    let cfg = crate::serve::worker::engine_config(&engine, &tasks)?;
     Ok((cfg, tasks.len()))
 }
 

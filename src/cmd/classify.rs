@@ -8,10 +8,11 @@ use serde_json::json;
 
 use super::{write_json, AppError};
 use crate::classify::input::{self, InputError};
+use crate::classify::runner::{self, ModelSource};
 use crate::classify::{Request, ScorePath};
+use crate::model;
 use crate::model::config::EngineConfig;
 use crate::model::scoring::AbstainRule;
-use crate::model::{self, Engine};
 use crate::spec::Task;
 use crate::util::jsonl::JsonLines;
 
@@ -44,10 +45,13 @@ pub struct ClassifyConfig {
 
 /// Loads the model, prepares the task and writes one JSON line per input to `out`.
 pub fn run(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
-    let ecfg = crate::spec::config_for_tasks(&cfg.engine, [&cfg.task])?;
-    let mut engine = Engine::load(&ecfg, 1)?;
-    let mut classifier = crate::classify::runner::TaskRunner::new(
-        &mut engine,
+    let mut ecfg = crate::spec::config_for_tasks(&cfg.engine, [&cfg.task])?;
+    // `--method` may ask for what the task file's method does not read.
+    ecfg.load_weights = crate::spec::needs_model(&cfg.task, cfg.method);
+    let mut model = runner::load_model(&ecfg, 1)?;
+    let engine = &mut *model;
+    let mut classifier = runner::TaskRunner::new(
+        engine,
         cfg.task,
         0,
         cfg.calibrate,
@@ -61,7 +65,7 @@ pub fn run(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let batch_size = cfg.batch_size.max(1);
 
     let mut flush = |pending: &mut Vec<(usize, Request)>,
-                     engine: &mut Engine,
+                     engine: &mut dyn ModelSource,
                      out: &mut dyn Write|
      -> Result<usize, AppError> {
         let reqs: Vec<Request> = pending.iter().map(|(_, r)| r.clone()).collect();
@@ -117,14 +121,14 @@ pub fn run(cfg: ClassifyConfig, out: &mut dyn Write) -> Result<(), AppError> {
                 total += 1;
                 failed += handle_line(bytes, line, &mut pending, out)?;
                 if pending.len() >= batch_size {
-                    failed += flush(&mut pending, &mut engine, out)?;
+                    failed += flush(&mut pending, engine, out)?;
                 }
             }
         }
     }
     while !pending.is_empty() {
         let rest = pending.split_off(pending.len().min(batch_size));
-        failed += flush(&mut pending, &mut engine, out)?;
+        failed += flush(&mut pending, engine, out)?;
         pending = rest;
     }
     out.flush().map_err(AppError::Output)?;

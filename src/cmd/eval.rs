@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::AppError;
+use crate::classify::runner::load_model;
 use crate::eval::{self, plots, EvalError, EvalRun};
 use crate::model::config::EngineConfig;
-use crate::model::Engine;
+use crate::model::ModelInfo;
 use crate::spec::Task;
 
 /// Settings of `edgeact eval`.
@@ -57,22 +58,15 @@ pub fn run(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
         path: cfg.out.clone(),
         source,
     })?;
-    let mut engine = Engine::load(
+    let mut model = load_model(
         &crate::spec::config_for_tasks(&cfg.engine, &tasks)?,
         tasks.len(),
     )?;
+    let engine = &mut *model;
     let mut runs = Vec::new();
     let mut best: Option<(usize, Vec<serde_json::Value>)> = None;
     for (slot, t) in tasks.into_iter().enumerate() {
-        let (run, preds) = eval::run(
-            &mut engine,
-            t,
-            slot,
-            cfg.calibrate,
-            &data,
-            cfg.batch_size,
-            true,
-        )?;
+        let (run, preds) = eval::run(engine, t, slot, cfg.calibrate, &data, cfg.batch_size, true)?;
         let better = best.as_ref().is_none_or(|(b, _)| {
             run.metrics.macro_f1 > runs.get(*b).map_or(-1.0, |r: &EvalRun| r.metrics.macro_f1)
         });
@@ -84,7 +78,7 @@ pub fn run(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let Some((b, preds)) = best else {
         return Ok(());
     };
-    write_report(&cfg, &engine, &runs, b, &preds)?;
+    write_report(&cfg, engine.info(), &runs, b, &preds)?;
 
     writeln!(out, "| candidate | calibrated | n | accuracy | macro-F1 | ECE | classif/s |\n|---|---|---|---|---|---|---|")
         .map_err(AppError::Output)?;
@@ -110,7 +104,7 @@ pub fn run(cfg: EvalConfig, out: &mut dyn Write) -> Result<(), AppError> {
 /// (`runs[b]`, whose predictions are `preds`).
 fn write_report(
     cfg: &EvalConfig,
-    engine: &Engine,
+    model: &ModelInfo,
     runs: &[EvalRun],
     b: usize,
     preds: &[serde_json::Value],
@@ -125,7 +119,7 @@ fn write_report(
     let metrics_json = json!({
         "data": cfg.data, "split": cfg.split, "n": r.metrics.n,
         "task": r.task, "template_sha256": r.template_sha256, "calibrated": r.calibrated,
-        "model_sha256": engine.info.sha256, "board": engine.info.board,
+        "model_sha256": model.sha256, "board": model.board,
         "accuracy": r.metrics.accuracy, "macro_f1": r.metrics.macro_f1, "ece": r.metrics.ece,
         "per_class": r.metrics.per_class, "confusion": r.metrics.confusion,
         "coverage": r.metrics.coverage, "reliability": r.metrics.reliability,
@@ -157,11 +151,11 @@ fn write_report(
         &dir.join("reliability.svg"),
         plots::reliability_svg(&r.metrics.reliability)?.as_bytes(),
     )?;
-    let md = report_md(cfg, engine, runs, r);
+    let md = report_md(cfg, model, runs, r);
     write(&dir.join("report.md"), md.as_bytes())
 }
 
-fn report_md(cfg: &EvalConfig, engine: &Engine, runs: &[EvalRun], r: &EvalRun) -> String {
+fn report_md(cfg: &EvalConfig, model: &ModelInfo, runs: &[EvalRun], r: &EvalRun) -> String {
     let mut md = format!(
         "# edgeact eval: {}\n\nData `{}`{}, {} examples; model sha256 `{}`; board `{}`.\n\n\
          | candidate | calibrated | accuracy | macro-F1 | ECE |\n|---|---|---|---|---|\n",
@@ -172,8 +166,8 @@ fn report_md(cfg: &EvalConfig, engine: &Engine, runs: &[EvalRun], r: &EvalRun) -
             .map(|s| format!(" (split `{s}`)"))
             .unwrap_or_default(),
         r.metrics.n,
-        engine.info.sha256,
-        engine.info.board
+        model.sha256,
+        model.board
     );
     for c in runs {
         md.push_str(&format!(

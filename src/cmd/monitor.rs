@@ -7,10 +7,9 @@ use std::path::PathBuf;
 
 use super::AppError;
 use crate::classify::input;
-use crate::classify::runner::TaskRunner;
+use crate::classify::runner::{load_model, ModelSource, TaskRunner};
 use crate::classify::{Request, ScorePath};
 use crate::model::config::EngineConfig;
-use crate::model::Engine;
 use crate::model::FeatureParams;
 use crate::monitor::replay::{event_line, event_time_ms, observation};
 use crate::monitor::{EventType, Monitor, MonitorConfig, MonitorEvent, Restored};
@@ -71,10 +70,12 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
     let mut model = match &cfg.labels {
         Labels::Field(_) => None,
         Labels::Model(e) => {
-            let mut engine = Engine::load(e, 1)?;
-            // The task's own method, as `classify` and `serve` run it.
+            // The task's own method, as `classify` and `serve` run it (a task that reads
+            // no model runs without its weights).
+            let ecfg = crate::spec::config_for_tasks(e, [&cfg.task])?;
+            let mut engine = load_model(&ecfg, 1)?;
             let c = TaskRunner::new(
-                &mut engine,
+                &mut *engine,
                 cfg.task.clone(),
                 0,
                 None,
@@ -151,7 +152,7 @@ pub fn replay(cfg: ReplayConfig, out: &mut dyn Write) -> Result<ReplaySummary, A
 /// The label and confidence of each pending message: from its field, or classified (a
 /// message the model fails on gets no label).
 fn label(
-    model: &mut Option<(Engine, TaskRunner)>,
+    model: &mut Option<(Box<dyn ModelSource>, TaskRunner)>,
     labels: &Labels,
     pending: &[(Request, i64)],
 ) -> Vec<(Option<String>, f64)> {
@@ -162,7 +163,7 @@ fn label(
             .collect(),
         (Some((engine, c)), Labels::Model(_)) => {
             let reqs: Vec<Request> = pending.iter().map(|(r, _)| r.clone()).collect();
-            c.classify_many(engine, &reqs, ScorePath::Fast)
+            c.classify_many(&mut **engine, &reqs, ScorePath::Fast)
                 .into_iter()
                 .zip(&reqs)
                 .map(|(res, req)| match res {

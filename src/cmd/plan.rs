@@ -26,6 +26,9 @@ pub fn run(cfg: &EngineConfig, n_tasks: usize, out: &mut dyn Write) -> Result<()
         "n_ctx": fitted.plan.n_ctx,
         "shrunk_from_ctx": fitted.shrunk_from_ctx,
         "memory_budget_mib": cfg.memory_budget_mib,
+        // False when no task reads the model (a stack of TF-IDF and encoder blocks): the
+        // weights are not loaded and the estimate leaves them out.
+        "load_weights": cfg.load_weights,
         "estimate_mib": fitted.estimate.total_mib(),
         "estimate": fitted.estimate.detail(),
         "tasks": n_tasks,

@@ -20,10 +20,10 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::classify::input;
-use crate::classify::runner::TaskRunner;
+use crate::classify::runner::{ModelSource, TaskRunner};
 use crate::classify::{Request, ScorePath};
 use crate::eval::metrics::Outcome;
-use crate::model::{Engine, FeatureParams};
+use crate::model::FeatureParams;
 use crate::spec::{Demos, Task};
 use crate::util::jsonl::JsonLines;
 
@@ -286,8 +286,8 @@ pub struct EvalRun {
 
 /// Classifies `data` with `task` on `engine` (prefix slot `slot`), with a progress bar.
 /// A task with a `[head]` runs through it (as its file says).
-pub fn run(
-    engine: &mut Engine,
+pub fn run<M: ModelSource + ?Sized>(
+    engine: &mut M,
     task: Task,
     slot: usize,
     calibrate: Option<bool>,
@@ -308,8 +308,8 @@ pub fn run(
 }
 
 /// [`run`], also returning every example's label probabilities (see [`run_probs`]).
-pub fn run_task_probs(
-    engine: &mut Engine,
+pub fn run_task_probs<M: ModelSource + ?Sized>(
+    engine: &mut M,
     task: Task,
     calibrate: Option<bool>,
     data: &[Example],
@@ -329,8 +329,8 @@ pub fn run_task_probs(
 }
 
 /// [`run`] with a task prepared by the caller (say, with another method).
-pub fn run_with(
-    engine: &mut Engine,
+pub fn run_with<M: ModelSource + ?Sized>(
+    engine: &mut M,
     classifier: &mut TaskRunner,
     data: &[Example],
     batch_size: usize,
@@ -344,8 +344,8 @@ pub type RunWithProbs = (EvalRun, Vec<serde_json::Value>, Vec<Vec<f64>>);
 
 /// [`run_with`], also returning every example's label probabilities (task label order;
 /// zeros for an example that failed): the stack's prompt block is fitted on them.
-pub fn run_probs(
-    engine: &mut Engine,
+pub fn run_probs<M: ModelSource + ?Sized>(
+    engine: &mut M,
     classifier: &mut TaskRunner,
     data: &[Example],
     batch_size: usize,

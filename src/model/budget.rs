@@ -181,8 +181,12 @@ pub struct ContextPlan {
 /// feature contexts and the LoRA adapter's tensors. (Label-trie branches need no memory of
 /// their own: they are sequences in the one KV cache, and their logits rows are the
 /// `logits` and `compute` terms, sized by `max_logit_rows` and `n_seq_max`.)
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Extras {
+    /// Whether the model's weights are loaded at all: false when every task reads neither
+    /// the model's hidden states nor its label scores (a stack of TF-IDF and encoder blocks),
+    /// so the weights, the scoring context and its buffers are not counted.
+    pub load_weights: bool,
     /// `n_batch_tokens` of each feature context the tasks create (one per learned-head task).
     pub feature_batch_tokens: Vec<u32>,
     /// Tensor bytes of the LoRA adapter (llama.cpp reads them into memory, F32 as stored).
@@ -190,6 +194,17 @@ pub struct Extras {
     /// The sentence encoder's f32 weights and one forward pass (`encoder::planned_bytes`),
     /// when a task's stack reads it (one copy, shared by the tasks).
     pub encoder_bytes: u64,
+}
+
+impl Default for Extras {
+    fn default() -> Extras {
+        Extras {
+            load_weights: true,
+            feature_batch_tokens: Vec::new(),
+            lora_bytes: 0,
+            encoder_bytes: 0,
+        }
+    }
 }
 
 /// A feature context (`model::FeatureContext`): `n_batch` cells of KV cache (padded to 256),
@@ -261,12 +276,19 @@ impl Estimate {
             ("encoder", self.encoder_bytes, false),
             ("overhead", self.overhead_bytes, true),
         ];
+        // Without the weights nothing of the model is loaded: only what is left is shown.
+        let loaded = self.weights_bytes > 0;
         let shown: Vec<String> = terms
             .iter()
-            .filter(|(_, bytes, always)| *always || *bytes > 0)
+            .filter(|(_, bytes, always)| (*always && loaded) || *bytes > 0)
             .map(|(name, bytes, _)| format!("{name} {}", bytes.div_ceil(MIB)))
             .collect();
-        format!("{} MiB", shown.join(" + "))
+        let note = if loaded {
+            ""
+        } else {
+            " (model weights not loaded)"
+        };
+        format!("{} MiB{note}", shown.join(" + "))
     }
 }
 
@@ -318,6 +340,21 @@ pub fn offload_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
 }
 
 pub fn estimate(shape: &ModelShape, plan: &ContextPlan, extras: &Extras) -> Estimate {
+    if !extras.load_weights {
+        // Nothing of the model is loaded: what is left is the encoder and the process.
+        return Estimate {
+            weights_bytes: 0,
+            repack_bytes: 0,
+            kv_bytes: 0,
+            compute_bytes: 0,
+            logits_bytes: 0,
+            offload_bytes: 0,
+            features_bytes: 0,
+            lora_bytes: 0,
+            encoder_bytes: extras.encoder_bytes,
+            overhead_bytes: OVERHEAD_BYTES,
+        };
+    }
     Estimate {
         weights_bytes: shape.tensor_bytes,
         repack_bytes: shape.repack_bytes,
@@ -529,12 +566,39 @@ mod tests {
     }
 
     #[test]
+    fn without_weights_only_the_encoder_and_overhead_count() {
+        let extras = Extras {
+            load_weights: false,
+            encoder_bytes: 5 * MIB,
+            ..Extras::default()
+        };
+        let est = estimate(&gemma(), &plan(2048), &extras);
+        assert_eq!(est.total_bytes(), 5 * MIB + OVERHEAD_BYTES);
+        assert_eq!(est.weights_bytes + est.kv_bytes + est.compute_bytes, 0);
+        assert_eq!(
+            est.detail(),
+            "encoder 5 + overhead 64 MiB (model weights not loaded)"
+        );
+        // With the weights: the same encoder on top of the model's terms.
+        let with = estimate(
+            &gemma(),
+            &plan(2048),
+            &Extras {
+                load_weights: true,
+                ..extras
+            },
+        );
+        assert!(with.total_bytes() > est.total_bytes() + gemma().tensor_bytes);
+    }
+
+    #[test]
     fn extras_count_feature_contexts_and_lora_tensors() {
         let base = estimate(&gemma(), &plan(2048), &Extras::default());
         let extras = Extras {
             feature_batch_tokens: vec![64, 64],
             lora_bytes: 3 * MIB,
             encoder_bytes: 5 * MIB,
+            ..Extras::default()
         };
         let with = estimate(&gemma(), &plan(2048), &extras);
         let one = feature_context_bytes(&gemma(), 64);

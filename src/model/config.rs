@@ -111,6 +111,10 @@ pub struct EngineConfig {
     /// Bytes of the sentence encoder when a task's stack reads it (from the task files):
     /// counted in the memory estimate.
     pub encoder_bytes: u64,
+    /// Whether the run loads the model's weights (from the task files): false when no task
+    /// reads the model's hidden states or label scores (a stack of TF-IDF and encoder
+    /// blocks alone), so only the file is checked and the estimate leaves the model out.
+    pub load_weights: bool,
 }
 
 /// Where board profiles are looked for, in order.
@@ -257,6 +261,7 @@ pub fn validate(b: BoardFile, path: &Path) -> Result<EngineConfig, ConfigError> 
         lora: None,
         feature_batch_tokens: Vec::new(),
         encoder_bytes: 0,
+        load_weights: true,
     })
 }
 

@@ -157,6 +157,7 @@ fn preflight_header(
         gpu_layers: cfg.gpu_layers,
     };
     let extras = budget::Extras {
+        load_weights: cfg.load_weights,
         feature_batch_tokens: cfg.feature_batch_tokens.clone(),
         // llama.cpp reads the adapter's tensors into memory (not mapped).
         lora_bytes: match &cfg.lora {
@@ -178,6 +179,24 @@ fn preflight_header(
         source,
     })?;
     Ok((sha, shape, fitted, header))
+}
+
+/// The model as planned without loading it: the file checked (GGUF header, checksum) and
+/// the memory fitted to the budget for `n_prefix_slots` prefix slots. What a run reports
+/// when it does not load the weights (yet, or at all).
+pub fn planned_info(cfg: &EngineConfig, n_prefix_slots: usize) -> Result<ModelInfo, EngineError> {
+    let (sha256, shape, fitted) = preflight(cfg, n_prefix_slots)?;
+    Ok(ModelInfo {
+        path: cfg.model_path.clone(),
+        sha256,
+        architecture: shape.architecture.clone(),
+        board: cfg.board.clone(),
+        n_ctx: fitted.plan.n_ctx,
+        shrunk_from_ctx: fitted.shrunk_from_ctx,
+        estimate_mib: fitted.estimate.total_mib(),
+        estimate: fitted.estimate.clone(),
+        load_ms: 0.0,
+    })
 }
 
 /// Sequences: one per prefix slot, plus work sequences for requests and label branches.
@@ -279,6 +298,11 @@ impl Engine {
     /// stay cached.
     pub fn load(cfg: &EngineConfig, n_prefix_slots: usize) -> Result<Engine, EngineError> {
         let started = Instant::now();
+        // Loading the engine loads the weights, whatever the tasks planned: count them.
+        let cfg = &EngineConfig {
+            load_weights: true,
+            ..cfg.clone()
+        };
         let (sha256, shape, fitted, header) = preflight_header(cfg, n_prefix_slots)?;
         let tied = label_rows::tied_output(&cfg.model_path, &header).and_then(|t| {
             // A GPU computes the projection with its own kernels, and an adapter on the

@@ -47,7 +47,7 @@ use crate::model::scoring::Token;
 pub use self::decode::{requests_per_decode, DecodeCounts};
 pub use self::features::{FeatureContext, FeatureParams, PooledStates};
 pub use self::generate::{GenCache, GenerateRequest, GenerateStop, Generated};
-pub use self::load::{backend, file_sha256, preflight, ModelInfo};
+pub use self::load::{backend, file_sha256, planned_info, preflight, ModelInfo};
 pub use self::prefix::PrefixSource;
 pub use self::score::{ScoreJob, ScoreOut};
 
@@ -84,6 +84,11 @@ pub enum EngineError {
     },
     #[error("grammar: {0}")]
     Grammar(String),
+    #[error(
+        "the model's weights were not loaded: the run's tasks read neither its hidden states \
+         nor its label scores"
+    )]
+    NotLoaded,
 }
 
 /// A loaded model and its scoring context. Its methods live beside what they do: loading in

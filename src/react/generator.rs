@@ -5,9 +5,12 @@
 use std::time::Instant;
 
 use super::ground::TextScorer;
+use crate::classify::runner::ModelSource;
 use crate::model::config::EngineConfig;
 use crate::model::scoring::{LabelTrie, LogprobOver};
-use crate::model::{Engine, EngineError, GenCache, GenerateRequest, GenerateStop, ScoreJob};
+use crate::model::{
+    Engine, EngineError, GenCache, GenerateRequest, GenerateStop, ModelInfo, ScoreJob,
+};
 
 /// How a step is generated.
 #[derive(Debug, Clone, Copy)]
@@ -316,6 +319,24 @@ impl LazyEngine {
         let out = f(&mut g);
         *cache = std::mem::take(&mut g.cache);
         out
+    }
+}
+
+/// A [`LazyEngine`] as the model of classification runners (`serve`): the planned model's
+/// identity until something needs the weights, so a task that reads no model (a stack of
+/// TF-IDF and encoder blocks) never loads them.
+pub struct LazyModel<'a> {
+    pub lazy: &'a mut LazyEngine,
+    /// The model file checked and planned (`model::planned_info`).
+    pub planned: &'a ModelInfo,
+}
+
+impl ModelSource for LazyModel<'_> {
+    fn info(&self) -> &ModelInfo {
+        self.lazy.info().unwrap_or(self.planned)
+    }
+    fn engine(&mut self) -> Result<&mut Engine, EngineError> {
+        self.lazy.engine()
     }
 }
 

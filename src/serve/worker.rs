@@ -19,12 +19,12 @@ use crate::serve::turns::BackgroundTurns;
 
 use serde_json::Value;
 
-use crate::classify::runner::TaskRunner;
+use crate::classify::runner::{ModelSource, TaskRunner};
 use crate::classify::{ClassifyResult, RecordError, Request, ScorePath, SetupError};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, EngineError, FeatureContext, ModelInfo, PooledStates};
 use crate::rank::{FailedItem, RankConfig, RankRequest, RankResult, Ranker};
-use crate::react::generator::LazyEngine;
+use crate::react::generator::{LazyEngine, LazyModel};
 use crate::react::request::{ReactRequest, ReactResult};
 use crate::react::session::Sessions;
 use crate::react::ReactError;
@@ -304,13 +304,15 @@ enum Runner {
 
 fn setup_runner(
     lazy: &mut LazyEngine,
+    planned: &ModelInfo,
     task: ServedTask,
     slot: usize,
 ) -> Result<Runner, WorkerError> {
     Ok(match task {
-        // The task's own method (prompt, head, both, stack, tfidf), as `classify` runs it.
+        // The task's own method (prompt, head, both, stack, tfidf), as `classify` runs it;
+        // the model loads here only if the task reads it.
         ServedTask::Classify(t) => Runner::Classify(Box::new(TaskRunner::new(
-            lazy.engine()?,
+            &mut LazyModel { lazy, planned },
             t,
             slot,
             None,
@@ -341,7 +343,9 @@ pub fn engine_config(
         ServedTask::Classify(t) | ServedTask::Rank(t, _) => Some(t),
         ServedTask::React(_) => None,
     });
-    let cfg = crate::spec::config_for_tasks(engine_cfg, label_tasks)?;
+    let mut cfg = crate::spec::config_for_tasks(engine_cfg, label_tasks)?;
+    // Ranking runs the model, and a ReAct task may load it for a question that needs it.
+    cfg.load_weights |= tasks.iter().any(|t| !matches!(t, ServedTask::Classify(_)));
     Ok(crate::spec::count_kb_encoder(cfg, react_specs(tasks)))
 }
 
@@ -350,23 +354,6 @@ pub fn react_specs(tasks: &[ServedTask]) -> impl Iterator<Item = &ReactSpec> {
     tasks.iter().filter_map(|t| match t {
         ServedTask::React(s) => Some(s),
         _ => None,
-    })
-}
-
-/// The model as planned before it is loaded: the file checked (GGUF header, checksum)
-/// and the memory fitted to the budget for `n_slots` prefix slots.
-fn planned_info(cfg: &EngineConfig, n_slots: usize) -> Result<ModelInfo, EngineError> {
-    let (sha256, shape, fitted) = crate::model::preflight(cfg, n_slots)?;
-    Ok(ModelInfo {
-        path: cfg.model_path.clone(),
-        sha256,
-        architecture: shape.architecture.clone(),
-        board: cfg.board.clone(),
-        n_ctx: fitted.plan.n_ctx,
-        shrunk_from_ctx: fitted.shrunk_from_ctx,
-        estimate_mib: fitted.estimate.total_mib(),
-        estimate: fitted.estimate.clone(),
-        load_ms: 0.0,
     })
 }
 
@@ -395,19 +382,22 @@ pub fn spawn(
                 let engine_cfg = engine_config(&engine_cfg, &tasks)?;
                 // The file is checked and the memory planned now, so a model that is
                 // missing or does not fit stops serve at start even when it loads later.
-                let planned = planned_info(&engine_cfg, tasks.len())?;
+                let planned = crate::model::planned_info(&engine_cfg, tasks.len())?;
                 let mut lazy = LazyEngine::new(engine_cfg, tasks.len());
                 let mut runners = Vec::new();
                 for (slot, t) in tasks.into_iter().enumerate() {
-                    runners.push(setup_runner(&mut lazy, t, slot)?);
+                    runners.push(setup_runner(&mut lazy, &planned, t, slot)?);
                 }
-                let info = lazy.info().cloned().unwrap_or(planned);
-                Ok((lazy, info, runners))
+                Ok((lazy, planned, runners))
             };
             match setup() {
-                Ok((mut engine, info, mut runners)) => {
-                    thread_loaded.store(engine.is_loaded(), Ordering::SeqCst);
-                    let _ = ready_tx.send(Ok(info));
+                Ok((mut lazy, planned, mut runners)) => {
+                    thread_loaded.store(lazy.is_loaded(), Ordering::SeqCst);
+                    let _ = ready_tx.send(Ok(lazy.info().cloned().unwrap_or(planned.clone())));
+                    let mut engine = LazyModel {
+                        lazy: &mut lazy,
+                        planned: &planned,
+                    };
                     let queues = Queues {
                         rx,
                         bg: bg_rx,
@@ -450,7 +440,7 @@ impl Queues {
     /// The next request; background jobs run while none waits. None: the queue closed.
     fn next(
         &mut self,
-        engine: &mut LazyEngine,
+        engine: &mut LazyModel,
         runners: &mut [Runner],
         fctx: &mut Option<FeatureContext>,
     ) -> Option<Work> {
@@ -489,7 +479,7 @@ struct Shared<'a> {
 }
 
 fn run(
-    engine: &mut LazyEngine,
+    engine: &mut LazyModel,
     runners: &mut [Runner],
     mut queues: Queues,
     opts: &WorkerOptions,
@@ -512,10 +502,7 @@ fn run(
         let batch_size = opts
             .batch_size
             .unwrap_or_else(|| match runners.get(first.task) {
-                Some(Runner::Classify(r)) => match engine.engine() {
-                    Ok(e) => r.jobs_per_decode(e),
-                    Err(_) => 1,
-                },
+                Some(Runner::Classify(r)) => r.jobs_per_decode(engine),
                 _ => 1,
             })
             .max(1);
@@ -534,7 +521,9 @@ fn run(
         }
         let task = batch[0].task;
         let outcomes = run_batch(engine, runners.get_mut(task), &batch, &opts.sessions);
-        shared.loaded.store(engine.is_loaded(), Ordering::SeqCst);
+        shared
+            .loaded
+            .store(engine.lazy.is_loaded(), Ordering::SeqCst);
         for (w, outcome) in batch.into_iter().zip(outcomes) {
             shared.depth.fetch_sub(1, Ordering::SeqCst);
             on_done(Done {
@@ -550,7 +539,7 @@ fn run(
 
 /// Runs one background job (see [`Background`]); its reply says how it went.
 fn background(
-    lazy: &mut LazyEngine,
+    lazy: &mut LazyModel,
     runners: &mut [Runner],
     fctx: &mut Option<FeatureContext>,
     job: Background,
@@ -605,7 +594,7 @@ fn background(
                         .map_err(|e| e.to_string())
                         .and_then(|t| {
                             TaskRunner::new(
-                                lazy.engine().map_err(|e| e.to_string())?,
+                                &mut *lazy,
                                 t,
                                 task,
                                 None,
@@ -630,7 +619,7 @@ fn background(
 
 /// One outcome per work item, in order.
 fn run_batch(
-    lazy: &mut LazyEngine,
+    lazy: &mut LazyModel,
     runner: Option<&mut Runner>,
     batch: &[Work],
     sessions: &Sessions,
@@ -655,21 +644,8 @@ fn run_batch(
                     _ => None,
                 })
                 .collect();
-            let engine = match lazy.engine() {
-                Ok(e) => e,
-                Err(e) => {
-                    let e = e.to_string();
-                    return batch
-                        .iter()
-                        .map(|_| {
-                            Err(JobError::Record(RecordError::Engine(EngineError::Decode(
-                                e.clone(),
-                            ))))
-                        })
-                        .collect();
-                }
-            };
-            c.classify_many(engine, &reqs, ScorePath::Fast)
+            // A task that reads no model classifies without loading it.
+            c.classify_many(lazy, &reqs, ScorePath::Fast)
                 .into_iter()
                 .map(|r| {
                     r.map(|r| Output::Classified(Box::new(r)))
@@ -682,7 +658,7 @@ fn run_batch(
             .map_err(|e| JobError::React(ReactError::from(e)))
             .and_then(|engine| rank(engine, r, req))],
         (Some(Runner::React(r)), Job::React(req)) => {
-            vec![react_runner::react(lazy, r, req, sessions)]
+            vec![react_runner::react(lazy.lazy, r, req, sessions)]
         }
         (Some(_), _) => wrong(
             format!("#{}", batch[0].task),
@@ -772,5 +748,35 @@ mod tests {
         let planned = crate::spec::config_for_tasks(&cfg, [&task]).unwrap();
         assert_eq!(served.feature_batch_tokens.len(), 1);
         assert_eq!(served.feature_batch_tokens, planned.feature_batch_tokens);
+    }
+
+    #[test]
+    fn a_words_only_stack_is_served_without_the_weights_unless_another_task_needs_them() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = load_board(
+            "x86-dev",
+            &[root.join("board-configs")],
+            &BoardFile::default(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("t.stack.json"),
+            r#"{"stack": {"text": {}}}"#,
+        )
+        .unwrap();
+        let src = "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\n\
+                   labels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n";
+        let stack = format!("{src}[head]\nfile = \"t.stack.json\"\nmethod = \"tfidf\"\n");
+        let words = Task::parse(&stack, &dir.path().join("t.toml"), "t").unwrap();
+        let alone = engine_config(&cfg, &[ServedTask::Classify(words.clone())]).unwrap();
+        assert!(!alone.load_weights);
+        let prompt = Task::parse(src, Path::new("p.toml"), "p").unwrap();
+        let rank = ServedTask::Rank(prompt, serde_json::from_str::<RankConfig>("{}").unwrap());
+        assert!(
+            engine_config(&cfg, &[ServedTask::Classify(words), rank])
+                .unwrap()
+                .load_weights
+        );
     }
 }

@@ -109,6 +109,8 @@ pub fn config_for_tasks<'a>(
         })
         .map(|_| FeatureParams::default().n_batch_tokens)
         .collect();
+    // No task set is planned without the model: `plan` with no task counts it.
+    cfg.load_weights = tasks.is_empty() || tasks.iter().any(|t| needs_model(t, None));
     // One encoder serves every task whose stack reads it; none is counted (or loaded)
     // otherwise. A missing encoder counts 0 here: loading the task names the missing file.
     cfg.encoder_bytes = if tasks
@@ -141,6 +143,50 @@ pub fn count_kb_encoder<'a>(
 fn demos_use_encoder(t: &Task) -> bool {
     t.demos
         .is_some_and(|d| d.by == super::DemoSimilarity::Encoder)
+}
+
+/// Whether classifying with `task` (by `method`, else its own `[head] method`) needs the
+/// model's weights: the prompt's label scores, a head on hidden states, or a stack with a
+/// model-feature (`dense`) or `prompt` block do; a stack of TF-IDF and encoder blocks alone
+/// does not. A stack file that cannot be read counts as needing it (the run then names
+/// the file's problem).
+pub fn needs_model(task: &Task, method: Option<Method>) -> bool {
+    let method = method.unwrap_or(task.head.as_ref().map_or(Method::Prompt, |h| h.method));
+    let blocks = match method.uses_stack_file() {
+        true => stack_blocks(task),
+        false => None,
+    };
+    method_needs_model(method, blocks.as_deref())
+}
+
+/// [`needs_model`] on what it read: the method and, for a stack file, its blocks present.
+pub fn method_needs_model(method: Method, stack_blocks: Option<&[String]>) -> bool {
+    match method {
+        Method::Prompt | Method::Head | Method::Both => true,
+        Method::Stack | Method::Tfidf => stack_blocks
+            .is_none_or(|blocks| blocks.iter().any(|b| MODEL_BLOCKS.contains(&b.as_str()))),
+    }
+}
+
+/// The stack blocks that read the model: its hidden states (`dense`), its label scores
+/// (`prompt`).
+const MODEL_BLOCKS: [&str; 2] = ["dense", "prompt"];
+
+/// The blocks present (not null) in the task's stack file (`dense`, `text`, `prompt`,
+/// `encoder`), a look at the keys; the stack file itself is read and checked by
+/// `classify::stack`. None: the task has no stack file or it cannot be read.
+fn stack_blocks(t: &Task) -> Option<Vec<String>> {
+    let path = t.head_path()?;
+    let bytes = std::fs::read(path).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let stack = v.get("stack")?.as_object()?;
+    Some(
+        stack
+            .iter()
+            .filter(|(_, b)| b.is_object())
+            .map(|(k, _)| k.clone())
+            .collect(),
+    )
 }
 
 /// Whether the task's stack file has the block `key` (`dense`: model features, `encoder`:
@@ -189,6 +235,67 @@ mod tests {
         let with_features = task_with_stack(dir.path(), r#"{"stack": {"dense": {"x": 1}}}"#);
         let cfg = config_for_tasks(&board, [&with_features]).unwrap();
         assert_eq!(cfg.feature_batch_tokens.len(), 1);
+    }
+
+    #[test]
+    fn only_prompt_heads_and_model_blocks_need_the_model() {
+        let blocks = |b: &[&str]| b.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for m in [Method::Prompt, Method::Head, Method::Both] {
+            assert!(method_needs_model(m, None), "{m:?}");
+        }
+        for m in [Method::Stack, Method::Tfidf] {
+            assert!(!method_needs_model(m, Some(&blocks(&["text"]))), "{m:?}");
+            assert!(!method_needs_model(m, Some(&blocks(&["text", "encoder"]))));
+            assert!(!method_needs_model(m, Some(&blocks(&["encoder"]))));
+            assert!(method_needs_model(m, Some(&blocks(&["text", "dense"]))));
+            assert!(method_needs_model(m, Some(&blocks(&["text", "prompt"]))));
+            // Unreadable: load it, and let the run say what is wrong with the file.
+            assert!(method_needs_model(m, None));
+        }
+    }
+
+    #[test]
+    fn a_task_set_loads_the_weights_when_any_task_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.toml");
+        let board = validate(
+            parse_board("memory_budget_mib = 1024\nmodel_path = \"m.gguf\"", &p).unwrap(),
+            &p,
+        )
+        .unwrap();
+        let words = task_with_stack(dir.path(), r#"{"stack": {"dense": null, "text": {}}}"#);
+        assert!(!needs_model(&words, None));
+        // `--method prompt` on the same task needs the model.
+        assert!(needs_model(&words, Some(Method::Prompt)));
+        assert!(!config_for_tasks(&board, [&words]).unwrap().load_weights);
+        let prompt = Task::parse(
+            "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\n\
+             labels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n",
+            &dir.path().join("p.toml"),
+            "p",
+        )
+        .unwrap();
+        assert!(
+            config_for_tasks(&board, [&words, &prompt])
+                .unwrap()
+                .load_weights
+        );
+        // No task at all (`plan` alone): the model counts.
+        assert!(
+            config_for_tasks(&board, std::iter::empty::<&Task>())
+                .unwrap()
+                .load_weights
+        );
+        let dir2 = tempfile::tempdir().unwrap();
+        let reads_prompt = task_with_stack(
+            dir2.path(),
+            r#"{"stack": {"dense": null, "text": {}, "prompt": {"w": 1}}}"#,
+        );
+        assert!(
+            config_for_tasks(&board, [&reads_prompt])
+                .unwrap()
+                .load_weights
+        );
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub mod train;
 pub use demos::{DemoSimilarity, Demos};
 pub use error::SpecError;
 pub use file::{find_task_file, is_react_file, searched_dirs, TaskFile};
-pub use lora::{config_for_tasks, count_kb_encoder, lora_for_tasks};
+pub use lora::{
+    config_for_tasks, count_kb_encoder, lora_for_tasks, method_needs_model, needs_model,
+};
 pub use task::{
     Calibration, HeadRef, InputBudget, Label, Method, ScoreNorm, Task, TruncatePolicy,
     TRUNCATED_FIELD,

@@ -23,6 +23,7 @@ mod memory;
 mod model;
 mod monitor;
 mod netedge;
+mod no_weights;
 mod packaging;
 mod powerloss;
 mod rank;
