@@ -731,15 +731,19 @@ mod tests {
     use crate::model::config::{load_board, BoardFile};
     use std::path::Path;
 
-    #[test]
-    fn the_served_estimate_counts_a_heads_feature_context_as_plan_does() {
+    fn x86_dev() -> EngineConfig {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cfg = load_board(
+        load_board(
             "x86-dev",
             &[root.join("board-configs")],
             &BoardFile::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn the_served_estimate_counts_a_heads_feature_context_as_plan_does() {
+        let cfg = x86_dev();
         let src = "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\n\
                    labels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n\
                    [head]\nfile = \"t.head.json\"\nmethod = \"head\"\n";
@@ -752,13 +756,7 @@ mod tests {
 
     #[test]
     fn a_words_only_stack_is_served_without_the_weights_unless_another_task_needs_them() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cfg = load_board(
-            "x86-dev",
-            &[root.join("board-configs")],
-            &BoardFile::default(),
-        )
-        .unwrap();
+        let cfg = x86_dev();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("t.stack.json"),

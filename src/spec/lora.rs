@@ -220,15 +220,20 @@ mod tests {
         Task::parse(src, &dir.join("t.toml"), "t").unwrap()
     }
 
-    #[test]
-    fn only_a_stack_with_model_features_counts_a_feature_context() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.toml");
-        let board = validate(
+    /// A minimal valid board (its file in `dir`).
+    fn test_board(dir: &Path) -> EngineConfig {
+        let p = dir.join("b.toml");
+        validate(
             parse_board("memory_budget_mib = 1024\nmodel_path = \"m.gguf\"", &p).unwrap(),
             &p,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_stack_with_model_features_counts_a_feature_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = test_board(dir.path());
         let words_only = task_with_stack(dir.path(), r#"{"stack": {"dense": null}}"#);
         let cfg = config_for_tasks(&board, [&words_only]).unwrap();
         assert!(cfg.feature_batch_tokens.is_empty());
@@ -257,12 +262,7 @@ mod tests {
     #[test]
     fn a_task_set_loads_the_weights_when_any_task_needs_them() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.toml");
-        let board = validate(
-            parse_board("memory_budget_mib = 1024\nmodel_path = \"m.gguf\"", &p).unwrap(),
-            &p,
-        )
-        .unwrap();
+        let board = test_board(dir.path());
         let words = task_with_stack(dir.path(), r#"{"stack": {"dense": null, "text": {}}}"#);
         assert!(!needs_model(&words, None));
         // `--method prompt` on the same task needs the model.
