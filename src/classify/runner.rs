@@ -691,18 +691,7 @@ mod tests {
             n_ctx: 2048,
             shrunk_from_ctx: None,
             estimate_mib: 64,
-            estimate: Estimate {
-                weights_bytes: 0,
-                repack_bytes: 0,
-                kv_bytes: 0,
-                compute_bytes: 0,
-                logits_bytes: 0,
-                offload_bytes: 0,
-                features_bytes: 0,
-                lora_bytes: 0,
-                encoder_bytes: 0,
-                overhead_bytes: 64 << 20,
-            },
+            estimate: Estimate::without_weights(0),
             load_ms: 0.0,
         }
     }

@@ -247,6 +247,22 @@ pub struct Estimate {
 }
 
 impl Estimate {
+    /// Nothing of the model is loaded: what is left is the encoder and the process.
+    pub fn without_weights(encoder_bytes: u64) -> Estimate {
+        Estimate {
+            weights_bytes: 0,
+            repack_bytes: 0,
+            kv_bytes: 0,
+            compute_bytes: 0,
+            logits_bytes: 0,
+            offload_bytes: 0,
+            features_bytes: 0,
+            lora_bytes: 0,
+            encoder_bytes,
+            overhead_bytes: OVERHEAD_BYTES,
+        }
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.weights_bytes
             + self.repack_bytes
@@ -341,19 +357,7 @@ pub fn offload_bytes(shape: &ModelShape, plan: &ContextPlan) -> u64 {
 
 pub fn estimate(shape: &ModelShape, plan: &ContextPlan, extras: &Extras) -> Estimate {
     if !extras.load_weights {
-        // Nothing of the model is loaded: what is left is the encoder and the process.
-        return Estimate {
-            weights_bytes: 0,
-            repack_bytes: 0,
-            kv_bytes: 0,
-            compute_bytes: 0,
-            logits_bytes: 0,
-            offload_bytes: 0,
-            features_bytes: 0,
-            lora_bytes: 0,
-            encoder_bytes: extras.encoder_bytes,
-            overhead_bytes: OVERHEAD_BYTES,
-        };
+        return Estimate::without_weights(extras.encoder_bytes);
     }
     Estimate {
         weights_bytes: shape.tensor_bytes,
