@@ -25,7 +25,6 @@ use crate::rank::hybrid::{self, FusionWeights, HybridConfig, Stages};
 use crate::rank::{Item, RankConfig, Ranked, Ranker};
 use crate::spec::Task;
 use crate::util::invalid::Invalid;
-use crate::util::jsonl::JsonLines;
 use crate::util::rng::SplitMix64;
 
 /// Everything `edgeact rank-eval` runs with.
@@ -34,7 +33,7 @@ pub struct RankEvalConfig {
     pub engine: EngineConfig,
     pub task: Task,
     pub rank: RankConfig,
-    /// Labelled JSON lines `{"text", "label", "split"}`.
+    /// Labelled JSON lines `{"text", "label", "split"?}`.
     pub data: PathBuf,
     pub families: PathBuf,
     /// Candidates are drawn from this split; TF-IDF is fitted on the others.
@@ -80,27 +79,23 @@ fn read(p: &Path) -> Result<String, AppError> {
 /// The (label, text) pool of the candidates' split, and the other texts (TF-IDF's corpus).
 type Data = (Vec<(String, String)>, Vec<String>);
 
+/// Reads the data through the one labeled-data reader (a row without `split` is in the
+/// split [`crate::eval::split_of_unsplit`] gives it, as in `tune` and `eval`; a bad line is
+/// an error naming it).
 fn read_data(cfg: &RankEvalConfig) -> Result<Data, AppError> {
     let mut pool: Vec<(String, String)> = Vec::new();
     let mut fit_docs: Vec<String> = Vec::new();
-    let input_err = |source| AppError::Input {
-        what: cfg.data.display().to_string(),
-        source,
-    };
-    let mut lines = JsonLines::open(&cfg.data).map_err(input_err)?;
-    while let Some((_, line)) = lines.next_line().map_err(input_err)? {
-        // Lines that are not a labeled example are not candidates (the data set may carry
-        // other records); they are skipped, as TF-IDF's corpus is only the texts.
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(text), Some(label)) = (v["text"].as_str(), v["label"].as_str()) else {
-            continue;
-        };
-        if v["split"].as_str() == Some(cfg.split.as_str()) {
-            pool.push((label.to_string(), text.to_string()));
+    for ex in crate::eval::read_labeled(&cfg.data, None, usize::MAX)? {
+        let text = ex
+            .request
+            .fields
+            .get(crate::spec::TRUNCATED_FIELD)
+            .cloned()
+            .unwrap_or_default();
+        if ex.split.as_deref() == Some(cfg.split.as_str()) {
+            pool.push((ex.label, text));
         } else {
-            fit_docs.push(text.to_string());
+            fit_docs.push(text);
         }
     }
     Ok((pool, fit_docs))
