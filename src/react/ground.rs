@@ -368,8 +368,8 @@ pub fn holds_kind(sentence: &str, kind: FactKind) -> bool {
 pub struct Candidate {
     pub id: String,
     /// The retriever's score: BM25, or with the sentence encoder BM25 fused with the
-    /// cosine ([`super::semantic::fused_scores`]).
-    pub bm25: f64,
+    /// cosine ([`super::semantic::fused_scores`]); weighed by `[policy.ground] w_bm25`.
+    pub retrieval: f64,
     pub coverage: f64,
     /// The model's mean log-probability of the question given the passage.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -382,16 +382,12 @@ pub struct Candidate {
 
 /// Fuses the features into `score` (model scores min-max scaled over the candidates).
 pub fn fuse(cands: &mut [Candidate], cfg: &GroundConfig) {
-    let best_bm25 = cands.iter().map(|c| c.bm25).fold(0.0, f64::max);
+    let best = cands.iter().map(|c| c.retrieval).fold(0.0, f64::max);
     let model: Vec<f64> = cands.iter().map(|c| c.model.unwrap_or(0.0)).collect();
     let model = min_max(&model);
     for (c, m) in cands.iter_mut().zip(model) {
-        let bm25 = if best_bm25 > 0.0 {
-            c.bm25 / best_bm25
-        } else {
-            0.0
-        };
-        c.score = cfg.w_bm25 * bm25 + cfg.w_cover * c.coverage + cfg.w_model * m;
+        let retrieval = if best > 0.0 { c.retrieval / best } else { 0.0 };
+        c.score = cfg.w_bm25 * retrieval + cfg.w_cover * c.coverage + cfg.w_model * m;
     }
 }
 
@@ -538,7 +534,7 @@ pub fn select(
         .iter()
         .map(|(p, s)| Candidate {
             id: p.id.clone(),
-            bm25: *s,
+            retrieval: *s,
             coverage: coverage(&q_terms, &kb.terms(&format!("{} {}", p.title, p.text))),
             model: None,
             cosine: cosines

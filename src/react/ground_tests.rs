@@ -144,7 +144,7 @@ fn fusion_and_best_prefer_earlier_on_ties() {
     let mut c = vec![
         Candidate {
             id: "a".into(),
-            bm25: 4.0,
+            retrieval: 4.0,
             coverage: 0.2,
             model: None,
             cosine: None,
@@ -152,7 +152,7 @@ fn fusion_and_best_prefer_earlier_on_ties() {
         },
         Candidate {
             id: "b".into(),
-            bm25: 2.0,
+            retrieval: 2.0,
             coverage: 0.9,
             model: None,
             cosine: None,

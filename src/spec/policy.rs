@@ -22,7 +22,9 @@ use super::SpecError;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GroundConfig {
-    /// Passage score = w_bm25 * BM25 / best BM25 + w_cover * coverage + w_model * model.
+    /// Passage score = w_bm25 * retrieval / best retrieval + w_cover * coverage + w_model *
+    /// model, where retrieval is the BM25 score (fused with the cosine of meaning when the
+    /// sentence encoder is present; traces: `retrieval`).
     pub w_bm25: f64,
     pub w_cover: f64,
     /// Weight of the model's score (min-max scaled over the candidates); 0: no model call.
