@@ -167,7 +167,8 @@ pub struct BenchAccuracyArgs {
     /// Task giving the template and labels (its own examples are not used).
     #[arg(long, short)]
     pub task: String,
-    /// Labeled JSON lines with train/dev/test splits (scripts/fetch-data makes them).
+    /// Labeled JSON lines {"text", "label", "split"?}; a row without `split` goes to train, dev or
+    /// test (70/15/15 %) by a hash of its fields, the same in every command.
     #[arg(long)]
     pub data: PathBuf,
     /// Test examples at most (an evenly spaced sample).
@@ -242,7 +243,7 @@ pub struct RankEvalArgs {
     /// Task with a [rank] section.
     #[arg(long, short, default_value = D::RANK_TASK)]
     pub task: String,
-    /// Labelled JSON lines (scripts/fetch-data: data/banking77.jsonl).
+    /// Labeled JSON lines {"text", "label", "split"?} (scripts/fetch-data: data/banking77.jsonl).
     #[arg(long, default_value = D::rank_eval::DATA)]
     pub data: PathBuf,
     /// Families of intents with their profiles.
@@ -492,7 +493,8 @@ pub struct EvalArgs {
     /// Task to evaluate.
     #[arg(long, short, default_value = D::TASK)]
     pub task: String,
-    /// Labeled JSON lines: {"text", "label", "split"?} (scripts/fetch-data makes them).
+    /// Labeled JSON lines {"text", "label", "split"?}; a row without `split` goes to train, dev or
+    /// test (70/15/15 %) by a hash of its fields, the same in every command.
     #[arg(long)]
     pub data: PathBuf,
     /// Only examples of this split (train, dev, test).
@@ -528,7 +530,8 @@ pub struct TuneArgs {
     /// Task files to start from (comma-separated names or paths).
     #[arg(long, short, value_delimiter = ',', default_value = D::TASK)]
     pub task: Vec<String>,
-    /// Labeled JSON lines with a `split` field (scripts/fetch-data makes them).
+    /// Labeled JSON lines {"text", "label", "split"?}; a row without `split` goes to train, dev or
+    /// test (70/15/15 %) by a hash of its fields, the same in every command.
     #[arg(long)]
     pub data: PathBuf,
     /// K-shot sets to try besides each file's own examples (0 = zero-shot), comma-separated.
@@ -598,8 +601,9 @@ pub struct HeadArgs {
     /// a template.
     #[arg(long)]
     pub head: bool,
-    /// Training examples per label for the learned methods (the first ones of the train
-    /// split; a label with fewer keeps what it has), or `all` for the whole train split.
+    /// Training examples per label for the learned methods: `all`, the whole train split, or
+    /// a count K (the first K of each label in the train split; a label with fewer keeps what
+    /// it has), e.g. 8 for a quick few-shot run.
     #[arg(long, default_value = D::tune::HEAD_PER_CLASS)]
     pub per_class: String,
     /// Feature prompt with one {text} (default: PromptEOL).

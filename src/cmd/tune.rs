@@ -12,7 +12,7 @@ use crate::classify::features::FeatureTokenizer;
 use crate::classify::head::{HeadError, HeadFile, TrainParams};
 use crate::classify::stack::StackFile;
 use crate::classify::SetupError;
-use crate::eval::learn::{per_class_upto, xy, FeatureStore};
+use crate::eval::learn::{per_class_name, per_class_upto, xy, FeatureStore};
 use crate::eval::select::{
     learned_candidates_with, stack_feature, LearnGrid, LearnedCandidate, PromptScores, Split,
 };
@@ -536,11 +536,7 @@ fn write_learned(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| task0.name.clone());
-    let per_class = if cfg.learn.per_class == usize::MAX {
-        "all".to_string()
-    } else {
-        cfg.learn.per_class.to_string()
-    };
+    let per_class = per_class_name(cfg.learn.per_class);
     let mut measured = std::collections::BTreeMap::new();
     measured.insert("by".into(), "edgeact tune".into());
     measured.insert("candidate".into(), c.label.clone().into());

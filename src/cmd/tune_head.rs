@@ -11,7 +11,9 @@ use super::AppError;
 use crate::classify::features::{FeatureSpec, FeatureTokenizer, Pooling};
 use crate::classify::head::{HeadError, HeadFile, TrainParams};
 use crate::classify::SetupError;
-use crate::eval::learn::{fit_candidates, per_class_upto, xy, FeatureStore, Fitted};
+use crate::eval::learn::{
+    fit_candidates, per_class_name, per_class_upto, xy, FeatureStore, Fitted,
+};
 use crate::eval::{self, EvalError, Example};
 use crate::model::config::EngineConfig;
 use crate::model::{Engine, FeatureParams};
@@ -50,13 +52,14 @@ pub fn run(cfg: TuneHeadConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let dev = eval::read_labeled(&cfg.data, Some(&cfg.dev_split), cfg.limit)?;
     eval::check_labels(&cfg.task, &dev, &cfg.data)?;
     let (train, short) = per_class_upto(&cfg.task, &pool, cfg.per_class)?;
+    let per_class = per_class_name(cfg.per_class);
     if !short.is_empty() {
         let list: Vec<String> = short.iter().map(|(l, n)| format!("{l} ({n})")).collect();
         writeln!(
             out,
             "note: {} labels have fewer than {} train examples; using what there is: {}",
             short.len(),
-            cfg.per_class,
+            per_class,
             list.join(", ")
         )
         .map_err(AppError::Output)?;
@@ -90,7 +93,7 @@ pub fn run(cfg: TuneHeadConfig, out: &mut dyn Write) -> Result<(), AppError> {
         "task {} | {} labels | train: {} per label = {} examples | dev: {} | features: `{}`, {} cached",
         cfg.task.name,
         labels.len(),
-        cfg.per_class,
+        per_class,
         train.len(),
         dev.len(),
         cfg.prompt,
@@ -171,6 +174,7 @@ fn write_head_and_task(
     (all, best): (&[Fitted], usize),
 ) -> Result<PathBuf, AppError> {
     let b = &all[best];
+    let per_class = per_class_name(cfg.per_class);
     let stem = cfg
         .out
         .file_stem()
@@ -186,7 +190,7 @@ fn write_head_and_task(
     measured.insert("by".into(), "edgeact tune --head".into());
     measured.insert("data".into(), cfg.data.display().to_string().into());
     measured.insert("train_split".into(), cfg.train_split.clone().into());
-    measured.insert("per_class".into(), cfg.per_class.into());
+    measured.insert("per_class".into(), per_class.clone().into());
     measured.insert("n_train".into(), train.len().into());
     measured.insert("dev_split".into(), cfg.dev_split.clone().into());
     measured.insert("dev_n".into(), dev.len().into());
@@ -225,7 +229,7 @@ fn write_head_and_task(
         format!("head, {} pooling, alpha {}", b.pooling.name(), b.alpha).into(),
     );
     m.insert("data".into(), cfg.data.display().to_string().into());
-    m.insert("per_class".into(), (cfg.per_class as i64).into());
+    m.insert("per_class".into(), per_class.clone().into());
     m.insert("dev_split".into(), cfg.dev_split.clone().into());
     m.insert("dev_n".into(), (dev.len() as i64).into());
     m.insert("dev_macro_f1".into(), r4(b.dev.macro_f1).into());
@@ -238,14 +242,16 @@ fn write_head_and_task(
         data: std::fs::canonicalize(&cfg.data).unwrap_or_else(|_| cfg.data.clone()),
         train_split: cfg.train_split.clone(),
         dev_split: cfg.dev_split.clone(),
-        per_class: Some(cfg.per_class),
+        per_class: (cfg.per_class != usize::MAX).then_some(cfg.per_class),
         dev_limit: (cfg.limit != usize::MAX).then_some(cfg.limit),
     });
     let text = format!(
-        "# Written by `edgeact tune --head` from {} ({} per label from `{}`; chosen on `{}`).\n{}",
+        "# Written by `edgeact tune --head` from {} (trained on {}; chosen on `{}`).\n{}",
         cfg.data.display(),
-        cfg.per_class,
-        cfg.train_split,
+        match cfg.per_class {
+            usize::MAX => format!("the whole `{}` split", cfg.train_split),
+            k => format!("{k} per label from `{}`", cfg.train_split),
+        },
         cfg.dev_split,
         task.to_toml()
     );

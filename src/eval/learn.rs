@@ -205,6 +205,16 @@ pub fn per_class(task: &Task, pool: &[Example], k: usize) -> Result<Vec<Example>
     Ok(out)
 }
 
+/// How a per-label count reads in reports and task files: `all` for the whole train split
+/// (usize::MAX), else the count.
+pub fn per_class_name(k: usize) -> String {
+    if k == usize::MAX {
+        "all".to_string()
+    } else {
+        k.to_string()
+    }
+}
+
 /// A label with fewer than K training examples, and how many it has.
 pub type Shortfall = (String, usize);
 
@@ -335,4 +345,48 @@ pub fn xy<'a>(task: &Task, data: &'a [Example]) -> (Vec<&'a str>, Vec<usize>) {
             )
         })
         .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Request;
+
+    fn task() -> Task {
+        let src = "instruction = \"x\"\nquery = \"T: {text}\\nL:\"\nlabels = [{ name = \"a\", text = \" a\" }, { name = \"b\", text = \" b\" }]\n";
+        Task::parse(src, Path::new("t.toml"), "t").unwrap()
+    }
+
+    fn ex(label: &str, i: usize) -> Example {
+        Example {
+            request: Request::text(format!("{label}{i}"), format!("text {label} {i}")),
+            label: label.into(),
+            split: Some("train".into()),
+        }
+    }
+
+    #[test]
+    fn per_class_upto_keeps_the_first_k_and_names_labels_short_of_k() {
+        // 5 of `a`, 2 of `b`, interleaved as a file would have them.
+        let pool: Vec<Example> = (0..5)
+            .map(|i| ex("a", i))
+            .chain((0..2).map(|i| ex("b", i)))
+            .collect();
+        let (k3, short) = per_class_upto(&task(), &pool, 3).unwrap();
+        let ids: Vec<&str> = k3.iter().map(|e| e.request.id.as_str()).collect();
+        assert_eq!(ids, ["a0", "a1", "a2", "b0", "b1"]);
+        assert_eq!(short, vec![("b".to_string(), 2)]);
+        let (all, short) = per_class_upto(&task(), &pool, usize::MAX).unwrap();
+        assert_eq!(all.len(), 7);
+        assert!(short.is_empty(), "{short:?}");
+        let only_a: Vec<Example> = pool.iter().filter(|e| e.label == "a").cloned().collect();
+        let err = per_class_upto(&task(), &only_a, usize::MAX).unwrap_err();
+        assert!(err.to_string().contains('b'), "{err}");
+    }
+
+    #[test]
+    fn the_whole_split_reads_all() {
+        assert_eq!(per_class_name(usize::MAX), "all");
+        assert_eq!(per_class_name(8), "8");
+    }
 }
