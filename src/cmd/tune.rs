@@ -565,7 +565,11 @@ fn write_learned(
                 measured,
                 head,
             };
-            f.save(&sibling(&cfg.out, &name)).map_err(head_err(task0))?;
+            let path = sibling(&cfg.out, &name);
+            f.save(&path).map_err(head_err(task0))?;
+            // Read back with the checks `classify` applies: a winner that cannot run is an
+            // error here, not at the first request.
+            HeadFile::load(&path).map_err(head_err(task0))?;
             name
         }
         _ => {
@@ -573,7 +577,9 @@ fn write_learned(
             let model_sha = c.model.needs_features().map(|_| sha.clone());
             let mut f = StackFile::new(labels, model_sha, n_embd, c.model.clone());
             f.measured = measured;
-            f.save(&sibling(&cfg.out, &name)).map_err(head_err(task0))?;
+            let path = sibling(&cfg.out, &name);
+            f.save(&path).map_err(head_err(task0))?;
+            StackFile::load(&path).map_err(head_err(task0))?;
             name
         }
     };

@@ -213,7 +213,7 @@ fn saved_layers(layers: &[u32], final_layer: u32) -> Vec<u32> {
 
 /// The states of `split` at the layers of `feature` (taken at `from`; `final_layer` is the
 /// final output): borrowed when they are the same, else selected.
-fn states_for<'a>(
+pub(crate) fn states_for<'a>(
     states: &'a [PooledStates],
     from: &[u32],
     feature: &FeatureSpec,

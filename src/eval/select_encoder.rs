@@ -13,7 +13,9 @@ use crate::classify::linear::LrParams;
 use crate::classify::stack::{EncoderFit, StackModel, StackParams};
 use crate::classify::tfidf::{TextFeaturizer, TextParams};
 use crate::eval::learn::score_probs;
-use crate::eval::select::{fit_temperature, LearnGrid, LearnedCandidate, PromptScores, Split};
+use crate::eval::select::{
+    fit_temperature, states_for, LearnGrid, LearnedCandidate, PromptScores, Split,
+};
 use crate::spec::Method;
 
 /// The encoder's identity and its embedding of every train and dev text.
@@ -111,6 +113,26 @@ pub fn encoder_candidates(
 ) -> Result<Vec<LearnedCandidate>, HeadError> {
     let features = !train.states.is_empty() && !dev.states.is_empty();
     let feature = feature.filter(|_| features);
+    // The model block reads the states at the feature's layers (taken at the union of the
+    // layer choices), as the file written for it will.
+    let at = (grid.feature.layers.as_slice(), grid.final_layer);
+    let (train_states, dev_states) = match feature {
+        Some(f) => (
+            states_for(train.states, at.0, f, at.1),
+            states_for(dev.states, at.0, f, at.1),
+        ),
+        None => (train.states.into(), dev.states.into()),
+    };
+    let (train, dev) = (
+        Split {
+            states: &train_states,
+            ..train
+        },
+        Split {
+            states: &dev_states,
+            ..dev
+        },
+    );
     let prompt = prompt.filter(|p| p.train.len() == train.y.len() && p.dev.len() == dev.y.len());
     let re = TextFeaturizer::regex();
     let mut out = Vec::new();
@@ -227,5 +249,64 @@ mod tests {
         assert!(all[0].label.contains("encoder alone"));
         assert!(all[0].dev.accuracy > 0.99, "{}", all[0].label);
         assert!(all[6].model.needs_features().is_some());
+    }
+    /// Taken at two layers (the default `final;12` choices), the model block of an encoder
+    /// stack reads only the layers of the feature it saves, so the file it writes loads.
+    #[test]
+    fn the_model_block_reads_the_saved_features_layers() {
+        let texts = ["a b", "c d", "a c", "b d"];
+        let y = [0, 1, 0, 1];
+        let emb: Vec<Vec<f32>> = [1.0f32, -1.0, 0.9, -0.8]
+            .iter()
+            .map(|&v| vec![v, 0.1])
+            .collect();
+        // Layer 12 then layer 18 (the final output), 2 wide each.
+        let states: Vec<PooledStates> = (0..4)
+            .map(|i| PooledStates {
+                last: vec![i as f32, 1.0, -(i as f32), 2.0],
+                mean: vec![0.0, i as f32, 1.0, 0.5 * i as f32],
+            })
+            .collect();
+        let split = Split {
+            texts: &texts,
+            states: &states,
+            y: &y,
+        };
+        let mut feature = FeatureSpec::prompt_eol(Pooling::Last);
+        feature.layers = vec![12, 18];
+        let grid = LearnGrid {
+            methods: vec![Method::Stack],
+            feature,
+            layer_choices: vec![vec![18], vec![12]],
+            final_layer: 18,
+            poolings: vec![Pooling::Last],
+            alphas: vec![1.0],
+            stack_weights: vec![1.0],
+            max_iterations: 50,
+        };
+        let e = Embedded {
+            sha256: "s",
+            train: &emb,
+            dev: &emb,
+        };
+        // The best head's feature: the final output alone (saved as no layers).
+        let saved = FeatureSpec::prompt_eol(Pooling::Last);
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let all = encoder_candidates(
+            &labels,
+            (split, split),
+            e,
+            Some(&saved),
+            None,
+            &grid,
+            |_| {},
+        )
+        .unwrap();
+        let with_model: Vec<_> = all.iter().filter_map(|c| c.model.dense.as_ref()).collect();
+        assert!(!with_model.is_empty());
+        for d in with_model {
+            assert_eq!(d.feature.layers, Vec::<u32>::new());
+            assert_eq!(d.standardizer.mean.len(), 2, "one layer's width");
+        }
     }
 }
