@@ -385,16 +385,19 @@ fn learn(
             states: &ds,
             y: &dy,
         };
-        let fitted = encoder_learn(cfg, &labels, (train_split, dev_split), scores, &all, out)?;
+        let splits = (train_split, dev_split);
+        let fitted = encoder_learn(cfg, grid, &labels, splits, scores, &all, out)?;
         all.extend(fitted);
     }
     Ok((all, train.len(), block.map(|(k, _)| k)))
 }
 
 /// The encoder candidates: the encoder beside the model embeds the train and dev texts,
-/// then each candidate is fitted and printed as a row.
+/// then each candidate is fitted and printed as a row. `grid`: the one the model features
+/// were taken with (its layers resolved).
 fn encoder_learn(
     cfg: &TuneConfig,
+    grid: &LearnGrid,
     labels: &[String],
     (train, dev): (Split<'_>, Split<'_>),
     scores: Option<PromptScores<'_>>,
@@ -416,7 +419,6 @@ fn encoder_learn(
         n as f64 / secs.max(1e-9)
     )
     .map_err(AppError::Output)?;
-    let grid = &cfg.learn.grid;
     let feature = stack_feature(grid, fitted);
     let mut failed = None;
     let all = encoder_candidates(
