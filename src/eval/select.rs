@@ -86,6 +86,21 @@ pub struct Split<'a> {
     pub y: &'a [usize],
 }
 
+impl<'a> Split<'a> {
+    /// The states at `feature`'s layers (taken at `from`; `final_layer` is the final
+    /// output), as a file saved with that feature will read them; all of them without one.
+    pub fn states_at(
+        &self,
+        feature: Option<&FeatureSpec>,
+        (from, final_layer): (&[u32], u32),
+    ) -> std::borrow::Cow<'a, [PooledStates]> {
+        match feature {
+            Some(f) => states_for(self.states, from, f, final_layer),
+            None => std::borrow::Cow::Borrowed(self.states),
+        }
+    }
+}
+
 /// The prompt's label probabilities (task label order) of every train and dev row: the
 /// stack's prompt block.
 #[derive(Debug, Clone, Copy)]
@@ -213,7 +228,7 @@ fn saved_layers(layers: &[u32], final_layer: u32) -> Vec<u32> {
 
 /// The states of `split` at the layers of `feature` (taken at `from`; `final_layer` is the
 /// final output): borrowed when they are the same, else selected.
-pub(crate) fn states_for<'a>(
+fn states_for<'a>(
     states: &'a [PooledStates],
     from: &[u32],
     feature: &FeatureSpec,
@@ -240,17 +255,12 @@ pub(crate) fn states_for<'a>(
 fn fit_one(
     labels: &[String],
     (train, dev): (Split<'_>, Split<'_>),
-    (from, final_layer): (&[u32], u32),
+    at: (&[u32], u32),
     prompt: Option<PromptScores<'_>>,
     (method, label, mut p): (Method, String, StackParams),
 ) -> Result<LearnedCandidate, HeadError> {
-    let (train_states, dev_states) = match &p.dense {
-        Some((f, _)) => (
-            states_for(train.states, from, f, final_layer),
-            states_for(dev.states, from, f, final_layer),
-        ),
-        None => (train.states.into(), dev.states.into()),
-    };
+    let feature = p.dense.as_ref().map(|(f, _)| f);
+    let (train_states, dev_states) = (train.states_at(feature, at), dev.states_at(feature, at));
     let train = Split {
         states: &train_states,
         ..train

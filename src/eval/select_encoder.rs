@@ -13,9 +13,7 @@ use crate::classify::linear::LrParams;
 use crate::classify::stack::{EncoderFit, StackModel, StackParams};
 use crate::classify::tfidf::{TextFeaturizer, TextParams};
 use crate::eval::learn::score_probs;
-use crate::eval::select::{
-    fit_temperature, states_for, LearnGrid, LearnedCandidate, PromptScores, Split,
-};
+use crate::eval::select::{fit_temperature, LearnGrid, LearnedCandidate, PromptScores, Split};
 use crate::spec::Method;
 
 /// The encoder's identity and its embedding of every train and dev text.
@@ -116,13 +114,7 @@ pub fn encoder_candidates(
     // The model block reads the states at the feature's layers (taken at the union of the
     // layer choices), as the file written for it will.
     let at = (grid.feature.layers.as_slice(), grid.final_layer);
-    let (train_states, dev_states) = match feature {
-        Some(f) => (
-            states_for(train.states, at.0, f, at.1),
-            states_for(dev.states, at.0, f, at.1),
-        ),
-        None => (train.states.into(), dev.states.into()),
-    };
+    let (train_states, dev_states) = (train.states_at(feature, at), dev.states_at(feature, at));
     let (train, dev) = (
         Split {
             states: &train_states,
