@@ -183,15 +183,20 @@ mod tests {
     use crate::classify::features::Pooling;
     use crate::model::PooledStates;
 
+    /// Embeddings of four texts that separate labels 0, 1, 0, 1.
+    fn embeddings() -> Vec<Vec<f32>> {
+        [1.0f32, -1.0, 0.9, -0.8]
+            .iter()
+            .map(|&v| vec![v, 0.1])
+            .collect()
+    }
+
     #[test]
     fn encoder_candidates_read_the_embedding_and_cover_the_plan() {
         // The words are the same for both labels: only the embedding separates them.
         let texts = ["same words", "same words", "same words", "same words"];
         let y = [0, 1, 0, 1];
-        let emb: Vec<Vec<f32>> = [1.0f32, -1.0, 0.9, -0.8]
-            .iter()
-            .map(|&v| vec![v, 0.1])
-            .collect();
+        let emb = embeddings();
         let states: Vec<PooledStates> = (0..4)
             .map(|i| PooledStates {
                 last: vec![i as f32, 1.0],
@@ -242,16 +247,14 @@ mod tests {
         assert!(all[0].dev.accuracy > 0.99, "{}", all[0].label);
         assert!(all[6].model.needs_features().is_some());
     }
+
     /// Taken at two layers (the default `final;12` choices), the model block of an encoder
     /// stack reads only the layers of the feature it saves, so the file it writes loads.
     #[test]
     fn the_model_block_reads_the_saved_features_layers() {
         let texts = ["a b", "c d", "a c", "b d"];
         let y = [0, 1, 0, 1];
-        let emb: Vec<Vec<f32>> = [1.0f32, -1.0, 0.9, -0.8]
-            .iter()
-            .map(|&v| vec![v, 0.1])
-            .collect();
+        let emb = embeddings();
         // Layer 12 then layer 18 (the final output), 2 wide each.
         let states: Vec<PooledStates> = (0..4)
             .map(|i| PooledStates {
