@@ -86,12 +86,7 @@ fn read_data(cfg: &RankEvalConfig) -> Result<Data, AppError> {
     let mut pool: Vec<(String, String)> = Vec::new();
     let mut fit_docs: Vec<String> = Vec::new();
     for ex in crate::eval::read_labeled(&cfg.data, None, usize::MAX)? {
-        let text = ex
-            .request
-            .fields
-            .get(crate::spec::TRUNCATED_FIELD)
-            .cloned()
-            .unwrap_or_default();
+        let text = ex.text().to_string();
         if ex.split.as_deref() == Some(cfg.split.as_str()) {
             pool.push((ex.label, text));
         } else {

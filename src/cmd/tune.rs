@@ -614,13 +614,13 @@ fn write_learned(
 /// The `[train]` table of a learned winner: the same rows again for `edgeact learn`. The
 /// data path is made absolute, since the task file is usually written to another folder.
 fn train_source(cfg: &TuneConfig) -> TrainSource {
-    TrainSource {
-        data: std::fs::canonicalize(&cfg.data).unwrap_or_else(|_| cfg.data.clone()),
-        train_split: cfg.train_split.clone(),
-        dev_split: cfg.dev_split.clone(),
-        per_class: (cfg.learn.per_class != usize::MAX).then_some(cfg.learn.per_class),
-        dev_limit: (cfg.limit != usize::MAX).then_some(cfg.limit),
-    }
+    TrainSource::of_run(
+        &cfg.data,
+        &cfg.train_split,
+        &cfg.dev_split,
+        cfg.learn.per_class,
+        cfg.limit,
+    )
 }
 
 /// `name` in the folder of `path`.

@@ -238,13 +238,13 @@ fn write_head_and_task(
     task.measured = Some(m);
     // Where the rows came from, for `edgeact learn` (the data path absolute: the task file
     // usually goes to another folder).
-    task.train = Some(TrainSource {
-        data: std::fs::canonicalize(&cfg.data).unwrap_or_else(|_| cfg.data.clone()),
-        train_split: cfg.train_split.clone(),
-        dev_split: cfg.dev_split.clone(),
-        per_class: (cfg.per_class != usize::MAX).then_some(cfg.per_class),
-        dev_limit: (cfg.limit != usize::MAX).then_some(cfg.limit),
-    });
+    task.train = Some(TrainSource::of_run(
+        &cfg.data,
+        &cfg.train_split,
+        &cfg.dev_split,
+        cfg.per_class,
+        cfg.limit,
+    ));
     let text = format!(
         "# Written by `edgeact tune --head` from {} (trained on {}; chosen on `{}`).\n{}",
         cfg.data.display(),

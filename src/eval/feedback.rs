@@ -419,14 +419,7 @@ pub fn merge(
     feedback: &[Feedback],
     task: &str,
 ) -> (Vec<Example>, Merge) {
-    let text_of = |e: &Example| {
-        e.request
-            .fields
-            .get(crate::spec::TRUNCATED_FIELD)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let dev_texts: HashSet<String> = dev.iter().map(text_of).collect();
+    let dev_texts: HashSet<String> = dev.iter().map(|e| e.text().to_string()).collect();
     let mut m = Merge::default();
     // The last correction of each text, in the order the texts were first corrected.
     let mut latest: Vec<(String, String)> = Vec::new();
@@ -451,7 +444,7 @@ pub fn merge(
             continue;
         }
         let mut found = false;
-        for e in train.iter_mut().filter(|e| text_of(e) == text) {
+        for e in train.iter_mut().filter(|e| e.text() == text) {
             found = true;
             if e.label != label {
                 e.label = label.clone();

@@ -334,16 +334,7 @@ pub fn fit_candidates(
 /// The texts and label indices of examples (labels checked before).
 pub fn xy<'a>(task: &Task, data: &'a [Example]) -> (Vec<&'a str>, Vec<usize>) {
     data.iter()
-        .map(|e| {
-            (
-                e.request
-                    .fields
-                    .get(crate::spec::TRUNCATED_FIELD)
-                    .map(String::as_str)
-                    .unwrap_or(""),
-                task.label_index(&e.label).unwrap_or(0),
-            )
-        })
+        .map(|e| (e.text(), task.label_index(&e.label).unwrap_or(0)))
         .unzip()
 }
 

@@ -71,6 +71,16 @@ pub struct Example {
     pub split: Option<String>,
 }
 
+impl Example {
+    /// The example's text (the request's `text` field; empty if it has none).
+    pub fn text(&self) -> &str {
+        self.request
+            .fields
+            .get(crate::spec::TRUNCATED_FIELD)
+            .map_or("", String::as_str)
+    }
+}
+
 /// The split of a row that names none: by a hash of its fields (FNV-1a; label and split
 /// left out), so every command and every run agrees: [`UNSPLIT_SHARES`] of `train`, `dev`
 /// and `test` in percent. A user's one labeled file can be tuned on (train, dev) and

@@ -74,15 +74,7 @@ pub fn texts_and_labels<'a>(
     labels: &[String],
     rows: &'a [Example],
 ) -> Result<(Vec<&'a str>, Vec<usize>), HeadError> {
-    let texts = rows
-        .iter()
-        .map(|e| {
-            e.request
-                .fields
-                .get(crate::spec::TRUNCATED_FIELD)
-                .map_or("", String::as_str)
-        })
-        .collect();
+    let texts = rows.iter().map(Example::text).collect();
     let y = label_indices(labels, rows.iter().map(|e| e.label.as_str()))?;
     Ok((texts, y))
 }

@@ -27,6 +27,25 @@ pub struct TrainSource {
 }
 
 impl TrainSource {
+    /// The `[train]` table of a `tune` run: `data` made absolute (the task file usually goes
+    /// to another folder); `per_class` and `dev_limit` usize::MAX (all rows) are left out.
+    pub fn of_run(
+        data: &Path,
+        train_split: &str,
+        dev_split: &str,
+        per_class: usize,
+        dev_limit: usize,
+    ) -> TrainSource {
+        let given = |n: usize| (n != usize::MAX).then_some(n);
+        TrainSource {
+            data: std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf()),
+            train_split: train_split.to_string(),
+            dev_split: dev_split.to_string(),
+            per_class: given(per_class),
+            dev_limit: given(dev_limit),
+        }
+    }
+
     /// Checks the values; `has_head`: whether the task has a `[head]` (the only thing
     /// `[train]` is for).
     pub(super) fn validate(&self, path: &Path, has_head: bool) -> Result<(), SpecError> {
