@@ -188,7 +188,8 @@ pub struct ClassifyResult {
     pub labels: BTreeMap<String, LabelDetail>,
     pub score_norm: ScoreNorm,
     /// What `labels.*.logprob_total`/`logprob_mean` are normalized over: `vocab` (absolute
-    /// log-likelihoods) or `labels` (log-softmax over the labels; `prob` is the same).
+    /// log-likelihoods) or `labels` (at each point where labels part, log-softmax over the
+    /// tokens that continue a label: `exp(logprob_total)` sums to 1 over the labels).
     pub logprob_over: LogprobOver,
     pub calibration: CalibrationApplied,
     pub truncated: Option<Truncation>,
@@ -466,10 +467,12 @@ impl Classifier {
                     .collect();
                 engine.score(&jobs)
             }
-            ScorePath::Naive => ok
-                .iter()
-                .map(|p| engine.score_naive(&p.tokens, &self.trie, None))
-                .collect(),
+            ScorePath::Naive => {
+                let over = engine.logprob_over_for(&self.trie, self.task.logprob_over);
+                ok.iter()
+                    .map(|p| engine.score_naive(&p.tokens, &self.trie, None, over))
+                    .collect()
+            }
         };
         let mut scored = match scored {
             Ok(s) => s.into_iter(),

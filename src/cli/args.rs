@@ -750,8 +750,9 @@ pub struct ClassifyArgs {
     #[arg(long, value_parser = ["prompt", "head", "both", "stack", "tfidf"])]
     pub method: Option<String>,
     /// What label log-probabilities are normalized over (overrides the task file's
-    /// `logprob_over`): labels (one-token labels scored from their output rows alone, where
-    /// the model allows; else vocab) or vocab (full logits: absolute log-likelihoods).
+    /// `logprob_over`): labels (where labels part, over the tokens that continue a label,
+    /// scored from their output rows alone where the model allows; else vocab) or vocab
+    /// (full logits: absolute log-likelihoods).
     #[arg(long, value_parser = ["labels", "vocab"])]
     pub logprob_over: Option<String>,
     #[command(flatten)]

@@ -153,16 +153,30 @@ impl TiedOutput {
 }
 
 impl LabelRows {
-    /// Each label's log-probability over the labels (log-softmax of their logits), in the
-    /// order of `tokens`.
-    pub(super) fn logprobs(&self, h: &[f32]) -> Vec<f64> {
-        let logits = self.logits(h);
-        let lse = logsumexp(&logits);
-        logits.iter().map(|&l| l as f64 - lse).collect()
+    /// The log-probability of each of `among` (tokens of these rows) over `among`: the
+    /// log-softmax of their logits for the final normed hidden state `h`. A token without a
+    /// row gets -inf.
+    pub(super) fn logprobs(&self, h: &[f32], among: &[Token]) -> Vec<f64> {
+        let idx: Vec<Option<usize>> = among
+            .iter()
+            .map(|t| self.tokens.iter().position(|r| r == t))
+            .collect();
+        let logits = self.logits(h, idx.iter().flatten().copied());
+        let mut it = logits.iter();
+        let all: Vec<f32> = idx
+            .iter()
+            .map(|i| match i {
+                Some(_) => it.next().copied().unwrap_or(f32::NEG_INFINITY),
+                None => f32::NEG_INFINITY,
+            })
+            .collect();
+        let lse = logsumexp(&all);
+        all.iter().map(|&l| l as f64 - lse).collect()
     }
 
-    /// Each label token's logit for the final normed hidden state `h` (`n_embd` floats).
-    pub(super) fn logits(&self, h: &[f32]) -> Vec<f32> {
+    /// The logits of the rows `which` (indices into `tokens`) for the final normed hidden
+    /// state `h` (`n_embd` floats).
+    pub(super) fn logits(&self, h: &[f32], which: impl Iterator<Item = usize>) -> Vec<f32> {
         assert_eq!(h.len(), self.n_embd, "hidden state width");
         // SAFETY: the traits are static; `q` is sized by ggml_row_size for the partner type
         // and `n_embd` values (validated when the rows were read); each row is `row_bytes`.
@@ -176,7 +190,7 @@ impl LabelRows {
                 unreachable!("checked when the rows were read")
             };
             from_float(h.as_ptr(), q.as_mut_ptr().cast(), n);
-            (0..self.tokens.len())
+            which
                 .map(|i| {
                     let mut s = 0f32;
                     vec_dot(
@@ -322,16 +336,20 @@ mod tests {
             softcap: None,
         };
         let h: Vec<f32> = (0..n_embd).map(|i| (i as f32 * 0.37).sin()).collect();
-        let rows = tied.label_rows(&[3, 1]).unwrap();
-        let logits = rows.logits(&h);
-        for (k, &tok) in [3usize, 1].iter().enumerate() {
+        let rows = tied.label_rows(&[3, 1, 4]).unwrap();
+        let logits = rows.logits(&h, 0..3);
+        for (k, &tok) in [3usize, 1, 4].iter().enumerate() {
             let exact: f32 = rows_f32[tok].iter().zip(&h).map(|(a, b)| a * b).sum();
             assert!((logits[k] - exact).abs() < 0.05, "{} vs {exact}", logits[k]);
         }
-        let lp = rows.logprobs(&h);
+        // Normalized over the tokens asked for, in their order.
+        let lp = rows.logprobs(&h, &[1, 3]);
         let total: f64 = lp.iter().map(|l| l.exp()).sum();
         assert!((total - 1.0).abs() < 1e-9);
-        assert!(((lp[0] - lp[1]) - (logits[0] - logits[1]) as f64).abs() < 1e-6);
+        assert!(((lp[1] - lp[0]) - (logits[0] - logits[1]) as f64).abs() < 1e-6);
+        let all = rows.logprobs(&h, &[3, 1, 4]);
+        assert!(all[0] < lp[1], "a third token takes its share");
+        assert_eq!(rows.logprobs(&h, &[3, 2])[1], f64::NEG_INFINITY);
         assert!(tied.label_rows(&[5]).unwrap_err().contains("outside"));
         assert!(tied.label_rows(&[-1]).is_err());
     }

@@ -226,30 +226,26 @@ impl Engine {
         self.tied.as_ref().err().map(String::as_str)
     }
 
-    /// What `trie`'s labels are normalized over when a job asks for `over`: labels only for
-    /// one-token label sets on an engine that can (see [`Engine::label_rows_unavailable`]).
-    /// A label set whose rows could not be read (warned once) is reported over the vocabulary,
-    /// as its results are.
+    /// What `trie`'s labels are normalized over when a job asks for `over`: labels on an
+    /// engine that can (see [`Engine::label_rows_unavailable`]). A label set whose rows
+    /// could not be read (warned once) is reported over the vocabulary, as its results are.
     pub fn logprob_over_for(&self, trie: &LabelTrie, over: LogprobOver) -> LogprobOver {
-        let tokens = one_token_labels(trie);
-        let rows_failed = |tokens: &[Token]| {
-            self.label_rows
-                .iter()
-                .any(|(t, rows)| t.as_slice() == tokens && rows.is_none())
-        };
-        match (over, tokens) {
-            (LogprobOver::Labels, Some(t)) if self.tied.is_ok() && !rows_failed(&t) => {
-                LogprobOver::Labels
-            }
+        let tokens = label_tokens(trie);
+        let rows_failed = self
+            .label_rows
+            .iter()
+            .any(|(t, rows)| *t == tokens && rows.is_none());
+        match over {
+            LogprobOver::Labels if self.tied.is_ok() && !rows_failed => LogprobOver::Labels,
             _ => LogprobOver::Vocab,
         }
     }
 
-    /// The output rows of `trie`'s labels when they can be scored over the labels: every
-    /// label one token, the model's output tied to its embedding. Read on first use.
+    /// The output rows of `trie`'s label tokens when they can be scored over the labels
+    /// (the model's output tied to its embedding). Read on first use.
     fn label_rows_for(&mut self, trie: &LabelTrie) -> Option<LabelRows> {
         let tied = self.tied.as_ref().ok()?;
-        let tokens = one_token_labels(trie)?;
+        let tokens = label_tokens(trie);
         if let Some((_, r)) = self.label_rows.iter().find(|(t, _)| *t == tokens) {
             return r.clone();
         }
@@ -297,7 +293,7 @@ impl Engine {
         let entries = suffix_entries(jobs, &reuse, base);
         let mut searches: Vec<LabelSearch> = jobs
             .iter()
-            .map(|j| LabelSearch::new(j.trie, j.pruning))
+            .map(|j| LabelSearch::new(j.trie, j.pruning, over))
             .collect();
         let mut decoded: Vec<usize> = jobs
             .iter()
@@ -308,12 +304,13 @@ impl Engine {
         let mut collect = |row: RowId, values: &[f32], searches: &mut Vec<LabelSearch>| {
             let t = Instant::now();
             match &label_rows {
-                // `values` is the final hidden state; only one-token labels get here.
+                // `values` is the final hidden state: the row's logits over the tokens
+                // that continue a label there.
                 Some(rows) => {
-                    let rows = &rows[row.job];
-                    let lp = rows.logprobs(values);
+                    let needed = jobs[row.job].trie.needed(row.node);
+                    let lp = rows[row.job].logprobs(values, &needed);
                     searches[row.job].record_row(row.node, |tok| {
-                        rows.tokens
+                        needed
                             .iter()
                             .position(|&t| t == tok)
                             .map_or(f64::NEG_INFINITY, |i| lp[i])
@@ -347,7 +344,7 @@ impl Engine {
                 }
                 let row_done = |k: usize, d: usize| searches[k].row_done(d);
                 let entries = branch_entries(jobs, &rounds, pass, first, row_done, &mut decoded);
-                self.run_entries(&entries, |row, logits| collect(row, logits, &mut searches))?;
+                self.run_entries_from(&entries, source, |row, v| collect(row, v, &mut searches))?;
                 for i in 0..pass.len() {
                     self.clear_seq(first + i);
                 }
@@ -380,11 +377,14 @@ impl Engine {
     /// sit in the KV cache (measured: up to 0.3 nats on unlikely labels, about 0.01 in label
     /// probability), so paths agree within a tolerance, not bit for bit. `split_at` decodes
     /// `tokens[..split_at]` and the rest as separate batches, like the prefix-reuse path.
+    /// Over the labels, each full logits row is normalized over the tokens that continue a
+    /// label there (what the fast path computes from the label rows alone).
     pub fn score_naive(
         &mut self,
         tokens: &[Token],
         trie: &LabelTrie,
         split_at: Option<usize>,
+        over: LogprobOver,
     ) -> Result<ScoreOut, EngineError> {
         let t0 = Instant::now();
         let seq = self.n_prefix_slots;
@@ -393,6 +393,10 @@ impl Engine {
         let mut scoring_s = 0.0;
         for path in &trie.paths {
             let label: Vec<Token> = path.iter().map(|&i| trie.nodes[i].token).collect();
+            // The trie row each label token is read from, for the normalization over labels.
+            let rows: Vec<Option<usize>> = (0..path.len())
+                .map(|j| j.checked_sub(1).and_then(|p| trie.decoded_index[path[p]]))
+                .collect();
             self.clear_seq(seq);
             self.check_room(tokens.len() + label.len() - 1)?;
             let entries = naive_entries(tokens, &label, seq);
@@ -403,7 +407,15 @@ impl Engine {
                 self.run_entries(part, |row, logits| {
                     let t = Instant::now();
                     // row.job is the label token index this row predicts.
-                    total += logits[label[row.job] as usize] as f64 - logsumexp(logits);
+                    let lse = match over {
+                        LogprobOver::Vocab => logsumexp(logits),
+                        LogprobOver::Labels => {
+                            let among = trie.needed(rows[row.job]);
+                            let v: Vec<f32> = among.iter().map(|&t| logits[t as usize]).collect();
+                            logsumexp(&v)
+                        }
+                    };
+                    total += logits[label[row.job] as usize] as f64 - lse;
                     scoring_s += t.elapsed().as_secs_f64();
                 })?;
             }
@@ -423,16 +435,19 @@ impl Engine {
             decode_ms: (total_s - scoring_s) * 1e3,
             scoring_ms: scoring_s * 1e3,
             batch_jobs: 1,
-            logprob_over: LogprobOver::Vocab,
+            logprob_over: over,
         })
     }
 }
 
-/// The token of each label when every label of `trie` is one token, else None.
-fn one_token_labels(trie: &LabelTrie) -> Option<Vec<Token>> {
-    trie.paths
+/// Every distinct token of `trie`'s labels, in node order (for one-token labels: the
+/// labels' tokens in label order).
+fn label_tokens(trie: &LabelTrie) -> Vec<Token> {
+    let mut seen = std::collections::HashSet::with_capacity(trie.nodes.len());
+    trie.nodes
         .iter()
-        .map(|p| (p.len() == 1).then(|| trie.nodes[p[0]].token))
+        .map(|n| n.token)
+        .filter(|&t| seen.insert(t))
         .collect()
 }
 
@@ -576,10 +591,10 @@ mod tests {
     }
 
     #[test]
-    fn one_token_labels_only_when_every_label_is_one_token() {
+    fn label_tokens_are_distinct_in_label_order() {
         let single = LabelTrie::new(&[vec![5], vec![7]]).unwrap();
-        assert_eq!(one_token_labels(&single), Some(vec![5, 7]));
-        let mixed = LabelTrie::new(&[vec![5], vec![7, 8]]).unwrap();
-        assert_eq!(one_token_labels(&mixed), None);
+        assert_eq!(label_tokens(&single), vec![5, 7]);
+        let shared = LabelTrie::new(&[vec![5, 8], vec![7, 8], vec![5, 9]]).unwrap();
+        assert_eq!(label_tokens(&shared), vec![5, 8, 7, 9]);
     }
 }

@@ -202,12 +202,24 @@ pub struct LabelSearch<'a> {
 }
 
 impl<'a> LabelSearch<'a> {
-    pub fn new(trie: &'a LabelTrie, pruning: Option<Pruning>) -> Self {
+    /// A search over `trie`'s labels. Over the labels ([`LogprobOver::Labels`]) a node with
+    /// one child holds no choice: that child is certain and the node's row is never read.
+    pub fn new(trie: &'a LabelTrie, pruning: Option<Pruning>, over: LogprobOver) -> Self {
+        let mut node_lp = vec![None; trie.nodes.len()];
+        let mut row_done = vec![false; trie.decoded.len()];
+        if over == LogprobOver::Labels {
+            for (k, &n) in trie.decoded.iter().enumerate() {
+                if let [only] = trie.nodes[n].children[..] {
+                    node_lp[only] = Some(0.0);
+                    row_done[k] = true;
+                }
+            }
+        }
         LabelSearch {
             trie,
             pruning,
-            node_lp: vec![None; trie.nodes.len()],
-            row_done: vec![false; trie.decoded.len()],
+            node_lp,
+            row_done,
         }
     }
 
@@ -284,14 +296,20 @@ impl<'a> LabelSearch<'a> {
             .map(|(k, _)| k)
             .collect();
         // Single-child chains below a chosen node hold no decision: take them in the same
-        // round rather than one decode per token.
+        // round rather than one decode per token (the rows still to read on them; over the
+        // labels, the chain's certain tokens are decoded on the way to the next choice).
         let mut i = 0;
         while i < chosen.len() {
-            let node = &self.trie.nodes[self.trie.decoded[chosen[i]]];
-            if let [only] = node.children[..] {
-                if let Some(k) = self.trie.decoded_index[only] {
+            let mut node = &self.trie.nodes[self.trie.decoded[chosen[i]]];
+            while let [only] = node.children[..] {
+                let Some(k) = self.trie.decoded_index[only] else {
+                    break;
+                };
+                if !self.row_done[k] {
                     chosen.push(k);
+                    break;
                 }
+                node = &self.trie.nodes[only];
             }
             i += 1;
         }
@@ -336,17 +354,26 @@ pub struct LabelLogprob {
 /// `logprob_over`).
 ///
 /// `Vocab`: the model's full next-token distribution, so a label's log-probability is its
-/// absolute log-likelihood after the prompt. `Labels`: the label tokens alone (one-token
-/// label sets on a model whose output is tied to its embedding): the scorer computes only
-/// the labels' logits, skipping the vocabulary-wide output projection. The two differ by one
-/// constant per request (the log of the labels' share of the vocabulary's mass), so label
-/// probabilities, calibration (a per-request constant divides out) and abstention are the
-/// same; only the absolute values of `logprob_total`/`logprob_mean` differ.
+/// absolute log-likelihood after the prompt. `Labels` (on a model whose output is tied to
+/// its embedding): at each point where labels part, over the tokens that continue some
+/// label there, the distribution of a decoder allowed to write only a label. The scorer
+/// computes just those tokens' logits, skipping the vocabulary-wide output projection, and a
+/// label token no other label competes with at its place is certain (log-probability 0) and
+/// is decoded only when labels part after it.
+///
+/// For one-token labels the two differ by one constant per request (the log of the labels'
+/// share of the vocabulary's mass), so label probabilities, calibration (a per-request
+/// constant divides out) and abstention are the same; only the absolute values of
+/// `logprob_total`/`logprob_mean` differ. For labels of several tokens the probabilities
+/// differ too: over the vocabulary a label also pays for its tokens that follow with
+/// certainty once it is chosen (longer names lose mass to every other continuation); over
+/// the labels `exp(logprob_total)` sums to 1 over the labels (measured on dev splits in
+/// docs/accuracy.md, "Labels of several tokens").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogprobOver {
-    /// Over the labels where the model and label set allow it, else over the vocabulary
-    /// (as asked for: a job's request; results say which one was used).
+    /// Over the labels where the model allows it, else over the vocabulary (as asked for:
+    /// a job's request; results say which one was used).
     #[default]
     Labels,
     Vocab,
@@ -472,7 +499,16 @@ mod tests {
         pruning: Option<Pruning>,
         lp: impl Fn(&[Token], Token) -> f64,
     ) -> (Vec<LabelLogprob>, usize, usize) {
-        let mut s = LabelSearch::new(t, pruning);
+        run_search_over(t, pruning, LogprobOver::Vocab, lp)
+    }
+
+    fn run_search_over(
+        t: &LabelTrie,
+        pruning: Option<Pruning>,
+        over: LogprobOver,
+        lp: impl Fn(&[Token], Token) -> f64,
+    ) -> (Vec<LabelLogprob>, usize, usize) {
+        let mut s = LabelSearch::new(t, pruning, over);
         s.record_row(None, |tok| lp(&[], tok));
         let (mut rounds, mut rows) = (0, 0);
         loop {
@@ -549,6 +585,69 @@ mod tests {
         let (all, _, rows) = run_search(&t, Some(wide), lp);
         assert_eq!(rows, t.decoded.len());
         assert!(all.iter().all(|l| !l.pruned));
+    }
+
+    /// Over the labels, each row is normalized over the tokens that continue a label there
+    /// (what the engine passes to `record_row`); a token no sibling competes with is certain
+    /// and its parent's row is never read.
+    #[test]
+    fn over_labels_only_rows_where_labels_part_are_read() {
+        // [1 2 3] [1 2 4] [5 6 7] [5 8] [9]: nodes 1, 2 (one child of 1), 5, 6 are decoded;
+        // 1 has one child (2), 6 has one child (7): their rows hold no choice.
+        let labels = [
+            vec![1, 2, 3],
+            vec![1, 2, 4],
+            vec![5, 6, 7],
+            vec![5, 8],
+            vec![9],
+        ];
+        let t = LabelTrie::new(&labels).unwrap();
+        assert_eq!(t.decoded.len(), 4);
+        // A model's raw next-token scores; each row normalized over `needed` as the engine does.
+        let raw = |prefix: &[Token], tok: Token| -> f64 {
+            (prefix.len() as f64 + 1.0) * (tok as f64).sin()
+        };
+        let over_needed = |row: Option<usize>, prefix: &[Token], tok: Token| -> f64 {
+            let lse = t
+                .needed(row)
+                .iter()
+                .map(|&c| raw(prefix, c).exp())
+                .sum::<f64>()
+                .ln();
+            raw(prefix, tok) - lse
+        };
+        let lp = |prefix: &[Token], tok: Token| {
+            let row = match prefix {
+                [] => None,
+                _ => {
+                    let node = t.paths.iter().find_map(|p| {
+                        let toks: Vec<Token> = p.iter().map(|&n| t.nodes[n].token).collect();
+                        toks.starts_with(prefix).then(|| p[prefix.len() - 1])
+                    });
+                    node.and_then(|n| t.decoded_index[n])
+                }
+            };
+            over_needed(row, prefix, tok)
+        };
+        let (out, rounds, rows) = run_search_over(&t, None, LogprobOver::Labels, lp);
+        assert_eq!((rounds, rows), (1, 2), "only the rows of 2 and 5 are read");
+        // A proper distribution over the labels.
+        let sum: f64 = out.iter().map(|l| l.total.exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        // Certain tokens add nothing: label [5 6 7] scores its 5 and its 6 (vs 8) only.
+        let expect = lp(&[], 5) + lp(&[5], 6);
+        assert!((out[2].total - expect).abs() < 1e-12);
+        assert_eq!(out[2].n_tokens, 3);
+        // With pruning, the same exact labels and no row read twice.
+        let p = Pruning {
+            margin_nats: 100.0,
+            per_token: false,
+        };
+        let (pruned, _, rows) = run_search_over(&t, Some(p), LogprobOver::Labels, lp);
+        assert_eq!(rows, 2);
+        for (a, b) in out.iter().zip(&pruned) {
+            assert!((a.total - b.total).abs() < 1e-12 && !b.pruned);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! One-token labels scored over the labels (their tied output rows, no vocabulary-wide
 //! logits row) against the full-vocabulary path, on the real model: same labels, same label
-//! probabilities, batched and one at a time, with and without calibration; multi-token
-//! label sets keep the full path.
+//! probabilities, batched and one at a time, with and without calibration; labels of
+//! several tokens normalized at each branch against the naive path's full rows.
 
 use std::path::Path;
 
@@ -169,25 +169,73 @@ fn results_say_what_logprobs_are_normalized_over() {
     }
 }
 
-/// A label set with a multi-token label keeps the full logits rows even when asked for
-/// labels: its later tokens need the vocabulary's distribution after decoded label tokens.
+/// Labels of several tokens over the labels: each row normalized over the tokens that
+/// continue a label there, computed from the label rows alone, agrees with the full logits
+/// rows of the naive path normalized the same way; the labels' probabilities sum to 1; the
+/// tokens that follow with certainty are not decoded.
 #[test]
-fn multi_token_labels_keep_the_vocabulary_path() {
+fn multi_token_labels_over_labels_match_full_rows_normalized_at_each_branch() {
     let mut engine = testkit::engine(1);
-    let src = "instruction = \"Say how the customer feels.\"\nquery = \"Customer: {text}\\nFeeling:\"\n\
-               labels = [{ name = \"delighted\", text = \" absolutely delighted\" }, { name = \"angry\", text = \" angry\" }]\n";
-    let task = Task::parse(src, Path::new("feel.toml"), "feel").unwrap();
+    let src = "instruction = \"Say what the customer writes about.\"\nquery = \"Customer: {text}\\nTopic:\"\n\
+               labels = [\
+                 { name = \"arrival\", text = \" card arrival\" },\
+                 { name = \"broken\", text = \" card not working\" },\
+                 { name = \"refund\", text = \" refund request\" },\
+                 { name = \"praise\", text = \" praise for the staff\" },\
+                 { name = \"complaint\", text = \" complaint about the staff\" },\
+                 { name = \"other\", text = \" other\" }]\n";
+    let task = Task::parse(src, Path::new("topic.toml"), "topic").unwrap();
     assert_eq!(task.logprob_over, LogprobOver::Labels, "the default");
     let c = Classifier::new(&mut engine, task, 0, Some(false), None).unwrap();
-    assert!(!c.trie().decoded.is_empty(), "a multi-token label");
+    assert!(!c.trie().decoded.is_empty(), "multi-token labels");
     assert_eq!(
         engine.logprob_over_for(c.trie(), LogprobOver::Labels),
-        LogprobOver::Vocab
+        LogprobOver::Labels
     );
+    let prepared: Vec<Prepared> = texts()
+        .iter()
+        .take(12)
+        .map(|r| c.prepare(&engine, r).unwrap())
+        .collect();
+    let mut worst = 0.0f64;
+    for batched in [true, false] {
+        let labels = score(&mut engine, &c, &prepared, LogprobOver::Labels, batched);
+        let vocab = score(&mut engine, &c, &prepared, LogprobOver::Vocab, batched);
+        for ((p, l), v) in prepared.iter().zip(&labels).zip(&vocab) {
+            assert_eq!(l.logprob_over, LogprobOver::Labels);
+            let mass: f64 = l.labels.iter().map(|x| x.total.exp()).sum();
+            assert!(
+                (mass - 1.0).abs() < 1e-6,
+                "over the labels they sum to 1: {mass}"
+            );
+            assert!(
+                l.decoded_tokens < v.decoded_tokens,
+                "certain tokens are not decoded: {} vs {}",
+                l.decoded_tokens,
+                v.decoded_tokens
+            );
+            let naive = engine
+                .score_naive(&p.tokens, c.trie(), None, LogprobOver::Labels)
+                .unwrap();
+            let (probs, reference) = (softmax(&lps(l)), softmax(&lps(&naive)));
+            worst = worst.max(max_abs_diff(&probs, &reference));
+            // The same top label, unless the reference has two within the rounding.
+            let (a, b) = (top(&lps(l)), top(&lps(&naive)));
+            assert!(
+                a == b || (reference[a] - reference[b]).abs() < 0.05,
+                "{a} vs {b}"
+            );
+        }
+    }
+    // The naive path decodes every label from an empty sequence: llama.cpp's kernels round
+    // differently there (0.1-0.7 nats on these labels over the vocabulary too, see
+    // `Engine::score_naive`), and over the labels the mass sits on few labels.
+    eprintln!("max |label prob, fast - naive| over labels: {worst:.2e}");
+    assert!(worst < 0.1, "{worst}");
     let r = c
-        .classify(&mut engine, &Request::text("1", "You ruined my day."))
+        .classify(&mut engine, &Request::text("1", "My new card never came."))
         .unwrap();
-    assert_eq!(r.logprob_over, LogprobOver::Vocab);
+    assert_eq!(r.logprob_over, LogprobOver::Labels);
     let mass: f64 = r.labels.values().map(|l| l.logprob_total.exp()).sum();
-    assert!(mass < 1.0, "absolute log-likelihoods: {mass}");
+    assert!((mass - 1.0).abs() < 1e-6, "{mass}");
 }

@@ -185,7 +185,9 @@ fn check_prompt_against_naive(
             logprob_over: LogprobOver::Vocab,
         }])
         .unwrap();
-    let naive = engine.score_naive(&p.tokens, c.trie(), None).unwrap();
+    let naive = engine
+        .score_naive(&p.tokens, c.trie(), None, LogprobOver::Vocab)
+        .unwrap();
     let lp = label_lps;
     let probs = softmax(&lp(&naive));
     for (path, out) in [("micro-batched", b), ("single", &single[0])] {
