@@ -144,6 +144,14 @@ impl Learned {
         matches!(self, Learned::Stack(s) if s.stack.needs_prompt())
     }
 
+    /// What a stack's prompt block was fitted over (None: no prompt block).
+    pub fn prompt_over(&self) -> Option<LogprobOver> {
+        match self {
+            Learned::Stack(s) => s.stack.prompt_over(),
+            Learned::Head(_) => None,
+        }
+    }
+
     pub fn sha256(&self) -> String {
         match self {
             Learned::Head(h) => h.sha256(),
@@ -217,9 +225,14 @@ impl TaskRunner {
         };
         let encoder = load_encoder(model.info(), &task, &learned).map_err(err)?;
         let prompt = if method == Method::Both || learned.needs_prompt() {
+            // A prompt block reads the scores normalized as when it was fitted.
+            let mut prompt_task = task.clone();
+            if let Some(over) = learned.prompt_over() {
+                prompt_task.logprob_over = over;
+            }
             Some(Classifier::new(
                 model.engine().map_err(engine_err)?,
-                task.clone(),
+                prompt_task,
                 slot,
                 calibrate,
                 abstain,

@@ -19,6 +19,7 @@ use super::features::FeatureSpec;
 use super::head::{load_json, save_json, HeadError, LinearHead, Standardizer};
 use super::linear::{Design, LrParams, SoftmaxLr, SparseRow};
 use super::tfidf::{TextFeaturizer, TextParams};
+use crate::model::scoring::LogprobOver;
 use crate::model::PooledStates;
 
 /// Stack file format version.
@@ -55,6 +56,15 @@ const PROMPT_FLOOR: f64 = 1e-6;
 pub struct PromptBlock {
     pub standardizer: Standardizer,
     pub scale: f64,
+    /// What the prompt's label log-probabilities were normalized over when the block was
+    /// fitted: the prompt runs the same way at inference (files from before the field were
+    /// fitted over the vocabulary; for labels of several tokens the two differ).
+    #[serde(default = "fitted_over_vocab")]
+    pub logprob_over: LogprobOver,
+}
+
+fn fitted_over_vocab() -> LogprobOver {
+    LogprobOver::Vocab
 }
 
 impl PromptBlock {
@@ -204,6 +214,8 @@ impl StackModel {
                 Some(Box::new(PromptBlock {
                     standardizer: Standardizer::fit(&raw),
                     scale: weight / (n_labels as f64).sqrt(),
+                    // The default; the caller that ran the prompt sets what it used.
+                    logprob_over: LogprobOver::default(),
                 }))
             }
             None => None,
@@ -268,6 +280,11 @@ impl StackModel {
     /// Whether the prompt's label scores are needed.
     pub fn needs_prompt(&self) -> bool {
         self.prompt.is_some()
+    }
+
+    /// What the prompt block's scores must be normalized over (None: no prompt block).
+    pub fn prompt_over(&self) -> Option<LogprobOver> {
+        self.prompt.as_ref().map(|p| p.logprob_over)
     }
 
     /// The encoder whose embeddings are needed (its weights' sha256), if any.
@@ -658,6 +675,20 @@ mod tests {
             .stack
             .predict_with(&re, "the same words", None, Some(&[0.9, 0.1]));
         assert_eq!(a, c);
+        assert_eq!(
+            g.stack.prompt_over(),
+            Some(LogprobOver::Labels),
+            "as fitted"
+        );
+        // A block written before its normalization was recorded was fitted over the vocabulary.
+        let mut old = serde_json::to_value(&g).unwrap();
+        old["stack"]["prompt"]
+            .as_object_mut()
+            .unwrap()
+            .remove("logprob_over");
+        std::fs::write(&path, old.to_string()).unwrap();
+        let o = StackFile::load(&path).unwrap();
+        assert_eq!(o.stack.prompt_over(), Some(LogprobOver::Vocab));
         let mut bad = g.clone();
         bad.labels.push("c".into());
         bad.save(&path).unwrap();

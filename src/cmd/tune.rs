@@ -348,6 +348,7 @@ fn learn(
     let scores = block.as_ref().map(|(k, train_probs)| PromptScores {
         train: train_probs,
         dev: &prompts.dev_probs[*k],
+        logprob_over: prompts.cands[*k].task.logprob_over,
     });
     let mut failed = None;
     let mut all = learned_candidates_with(

@@ -16,6 +16,7 @@ use crate::classify::temperature;
 use crate::classify::tfidf::{TextFeaturizer, TextParams};
 use crate::eval::learn::score_probs;
 use crate::eval::metrics::Metrics;
+use crate::model::scoring::LogprobOver;
 use crate::model::PooledStates;
 use crate::spec::Method;
 
@@ -107,6 +108,18 @@ impl<'a> Split<'a> {
 pub struct PromptScores<'a> {
     pub train: &'a [Vec<f64>],
     pub dev: &'a [Vec<f64>],
+    /// What the prompt runs normalized the label log-probabilities over (recorded in the
+    /// prompt block, so inference runs the prompt the same way).
+    pub logprob_over: LogprobOver,
+}
+
+impl PromptScores<'_> {
+    /// Records in `model`'s prompt block (if it has one) what its scores were normalized over.
+    pub fn record_in(&self, model: &mut StackModel) {
+        if let Some(b) = model.prompt.as_mut() {
+            b.logprob_over = self.logprob_over;
+        }
+    }
 }
 
 /// One fitted candidate with its dev figures.
@@ -288,6 +301,9 @@ fn fit_one(
         labels.len(),
         &p,
     )?;
+    if let Some(s) = prompt {
+        s.record_in(&mut model);
+    }
     let fit_ms = t0.elapsed().as_secs_f64() * 1e3;
     let re = TextFeaturizer::regex();
     let probs: Vec<Vec<f64>> = dev
@@ -586,6 +602,7 @@ mod tests {
         let scores = PromptScores {
             train: &probs,
             dev: &probs,
+            logprob_over: LogprobOver::Vocab,
         };
         let all =
             learned_candidates_with(&labels, split, split, Some(scores), &grid, |_| {}).unwrap();
@@ -599,10 +616,14 @@ mod tests {
             && c.label.contains("prompt weight")
             && c.dev.accuracy == 1.0));
         assert!(all[..3].iter().all(|c| c.dev.accuracy < 1.0));
+        assert!(with_prompt
+            .iter()
+            .all(|c| c.model.prompt_over() == Some(LogprobOver::Vocab)));
         // Scores that do not cover the rows are not used.
         let short = PromptScores {
             train: &probs[..2],
             dev: &probs,
+            logprob_over: LogprobOver::Labels,
         };
         let all =
             learned_candidates_with(&labels, split, split, Some(short), &grid, |_| {}).unwrap();

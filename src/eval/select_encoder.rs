@@ -148,6 +148,9 @@ pub fn encoder_candidates(
             labels.len(),
             &p,
         )?;
+        if let Some(s) = prompt {
+            s.record_in(&mut model);
+        }
         let fit_ms = t0.elapsed().as_secs_f64() * 1e3;
         let probs: Vec<Vec<f64>> = dev
             .texts
