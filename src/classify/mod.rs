@@ -468,7 +468,7 @@ impl Classifier {
                 engine.score(&jobs)
             }
             ScorePath::Naive => {
-                let over = engine.logprob_over_for(&self.trie, self.task.logprob_over);
+                let over = self.task.logprob_over;
                 ok.iter()
                     .map(|p| engine.score_naive(&p.tokens, &self.trie, None, over))
                     .collect()

@@ -319,7 +319,7 @@ impl Engine {
             Ok(t)
         });
         if let Err(why) = &tied {
-            tracing::info!("one-token labels keep the full logits row: {why}");
+            tracing::info!("labels are scored from the full logits rows: {why}");
         }
         if let Some(from) = fitted.shrunk_from_ctx {
             tracing::warn!(

@@ -219,26 +219,12 @@ impl Engine {
         Ok(outs)
     }
 
-    /// Why labels cannot be scored over the labels alone on this engine (the model's output
-    /// is not tied to its embedding, an adapter or GPU is in use), or None when they can be
-    /// for one-token label sets.
+    /// Why label tokens' logits cannot be computed from their output rows alone on this
+    /// engine (the model's output is not tied to its embedding, an adapter or GPU is in
+    /// use), or None when they can. Either way a job's `logprob_over` is honoured: without
+    /// the rows, the full logits rows are read and normalized as asked.
     pub fn label_rows_unavailable(&self) -> Option<&str> {
         self.tied.as_ref().err().map(String::as_str)
-    }
-
-    /// What `trie`'s labels are normalized over when a job asks for `over`: labels on an
-    /// engine that can (see [`Engine::label_rows_unavailable`]). A label set whose rows
-    /// could not be read (warned once) is reported over the vocabulary, as its results are.
-    pub fn logprob_over_for(&self, trie: &LabelTrie, over: LogprobOver) -> LogprobOver {
-        let tokens = label_tokens(trie);
-        let rows_failed = self
-            .label_rows
-            .iter()
-            .any(|(t, rows)| *t == tokens && rows.is_none());
-        match over {
-            LogprobOver::Labels if self.tied.is_ok() && !rows_failed => LogprobOver::Labels,
-            _ => LogprobOver::Vocab,
-        }
     }
 
     /// The output rows of `trie`'s label tokens when they can be scored over the labels
@@ -270,10 +256,12 @@ impl Engine {
 
     fn score_group(&mut self, jobs: &[ScoreJob]) -> Result<Vec<ScoreOut>, EngineError> {
         let t0 = Instant::now();
+        // The label rows when every job is over its labels and their rows can be read;
+        // otherwise the full logits rows, each normalized as its job asks.
         let label_rows = self.group_label_rows(jobs);
-        let (source, over) = match label_rows {
-            Some(_) => (RowSource::FinalNorm, LogprobOver::Labels),
-            None => (RowSource::Logits, LogprobOver::Vocab),
+        let source = match label_rows {
+            Some(_) => RowSource::FinalNorm,
+            None => RowSource::Logits,
         };
         let base = self.n_prefix_slots;
         let reuse: Vec<usize> = jobs.iter().map(|j| self.reuse_len(j)).collect();
@@ -293,7 +281,7 @@ impl Engine {
         let entries = suffix_entries(jobs, &reuse, base);
         let mut searches: Vec<LabelSearch> = jobs
             .iter()
-            .map(|j| LabelSearch::new(j.trie, j.pruning, over))
+            .map(|j| LabelSearch::new(j.trie, j.pruning, j.logprob_over))
             .collect();
         let mut decoded: Vec<usize> = jobs
             .iter()
@@ -317,7 +305,11 @@ impl Engine {
                     });
                 }
                 None => {
-                    let lse = logsumexp(values);
+                    let job = &jobs[row.job];
+                    let lse = match job.logprob_over {
+                        LogprobOver::Vocab => logsumexp(values),
+                        LogprobOver::Labels => over_needed(values, &job.trie.needed(row.node)),
+                    };
                     searches[row.job].record_row(row.node, |tok| values[tok as usize] as f64 - lse);
                 }
             }
@@ -358,14 +350,15 @@ impl Engine {
             .iter()
             .zip(&reuse)
             .zip(&decoded)
-            .map(|((search, &r), &decoded_tokens)| ScoreOut {
+            .zip(jobs)
+            .map(|(((search, &r), &decoded_tokens), job)| ScoreOut {
                 labels: search.finish(),
                 reused_tokens: r,
                 decoded_tokens,
                 decode_ms: (total_s - scoring_s) * 1e3,
                 scoring_ms: scoring_s * 1e3,
                 batch_jobs: jobs.len(),
-                logprob_over: over,
+                logprob_over: job.logprob_over,
             })
             .collect())
     }
@@ -409,11 +402,7 @@ impl Engine {
                     // row.job is the label token index this row predicts.
                     let lse = match over {
                         LogprobOver::Vocab => logsumexp(logits),
-                        LogprobOver::Labels => {
-                            let among = trie.needed(rows[row.job]);
-                            let v: Vec<f32> = among.iter().map(|&t| logits[t as usize]).collect();
-                            logsumexp(&v)
-                        }
+                        LogprobOver::Labels => over_needed(logits, &trie.needed(rows[row.job])),
                     };
                     total += logits[label[row.job] as usize] as f64 - lse;
                     scoring_s += t.elapsed().as_secs_f64();
@@ -438,6 +427,13 @@ impl Engine {
             logprob_over: over,
         })
     }
+}
+
+/// The log-normalizer of a full logits row over the tokens `needed` there (the tokens that
+/// continue a label at that point): the normalization over the labels.
+fn over_needed(logits: &[f32], needed: &[Token]) -> f64 {
+    let v: Vec<f32> = needed.iter().map(|&t| logits[t as usize]).collect();
+    logsumexp(&v)
 }
 
 /// Every distinct token of `trie`'s labels, in node order (for one-token labels: the
