@@ -306,10 +306,7 @@ impl Engine {
                 }
                 None => {
                     let job = &jobs[row.job];
-                    let lse = match job.logprob_over {
-                        LogprobOver::Vocab => logsumexp(values),
-                        LogprobOver::Labels => over_needed(values, &job.trie.needed(row.node)),
-                    };
+                    let lse = normalizer(values, job.logprob_over, job.trie, row.node);
                     searches[row.job].record_row(row.node, |tok| values[tok as usize] as f64 - lse);
                 }
             }
@@ -400,10 +397,7 @@ impl Engine {
                 self.run_entries(part, |row, logits| {
                     let t = Instant::now();
                     // row.job is the label token index this row predicts.
-                    let lse = match over {
-                        LogprobOver::Vocab => logsumexp(logits),
-                        LogprobOver::Labels => over_needed(logits, &trie.needed(rows[row.job])),
-                    };
+                    let lse = normalizer(logits, over, trie, rows[row.job]);
                     total += logits[label[row.job] as usize] as f64 - lse;
                     scoring_s += t.elapsed().as_secs_f64();
                 })?;
@@ -429,11 +423,20 @@ impl Engine {
     }
 }
 
-/// The log-normalizer of a full logits row over the tokens `needed` there (the tokens that
-/// continue a label at that point): the normalization over the labels.
-fn over_needed(logits: &[f32], needed: &[Token]) -> f64 {
-    let v: Vec<f32> = needed.iter().map(|&t| logits[t as usize]).collect();
-    logsumexp(&v)
+/// The log-normalizer of a full logits row, trie row `row` (see [`LabelTrie::needed`]):
+/// over the vocabulary, or over the tokens that continue a label there.
+fn normalizer(logits: &[f32], over: LogprobOver, trie: &LabelTrie, row: Option<usize>) -> f64 {
+    match over {
+        LogprobOver::Vocab => logsumexp(logits),
+        LogprobOver::Labels => {
+            let v: Vec<f32> = trie
+                .needed(row)
+                .iter()
+                .map(|&t| logits[t as usize])
+                .collect();
+            logsumexp(&v)
+        }
+    }
 }
 
 /// Every distinct token of `trie`'s labels, in node order (for one-token labels: the

@@ -532,17 +532,22 @@ mod tests {
         (s.finish(), rounds, rows)
     }
 
-    #[test]
-    fn pruned_search_keeps_the_top_label_and_bounds_the_rest() {
-        // Labels: [1 2 3] [1 2 4] [5 6 7] [5 8] [9].
-        let labels = [
+    /// Labels [1 2 3] [1 2 4] [5 6 7] [5 8] [9]: shared prefixes, single-child chains, a
+    /// one-token label.
+    fn five_labels() -> LabelTrie {
+        LabelTrie::new(&[
             vec![1, 2, 3],
             vec![1, 2, 4],
             vec![5, 6, 7],
             vec![5, 8],
             vec![9],
-        ];
-        let t = LabelTrie::new(&labels).unwrap();
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn pruned_search_keeps_the_top_label_and_bounds_the_rest() {
+        let t = five_labels();
         // First tokens: 1 likely, 5 unlikely, 9 very unlikely; below 1 all likely.
         let lp = |prefix: &[Token], tok: Token| -> f64 {
             match (prefix, tok) {
@@ -594,14 +599,7 @@ mod tests {
     fn over_labels_only_rows_where_labels_part_are_read() {
         // [1 2 3] [1 2 4] [5 6 7] [5 8] [9]: nodes 1, 2 (one child of 1), 5, 6 are decoded;
         // 1 has one child (2), 6 has one child (7): their rows hold no choice.
-        let labels = [
-            vec![1, 2, 3],
-            vec![1, 2, 4],
-            vec![5, 6, 7],
-            vec![5, 8],
-            vec![9],
-        ];
-        let t = LabelTrie::new(&labels).unwrap();
+        let t = five_labels();
         assert_eq!(t.decoded.len(), 4);
         // A model's raw next-token scores; each row normalized over `needed` as the engine does.
         let raw = |prefix: &[Token], tok: Token| -> f64 {
