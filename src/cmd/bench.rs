@@ -47,8 +47,7 @@ pub fn run(cfg: BenchConfig, out: &mut dyn Write) -> Result<(), AppError> {
     let pruning = classifier.task.prune_margin_nats;
     let prunable =
         classifier.task.prune_margin_nats.is_some() && !classifier.trie().decoded.is_empty();
-    // Each fast row over the vocabulary and over the labels.
-    let rows = rows(prunable, &cfg.batch_sizes, cfg.rounds, true);
+    let rows = rows(prunable, &cfg.batch_sizes, cfg.rounds);
     writeln!(
         out,
         "model {} | board {} | task {} ({} labels, prefix {} tokens) | {} inputs | up to {} requests per decode",
@@ -215,8 +214,8 @@ struct Row {
 
 /// The rows, slowest first; the pruned row only where pruning can change anything
 /// (`prunable`: the task prunes and has multi-token labels). The fast rows run `rounds`
-/// times; with `both`, each over the vocabulary then over the labels.
-fn rows(prunable: bool, depths: &[usize], rounds: usize, both: bool) -> Vec<Row> {
+/// times, each over the vocabulary then over the labels.
+fn rows(prunable: bool, depths: &[usize], rounds: usize) -> Vec<Row> {
     let row = |name, path, batch, prune| Row {
         name,
         path,
@@ -251,16 +250,11 @@ fn rows(prunable: bool, depths: &[usize], rounds: usize, both: bool) -> Vec<Row>
             true,
         ));
     }
-    let overs: &[Option<LogprobOver>] = if both {
-        &[Some(LogprobOver::Vocab), Some(LogprobOver::Labels)]
-    } else {
-        &[None]
-    };
     for round in 0..rounds.max(1) {
         for f in &fast {
-            for &over in overs {
+            for over in [LogprobOver::Vocab, LogprobOver::Labels] {
                 rows.push(Row {
-                    over,
+                    over: Some(over),
                     round,
                     ..row(f.name, f.path, f.batch, f.prune)
                 });
@@ -392,7 +386,7 @@ mod tests {
 
     #[test]
     fn fast_rows_alternate_both_ways_each_round() {
-        let r = rows(false, &[8, 32], 2, true);
+        let r = rows(false, &[8, 32], 2);
         // naive, one by one, then 2 rounds x 3 fast rows x 2 ways.
         assert_eq!(r.len(), 2 + 2 * 3 * 2);
         assert!(r[..2].iter().all(|x| x.over.is_none() && x.round == 0));
@@ -402,11 +396,10 @@ mod tests {
         assert_eq!(fast[1], (0, 1, Some(LogprobOver::Labels)));
         assert_eq!(fast[5], (0, 32, Some(LogprobOver::Labels)));
         assert_eq!(fast[6], (1, 1, Some(LogprobOver::Vocab)));
-        // Without the label-rows path: the task's own setting, once per round; pruning adds
-        // its row.
-        let one = rows(true, &[8], 1, false);
-        assert_eq!(one.len(), 2 + 3);
-        assert!(one.iter().all(|x| x.over.is_none()));
+        // Pruning adds its row, both ways.
+        let one = rows(true, &[8], 1);
+        assert_eq!(one.len(), 2 + 3 * 2);
+        assert!(one[2..].iter().all(|x| x.over.is_some()));
         assert!(one.iter().any(|x| x.prune && x.batch == 1));
     }
 }
